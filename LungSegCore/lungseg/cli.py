@@ -1,0 +1,118 @@
+"""The `lungseg` command: segment, evaluate, train, export and models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .io import OUTPUT_FORMATS
+from .models import DEFAULT_MODEL
+
+
+def _segment(args) -> int:
+    from .segment import run_segment
+
+    return run_segment(args.inputs, args.output, model=args.model, fmt=args.format, overlays=args.overlays,
+                       device=args.device, recursive=args.recursive)
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate, summary_line
+
+    summary = evaluate(args.images, args.masks, model=args.model, out_dir=args.output, split=args.split,
+                       masks_right=args.masks_right, masks_left=args.masks_left, device=args.device)
+    print(f"lungseg: {summary_line(summary)}; details in {args.output}")
+    return 0
+
+
+def _train(args) -> int:
+    from .train import load_config, train
+
+    run = train(load_config(args.config), data_root=args.data_root, out_dir=args.output, device=args.device,
+                max_steps=args.max_steps, resume=not args.no_resume)
+    print(f"lungseg: training run in {run}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import PACKAGE_MODELS, export_run
+
+    card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device)
+    print(f"lungseg: exported {card}")
+    return 0
+
+
+def _models(args) -> int:
+    from .models import list_models
+
+    cards = list_models()
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return 0
+    for card in cards:
+        dice = {k: v.get("both_dice", {}).get("mean") for k, v in card.get("metrics", {}).items()}
+        scores = ", ".join(f"{k} Dice {v:.4f}" for k, v in dice.items() if v is not None)
+        print(f"{card['name']:<12} {card.get('definition', ''):<12} {card['network']['name']:<10} "
+              f"{card['input_size']}px  {scores}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lungseg", description="Right and left lung segmentation on chest radiographs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps")
+    s.add_argument("inputs", nargs="+", help="image files or folders")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="model name, or path to a model card/weights")
+    s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS), help="labelmap format (default nrrd)")
+    s.add_argument("--overlays", action="store_true", help="also write a PNG overlay per image")
+    s.add_argument("--recursive", action="store_true", help="search folders recursively")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.set_defaults(func=_segment)
+
+    e = sub.add_parser("evaluate", help="score a model against reference masks")
+    e.add_argument("--images", required=True)
+    e.add_argument("--masks", required=True, help="both-lung masks (0/255) named like the images")
+    e.add_argument("--masks-right", help="right-lung masks (default: masks_right/ beside --masks, if present)")
+    e.add_argument("--masks-left", help="left-lung masks (default: masks_left/ beside --masks, if present)")
+    e.add_argument("--split", help="only images of this split in splits.csv beside the images folder")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_evaluate)
+
+    t = sub.add_parser("train", help="train a network from a YAML config")
+    t.add_argument("--config", required=True, help="YAML file, or the name of a packaged config (e.g. unet)")
+    t.add_argument("--data-root", help="folder holding the data sets named in the config")
+    t.add_argument("-o", "--output", help="run folder (default runs/<name>)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
+    t.set_defaults(func=_train)
+
+    x = sub.add_parser("export", help="export a run's best checkpoint as a model with a measured model card")
+    x.add_argument("run", help="training run folder")
+    x.add_argument("--out-dir", help="destination (default: the package's models folder)")
+    x.add_argument("--data-root")
+    x.add_argument("--device", default="auto")
+    x.set_defaults(func=_export)
+
+    m = sub.add_parser("models", help="list the available models and their model cards")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lungseg: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

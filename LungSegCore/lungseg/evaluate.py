@@ -1,0 +1,127 @@
+"""Accuracy of a model against reference masks: `lungseg evaluate --images DIR --masks DIR [--model NAME]`.
+
+Writes a per-image CSV and a summary JSON. Right and left lungs are scored when `masks_right/` and `masks_left/`
+exist beside the masks folder (or are given); the merged both-lung mask is always scored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .data import read_gray, read_splits
+from .io import ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text
+from .labels import merge_sides
+from .metrics import METRICS, image_metrics
+
+SUMMARY_STATS = ("mean", "std", "median", "min", "max")
+
+
+def find_mask(folder: Path, image: Path) -> Path | None:
+    exact = folder / image.name
+    if exact.exists():
+        return exact
+    matches = [p for p in folder.glob(stem_of(image) + ".*") if stem_of(p) == stem_of(image)]
+    return matches[0] if matches else None
+
+
+def summarize(rows: list[dict], regions: tuple[str, ...], worst: int = 5) -> dict:
+    summary = {"images": len(rows)}
+    for region in regions:
+        for metric in METRICS:
+            key = f"{region}_{metric}"
+            values = np.array([r[key] for r in rows if not math.isnan(r[key])], dtype=np.float64)
+            if values.size:
+                summary[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                                "median": float(np.median(values)), "min": float(values.min()),
+                                "max": float(values.max()), "n": int(values.size)}
+    ranked = sorted(rows, key=lambda r: r["both_dice"])
+    summary["worst_cases"] = [{"image": r["image"], "both_dice": r["both_dice"],
+                               **({"right_dice": r["right_dice"], "left_dice": r["left_dice"]}
+                                  if "right_dice" in r else {})} for r in ranked[:worst]]
+    return summary
+
+
+def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir: str | Path | None = None,
+             split: str | None = None, masks_right: str | Path | None = None, masks_left: str | Path | None = None,
+             device: str = "auto", segmenter=None) -> dict:
+    """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`)."""
+    import csv
+    import io as _io
+
+    from tqdm import tqdm
+
+    from .inference import Segmenter
+
+    images, masks = Path(images), Path(masks)
+    masks_right = Path(masks_right) if masks_right else masks.parent / "masks_right"
+    masks_left = Path(masks_left) if masks_left else masks.parent / "masks_left"
+    sided = masks_right.is_dir() and masks_left.is_dir()
+    regions = ("both", "right", "left") if sided else ("both",)
+
+    paths = list_inputs([images])
+    if split:
+        splits = read_splits(images.parent)
+        if not splits:
+            raise FileNotFoundError(f"{images.parent / 'splits.csv'}: needed for --split {split}")
+        paths = [p for p in paths if splits.get(p.name) == split]
+    pairs = [(p, find_mask(masks, p)) for p in paths]
+    pairs = [(p, m) for p, m in pairs if m is not None]
+    if not pairs:
+        raise FileNotFoundError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else ""))
+
+    segmenter = segmenter or Segmenter(model, device)
+    rows = []
+    for image_path, mask_path in tqdm(pairs, desc="evaluating", unit="image"):
+        try:
+            image = read_radiograph(image_path)
+        except ImageReadError as exc:
+            print(f"lungseg: error: {exc}", file=sys.stderr)
+            continue
+        prediction = segmenter.segment(image.pixels).label
+        if sided:
+            right, left = find_mask(masks_right, image_path), find_mask(masks_left, image_path)
+            truth = merge_sides(read_gray(right), read_gray(left)) if right and left else None
+        else:
+            truth = None
+        if truth is None:
+            truth = (read_gray(mask_path) > 0).astype(np.uint8)
+            scored = ("both",)
+        else:
+            scored = regions
+        if truth.shape != prediction.shape:
+            print(f"lungseg: error: {mask_path}: mask is {truth.shape[::-1]} but the image is "
+                  f"{prediction.shape[::-1]}", file=sys.stderr)
+            continue
+        metrics = image_metrics(prediction, truth, image.spacing, regions=scored)
+        rows.append({"image": str(image_path), "hd95_unit": "mm" if image.spacing else "px",
+                     **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
+
+    summary = {"model": segmenter.name, "definition_model": segmenter.card.get("definition", ""),
+               "images_dir": str(images), "masks_dir": str(masks), "split": split or "",
+               "regions": list(regions), "hd95_unit": "mm" if rows and all(r["hd95_unit"] == "mm" for r in rows)
+               else "px", **summarize(rows, regions)}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        buffer = _io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic_text(buffer.getvalue(), out_dir / "evaluation.csv")
+        write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    parts = [f"{summary['images']} images"]
+    for region in summary["regions"]:
+        d = summary.get(f"{region}_dice")
+        if d:
+            parts.append(f"{region} Dice {d['mean']:.4f} (min {d['min']:.4f})")
+    hd = summary.get("both_hd95")
+    if hd:
+        parts.append(f"HD95 {hd['mean']:.2f} {summary['hd95_unit']}")
+    return ", ".join(parts)

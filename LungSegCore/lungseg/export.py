@@ -1,0 +1,75 @@
+"""Turn a training run into a shippable model: `lungseg export RUN_DIR --out-dir DIR`.
+
+Writes `<name>.safetensors` and its model card, then measures the exported weights with `lungseg evaluate` on
+every validation set of the run's config (in full) and records those summaries in the card.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from .models import PACKAGE_MODELS, save_model
+from .networks import build_network
+
+LABELS = {"0": "background", "1": "right lung (patient side)", "2": "left lung (patient side)"}
+DEFINITIONS = {
+    "lung-fields": "visible lung fields (SCR style): the lung behind the heart and below the diaphragm dome is excluded",
+    "full-extent": "full anatomical lung extent, including the retrocardiac lung and the bases",
+}
+
+
+def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
+    import monai
+
+    return {
+        "name": config["name"],
+        "version": config.get("version", "1.0"),
+        "definition": config.get("definition", "lung-fields"),
+        "definition_text": DEFINITIONS.get(config.get("definition", "lung-fields"), ""),
+        "network": config["network"],
+        "input_size": config["input_size"],
+        "labels": LABELS,
+        "data": {"train": config["data"]["train"], "val": config["data"]["val"]},
+        "recipe": config,
+        "training": {
+            "epochs_run": len(history),
+            "best_epoch": best_epoch + 1,
+            "seconds": round(sum(h["seconds"] for h in history), 1),
+            "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()}" if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(0),
+            "torch": torch.__version__.split("+")[0],
+            "monai": monai.__version__,
+            "history": history,
+        },
+    }
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
+               device: str = "auto") -> Path:
+    from .evaluate import evaluate
+
+    run_dir = Path(run_dir)
+    best = torch.load(run_dir / "best.pt", weights_only=True, map_location="cpu")
+    config = best["config"]
+    history = json.loads((run_dir / "history.json").read_text())
+    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
+    model.load_state_dict(best["model"])
+    card = build_card(config, history, best["epoch"])
+    card_path = save_model(model, card, out_dir)
+
+    root = Path(data_root or config["data"]["root"])
+    metrics = {}
+    for entry in config["data"]["val"]:
+        folder = root / entry["set"]
+        summary = evaluate(folder / "images", folder / "masks", model=str(card_path), split=entry.get("split"),
+                           device=device)
+        metrics[f"{entry['set']}/{entry.get('split', 'all')}"] = {
+            k: v for k, v in summary.items() if k not in ("images_dir", "masks_dir", "model")}
+    card = json.loads(card_path.read_text())
+    card["metrics"] = metrics
+    card["metrics_note"] = "measured by `lungseg evaluate` on the exported weights; Dice per image, then averaged"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path

@@ -1,0 +1,67 @@
+"""Label convention and the mask operations that depend on it.
+
+Labels follow the patient's side: 0 background, 1 right lung, 2 left lung. Arrays are (rows, columns) in the
+stored pixel order of a radiograph, where the patient's right lies at low column indices (a PA or AP view
+displayed the standard way). Nothing here ever flips an image horizontally.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
+LABEL_NAMES = {RIGHT_LUNG: "right", LEFT_LUNG: "left"}
+NUM_CLASSES = 3
+
+
+def midline_column(mask: np.ndarray) -> int:
+    """Column that separates the two lungs: the emptiest column of the mask's central half."""
+    profile = (mask > 0).sum(axis=0).astype(np.float64)
+    cols = np.nonzero(profile)[0]
+    if cols.size == 0:
+        return mask.shape[1] // 2
+    lo, hi = cols[0], cols[-1]
+    quarter = (hi - lo) // 4
+    lo, hi = lo + quarter, hi - quarter
+    if hi <= lo:
+        return int((cols[0] + cols[-1]) // 2)
+    window = profile[lo : hi + 1]
+    candidates = np.nonzero(window == window.min())[0] + lo
+    centre = (cols[0] + cols[-1]) / 2
+    return int(candidates[np.argmin(np.abs(candidates - centre))])
+
+
+def split_left_right(mask: np.ndarray) -> np.ndarray:
+    """Turn a merged both-lung mask into right (1) and left (2) labels by side of the lung midline.
+
+    Separate lungs fall on either side of the emptiest central column; lungs that touch are cut there.
+    """
+    lungs = mask > 0
+    label = np.zeros(mask.shape, dtype=np.uint8)
+    cut = midline_column(lungs)
+    columns = np.arange(mask.shape[1])[None, :]
+    label[lungs & (columns < cut)] = RIGHT_LUNG
+    label[lungs & (columns >= cut)] = LEFT_LUNG
+    return label
+
+
+def merge_sides(right: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Combine separate right and left masks into one label image (left wins where they overlap)."""
+    label = np.zeros(right.shape, dtype=np.uint8)
+    label[right > 0] = RIGHT_LUNG
+    label[left > 0] = LEFT_LUNG
+    return label
+
+
+def clean_labelmap(label: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component of each lung and fill its holes (MONAI post-processing).
+
+    Done per lung (`independent=True`): the largest component of a two-lung mask would delete one lung.
+    """
+    from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
+
+    post = Compose([
+        KeepLargestConnectedComponent(applied_labels=[RIGHT_LUNG, LEFT_LUNG], is_onehot=False, independent=True),
+        FillHoles(applied_labels=[RIGHT_LUNG, LEFT_LUNG]),
+    ])
+    out = post(label[None].astype(np.uint8))
+    return np.asarray(out)[0].astype(np.uint8)

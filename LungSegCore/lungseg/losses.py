@@ -1,0 +1,26 @@
+"""Loss registry: a config name maps to a MONAI loss over (B, C, H, W) logits and (B, 1, H, W) labels."""
+from __future__ import annotations
+
+import torch
+
+LOSSES = {}
+
+
+def register(name: str):
+    def decorator(builder):
+        LOSSES[name] = builder
+        return builder
+    return decorator
+
+
+def build_loss(name: str, **params) -> torch.nn.Module:
+    if name not in LOSSES:
+        raise KeyError(f"unknown loss '{name}'; known: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](**params)
+
+
+@register("dice_ce")
+def dice_ce(lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> torch.nn.Module:
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)

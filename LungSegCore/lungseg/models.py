@@ -1,0 +1,98 @@
+"""Shipped and user-supplied trained models: safetensors weights plus a JSON model card.
+
+A model is `<name>.safetensors` with `<name>.json` beside it. The card records the network and its parameters, the
+input size, the lung definition, the data, the recipe, the training time, the measured metrics and the SHA-256 of
+the weights, which is verified before loading. Models are looked up in the package's `models/` folder, then in the
+folders of `LUNGSEG_MODELS_PATH`; `--model` also takes the path of a card or weights file (offline import).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+PACKAGE_MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = "unet"
+
+
+def model_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("LUNGSEG_MODELS_PATH", "").split(os.pathsep) if p]
+    return [PACKAGE_MODELS, *extra]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_card(name_or_path: str | Path) -> Path:
+    """Card path for a model name, a card path or a weights path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".json", ".safetensors") and candidate.exists():
+        return candidate.with_suffix(".json")
+    for folder in model_dirs():
+        card = folder / f"{name_or_path}.json"
+        if card.exists():
+            return card
+    known = ", ".join(sorted(c["name"] for c in list_models())) or "none"
+    raise KeyError(f"unknown model '{name_or_path}'; available: {known}")
+
+
+def read_card(name_or_path: str | Path) -> dict:
+    card_path = find_card(name_or_path)
+    card = json.loads(card_path.read_text())
+    card["card_path"] = str(card_path)
+    card["weights_path"] = str(card_path.with_suffix(".safetensors"))
+    return card
+
+
+def list_models() -> list[dict]:
+    cards = []
+    for folder in model_dirs():
+        for card in sorted(folder.glob("*.json")):
+            if card.with_suffix(".safetensors").exists():
+                data = json.loads(card.read_text())
+                data["card_path"] = str(card)
+                cards.append(data)
+    return cards
+
+
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the card's network and load its verified safetensors weights (no pickle, no code execution)."""
+    from safetensors.torch import load_file
+
+    from .networks import build_network
+
+    card = read_card(name_or_path)
+    weights = Path(card["weights_path"])
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: weights file missing for model '{card['name']}'")
+    actual = sha256_of(weights)
+    if actual != card["sha256"]:
+        raise ValueError(f"{weights}: checksum mismatch (expected {card['sha256']}, got {actual}); "
+                         "the file is corrupt or not the one the card describes")
+    model = build_network(card["network"]["name"], **card["network"].get("params", {}))
+    model.load_state_dict(load_file(str(weights), device="cpu"))
+    return model.to(device).eval(), card
+
+
+def save_model(model: torch.nn.Module, card: dict, out_dir: str | Path) -> Path:
+    """Write `<name>.safetensors` and its card with the checksum; returns the card path."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{card['name']}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"name": card["name"], "network": card["network"]["name"]})
+    card = {k: v for k, v in card.items() if k not in ("card_path", "weights_path")}
+    card["sha256"] = sha256_of(weights)
+    card_path = out_dir / f"{card['name']}.json"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path

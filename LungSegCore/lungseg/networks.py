@@ -1,0 +1,49 @@
+"""One registry: a network name maps to a builder that takes the config's parameters."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .labels import NUM_CLASSES
+
+NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register(name: str):
+    def decorator(builder):
+        NETWORKS[name] = builder
+        return builder
+    return decorator
+
+
+def build_network(name: str, **params) -> torch.nn.Module:
+    if name not in NETWORKS:
+        raise KeyError(f"unknown network '{name}'; known: {', '.join(sorted(NETWORKS))}")
+    return NETWORKS[name](**params)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def predict_logits(model, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@register("unet")
+def unet(in_channels: int = 1, out_channels: int = NUM_CLASSES, channels=(16, 32, 64, 128, 256),
+         strides=None, num_res_units: int = 2, dropout: float = 0.0, norm: str = "batch") -> torch.nn.Module:
+    """MONAI U-Net; depth follows the length of `channels`."""
+    from monai.networks.nets import UNet
+
+    channels = tuple(channels)
+    strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+                strides=strides, num_res_units=num_res_units, dropout=dropout, norm=norm)

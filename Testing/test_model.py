@@ -1,0 +1,73 @@
+"""The shipped model: safe loading with a checksum, accuracy on JSRT val, and left/right on real radiographs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lungseg.evaluate import evaluate
+from lungseg.io import read_radiograph
+from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.models import list_models, load_model, read_card, sha256_of
+from lungseg.samples import sample_pngs
+
+
+def test_shipped_card_describes_verified_weights():
+    card = read_card("unet")
+    assert card["sha256"] == sha256_of(card["weights_path"])
+    assert card["definition"] == "lung-fields"
+    assert card["labels"] == {"0": "background", "1": "right lung (patient side)", "2": "left lung (patient side)"}
+    # the issue's targets for this model, as measured by `lungseg export` (lungseg evaluate on the full val splits)
+    assert card["metrics"]["jsrt/val"]["both_dice"]["mean"] >= 0.96
+    assert card["metrics"]["covid-qu-ex/val"]["both_dice"]["mean"] >= 0.94
+    assert card["training"]["seconds"] > 0 and card["recipe"]["network"]["name"] == "unet"
+    assert "unet" in [c["name"] for c in list_models()]
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    card = read_card("unet")
+    shutil.copy(card["card_path"], tmp_path / "unet.json")
+    data = bytearray(open(card["weights_path"], "rb").read())
+    data[-100] ^= 0xFF
+    (tmp_path / "unet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_model(tmp_path / "unet.json")
+
+
+def test_shipped_model_dice_on_jsrt_val(jsrt, segmenter, tmp_path):
+    summary = evaluate(jsrt / "images", jsrt / "masks", split="val", out_dir=tmp_path, segmenter=segmenter)
+    assert summary["images"] == 22 and summary["regions"] == ["both", "right", "left"]
+    assert summary["both_dice"]["mean"] >= 0.95, summary["both_dice"]
+    assert summary["right_dice"]["mean"] >= 0.94 and summary["left_dice"]["mean"] >= 0.94
+    assert json.loads((tmp_path / "summary.json").read_text())["both_dice"] == summary["both_dice"]
+
+
+def _centroid_column(label, value):
+    return np.nonzero(label == value)[1].mean()
+
+
+@pytest.mark.parametrize("source", ["dicom", "png"])
+def test_right_lung_is_on_the_image_left_of_a_pa_radiograph(source, segmenter, chest_dicom):
+    paths = [chest_dicom] if source == "dicom" else sample_pngs()
+    for path in paths:
+        image = read_radiograph(path)
+        label = segmenter.segment(image.pixels).label
+        right, left = (label == RIGHT_LUNG).mean(), (label == LEFT_LUNG).mean()
+        assert 0.04 < right < 0.35 and 0.04 < left < 0.35, (path, right, left)
+        assert _centroid_column(label, RIGHT_LUNG) < image.shape[1] / 2 < _centroid_column(label, LEFT_LUNG), path
+
+
+def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter):
+    """Segmenting the DICOM (inverted on read) and the same pixels already inverted by hand must agree."""
+    import pydicom
+
+    raw = pydicom.dcmread(chest_dicom).pixel_array.astype(np.float32)
+    from_dicom = segmenter.segment(read_radiograph(chest_dicom).pixels).label
+    by_hand = segmenter.segment(raw.max() - raw).label
+    agreement = 2 * ((from_dicom > 0) & (by_hand > 0)).sum() / ((from_dicom > 0).sum() + (by_hand > 0).sum())
+    assert agreement > 0.99
+    not_inverted = segmenter.segment(raw).label
+    wrong = 2 * ((from_dicom > 0) & (not_inverted > 0)).sum() / ((from_dicom > 0).sum() + (not_inverted > 0).sum())
+    assert wrong < agreement

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv/ in the repository root and install lungseg into it.
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test   (extras of LungSegCore/pyproject.toml)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXTRAS="${1:-demo}"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || { echo "setup: Python >= 3.10 is required (found $("$PYTHON" --version 2>&1))" >&2; exit 1; }
+  "$PYTHON" -m venv "$VENV"
+fi
+# Reinstall only when the package metadata, the pins or the extras change.
+STAMP="$VENV/.lungseg-$(cat "$ROOT/LungSegCore/pyproject.toml" "$ROOT/scripts/constraints-cpu.txt" "$ROOT/scripts/setup.sh" \
+  | { echo "$EXTRAS"; cat; } | sha1sum | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -c "$ROOT/scripts/constraints-cpu.txt" -e "$ROOT/LungSegCore[$EXTRAS]"
+  rm -f "$VENV"/.lungseg-*
+  touch "$STAMP"
+fi
