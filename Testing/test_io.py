@@ -136,6 +136,7 @@ def _bad_inputs(tmp_path, gray8, chest_dicom):
     cases["text.png"] = "cannot be read"
     _write(gray8, tmp_path / "whole.png")
     data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "whole.png").unlink()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     cases["truncated.png"] = "cannot be read"
     (tmp_path / "folder.png").mkdir()

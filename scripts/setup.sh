@@ -13,12 +13,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 # Reinstall only when the package metadata, the pins or the extras change.
+SLICER_REQS="$ROOT/Testing/requirements-slicer.txt"  # slicer-core and PySide6 for the Slicer module's tests
 STAMP="$VENV/.lungseg-$(cat "$ROOT/LungSegCore/pyproject.toml" "$ROOT/scripts/constraints-cpu.txt" "$ROOT/scripts/setup.sh" \
+  $( [ "$EXTRAS" = test ] && [ -f "$SLICER_REQS" ] && echo "$SLICER_REQS") \
   | { echo "$EXTRAS"; cat; } | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
     -c "$ROOT/scripts/constraints-cpu.txt" -e "$ROOT/LungSegCore[$EXTRAS]"
+  if [ "$EXTRAS" = test ] && [ -f "$SLICER_REQS" ]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ROOT/scripts/constraints-cpu.txt" -r "$SLICER_REQS"
+  fi
   rm -f "$VENV"/.lungseg-*
   touch "$STAMP"
 fi

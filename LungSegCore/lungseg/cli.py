@@ -10,10 +10,13 @@ from .models import DEFAULT_MODEL
 
 
 def _segment(args) -> int:
-    from .segment import run_segment
+    from .segment import Options, run_segment
 
-    return run_segment(args.inputs, args.output, model=args.model, fmt=args.format, overlays=args.overlays,
-                       device=args.device, recursive=args.recursive)
+    options = Options(fmt=args.format, overlays=args.overlays, save_probabilities=args.save_probabilities,
+                      uncertainty=args.uncertainty, overwrite=args.overwrite)
+    return run_segment(args.inputs, args.output, model=args.model, options=options, device=args.device,
+                       recursive=args.recursive, shard=args.shard, batch_size=args.batch_size, workers=args.workers,
+                       progress_lines=args.progress_lines)
 
 
 def _evaluate(args) -> int:
@@ -62,13 +65,23 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps")
-    s.add_argument("inputs", nargs="+", help="image files or folders")
+    s.add_argument("inputs", nargs="+", help="image files, folders, or .txt files listing image paths")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", default=DEFAULT_MODEL, help="model name, or path to a model card/weights")
     s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS), help="labelmap format (default nrrd)")
     s.add_argument("--overlays", action="store_true", help="also write a PNG overlay per image")
+    s.add_argument("--save-probabilities", action="store_true",
+                   help="also write the class probabilities (background, right, left) on the input grid")
+    s.add_argument("--uncertainty", action="store_true",
+                   help="also write a per-pixel uncertainty map (test-time augmentation without flips)")
     s.add_argument("--recursive", action="store_true", help="search folders recursively")
+    s.add_argument("--overwrite", action="store_true", help="redo inputs that an earlier run completed")
+    s.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. for a SLURM array")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--workers", type=int, help="DataLoader workers that read and preprocess (default: cores - 1)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--progress-lines", action="store_true",
+                   help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar")
     s.set_defaults(func=_segment)
 
     e = sub.add_parser("evaluate", help="score a model against reference masks")

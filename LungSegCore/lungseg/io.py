@@ -34,17 +34,44 @@ class ImageReadError(ValueError):
         self.path, self.problem = str(path), problem
 
 
+@dataclass(frozen=True)
+class Grid:
+    """The input's pixel grid (2D, or 3D with one slice): what every output is written on. Small and picklable."""
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def image(self, array: np.ndarray, is_vector: bool = False) -> sitk.Image:
+        """A SimpleITK image of (rows, columns[, components]) values on this grid."""
+        if len(self.size) == 3:
+            array = array[None]
+        image = sitk.GetImageFromArray(array, isVector=is_vector)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
 @dataclass
 class Radiograph:
     path: Path
     pixels: np.ndarray             # (rows, columns) float32 grayscale, air dark
-    reference: sitk.Image          # the input grid (2D, or 3D with one slice); pixel values unused
+    reference: Grid                # the input grid
     spacing: tuple[float, float] | None  # (row, column) mm, None when unknown
     photometric: str = ""          # DICOM PhotometricInterpretation, else ""
+    # DICOM PatientOrientation says the image is stored mirrored (columns run toward the patient's right) or
+    # upside down (rows run toward the head): (flip rows, flip columns) that bring it to the standard display.
+    display_flips: tuple[bool, bool] = (False, False)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.pixels.shape
+        """(rows, columns) of the grid; valid also where the pixels were dropped after preprocessing."""
+        return self.reference.size[1], self.reference.size[0]
 
     @property
     def pixel_area_mm2(self) -> float | None:
@@ -73,7 +100,16 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def _dicom_spacing(path: Path) -> tuple[tuple[float, float] | None, str]:
+def _display_flips(orientation) -> tuple[bool, bool]:
+    """From PatientOrientation (column direction, row direction), e.g. ['L', 'F'] for a standard PA view."""
+    try:
+        columns, rows = (str(v).upper() for v in orientation)
+    except (TypeError, ValueError):
+        return False, False
+    return rows.startswith("H"), columns.startswith("R")
+
+
+def _dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
     import pydicom
 
     try:
@@ -95,7 +131,7 @@ def _dicom_spacing(path: Path) -> tuple[tuple[float, float] | None, str]:
         if rows > 0 and cols > 0:
             spacing = (rows, cols)
             break
-    return spacing, str(ds.get("PhotometricInterpretation", ""))
+    return spacing, str(ds.get("PhotometricInterpretation", "")), _display_flips(ds.get("PatientOrientation"))
 
 
 def _to_gray(image: sitk.Image, path: Path) -> np.ndarray:
@@ -120,10 +156,10 @@ def read_radiograph(path: str | Path) -> Radiograph:
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
 
-    spacing, photometric = None, ""
+    spacing, photometric, flips = None, "", (False, False)
     dicom = is_dicom(path)
     if dicom:
-        spacing, photometric = _dicom_spacing(path)
+        spacing, photometric, flips = _dicom_header(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -165,15 +201,29 @@ def read_radiograph(path: str | Path) -> Radiograph:
         screen = any(abs(row - v) < 1e-4 and abs(col - v) < 1e-4 for v in SCREEN_SPACINGS_MM)
         if row > 0 and col > 0 and (declared or not screen):
             spacing = (row, col)
-    return Radiograph(path=path, pixels=pixels, reference=image, spacing=spacing, photometric=photometric)
+    return Radiograph(path=path, pixels=pixels, reference=Grid.of(image), spacing=spacing, photometric=photometric,
+                      display_flips=flips)
+
+
+def read_path_list(list_file: Path) -> list[Path]:
+    """A text file of image paths, one per line (# comments); relative paths are relative to the list's folder."""
+    paths = []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = Path(line)
+            paths.append(path if path.is_absolute() else list_file.parent / path)
+    return paths
 
 
 def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of candidate image files."""
+    """Expand files, folders and `.txt` lists of paths into a de-duplicated list of candidate image files."""
     found, seen = [], set()
     for item in inputs:
         item = Path(item)
-        if item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:
+        if item.is_file() and item.suffix.lower() == ".txt":
+            files = read_path_list(item)
+        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:
             pattern = "**/*" if recursive else "*"
             files = sorted(p for p in item.glob(pattern)
                            if not p.name.startswith(".") and (suffix_of(p) in IMAGE_SUFFIXES or
@@ -181,19 +231,16 @@ def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]
         else:
             files = [item]
         for f in files:
-            key = f.resolve()
+            key = os.path.abspath(f)  # not resolve(): two links to one file are two inputs
             if key not in seen:
                 seen.add(key)
                 found.append(f)
     return found
 
 
-def _on_reference_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    if reference.GetDimension() == 3:
-        array = array[None]
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(reference)
-    return image
+def _on_grid(array: np.ndarray, reference: Grid | sitk.Image, is_vector: bool = False) -> sitk.Image:
+    grid = reference if isinstance(reference, Grid) else Grid.of(reference)
+    return grid.image(array, is_vector)
 
 
 @contextmanager
@@ -223,13 +270,16 @@ def write_atomic_text(text: str, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_labelmap(label: np.ndarray, reference: sitk.Image, path: str | Path) -> None:
+def write_labelmap(label: np.ndarray, reference: Grid | sitk.Image, path: str | Path) -> None:
     """Write a uint8 (rows, columns) labelmap on the reference grid; the format follows the file name."""
-    write_atomic(_on_reference_grid(label.astype(np.uint8), reference), Path(path))
+    write_atomic(_on_grid(label.astype(np.uint8), reference), Path(path))
 
 
-def write_float_map(values: np.ndarray, reference: sitk.Image, path: str | Path) -> None:
-    write_atomic(_on_reference_grid(values.astype(np.float32), reference), Path(path))
+def write_float_map(values: np.ndarray, reference: Grid | sitk.Image, path: str | Path) -> None:
+    """Write (rows, columns) or (components, rows, columns) float32 values on the reference grid."""
+    vector = values.ndim == 3
+    array = np.moveaxis(values, 0, -1) if vector else values
+    write_atomic(_on_grid(np.ascontiguousarray(array, dtype=np.float32), reference, vector), Path(path))
 
 
 def display_uint8(pixels: np.ndarray) -> np.ndarray:

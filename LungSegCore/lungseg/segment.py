@@ -1,23 +1,47 @@
 """Batch segmentation: `lungseg segment INPUT... -o OUT_DIR`.
 
-Each input gets a labelmap on its own grid (`OUT_DIR/<stem>.<ext>`), optionally an overlay PNG, and one row in
-`OUT_DIR/results.csv`. A bad input becomes an error row and a message on stderr; the rest of the batch goes on.
+Pipeline: DataLoader workers read and preprocess files while the main process runs the model in batches and
+a writer thread saves the outputs, so decoding, compute and writing overlap. Every input gets a record
+`OUT_DIR/.lungseg/<name>.json`, written last and atomically: it marks the input as complete, so a rerun skips it
+(unless `--overwrite`) and a killed run loses nothing. `results.csv` and `results.json` gather all records in the
+folder, which also makes the outputs of several `--shard I/N` jobs add up to one table.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
+import json
+import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from .io import OUTPUT_FORMATS, ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text, \
-    write_labelmap, write_overlay
-from .labels import LEFT_LUNG, RIGHT_LUNG
+import numpy as np
+import torch
 
-RESULT_FIELDS = ["input", "status", "error", "output", "overlay", "model", "definition", "rows", "columns",
-                 "spacing_row_mm", "spacing_col_mm", "right_area_px", "left_area_px", "right_area_mm2",
-                 "left_area_mm2"]
+from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, stem_of, write_atomic_text,
+                 write_float_map, write_labelmap, write_overlay)
+from .labels import LEFT_LUNG, RIGHT_LUNG
+from .qc import quality_flags
+
+RESULT_FIELDS = [
+    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "model", "model_version",
+    "definition", "device", "rows", "columns", "spacing_row_mm", "spacing_col_mm", "right_area_px", "left_area_px",
+    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "qc", "qc_reasons", "uncertainty_mean",
+    "orientation_corrected", "read_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "write_ms"]
+RECORDS = ".lungseg"
+
+
+@dataclass
+class Options:
+    fmt: str = "nrrd"
+    overlays: bool = False
+    save_probabilities: bool = False
+    uncertainty: bool = False
+    overwrite: bool = False
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
@@ -31,71 +55,268 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
     return names
 
 
+def in_shard(path: Path, shard: tuple[int, int] | None) -> bool:
+    """Shard I of N (1-based) by a hash of the path as given: every job agrees, with no overlap and no gap."""
+    if shard is None:
+        return True
+    index, count = shard
+    digest = int(hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:12], 16)
+    return digest % count == index - 1
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard '{text}': expected I/N, e.g. 3/10") from None
+    if not 1 <= index <= count:
+        raise ValueError(f"--shard '{text}': I must be between 1 and N")
+    return index, count
+
+
 def lung_areas(label, pixel_area_mm2: float | None) -> dict:
     right, left = int((label == RIGHT_LUNG).sum()), int((label == LEFT_LUNG).sum())
-    row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": ""}
+    row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": "",
+           "lung_fraction": round((right + left) / label.size, 4),
+           "right_left_ratio": round(right / left, 3) if left else ""}
     if pixel_area_mm2 is not None:
         row["right_area_mm2"] = round(right * pixel_area_mm2, 1)
         row["left_area_mm2"] = round(left * pixel_area_mm2, 1)
     return row
 
 
-def segment_one(segmenter, path: Path, out_stem: Path, fmt: str, overlay: bool) -> dict:
-    image = read_radiograph(path)
-    prediction = segmenter.segment(image.pixels)
-    output = out_stem.with_name(out_stem.name + OUTPUT_FORMATS[fmt])
-    write_labelmap(prediction.label, image.reference, output)
-    row = {"output": str(output), "rows": image.shape[0], "columns": image.shape[1],
-           "spacing_row_mm": image.spacing[0] if image.spacing else "",
-           "spacing_col_mm": image.spacing[1] if image.spacing else "",
-           **lung_areas(prediction.label, image.pixel_area_mm2)}
-    if overlay:
-        overlay_path = out_stem.with_name(out_stem.name + "_overlay.png")
-        write_overlay(image.pixels, prediction.label, overlay_path)
-        row["overlay"] = str(overlay_path)
+def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
+    float_ext = ".nrrd" if options.fmt == "png" else OUTPUT_FORMATS[options.fmt]  # PNG cannot hold floats
+    paths = {"output": out_dir / f"{name}{OUTPUT_FORMATS[options.fmt]}"}
+    if options.overlays:
+        paths["overlay"] = out_dir / f"{name}_overlay.png"
+    if options.save_probabilities:
+        paths["probabilities"] = out_dir / f"{name}_probabilities{float_ext}"
+    if options.uncertainty:
+        paths["uncertainty_map"] = out_dir / f"{name}_uncertainty{float_ext}"
+    return paths
+
+
+def is_complete(record_path: Path, expected: dict[str, Path]) -> bool:
+    """An earlier run finished this input with the same outputs, all still present."""
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "ok" and all(record.get(k) == str(p) and p.exists() for k, p in expected.items())
+
+
+class InputReader(torch.utils.data.Dataset):
+    """Reads and preprocesses one input in a DataLoader worker; an unreadable file becomes an error item."""
+
+    def __init__(self, paths: list[Path], size: int, keep_pixels: bool):
+        self.paths, self.size, self.keep_pixels = paths, size, keep_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        from .transforms import model_input
+
+        item = {"index": i, "path": self.paths[i]}
+        t0 = time.perf_counter()
+        try:
+            image = read_radiograph(self.paths[i])
+            t1 = time.perf_counter()
+            flip_rows, flip_cols = image.display_flips
+            pixels = image.pixels[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+            item["input"] = model_input(pixels, self.size)
+            if not self.keep_pixels:
+                image.pixels = None  # the full image is only needed for overlays; do not ship it between processes
+            item.update(image=image, read_ms=(t1 - t0) * 1e3, preprocess_ms=(time.perf_counter() - t1) * 1e3)
+        except ImageReadError as exc:
+            item["error"] = exc.problem
+        except Exception as exc:  # any other failure stays this file's problem
+            item["error"] = f"{type(exc).__name__}: {exc}"
+        return item
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path) -> dict:
+    t0 = time.perf_counter()
+    write_labelmap(prediction.label, image.reference, paths["output"])
+    if "overlay" in paths:
+        write_overlay(image.pixels, prediction.label, paths["overlay"])
+    if "probabilities" in paths:
+        write_float_map(prediction.probabilities, image.reference, paths["probabilities"])
+    if "uncertainty_map" in paths:
+        write_float_map(prediction.uncertainty, image.reference, paths["uncertainty_map"])
+    row.update({k: str(p) for k, p in paths.items()}, write_ms=round((time.perf_counter() - t0) * 1e3, 1))
+    write_atomic_text(json.dumps(row), record)  # last: marks the input complete
     return row
 
 
-def write_results(rows: list[dict], path: Path) -> None:
+def finish_row(segmenter, item: dict, probabilities: torch.Tensor, uncertainty, options: Options) -> tuple:
+    """Post-process one model output into its prediction (on the input grid) and its results row."""
+    t0 = time.perf_counter()
+    image: Radiograph = item["image"]
+    prediction = segmenter.finish(probabilities, image.shape, uncertainty, options.save_probabilities)
+    flip_rows, flip_cols = image.display_flips
+    if flip_rows or flip_cols:  # back to the stored orientation; labels keep the patient's side
+        rows, cols = -1 if flip_rows else 1, -1 if flip_cols else 1
+        prediction.label = np.ascontiguousarray(prediction.label[::rows, ::cols])
+        for name in ("probabilities", "uncertainty"):
+            value = getattr(prediction, name)
+            if value is not None:
+                setattr(prediction, name, np.ascontiguousarray(value[..., ::rows, ::cols]))
+    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, segmenter.definition)
+    row = {"rows": image.shape[0], "columns": image.shape[1],
+           "spacing_row_mm": image.spacing[0] if image.spacing else "",
+           "spacing_col_mm": image.spacing[1] if image.spacing else "",
+           **lung_areas(prediction.label, image.pixel_area_mm2),
+           "qc": "check" if reasons else "ok", "qc_reasons": "; ".join(reasons),
+           "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
+           if prediction.uncertainty is not None and (prediction.label > 0).any() else "",
+           "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
+           "read_ms": round(item["read_ms"], 1), "preprocess_ms": round(item["preprocess_ms"], 1),
+           "postprocess_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    return prediction, row
+
+
+def collect_results(out_dir: Path) -> list[dict]:
+    rows = []
+    for record in sorted((out_dir / RECORDS).glob("*.json")):
+        try:
+            rows.append(json.loads(record.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue  # a record being replaced by another shard right now; it is complete in its own table
+    return sorted(rows, key=lambda r: r.get("input", ""))
+
+
+def write_results(rows: list[dict], out_dir: Path) -> None:
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic_text(buffer.getvalue(), path)
+    write_atomic_text(buffer.getvalue(), out_dir / "results.csv")
+    write_atomic_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", out_dir / "results.json")
 
 
-def run_segment(inputs: list[str], out_dir: str | Path, model: str = "unet", fmt: str = "nrrd",
-                overlays: bool = False, device: str = "auto", recursive: bool = False) -> int:
-    """Segment every input; returns the process exit status (0 only when every input succeeded)."""
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class RunSummary:
+    done: int = 0        # inputs processed in this run
+    failed: int = 0
+    skipped: int = 0     # completed by an earlier run
+    seconds: float = 0.0  # from the model being loaded to the last output written
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_segment(inputs: list[str], out_dir: str | Path, **kwargs) -> int:
+    """The `lungseg segment` command: segment, print a one-line summary, return the exit status."""
+    summary = segment_inputs(inputs, out_dir, **kwargs)
+    if summary is None:
+        print(f"lungseg: no input images found in {', '.join(map(str, inputs))}", file=sys.stderr)
+        return 2
+    print(f"lungseg: {summary.done - summary.failed} of {summary.done} segmented, {summary.failed} failed"
+          + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
+          + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
+          f"results in {Path(out_dir) / 'results.csv'}")
+    return 1 if summary.failed else 0
+
+
+def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", options: Options | None = None,
+                   device: str = "auto", recursive: bool = False, shard: str | None = None, batch_size: int = 4,
+                   workers: int | None = None, progress_lines: bool = False) -> RunSummary | None:
+    """Segment every input (None when there is none); bad inputs become error rows, never exceptions."""
     from tqdm import tqdm
 
     from .inference import Segmenter
 
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output format '{fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
+    options = options or Options()
+    if options.fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format '{options.fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = list_inputs(inputs, recursive=recursive)
-    if not paths:
-        print(f"lungseg: no input images found in {', '.join(map(str, inputs))}", file=sys.stderr)
-        return 2
+    all_paths = list_inputs(inputs, recursive=recursive)
+    if not all_paths:
+        return None
+    names = output_names(all_paths)  # over all inputs, so that shards agree on names
+    shard_range = parse_shard(shard)
+    paths = [p for p in all_paths if in_shard(p, shard_range)]
+    (out_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+
+    todo, skipped = [], 0
+    for path in paths:
+        if not options.overwrite and is_complete(out_dir / RECORDS / f"{names[path]}.json",
+                                                 output_paths(out_dir, names[path], options)):
+            skipped += 1
+        else:
+            todo.append(path)
+
     segmenter = Segmenter(model, device)
-    names = output_names(paths)
-    rows, failed, t0 = [], 0, time.time()
-    for path in tqdm(paths, desc="segmenting", unit="image"):
-        row = {"input": str(path), "model": segmenter.name, "definition": segmenter.card.get("definition", "")}
-        try:
-            row.update(segment_one(segmenter, path, out_dir / names[path], fmt, overlays), status="ok", error="")
-        except ImageReadError as exc:
-            row.update(status="error", error=exc.problem)
-        except Exception as exc:  # one broken file must not stop the batch
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+    if workers is None:
+        workers = default_workers()
+    loader = torch.utils.data.DataLoader(InputReader(todo, segmenter.size, options.overlays), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate,
+                                         prefetch_factor=2 if workers else None)
+    base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
+            "definition": segmenter.definition, "device": str(segmenter.device)}
+    failed, done, t_start = 0, 0, time.perf_counter()
+    bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
+    pending: list[tuple[dict, Future]] = []
+
+    def settle(row: dict, future: Future | None) -> None:
+        nonlocal failed, done
+        if future is not None:
+            try:
+                row = future.result()
+            except Exception as exc:  # e.g. disk full: this input failed, the batch goes on
+                row.update(status="error", error=f"writing outputs failed: {type(exc).__name__}: {exc}")
         if row["status"] == "error":
             failed += 1
-            tqdm.write(f"lungseg: error: {path}: {row['error']}", file=sys.stderr)
-        rows.append(row)
-    write_results(rows, out_dir / "results.csv")
-    elapsed = time.time() - t0
-    print(f"lungseg: {len(rows) - failed} of {len(rows)} segmented, {failed} failed, in {elapsed:.1f} s "
-          f"({len(rows) / max(elapsed, 1e-9):.1f} images/s); results in {out_dir / 'results.csv'}")
-    return 1 if failed else 0
+            write_atomic_text(json.dumps(row), out_dir / RECORDS / f"{names[Path(row['input'])]}.json")
+            tqdm.write(f"lungseg: error: {row['input']}: {row['error']}", file=sys.stderr)
+        done += 1
+        bar.update(1)
+        if progress_lines:  # for callers that track progress (the Slicer module), one flushed line per input
+            print(f"lungseg-progress {done + skipped}/{len(paths)} {row['status']} {row['input']}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for items in loader:
+            good = [it for it in items if "error" not in it]
+            for it in items:
+                if "error" in it:
+                    settle({**base, "input": str(it["path"]), "status": "error", "error": it["error"]}, None)
+            if not good:
+                continue
+            t0 = time.perf_counter()
+            probabilities, uncertainty = segmenter.predict(torch.stack([it["input"] for it in good]),
+                                                           options.uncertainty)
+            inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
+            for k, it in enumerate(good):
+                path = it["path"]
+                row = {**base, "input": str(path), "status": "ok", "error": ""}
+                try:
+                    prediction, stats = finish_row(segmenter, it, probabilities[k],
+                                                   None if uncertainty is None else uncertainty[k], options)
+                    row.update(stats, inference_ms=round(inference_ms, 1))
+                    record = out_dir / RECORDS / f"{names[path]}.json"
+                    pending.append((row, writer.submit(write_outputs, prediction, it["image"],
+                                                       output_paths(out_dir, names[path], options), row, record)))
+                except Exception as exc:
+                    row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+                    settle(row, None)
+            while len(pending) > 2 * batch_size:  # bounded: memory stays flat however many inputs
+                settle(*pending.pop(0))
+        for row, future in pending:
+            settle(row, future)
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    write_results(collect_results(out_dir), out_dir)
+    return RunSummary(done=done, failed=failed, skipped=skipped, seconds=elapsed)

@@ -1,0 +1,188 @@
+"""Batch segmentation as a product: bad inputs, hard-but-valid inputs, resume after a kill, shards, lists, QC."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.qc import quality_flags
+from lungseg.samples import sample_pngs
+from test_io import _bad_inputs
+
+
+def run_cli(*args, **kwargs):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900, **kwargs)
+
+
+def results(out):
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        return {os.path.basename(r["input"]): r for r in csv.DictReader(f)}
+
+
+def centroid_columns(path):
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).squeeze()
+    return np.nonzero(label == RIGHT_LUNG)[1].mean(), np.nonzero(label == LEFT_LUNG)[1].mean(), label.shape[1]
+
+
+@pytest.fixture(scope="module")
+def radiograph():
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
+
+
+def make_valid_inputs(folder, radiograph, chest_dicom):
+    """Inputs that must all succeed, with the patient's right lung on the image's left."""
+    folder.mkdir()
+    gray = sitk.GetImageFromArray(radiograph)
+    big = sitk.Resample(gray, [2500, 2500], sitk.Transform(), sitk.sitkLinear, (0, 0), [256 / 2500] * 2)
+    sitk.WriteImage(sitk.Cast(big, sitk.sitkUInt8), str(folder / "big 2500.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(radiograph.astype(np.uint16) * 250), str(folder / "sixteen.png"))
+    rgb = np.stack([radiograph] * 3, -1)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(folder / "rgb.png"))
+    rgba = np.concatenate([rgb, np.full(radiograph.shape + (1,), 255, np.uint8)], -1)
+    sitk.WriteImage(sitk.GetImageFromArray(rgba, isVector=True), str(folder / "rgba.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(radiograph), str(folder / "Thorax ü 胸部 x.png"))
+    for suffix in (".nrrd", ".nii.gz", ".mha"):
+        image = sitk.GetImageFromArray(radiograph.astype(np.int16))
+        image.SetSpacing((0.6, 0.5))
+        sitk.WriteImage(image, str(folder / f"spaced{suffix.replace('.', '_')}{suffix}"))
+    single = sitk.GetImageFromArray(radiograph[None].astype(np.int16))
+    single.SetSpacing((0.6, 0.5, 3.0))
+    sitk.WriteImage(single, str(folder / "single_slice.nrrd"))
+    os.symlink(chest_dicom, folder / "cr_monochrome1.dcm")
+
+
+def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
+    good = tmp_path / "inputs"
+    make_valid_inputs(good, radiograph, chest_dicom)
+    (tmp_path / "bad").mkdir()
+    bad = _bad_inputs(tmp_path / "bad", radiograph, chest_dicom)
+    out = tmp_path / "out"
+    result = run_cli("segment", good, tmp_path / "bad", "-o", out, "--batch-size", "3")
+    assert result.returncode == 1, result.stderr
+    rows = results(out)
+
+    for name, problem in bad.items():
+        assert rows[name]["status"] == "error", name
+        assert problem in rows[name]["error"], (name, rows[name]["error"])
+        assert name in result.stderr
+    valid = sorted(p.name for p in good.iterdir())
+    for name in valid:
+        row = rows[name]
+        assert row["status"] == "ok", (name, row["error"])
+        right, left, width = centroid_columns(row["output"])
+        assert right < width / 2 < left, name
+        assert row["qc"] in ("ok", "check") and row["definition"] == "lung-fields"
+        assert float(row["inference_ms"]) > 0 and float(row["write_ms"]) > 0
+    assert rows["spaced_nrrd.nrrd"]["right_area_mm2"] != "" and rows["rgb.png"]["right_area_mm2"] == ""
+    out_single = sitk.ReadImage(rows["single_slice.nrrd"]["output"])
+    assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
+    summary = result.stdout.strip().splitlines()[-1]
+    assert f"{len(valid)} of {len(valid) + len(bad)} segmented, {len(bad)} failed" in summary
+    assert len(json.loads((out / "results.json").read_text(encoding="utf-8"))) == len(valid) + len(bad)
+
+
+def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    gray = sitk.GetImageFromArray(radiograph)
+    big = sitk.Resample(gray, [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0), [0.25, 0.25])
+    for i in range(10):
+        sitk.WriteImage(sitk.Cast(big, sitk.sitkUInt8), str(inputs / f"case{i:02d}.png"))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--overlays",
+            "--batch-size", "1", "--workers", "0", "--progress-lines"]
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()
+    assert first.startswith("lungseg-progress 1/10 ok"), first
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    finished_before = {p.stem for p in (out / ".lungseg").glob("*.json")}
+    assert 1 <= len(finished_before) < 10
+
+    result = run_cli("segment", inputs, "-o", out, "--overlays")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(finished_before)} already done (skipped)" in result.stdout
+    rows = results(out)
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows.values())
+    assert not [p for p in out.rglob("*") if "partial" in p.name]
+    for row in rows.values():
+        assert sitk.ReadImage(row["output"]).GetSize() == (1024, 1024)
+
+    os.remove(rows["case03.png"]["overlay"])  # an incomplete input is redone, the rest skipped
+    again = run_cli("segment", inputs, "-o", out, "--overlays")
+    assert "1 of 1 segmented" in again.stdout and "9 already done" in again.stdout
+    forced = run_cli("segment", inputs, "-o", out, "--overlays", "--overwrite")
+    assert "10 of 10 segmented" in forced.stdout
+
+
+def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(9):
+        os.symlink(sample_pngs()[i % 3], inputs / f"img{i}.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two of them, relative to this file\nin/img1.png\nin/img7.png\n")
+    out = tmp_path / "out"
+    seen = []
+    for index in (1, 2, 3):
+        result = run_cli("segment", inputs, "-o", out, "--shard", f"{index}/3", "--workers", "0")
+        assert result.returncode == 0, result.stderr
+        seen.append(int(result.stdout.split(" of ")[1].split()[0]))
+    assert sum(seen) == 9
+    assert len(results(out)) == 9
+
+    listed = run_cli("segment", listing, "-o", tmp_path / "out2", "--workers", "0")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(results(tmp_path / "out2")) == ["img1.png", "img7.png"]
+
+
+def test_dicom_stored_mirrored_keeps_patient_sides(tmp_path, chest_dicom):
+    ds = pydicom.dcmread(chest_dicom)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.PatientOrientation = ["R", "F"]  # columns run toward the patient's right: a mirrored export
+    ds.save_as(tmp_path / "mirrored.dcm")
+    out = tmp_path / "out"
+    result = run_cli("segment", tmp_path / "mirrored.dcm", chest_dicom, "-o", out)
+    assert result.returncode == 0, result.stderr
+    rows = results(out)
+    assert rows["mirrored.dcm"]["orientation_corrected"] == "mirrored"
+    right, left, width = centroid_columns(rows["mirrored.dcm"]["output"])
+    assert left < width / 2 < right, "in a mirrored image the patient's right lung is on the image's right"
+    normal = sitk.GetArrayFromImage(sitk.ReadImage(rows["RG1_UNCR.dcm"]["output"])).squeeze()
+    mirrored = sitk.GetArrayFromImage(sitk.ReadImage(rows["mirrored.dcm"]["output"])).squeeze()
+    assert (normal == mirrored[:, ::-1]).mean() > 0.995
+
+
+def test_quality_flags_name_their_reason():
+    label = np.zeros((100, 100), np.uint8)
+    label[20:80, 10:45] = RIGHT_LUNG
+    label[20:80, 55:90] = LEFT_LUNG
+    assert quality_flags(label) == []
+    one = label.copy()
+    one[one == LEFT_LUNG] = 0
+    assert "left lung missing" in quality_flags(one)
+    tiny = label.copy()
+    tiny[20:80, 60:90][tiny[20:80, 60:90] == LEFT_LUNG] = 0
+    assert any("left lung tiny" in r for r in quality_flags(tiny))
+    mirrored = label.copy()
+    mirrored[20:80, 10:20] = 0  # right lung clearly smaller than left: typical of a flipped PA view
+    assert any("possibly mirrored" in r for r in quality_flags(mirrored))
+    assert quality_flags(mirrored, definition="full-extent") == [], "full-extent lungs are often left > right"
+    raw = label.copy()
+    raw[85:95, 10:40] = RIGHT_LUNG
+    raw[2:12, 60:90] = LEFT_LUNG
+    assert any("4 large lung components" in r for r in quality_flags(label, raw_label=raw))
+    assert any("high uncertainty" in r for r in quality_flags(label, uncertainty=np.full(label.shape, 0.3)))

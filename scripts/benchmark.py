@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Speed and memory of LungSeg, measured (never asserted in tests).
+
+    .venv/bin/python scripts/benchmark.py                       # segmentation benchmark, 1024² PNGs
+    .venv/bin/python scripts/benchmark.py --memory-images 10000 # also: peak RSS over a 10,000-image run
+    .venv/bin/python scripts/benchmark.py --training            # also: training images/s per network
+
+Inputs are made from the bundled demo radiographs, resized to 1024² 8-bit PNGs, in a temporary folder.
+It reports images/s end to end (model loaded, startup excluded), the bare model-forward rate and their ratio,
+a naive one-file-at-a-time MONAI pipeline for comparison, the cold start for one image, and on CUDA, AMP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_inputs(folder: Path, count: int, size: int) -> list[Path]:
+    from lungseg.samples import sample_pngs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i, png in enumerate(sample_pngs()):
+        image = sitk.ReadImage(str(png))
+        spacing = [s * image.GetSize()[0] / size for s in image.GetSpacing()]
+        resized = sitk.Resample(image, [size, size], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing)
+        path = folder / f"source{i}.png"
+        sitk.WriteImage(sitk.Cast(resized, sitk.sitkUInt8), str(path))
+        sources.append(path)
+    paths = []
+    for i in range(count):  # distinct files, each decoded for real
+        path = folder / f"image{i:05d}.png"
+        if not path.exists():
+            os.link(sources[i % len(sources)], path)
+        paths.append(path)
+    return paths
+
+
+def bare_forward_rate(segmenter, batch_size: int, seconds: float = 10.0) -> float:
+    x = torch.rand(batch_size, 1, segmenter.size, segmenter.size)
+    segmenter.probabilities(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        segmenter.probabilities(x)
+        n += batch_size
+    return n / (time.perf_counter() - t0)
+
+
+def naive_monai_rate(paths: list[Path], out: Path, card: dict, model) -> float:
+    """What a user would write: LoadImage -> resize -> model -> resize back -> SaveImage, one file at a time."""
+    from monai.transforms import (Compose, EnsureChannelFirst, LoadImage, Resize, SaveImage,
+                                  ScaleIntensityRangePercentiles)
+
+    size = card["input_size"]
+    load = Compose([LoadImage(image_only=True), EnsureChannelFirst(),
+                    ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)])
+    save = SaveImage(output_dir=str(out), output_ext=".nii.gz", output_dtype=np.uint8, separate_folder=False,
+                     print_log=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            image = load(str(path))
+            x = Resize((size, size), mode="bilinear")(image)[None]
+            probs = torch.softmax(model(x.float()), 1)[0]
+            back = Resize(image.shape[1:], mode="bilinear")(probs)
+            label = back.argmax(0, keepdim=True).to(torch.uint8)
+            label.meta = image.meta
+            save(label)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[float, list[float], float]:
+    """Run a command; return its peak RSS (MiB), RSS samples every 5 s, and wall seconds."""
+    samples, t0 = [], time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                text = Path(f"/proc/{proc.pid}/status").read_text()
+                samples.append(int(text.split("VmRSS:")[1].split()[0]) / 1024)
+            except (OSError, IndexError):
+                pass
+            time.sleep(5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    proc.wait()
+    thread.join()
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return peak, samples, time.perf_counter() - t0
+
+
+def training_rates(device: torch.device, batch_size: int = 8, steps: int = 6) -> dict:
+    from lungseg.losses import build_loss
+    from lungseg.networks import NETWORKS, build_network, predict_logits
+    from lungseg.train import load_config
+
+    rates = {}
+    for name in sorted(NETWORKS):
+        config_path = Path(__file__).resolve().parent.parent / "LungSegCore/lungseg/configs" / f"{name}.yaml"
+        params = load_config(config_path)["network"].get("params", {}) if config_path.exists() else {}
+        model = build_network(name, **params).to(device).train()
+        loss_fn = build_loss("dice_ce")
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        x = torch.rand(batch_size, 1, 256, 256, device=device)
+        y = torch.randint(0, 3, (batch_size, 1, 256, 256), device=device)
+        amp = device.type == "cuda"
+        for i in range(steps + 2):
+            if i == 2:
+                if amp:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with torch.autocast(device.type, enabled=amp):
+                out = model(x)
+                loss = loss_fn(predict_logits(model, x) if isinstance(out, (list, tuple)) else out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if amp:
+            torch.cuda.synchronize()
+        rates[name] = round(steps * batch_size / (time.perf_counter() - t0), 2)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--naive-images", type=int, default=60)
+    parser.add_argument("--memory-images", type=int, default=0, help="also run this many images for peak RSS")
+    parser.add_argument("--training", action="store_true", help="also measure training images/s per network")
+    parser.add_argument("--output", help="write the JSON report here too")
+    args = parser.parse_args()
+
+    from lungseg.inference import Segmenter
+    from lungseg.segment import segment_inputs
+
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+              "device": args.device, "image_size": args.size, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_inputs(tmp / "in", max(args.images, args.naive_images), args.size)
+        segmenter = Segmenter("unet", args.device)
+        report["model_forward_images_per_s"] = round(bare_forward_rate(segmenter, args.batch_size), 2)
+
+        summary = segment_inputs([str(p) for p in paths[:args.images]], tmp / "out", device=args.device,
+                                 batch_size=args.batch_size)
+        report["end_to_end_images_per_s"] = round(summary.images_per_second, 2)
+        report["end_to_end_fraction_of_forward"] = round(
+            report["end_to_end_images_per_s"] / report["model_forward_images_per_s"], 3)
+
+        model = segmenter.model.cpu() if args.device == "cpu" else segmenter.model
+        report["naive_monai_images_per_s"] = round(
+            naive_monai_rate(paths[:args.naive_images], tmp / "naive", segmenter.card, model), 2)
+        report["speedup_vs_naive"] = round(report["end_to_end_images_per_s"] / report["naive_monai_images_per_s"], 2)
+
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lungseg", "segment", str(paths[0]), "-o", str(tmp / "cold"),
+                        "--device", args.device], check=True, capture_output=True)
+        report["cold_start_one_image_s"] = round(time.perf_counter() - t0, 2)
+
+        if args.memory_images:
+            many = make_inputs(tmp / "many", args.memory_images, args.size)
+            listing = tmp / "many.txt"
+            listing.write_text("\n".join(str(p) for p in many) + "\n")
+            peak, samples, wall = peak_rss_of([sys.executable, "-m", "lungseg", "segment", str(listing), "-o",
+                                               str(tmp / "many-out"), "--device", args.device,
+                                               "--batch-size", str(args.batch_size)])
+            report["memory"] = {"images": args.memory_images, "peak_rss_mib": round(peak, 1),
+                                "rss_first_minute_mib": round(max(samples[:12]), 1) if samples else None,
+                                "rss_last_minute_mib": round(max(samples[-12:]), 1) if samples else None,
+                                "wall_s": round(wall, 1)}
+    if args.training:
+        report["training_images_per_s"] = training_rates(torch.device(args.device))
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name(0)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
