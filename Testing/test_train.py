@@ -55,6 +55,7 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
     assert (run / "train.log").read_text().count('"epoch": 1') == 1
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard scalars"
 
     train(config, out_dir=run, device="cpu")  # resumes at epoch 2 and finishes
     history = json.loads((run / "history.json").read_text())
@@ -75,3 +76,14 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     model, loaded = load_model(card_path)
     assert loaded["sha256"] == card["sha256"]
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "bce_dice", "bce_iou"])
+def test_losses_from_config_fall_as_the_prediction_improves(name):
+    from lungseg.losses import build_loss
+
+    loss_fn = build_loss(name)
+    y = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    y[..., 8:24, 4:14], y[..., 8:24, 18:28] = 1, 2
+    perfect = torch.nn.functional.one_hot(y[:, 0], 3).permute(0, 3, 1, 2).float() * 20 - 10
+    assert loss_fn(perfect, y) < loss_fn(torch.zeros(1, 3, 32, 32), y) < loss_fn(-perfect, y)

@@ -1,8 +1,8 @@
 """Model inference on one radiograph or a batch: preprocess, forward, resize back, clean up.
 
-Uncertainty comes from test-time augmentation without flips (small shifts, zooms and rotations, each undone on
-the probabilities): the per-pixel standard deviation of the class probabilities across the samples, the largest
-over the classes (0 = every sample agrees).
+Uncertainty is the per-pixel standard deviation of the class probabilities across samples, the largest over the
+classes (0 = every sample agrees). The samples are latent draws for the probabilistic U-Net, and test-time
+augmentation without flips (small shifts, zooms and rotations, each undone on the probabilities) otherwise.
 """
 from __future__ import annotations
 
@@ -136,8 +136,15 @@ class Segmenter:
         """(B, 1, S, S) -> probabilities (B, 3, S, S) and, if asked, uncertainty (B, S, S)."""
         if not uncertainty:
             return self.probabilities(batch), None
-        samples = self.tta_samples(batch)
+        samples = self.prior_samples(batch) if hasattr(self.model, "sample") else self.tta_samples(batch)
         return samples.mean(0), samples.std(0).amax(1)
+
+    @torch.no_grad()
+    def prior_samples(self, batch: torch.Tensor, n: int = 16) -> torch.Tensor:
+        """(n, B, 3, S, S) probabilities from n latent draws of a probabilistic U-Net."""
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            logits = self.model.sample(batch.to(self.device), n)
+        return torch.softmax(logits.float(), dim=2).cpu()
 
     def segment(self, pixels: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False
                 ) -> Prediction:

@@ -33,8 +33,12 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def predict_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic logits for inference and validation.
+
+    Networks that return a list (UNet++ with deep supervision) give the full-depth output last.
+    """
     out = model(x)
-    return out[0] if isinstance(out, (list, tuple)) else out
+    return out[-1] if isinstance(out, (list, tuple)) else out
 
 
 @register("unet")
@@ -47,3 +51,21 @@ def unet(in_channels: int = 1, out_channels: int = NUM_CLASSES, channels=(16, 32
     strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
     return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
                 strides=strides, num_res_units=num_res_units, dropout=dropout, norm=norm)
+
+
+@register("unetpp")
+def unetpp(in_channels: int = 1, out_channels: int = NUM_CLASSES, features=(16, 16, 32, 64, 128, 16),
+           deep_supervision: bool = True, dropout: float = 0.0) -> torch.nn.Module:
+    """MONAI BasicUNetPlusPlus (nested U-Net); width set by `features` (MONAI's default is 2x this, 4x slower)."""
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    return BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+                             features=tuple(features), deep_supervision=deep_supervision, dropout=dropout)
+
+
+@register("prob_unet")
+def prob_unet(**params) -> torch.nn.Module:
+    """Probabilistic U-Net (Kohl et al. 2018), built from MONAI blocks in `prob_unet.py`."""
+    from .prob_unet import ProbabilisticUNet
+
+    return ProbabilisticUNet(**params)

@@ -76,6 +76,27 @@ def validate(model, val_sets, size: int, device: torch.device, batch_size: int =
     return scores
 
 
+def _summary_writer(folder: Path):
+    """TensorBoard scalars when tensorboard is installed (the `train` extra); training runs without it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed; no TensorBoard scalars for this run")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def training_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Segmentation loss; averaged over deep-supervision outputs; plus the network's own term (the
+    probabilistic U-Net's beta * KL), for networks that see the labels in training."""
+    if getattr(model, "uses_labels_in_training", False):
+        return loss_fn(model(x, y), y) + model.auxiliary_loss()
+    logits = model(x)
+    if isinstance(logits, (list, tuple)):
+        return sum(loss_fn(o, y) for o in logits) / len(logits)
+    return loss_fn(logits, y)
+
+
 def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path | None = None,
           device: str = "auto", max_steps: int | None = None, resume: bool = True) -> Path:
     """Train the network described by `config`; returns the run folder holding `best.pt` and `last.pt`."""
@@ -136,6 +157,7 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         log.info("resumed from %s at epoch %d", last, start_epoch)
 
+    board = _summary_writer(out / "tensorboard")
     samples = int(tcfg["samples_per_epoch"])
     batch_size = int(tcfg["batch_size"])
     patience = int(tcfg.get("early_stopping_patience", epochs))
@@ -151,9 +173,7 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
             x, y = batch["image"].to(dev), batch["label"].to(dev)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, enabled=use_amp):
-                logits = model(x)
-                loss = sum(loss_fn(o, y) for o in logits) / len(logits) if isinstance(logits, (list, tuple)) \
-                    else loss_fn(logits, y)
+                loss = training_loss(model, loss_fn, x, y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -168,6 +188,11 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(running)), "val_score": score,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0, **scores}
         history.append(record)
+        if board is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    board.add_scalar(key, value, epoch + 1)
+            board.flush()
         log.info(json.dumps(record))
         print(json.dumps(record), flush=True)
         improved = score > best
@@ -186,4 +211,6 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
         if (max_steps is not None and steps >= max_steps) or stale >= patience:
             break
     log.removeHandler(handler)
+    if board is not None:
+        board.close()
     return out
