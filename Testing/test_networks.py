@@ -42,7 +42,7 @@ def test_prob_unet_kl_is_non_negative_and_enters_the_loss(prob_unet):
         prob_unet.posterior.head.bias.normal_(0, 0.5)
     prob_unet.train()
     loss_fn = build_loss("dice_ce")
-    loss = training_loss(prob_unet, loss_fn, x, y)
+    loss, _ = training_loss(prob_unet, loss_fn, x, y)
     assert prob_unet.kl.item() > 0
     assert loss.item() == pytest.approx((loss_fn(prob_unet(x, y), y) + prob_unet.beta * prob_unet.kl).item(), rel=0.2)
     loss.backward()

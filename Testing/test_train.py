@@ -50,7 +50,7 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
     run = train(config, out_dir=tmp_path / "run", device="cpu", max_steps=2)
     last = torch.load(run / "last.pt", weights_only=True)
     best = torch.load(run / "best.pt", weights_only=True)
-    assert last["epoch"] == 0 and set(last) >= {"model", "optimizer", "scheduler", "rng"}
+    assert (last["epoch"], last["step"]) == (1, 0) and set(last) >= {"model", "optimizer", "scheduler", "rng"}
     assert best["config"]["name"] == "smoke"
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
@@ -61,6 +61,8 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert "resumed from" in (run / "train.log").read_text()
+    assert (run / "curves.png").stat().st_size > 10000 and (run / "cases.png").stat().st_size > 10000
+    assert {"train/dice", "train/iou", "synthetic/loss", "synthetic/iou", "synthetic/dice_both"} <= set(history[-1])
     weights_changed = any(not torch.equal(a, b) for a, b in zip(
         last["model"].values(), torch.load(run / "last.pt", weights_only=True)["model"].values()))
     assert weights_changed
@@ -87,3 +89,40 @@ def test_losses_from_config_fall_as_the_prediction_improves(name):
     y[..., 8:24, 4:14], y[..., 8:24, 18:28] = 1, 2
     perfect = torch.nn.functional.one_hot(y[:, 0], 3).permute(0, 3, 1, 2).float() * 20 - 10
     assert loss_fn(perfect, y) < loss_fn(torch.zeros(1, 3, 32, 32), y) < loss_fn(-perfect, y)
+
+
+def test_resume_mid_epoch_continues_at_the_same_step(tmp_path, config, monkeypatch):
+    """Killed after 3 of 4 steps, resumed: the same weights as a run that was never interrupted."""
+    monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
+    config["training"].update(epochs=1, samples_per_epoch=16, checkpoint_every_steps=1)
+    straight = train(config, out_dir=tmp_path / "straight", device="cpu")
+    interrupted = train(config, out_dir=tmp_path / "interrupted", device="cpu", max_steps=3)
+    state = torch.load(interrupted / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3)
+    train(config, out_dir=interrupted, device="cpu")
+    assert "resumed from" in (interrupted / "train.log").read_text() and "step 3" in (interrupted / "train.log").read_text()
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(interrupted / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
+    """`torchrun --nproc_per_node=2 -m lungseg train`: both ranks train, rank 0 alone validates and writes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config["training"].update(epochs=1, samples_per_epoch=16, num_workers=0)
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(config))
+    env = dict(__import__("os").environ, LUNGSEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               TQDM_DISABLE="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                             "-m", "lungseg", "train", "--config", str(tmp_path / "smoke.yaml"), "--device", "cpu",
+                             "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+    assert (tmp_path / "ddp" / "train.log").read_text().count('"epoch": 1') == 1, "only rank 0 logs"
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 0)

@@ -60,6 +60,18 @@ def list_cases(root: str | Path, split: str | None = None) -> list[Case]:
     return cases
 
 
+def split_by_ratio(cases: list[Case], ratios: dict[str, float], seed: int = 0) -> dict[str, list[Case]]:
+    """A seeded, reproducible split of cases by ratio, e.g. {"train": 0.7, "val": 0.3}."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    total = sum(ratios.values())
+    splits, start = {}, 0
+    for i, (name, ratio) in enumerate(ratios.items()):
+        end = len(cases) if i == len(ratios) - 1 else start + round(len(cases) * ratio / total)
+        splits[name] = [cases[j] for j in sorted(order[start:end])]
+        start = end
+    return splits
+
+
 def read_gray(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
 
@@ -106,9 +118,28 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
+    def item(self, i: int, seed: int | None = None) -> dict:
+        """Case `i`; with `seed`, its augmentation is drawn from that seed alone (reproducible anywhere)."""
         item = {"image": self.images[i].float(), "label": self.labels[i].float()}
         if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_state(seed=seed)
             item = self.transform(item)
         return {"image": torch.as_tensor(item["image"]).float().clamp(0, 1),
                 "label": torch.as_tensor(item["label"]).round().long()}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+
+class EpochSamples(torch.utils.data.Dataset):
+    """One epoch's drawn cases, each augmented from its own seed, so a resumed epoch repeats exactly."""
+
+    def __init__(self, dataset: ArrayDataset, indices: list[int], seeds: list[int]):
+        self.dataset, self.indices, self.seeds = dataset, indices, seeds
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.dataset.item(self.indices[k], self.seeds[k])

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Headless `lungseg evaluate` (same arguments; see `--help`). A thin shell over the lungseg package."""
+import sys
+
+from lungseg.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
