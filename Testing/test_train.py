@@ -126,3 +126,32 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     assert (tmp_path / "ddp" / "train.log").read_text().count('"epoch": 1') == 1, "only rank 0 logs"
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 0)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.train", fromlist=["x"]).PACKAGE_CONFIGS
+                                        .glob("*.yaml")))
+def test_packaged_configs_build_and_find_their_data(name):
+    from conftest import SHARED_DATA
+
+    from lungseg.train import data_sources
+    from lungseg.transforms import training_augmentation
+
+    cfg = load_config(name)
+    assert cfg["definition"] in ("lung-fields", "full-extent")
+    model = build_network_from(cfg)
+    size = cfg["input_size"]
+    from lungseg.networks import predict_logits
+
+    assert predict_logits(model.eval(), torch.zeros(1, 1, size, size)).shape == (1, 3, size, size)
+    training_augmentation(dict(cfg.get("augment", {}), size=size))
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"research data not found at {SHARED_DATA}")
+    for key in ("train", "val", "test"):
+        for entry, cases in data_sources(cfg, SHARED_DATA, key):
+            assert cases, (name, key, entry)
+
+
+def build_network_from(cfg):
+    from lungseg.networks import build_network
+
+    return build_network(cfg["network"]["name"], **cfg["network"].get("params", {}))

@@ -45,7 +45,11 @@ def model_input(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 
 
 def training_augmentation(cfg: dict):
-    """MONAI dictionary transforms for `image` (1,H,W in [0,1]) and `label` (1,H,W). Never flips horizontally."""
+    """MONAI dictionary transforms for `image` (1,H,W in [0,1]) and `label` (1,H,W). Never flips horizontally.
+
+    Keys: rotate_deg, scale, translate (fractions), affine_prob; gamma (range), noise_std, intensity (shift/scale);
+    a key set to 0, null or false leaves its transform out.
+    """
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
@@ -55,22 +59,20 @@ def training_augmentation(cfg: dict):
         RandShiftIntensityd,
     )
 
-    rotate = np.deg2rad(cfg.get("rotate_deg", 10.0))
-    scale = cfg.get("scale", 0.15)
-    translate = cfg.get("translate", 0.08)
     size = cfg["size"]
-    return Compose([
-        RandAffined(
-            keys=("image", "label"),
-            prob=cfg.get("affine_prob", 0.8),
-            rotate_range=(rotate,),
-            scale_range=(scale, scale),
-            translate_range=(translate * size, translate * size),
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        ),
-        RandAdjustContrastd(keys="image", prob=0.5, gamma=tuple(cfg.get("gamma", (0.7, 1.5)))),
-        RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
-        RandShiftIntensityd(keys="image", prob=0.3, offsets=0.1),
-        RandGaussianNoised(keys="image", prob=0.3, std=cfg.get("noise_std", 0.02)),
-    ])
+    rotate = np.deg2rad(cfg.get("rotate_deg", 10.0) or 0.0)
+    scale, translate = cfg.get("scale", 0.15) or 0.0, cfg.get("translate", 0.08) or 0.0
+    transforms = []
+    if rotate or scale or translate:
+        transforms.append(RandAffined(
+            keys=("image", "label"), prob=cfg.get("affine_prob", 0.8), rotate_range=(rotate,),
+            scale_range=(scale, scale), translate_range=(translate * size, translate * size),
+            mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.get("gamma", (0.7, 1.5)):
+        transforms.append(RandAdjustContrastd(keys="image", prob=0.5, gamma=tuple(cfg.get("gamma", (0.7, 1.5)))))
+    if cfg.get("intensity", True):
+        transforms += [RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
+                       RandShiftIntensityd(keys="image", prob=0.3, offsets=0.1)]
+    if cfg.get("noise_std", 0.02):
+        transforms.append(RandGaussianNoised(keys="image", prob=0.3, std=cfg.get("noise_std", 0.02)))
+    return Compose(transforms)
