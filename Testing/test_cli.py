@@ -98,3 +98,30 @@ def test_models_lists_the_card():
     assert result.returncode == 0
     cards = json.loads(result.stdout)
     assert any(c["name"] == "unet" and c["definition"] == "lung-fields" for c in cards)
+
+
+def test_definition_picks_the_best_model_of_that_definition(tmp_path):
+    from lungseg.models import best_model, list_models
+
+    definitions = {c["definition"] for c in list_models()}
+    assert best_model("lung-fields") == "unet"
+    ok = lungseg("segment", sample_pngs()[0], "-o", tmp_path / "a", "--definition", "lung-fields")
+    assert ok.returncode == 0, ok.stderr
+    assert read_rows(tmp_path / "a" / "results.csv")[sample_pngs()[0].name]["definition"] == "lung-fields"
+    if "full-extent" not in definitions:
+        missing = lungseg("segment", sample_pngs()[0], "-o", tmp_path / "b", "--definition", "full-extent")
+        assert missing.returncode == 2 and "no available model follows the 'full-extent' definition" in missing.stderr
+
+
+def test_evaluate_warns_when_the_truth_follows_another_definition(tmp_path, jsrt):
+    data = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+        name = sorted(p.name for p in (jsrt / "images").iterdir())[0]
+        os.symlink(jsrt / folder / name, data / folder / name)
+    result = lungseg("evaluate", "--images", data / "images", "--masks", data / "masks", "-o", tmp_path / "ev",
+                     "--truth-definition", "full-extent")
+    assert result.returncode == 0, result.stderr
+    assert "reference masks follow 'full-extent' but model 'unet' segments 'lung-fields'" in result.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["definition_truth"] == "full-extent" and summary["definition_model"] == "lung-fields"

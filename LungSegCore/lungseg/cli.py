@@ -6,24 +6,28 @@ import json
 import sys
 
 from .io import OUTPUT_FORMATS
-from .models import DEFAULT_MODEL
+from .models import DEFINITIONS
 
 
 def _segment(args) -> int:
+    from .models import resolve_model
     from .segment import Options, run_segment
 
     options = Options(fmt=args.format, overlays=args.overlays, save_probabilities=args.save_probabilities,
                       uncertainty=args.uncertainty, overwrite=args.overwrite)
-    return run_segment(args.inputs, args.output, model=args.model, options=options, device=args.device,
+    return run_segment(args.inputs, args.output, model=resolve_model(args.model, args.definition), options=options,
+                       device=args.device,
                        recursive=args.recursive, shard=args.shard, batch_size=args.batch_size, workers=args.workers,
                        progress_lines=args.progress_lines)
 
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate, summary_line
+    from .models import resolve_model
 
-    summary = evaluate(args.images, args.masks, model=args.model, out_dir=args.output, split=args.split,
-                       masks_right=args.masks_right, masks_left=args.masks_left, device=args.device)
+    summary = evaluate(args.images, args.masks, model=resolve_model(args.model, args.definition),
+                       out_dir=args.output, split=args.split, masks_right=args.masks_right,
+                       masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition)
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
     return 0
 
@@ -57,6 +61,8 @@ def _models(args) -> int:
         scores = ", ".join(f"{k} Dice {v:.4f}" for k, v in dice.items() if v is not None)
         print(f"{card['name']:<12} {card.get('definition', ''):<12} {card['network']['name']:<10} "
               f"{card['input_size']}px  {scores}")
+        if card.get("definition_text"):
+            print(f"{'':<12} {card['definition_text']}")
     return 0
 
 
@@ -67,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps")
     s.add_argument("inputs", nargs="+", help="image files, folders, or .txt files listing image paths")
     s.add_argument("-o", "--output", required=True, help="output folder")
-    s.add_argument("--model", default=DEFAULT_MODEL, help="model name, or path to a model card/weights")
+    s.add_argument("--model", help="model name, or path to a model card/weights (overrides --definition)")
+    s.add_argument("--definition", choices=DEFINITIONS,
+                   help="use the best available model of this lung definition (default: lung-fields)")
     s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS), help="labelmap format (default nrrd)")
     s.add_argument("--overlays", action="store_true", help="also write a PNG overlay per image")
     s.add_argument("--save-probabilities", action="store_true",
@@ -90,7 +98,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--masks-right", help="right-lung masks (default: masks_right/ beside --masks, if present)")
     e.add_argument("--masks-left", help="left-lung masks (default: masks_left/ beside --masks, if present)")
     e.add_argument("--split", help="only images of this split in splits.csv beside the images folder")
-    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--model", help="model name or card path (overrides --definition)")
+    e.add_argument("--definition", choices=DEFINITIONS, help="best model of this lung definition (default lung-fields)")
+    e.add_argument("--truth-definition", choices=DEFINITIONS,
+                   help="the lung definition the reference masks follow; a warning is printed if the model differs")
     e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_evaluate)

@@ -16,6 +16,8 @@ import torch
 
 PACKAGE_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = "unet"
+DEFAULT_DEFINITION = "lung-fields"
+DEFINITIONS = ("lung-fields", "full-extent")
 
 
 def model_dirs() -> list[Path]:
@@ -61,6 +63,26 @@ def list_models() -> list[dict]:
                 data["card_path"] = str(card)
                 cards.append(data)
     return cards
+
+
+def mean_val_dice(card: dict) -> float:
+    values = [m["both_dice"]["mean"] for m in card.get("metrics", {}).values() if "both_dice" in m]
+    return sum(values) / len(values) if values else 0.0
+
+
+def best_model(definition: str) -> str:
+    """Name of the available model of this lung definition with the best mean validation Dice."""
+    if definition not in DEFINITIONS:
+        raise ValueError(f"unknown lung definition '{definition}'; choose {' or '.join(DEFINITIONS)}")
+    cards = [c for c in list_models() if c.get("definition") == definition]
+    if not cards:
+        raise KeyError(f"no available model follows the '{definition}' definition")
+    return max(cards, key=mean_val_dice)["name"]
+
+
+def resolve_model(model: str | None, definition: str | None) -> str:
+    """`--model` picks exactly; otherwise the best model of `--definition` (lung fields by default)."""
+    return model if model else best_model(definition or DEFAULT_DEFINITION)
 
 
 def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
