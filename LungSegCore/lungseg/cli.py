@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # outputs are written atomically: whatever finished stays, nothing is half-written
+        print("lungseg: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"lungseg: error: {message}", file=sys.stderr)

@@ -100,6 +100,29 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
+def dicom_pixel_spacing(ds) -> tuple[float, float] | None:
+    """(row, column) mm from PixelSpacing, else ImagerPixelSpacing; None when absent or not above zero."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            rows, cols = (float(v) for v in ds.get(tag))
+        except (TypeError, ValueError):
+            continue
+        if rows > 0 and cols > 0:
+            return rows, cols
+    return None
+
+
+def stated_spacing(row: float, col: float, path: str | Path) -> tuple[float, float] | None:
+    """The spacing of a non-DICOM file if it is a real pixel size: any spacing of NRRD/NIfTI/MHA, and for
+    PNG/TIFF/JPEG/BMP one that is neither ITK's 1.0 default nor a screen resolution."""
+    if row <= 0 or col <= 0:
+        return None
+    if suffix_of(path) in VOLUME_SUFFIXES:
+        return row, col
+    screen = any(abs(row - v) < 1e-4 and abs(col - v) < 1e-4 for v in SCREEN_SPACINGS_MM)
+    return None if screen else (row, col)
+
+
 def _display_flips(orientation) -> tuple[bool, bool]:
     """From PatientOrientation (column direction, row direction), e.g. ['L', 'F'] for a standard PA view."""
     try:
@@ -121,17 +144,8 @@ def _dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bo
         full = pydicom.dcmread(str(path), force=True)
         if "PixelData" not in full:
             raise ImageReadError(path, "DICOM file has no pixel data (PixelData element missing)")
-    spacing = None
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(tag)
-        try:
-            rows, cols = (float(v) for v in value)
-        except (TypeError, ValueError):
-            continue
-        if rows > 0 and cols > 0:
-            spacing = (rows, cols)
-            break
-    return spacing, str(ds.get("PhotometricInterpretation", "")), _display_flips(ds.get("PatientOrientation"))
+    return dicom_pixel_spacing(ds), str(ds.get("PhotometricInterpretation", "")), \
+        _display_flips(ds.get("PatientOrientation"))
 
 
 def _to_gray(image: sitk.Image, path: Path) -> np.ndarray:
@@ -195,12 +209,7 @@ def read_radiograph(path: str | Path) -> Radiograph:
         raise ImageReadError(path, f"has no contrast (every pixel is {pixels.min():g})")
 
     if not dicom:
-        s = image.GetSpacing()
-        row, col = float(s[1]), float(s[0])
-        declared = suffix_of(path) in VOLUME_SUFFIXES
-        screen = any(abs(row - v) < 1e-4 and abs(col - v) < 1e-4 for v in SCREEN_SPACINGS_MM)
-        if row > 0 and col > 0 and (declared or not screen):
-            spacing = (row, col)
+        spacing = stated_spacing(float(image.GetSpacing()[1]), float(image.GetSpacing()[0]), path)
     return Radiograph(path=path, pixels=pixels, reference=Grid.of(image), spacing=spacing, photometric=photometric,
                       display_flips=flips)
 

@@ -65,3 +65,16 @@ def clean_labelmap(label: np.ndarray) -> np.ndarray:
     ])
     out = post(label[None].astype(np.uint8))
     return np.asarray(out)[0].astype(np.uint8)
+
+
+def lung_areas(label: np.ndarray, pixel_area_mm2: float | None) -> dict:
+    """Right and left lung areas in pixels (and mm² when the pixel size is known), their sum as a fraction of
+    the image, and the right/left ratio."""
+    right, left = int((label == RIGHT_LUNG).sum()), int((label == LEFT_LUNG).sum())
+    row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": "",
+           "lung_fraction": round((right + left) / label.size, 4),
+           "right_left_ratio": round(right / left, 3) if left else ""}
+    if pixel_area_mm2 is not None:
+        row["right_area_mm2"] = round(right * pixel_area_mm2, 1)
+        row["left_area_mm2"] = round(left * pixel_area_mm2, 1)
+    return row

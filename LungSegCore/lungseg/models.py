@@ -2,7 +2,8 @@
 
 A model is `<name>.safetensors` with `<name>.json` beside it. The card records the network and its parameters, the
 input size, the lung definition, the data, the recipe, the training time, the measured metrics and the SHA-256 of
-the weights, which is verified before loading. Models are looked up in the package's `models/` folder, then in the
+the weights, which is verified before loading. Reading cards needs no torch (the Slicer module lists models
+before torch is installed). Models are looked up in the package's `models/` folder, then in the
 folders of `LUNGSEG_MODELS_PATH`; `--model` also takes the path of a card or weights file (offline import).
 """
 from __future__ import annotations
@@ -11,8 +12,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
 
 PACKAGE_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = "unet"
@@ -85,7 +84,7 @@ def resolve_model(model: str | None, definition: str | None) -> str:
     return model if model else best_model(definition or DEFAULT_DEFINITION)
 
 
-def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_model(name_or_path: str | Path, device="cpu"):
     """Build the card's network and load its verified safetensors weights (no pickle, no code execution)."""
     from safetensors.torch import load_file
 
@@ -104,7 +103,7 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> 
     return model.to(device).eval(), card
 
 
-def save_model(model: torch.nn.Module, card: dict, out_dir: str | Path) -> Path:
+def save_model(model, card: dict, out_dir: str | Path) -> Path:
     """Write `<name>.safetensors` and its card with the checksum; returns the card path."""
     from safetensors.torch import save_file
 

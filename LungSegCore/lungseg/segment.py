@@ -24,7 +24,7 @@ import torch
 
 from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, stem_of, write_atomic_text,
                  write_float_map, write_labelmap, write_overlay)
-from .labels import LEFT_LUNG, RIGHT_LUNG
+from .labels import lung_areas
 from .qc import quality_flags
 
 RESULT_FIELDS = [
@@ -74,17 +74,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 1 <= index <= count:
         raise ValueError(f"--shard '{text}': I must be between 1 and N")
     return index, count
-
-
-def lung_areas(label, pixel_area_mm2: float | None) -> dict:
-    right, left = int((label == RIGHT_LUNG).sum()), int((label == LEFT_LUNG).sum())
-    row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": "",
-           "lung_fraction": round((right + left) / label.size, 4),
-           "right_left_ratio": round(right / left, 3) if left else ""}
-    if pixel_area_mm2 is not None:
-        row["right_area_mm2"] = round(right * pixel_area_mm2, 1)
-        row["left_area_mm2"] = round(left * pixel_area_mm2, 1)
-    return row
 
 
 def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
