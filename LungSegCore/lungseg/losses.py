@@ -3,20 +3,11 @@ from __future__ import annotations
 
 import torch
 
-LOSSES = {}
+from .registry import Registry
 
-
-def register(name: str):
-    def decorator(builder):
-        LOSSES[name] = builder
-        return builder
-    return decorator
-
-
-def build_loss(name: str, **params) -> torch.nn.Module:
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss '{name}'; known: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](**params)
+LOSSES = Registry("loss")
+register = LOSSES.register
+build_loss = LOSSES.build
 
 
 @register("dice_ce")

@@ -1,26 +1,14 @@
 """One registry: a network name maps to a builder that takes the config's parameters."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .labels import NUM_CLASSES
+from .registry import Registry
 
-NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {}
-
-
-def register(name: str):
-    def decorator(builder):
-        NETWORKS[name] = builder
-        return builder
-    return decorator
-
-
-def build_network(name: str, **params) -> torch.nn.Module:
-    if name not in NETWORKS:
-        raise KeyError(f"unknown network '{name}'; known: {', '.join(sorted(NETWORKS))}")
-    return NETWORKS[name](**params)
+NETWORKS = Registry("network")
+register = NETWORKS.register
+build_network = NETWORKS.build
 
 
 def select_device(name: str = "auto") -> torch.device:
