@@ -155,3 +155,18 @@ def build_network_from(cfg):
     from lungseg.networks import build_network
 
     return build_network(cfg["network"]["name"], **cfg["network"].get("params", {}))
+
+
+def test_ignored_pixels_count_neither_way():
+    from lungseg.labels import IGNORE
+    from lungseg.losses import build_loss
+    from lungseg.train import overlap
+
+    y = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    y[..., 4:12, 2:7], y[..., 4:12, 9:14] = 1, 2
+    y[..., :3, :] = IGNORE
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    build_loss("dice_ce_ignore")(x, y).backward()
+    assert x.grad[..., :3, :].abs().sum() == 0 and x.grad[..., 3:, :].abs().sum() > 0
+    pred = torch.where(y == IGNORE, torch.ones_like(y), y)  # "lung" painted over the ignored band
+    assert overlap(pred, y)[0].item() == pytest.approx(1.0)

@@ -1,8 +1,10 @@
-"""Labelled datasets on disk: `images/`, `masks/` (+ optional `masks_right/`, `masks_left/`) and `splits.csv`.
+"""Labelled datasets on disk: `images/`, `masks/` (+ optional `masks_right/`, `masks_left/`, `masks_ignore/`) and
+`splits.csv`.
 
 This is the layout of the sets in `../shared/data`, and the layout a user follows to retrain on their own cohort.
 Masks are 0/255 PNGs with the image's name. Right and left come from `masks_right/` and `masks_left/` where they
-exist, otherwise from the merged mask split at the lung midline (`labels.split_left_right`).
+exist, otherwise from the merged mask split at the lung midline (`labels.split_left_right`). Pixels marked in
+`masks_ignore/` (devices or markup over the lung) get the label IGNORE and count neither way in training.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .labels import merge_sides, split_left_right
+from .labels import IGNORE, merge_sides, split_left_right
 from .transforms import model_input, resize_label
 
 
@@ -28,6 +30,7 @@ class Case:
     mask_right: Path | None
     mask_left: Path | None
     split: str
+    mask_ignore: Path | None = None
 
 
 def read_splits(root: Path) -> dict[str, str]:
@@ -51,8 +54,9 @@ def list_cases(root: str | Path, split: str | None = None) -> list[Case]:
             continue
         right, left = root / "masks_right" / image.name, root / "masks_left" / image.name
         sided = right.exists() and left.exists()
+        ignore = root / "masks_ignore" / image.name
         case = Case(image.stem, image, mask, right if sided else None, left if sided else None,
-                    splits.get(image.name, ""))
+                    splits.get(image.name, ""), ignore if ignore.exists() else None)
         if split is None or case.split == split:
             cases.append(case)
     if not cases:
@@ -77,10 +81,14 @@ def read_gray(path: Path) -> np.ndarray:
 
 
 def case_label(case: Case) -> np.ndarray:
-    """Full-resolution label image (0 background, 1 right, 2 left) of one case."""
+    """Full-resolution label image (0 background, 1 right, 2 left, IGNORE) of one case."""
     if case.mask_right is not None and case.mask_left is not None:
-        return merge_sides(read_gray(case.mask_right), read_gray(case.mask_left))
-    return split_left_right(read_gray(case.mask) > 0)
+        label = merge_sides(read_gray(case.mask_right), read_gray(case.mask_left))
+    else:
+        label = split_left_right(read_gray(case.mask) > 0)
+    if case.mask_ignore is not None:
+        label[read_gray(case.mask_ignore) > 0] = IGNORE
+    return label
 
 
 def cache_dir() -> Path:
@@ -89,8 +97,8 @@ def cache_dir() -> Path:
 
 def load_arrays(cases: list[Case], size: int, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Model-ready images (N,1,S,S float16 in [0,1]) and labels (N,1,S,S uint8), cached on disk by content."""
-    key = hashlib.sha1(f"v1|{size}|".encode() + "|".join(
-        f"{c.image}:{c.image.stat().st_mtime_ns}:{c.mask}" for c in cases).encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"v2|{size}|".encode() + "|".join(
+        f"{c.image}:{c.image.stat().st_mtime_ns}:{c.mask}:{c.mask_ignore}" for c in cases).encode()).hexdigest()[:16]
     path = cache_dir() / f"{desc or 'cases'}-{size}-{key}.pt"
     if path.exists():
         cached = torch.load(path, weights_only=True)
@@ -126,7 +134,7 @@ class ArrayDataset(torch.utils.data.Dataset):
                 self.transform.set_random_state(seed=seed)
             item = self.transform(item)
         return {"image": torch.as_tensor(item["image"]).float().clamp(0, 1),
-                "label": torch.as_tensor(item["label"]).round().long()}
+                "label": torch.as_tensor(item["label"]).round().long()}  # nearest resampling keeps IGNORE
 
     def __getitem__(self, i: int) -> dict:
         return self.item(i)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
+IGNORE = 255  # training labels only: pixels (devices, markup) that count neither for nor against a prediction
 LABEL_NAMES = {RIGHT_LUNG: "right", LEFT_LUNG: "left"}
 NUM_CLASSES = 3
 

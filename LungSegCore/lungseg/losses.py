@@ -31,3 +31,24 @@ def bce_iou(lambda_iou: float = 1.0, lambda_ce: float = 1.0) -> torch.nn.Module:
     from monai.losses import DiceCELoss
 
     return DiceCELoss(to_onehot_y=True, sigmoid=True, jaccard=True, lambda_dice=lambda_iou, lambda_ce=lambda_ce)
+
+
+class _DiceCEIgnoring(torch.nn.Module):
+    def __init__(self, ignore_index: int, lambda_dice: float, lambda_ce: float):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=ignore_index)
+        self.ce = torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * self.ce(logits, target[:, 0].long())
+
+
+@register("dice_ce_ignore")
+def dice_ce_ignore(lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> torch.nn.Module:
+    """Dice + cross-entropy where pixels labelled IGNORE (masks_ignore/) count neither for nor against."""
+    from .labels import IGNORE
+
+    return _DiceCEIgnoring(IGNORE, lambda_dice, lambda_ce)

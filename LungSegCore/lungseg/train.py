@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from .data import ArrayDataset, EpochSamples, list_cases, load_arrays, split_by_ratio
+from .labels import IGNORE
 from .losses import build_loss
 from .metrics import batch_dice
 from .networks import build_network, predict_logits, select_device
@@ -101,9 +102,15 @@ def training_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
     return loss_fn(logits, y), logits
 
 
+def scorable(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The truth with IGNORE pixels set to the prediction, so they count neither for nor against it."""
+    return torch.where(truth == IGNORE, pred.to(truth.dtype), truth)
+
+
 def overlap(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image Dice and IoU of the both-lung region."""
-    dice = batch_dice(pred.cpu(), truth.cpu(), "both")
+    pred, truth = pred.cpu(), truth.cpu()
+    dice = batch_dice(pred, scorable(pred, truth), "both")
     return dice, dice / (2 - dice)
 
 
@@ -121,7 +128,7 @@ def evaluate_sets(model, loss_fn, sets: dict, device: torch.device, batch_size: 
             losses.append(float(loss_fn(logits, y.to(device))) * len(x))
             pred = logits.argmax(1, keepdim=True).cpu()
             for region in dice:
-                dice[region].append(batch_dice(pred, y, region))
+                dice[region].append(batch_dice(pred, scorable(pred, y), region))
         both = torch.cat(dice["both"])
         scores.update({f"{name}/loss": sum(losses) / len(images), f"{name}/iou": float((both / (2 - both)).mean()),
                        **{f"{name}/dice_{r}": float(torch.cat(v).mean()) for r, v in dice.items()}})
