@@ -238,8 +238,6 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
                    device: str = "auto", recursive: bool = False, shard: str | None = None, batch_size: int = 4,
                    workers: int | None = None, progress_lines: bool = False) -> RunSummary | None:
     """Segment every input (None when there is none); bad inputs become error rows, never exceptions."""
-    from tqdm import tqdm
-
     from .inference import Segmenter
 
     options = options or Options()
@@ -265,10 +263,23 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     segmenter = Segmenter(model, device)
     if workers is None:
         workers = default_workers()
+    threads = torch.get_num_threads()
     if segmenter.device.type == "cpu" and workers:
-        # readers and finishers each take a core; the model gets the rest (measured on 2 cores: 21 images/s with
-        # one model thread, 17 with two)
+        # readers and finishers each take a core; the model gets the rest
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 2 * workers))
+    try:
+        summary = _run(segmenter, todo, paths, names, out_dir, options, batch_size, workers, progress_lines)
+    finally:
+        torch.set_num_threads(threads)
+    summary.skipped = skipped
+    return summary
+
+
+def _run(segmenter, todo: list[Path], paths: list[Path], names: dict[Path, str], out_dir: Path, options: Options,
+         batch_size: int, workers: int, progress_lines: bool) -> RunSummary:
+    from tqdm import tqdm
+
+    skipped = len(paths) - len(todo)
     loader = torch.utils.data.DataLoader(InputReader(todo, segmenter.size, options.overlays), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate,
                                          prefetch_factor=2 if workers else None)
