@@ -111,7 +111,7 @@ def load_arrays(cases: list[Case], size: int, desc: str = "") -> tuple[torch.Ten
         images[i] = model_input(read_gray(case.image), size).half()
         labels[i, 0] = resize_label(case_label(case), (size, size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may build the same cache at once
     torch.save({"images": images, "labels": labels}, tmp)
     tmp.replace(path)
     return images, labels
