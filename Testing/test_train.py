@@ -117,7 +117,7 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(config))
     env = dict(__import__("os").environ, LUNGSEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
                TQDM_DISABLE="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "lungseg", "train", "--config", str(tmp_path / "smoke.yaml"), "--device", "cpu",
                              "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

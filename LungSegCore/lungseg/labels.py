@@ -54,18 +54,20 @@ def merge_sides(right: np.ndarray, left: np.ndarray) -> np.ndarray:
 
 
 def clean_labelmap(label: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component of each lung and fill its holes (MONAI post-processing).
+    """Keep the largest connected component of each lung (MONAI) and fill its holes (SciPy).
 
-    Done per lung (`independent=True`): the largest component of a two-lung mask would delete one lung.
+    Done per lung (`independent=True`): the largest component of a two-lung mask would delete one lung. Holes are
+    filled with SciPy directly: MONAI's FillHoles wraps the same call but takes 3x longer.
     """
-    from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
+    from monai.transforms import KeepLargestConnectedComponent
+    from scipy import ndimage
 
-    post = Compose([
-        KeepLargestConnectedComponent(applied_labels=[RIGHT_LUNG, LEFT_LUNG], is_onehot=False, independent=True),
-        FillHoles(applied_labels=[RIGHT_LUNG, LEFT_LUNG]),
-    ])
-    out = post(label[None].astype(np.uint8))
-    return np.asarray(out)[0].astype(np.uint8)
+    keep = KeepLargestConnectedComponent(applied_labels=[RIGHT_LUNG, LEFT_LUNG], is_onehot=False, independent=True)
+    kept = np.asarray(keep(label[None].astype(np.uint8)))[0].astype(np.uint8)
+    out = kept.copy()
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        out[ndimage.binary_fill_holes(kept == value) & (kept == BACKGROUND)] = value
+    return out
 
 
 def lung_areas(label: np.ndarray, pixel_area_mm2: float | None) -> dict:
