@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Side-by-side overlays of the best lung-field and full-extent models on one radiograph, for the README.
+
+    .venv/bin/python scripts/definition_figure.py [IMAGE] [-o LungSegCore/docs/lung-definitions.png]
+"""
+import argparse
+
+import numpy as np
+import SimpleITK as sitk
+
+from lungseg.inference import Segmenter
+from lungseg.io import read_radiograph, write_overlay
+from lungseg.models import best_model
+from lungseg.samples import chest_dicom
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("image", nargs="?", default=str(chest_dicom()))
+    parser.add_argument("-o", "--output", default="LungSegCore/docs/lung-definitions.png")
+    parser.add_argument("--width", type=int, default=420, help="width of each panel in pixels")
+    args = parser.parse_args()
+    image = read_radiograph(args.image)
+    panels = []
+    for definition in ("lung-fields", "full-extent"):
+        label = Segmenter(best_model(definition), "cpu").segment(image.pixels).label
+        write_overlay(image.pixels, label, f"/tmp/lungseg-{definition}.png")
+        panel = sitk.ReadImage(f"/tmp/lungseg-{definition}.png")
+        scale = panel.GetSize()[0] / args.width
+        size = [args.width, round(panel.GetSize()[1] / scale)]
+        panels.append(sitk.GetArrayFromImage(sitk.Resample(panel, size, sitk.Transform(), sitk.sitkLinear,
+                                                           panel.GetOrigin(), [scale, scale])))
+    gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(np.concatenate([panels[0], gap, panels[1]], 1), isVector=True),
+                    args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
