@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import read_gray, read_splits
-from .io import ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text
+from .io import ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text, write_csv
 from .labels import merge_sides
 from .metrics import METRICS, image_metrics
 
@@ -49,9 +49,6 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
              split: str | None = None, masks_right: str | Path | None = None, masks_left: str | Path | None = None,
              device: str = "auto", segmenter=None, truth_definition: str | None = None) -> dict:
     """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`)."""
-    import csv
-    import io as _io
-
     from tqdm import tqdm
 
     from .inference import Segmenter
@@ -111,11 +108,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
                else "px", **summarize(rows, regions)}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        buffer = _io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic_text(buffer.getvalue(), out_dir / "evaluation.csv")
+        write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
         write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     return summary
 

@@ -279,6 +279,18 @@ def write_atomic_text(text: str, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_csv(rows: list[dict], fields: list[str], path: str | Path) -> None:
+    """A CSV of `rows` (keys outside `fields` left out), written atomically."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic_text(buffer.getvalue(), path)
+
+
 def write_labelmap(label: np.ndarray, reference: Grid | sitk.Image, path: str | Path) -> None:
     """Write a uint8 (rows, columns) labelmap on the reference grid; the format follows the file name."""
     write_atomic(_on_grid(label.astype(np.uint8), reference), Path(path))

@@ -8,9 +8,7 @@ folder, which also makes the outputs of several `--shard I/N` jobs add up to one
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io as _io
 import json
 import os
 import sys
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, stem_of, write_atomic_text,
+from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, stem_of, write_atomic_text, write_csv,
                  write_float_map, write_labelmap, write_overlay)
 from .labels import lung_areas
 from .qc import quality_flags
@@ -197,11 +195,7 @@ def collect_results(out_dir: Path) -> list[dict]:
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic_text(buffer.getvalue(), out_dir / "results.csv")
+    write_csv(rows, RESULT_FIELDS, out_dir / "results.csv")
     write_atomic_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", out_dir / "results.json")
 
 
@@ -252,13 +246,8 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     paths = [p for p in all_paths if in_shard(p, shard_range)]
     (out_dir / RECORDS).mkdir(parents=True, exist_ok=True)
 
-    todo, skipped = [], 0
-    for path in paths:
-        if not options.overwrite and is_complete(out_dir / RECORDS / f"{names[path]}.json",
-                                                 output_paths(out_dir, names[path], options)):
-            skipped += 1
-        else:
-            todo.append(path)
+    todo = [p for p in paths if options.overwrite or not is_complete(out_dir / RECORDS / f"{names[p]}.json",
+                                                                      output_paths(out_dir, names[p], options))]
 
     segmenter = Segmenter(model, device)
     if workers is None:
@@ -271,7 +260,6 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
         summary = _run(segmenter, todo, paths, names, out_dir, options, batch_size, workers, progress_lines)
     finally:
         torch.set_num_threads(threads)
-    summary.skipped = skipped
     return summary
 
 
