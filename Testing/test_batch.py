@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pydicom
@@ -109,7 +110,14 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    finished_before = {p.stem for p in (out / ".lungseg").glob("*.json")}
+    # the finisher process may complete the input it holds after the main process dies: count once it is quiet
+    finished_before, deadline = set(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = {p.stem for p in (out / ".lungseg").glob("*.json")}
+        if now == finished_before:
+            break
+        finished_before = now
+        time.sleep(1.0)
     assert 1 <= len(finished_before) < 10
 
     result = run_cli("segment", inputs, "-o", out, "--overlays")
@@ -147,6 +155,31 @@ def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
     listed = run_cli("segment", listing, "-o", tmp_path / "out2", "--workers", "0")
     assert listed.returncode == 0, listed.stderr
     assert sorted(results(tmp_path / "out2")) == ["img1.png", "img7.png"]
+
+
+def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom, segmenter):
+    """`Segmenter.segment(display_flips=...)` is the one place the orientation is handled; `evaluate` uses it."""
+    from lungseg.evaluate import evaluate
+    from lungseg.io import read_radiograph
+
+    (tmp_path / "images").mkdir()
+    ds = pydicom.dcmread(chest_dicom)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.PatientOrientation = ["R", "F"]
+    ds.save_as(tmp_path / "images" / "mirrored.dcm")
+    image = read_radiograph(tmp_path / "images" / "mirrored.dcm")
+    assert image.display_flips == (False, True)
+    normal = segmenter.segment(read_radiograph(chest_dicom).pixels).label
+    mirrored = segmenter.segment(image.pixels, display_flips=image.display_flips).label
+    assert (mirrored == normal[:, ::-1]).mean() > 0.995
+    ignored = segmenter.segment(image.pixels).label  # without the step the sides would swap
+    assert (ignored[mirrored > 0] != mirrored[mirrored > 0]).mean() > 0.5
+
+    (tmp_path / "masks").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(((normal[:, ::-1] > 0) * 255).astype(np.uint8)),
+                    str(tmp_path / "masks" / "mirrored.png"))
+    summary = evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "eval", segmenter=segmenter)
+    assert summary["images"] == 1 and summary["both_dice"]["mean"] > 0.99
 
 
 def test_dicom_stored_mirrored_keeps_patient_sides(tmp_path, chest_dicom):

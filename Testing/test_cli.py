@@ -91,6 +91,9 @@ def test_evaluate_writes_per_image_csv_and_summary(tmp_path, jsrt):
         for region in ("both", "right", "left"):
             assert f"{region}_{metric}" in rows[0]
     assert float(rows[0]["both_dice"]) > 0.9
+    sheet = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ev" / "worst_cases.png")))
+    assert sheet.shape[0] == 3 * (256 + 4) and sheet.shape[2] == 3, "one row per case: image, truth, prediction"
+    assert (sheet[..., 0] != sheet[..., 1]).any(), "the lungs are drawn in colour"
 
 
 def test_models_lists_the_card():

@@ -165,11 +165,12 @@ def test_rgb_and_single_slice_inputs(tmp_path):
         LungSegLogic().process(stack, new_segmentation(), device="cpu")
 
 
-def test_uncertainty_map_on_the_input_grid(chest_nrrd):
+@pytest.mark.parametrize("model", ["unet", "prob_unet"])  # test-time augmentation, and prior samples
+def test_uncertainty_map_on_the_input_grid(chest_nrrd, model):
     volume = slicer.modules.volumes.logic().AddArchetypeVolume(str(chest_nrrd), "chest", 4)
     uncertainty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     segmentation = new_segmentation()
-    LungSegLogic().process(volume, segmentation, device="cpu", uncertaintyVolume=uncertainty)
+    LungSegLogic().process(volume, segmentation, model=model, device="cpu", uncertaintyVolume=uncertainty)
     values = slicer.util.arrayFromVolume(uncertainty)
     assert values.shape == slicer.util.arrayFromVolume(volume).shape and values.dtype == np.float32
     np.testing.assert_allclose(ijk_to_ras(uncertainty), ijk_to_ras(volume))
@@ -227,6 +228,28 @@ def test_monochrome1_dicom(chest_dicom):
     assert not summary.inverted
 
 
+def test_dicom_stored_mirrored_keeps_patient_sides(chest_dicom, tmp_path):
+    """PatientOrientation ['R', 'F']: columns run toward the patient's right. The core's shared orientation step
+    segments it in the standard view and labels the stored grid, so the right lung lands on the image's right."""
+    import pydicom
+
+    dataset = pydicom.dcmread(str(chest_dicom))
+    dataset.PatientOrientation = ["R", "F"]
+    dataset.PixelData = np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes()
+    dataset.save_as(tmp_path / "mirrored.dcm")
+    mirrored = dataset.pixel_array
+    volume = dicom_volume(mirrored)
+    volume.SetAttribute("DICOM.instanceUIDs", str(dataset.SOPInstanceUID))
+    slicer.dicomDatabase = types.SimpleNamespace(fileForInstance=lambda uid: str(tmp_path / "mirrored.dcm"))
+    try:
+        segmentation = new_segmentation()
+        LungSegLogic().process(volume, segmentation, device="cpu")
+    finally:
+        slicer.dicomDatabase = None
+    right_column, left_column = lung_columns(segmentation, volume)
+    assert left_column < mirrored.shape[1] / 2 < right_column
+
+
 def test_process_folder_reports_progress_and_failures(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -249,8 +272,8 @@ def test_process_folder_reports_progress_and_failures(tmp_path):
 def test_process_folder_cancel_stops_the_child_and_leaves_whole_files(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for i in range(40):
-        (inputs / f"chest{i:02d}.png").symlink_to(sample_pngs()[i % 3])
+    for i in range(200):  # far more than run before the first progress line
+        (inputs / f"chest{i:03d}.png").symlink_to(sample_pngs()[i % 3])
     batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
     import time
 
@@ -264,7 +287,7 @@ def test_process_folder_cancel_stops_the_child_and_leaves_whole_files(tmp_path):
     assert batch.wait(timeout=60) != 0
     assert not batch.running and batch.cancelled
     outputs = sorted((tmp_path / "out").glob("*.nrrd"))
-    assert 1 <= len(outputs) < 40
+    assert 1 <= len(outputs) < 200
     assert not list((tmp_path / "out").rglob("*.partial*"))  # no temporary file left behind
     for output in outputs:
         assert sitk.ReadImage(str(output)).GetSize()[:2] == (256, 256)

@@ -170,3 +170,19 @@ def test_ignored_pixels_count_neither_way():
     assert x.grad[..., :3, :].abs().sum() == 0 and x.grad[..., 3:, :].abs().sum() > 0
     pred = torch.where(y == IGNORE, torch.ones_like(y), y)  # "lung" painted over the ignored band
     assert overlap(pred, y)[0].item() == pytest.approx(1.0)
+
+
+def test_a_second_stage_starts_from_the_first_stages_weights(tmp_path, config, monkeypatch):
+    from lungseg.train import Trainer
+
+    monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
+    first = train(config, out_dir=tmp_path / "stage1", device="cpu", max_steps=2)
+    second = dict(config, name="smoke-stage2", training=dict(config["training"], init_from=str(first / "best.pt")))
+    trainer = Trainer(second, out_dir=tmp_path / "stage2", device="cpu")
+    start = torch.load(first / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(start[k], v) for k, v in trainer.core.state_dict().items())
+    fresh = Trainer(config, out_dir=tmp_path / "fresh", device="cpu")
+    assert not all(torch.equal(start[k], v) for k, v in fresh.core.state_dict().items())
+    # the shipped UNet++ is such a two-stage recipe, both stages packaged
+    assert load_config("unetpp")["training"]["init_from"] == "runs/unetpp-stage1/best.pt"
+    assert load_config("unetpp-stage1")["network"] == load_config("unetpp")["network"]

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/benchmark.py                       # segmentation benchmark, 1024² PNGs
     .venv/bin/python scripts/benchmark.py --memory-images 10000 # also: peak RSS over a 10,000-image run
     .venv/bin/python scripts/benchmark.py --training            # also: training images/s per network
+    .venv/bin/python scripts/benchmark.py --models              # also: forward images/s of every shipped model
 
 Inputs are made from the bundled demo radiographs, resized to 1024² 8-bit PNGs, in a temporary folder.
 It reports images/s end to end (model loaded, startup excluded), the bare model-forward rate and their ratio,
@@ -109,11 +110,11 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, list[float], float]:
 
 def training_rates(device: torch.device, batch_size: int = 8, steps: int = 6) -> dict:
     from lungseg.losses import build_loss
-    from lungseg.networks import NETWORKS, build_network, predict_logits
-    from lungseg.train import load_config
+    from lungseg.networks import NETWORKS, build_network
+    from lungseg.train import load_config, training_loss
 
     rates = {}
-    for name in sorted(NETWORKS):
+    for name in sorted(NETWORKS):  # each network with its shipped config's parameters
         config_path = Path(__file__).resolve().parent.parent / "LungSegCore/lungseg/configs" / f"{name}.yaml"
         params = load_config(config_path)["network"].get("params", {}) if config_path.exists() else {}
         model = build_network(name, **params).to(device).train()
@@ -128,8 +129,7 @@ def training_rates(device: torch.device, batch_size: int = 8, steps: int = 6) ->
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
             with torch.autocast(device.type, enabled=amp):
-                out = model(x)
-                loss = loss_fn(predict_logits(model, x) if isinstance(out, (list, tuple)) else out, y)
+                loss, _ = training_loss(model, loss_fn, x, y)  # the training step itself: deep supervision, KL
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=60)
     parser.add_argument("--memory-images", type=int, default=0, help="also run this many images for peak RSS")
     parser.add_argument("--training", action="store_true", help="also measure training images/s per network")
+    parser.add_argument("--models", action="store_true", help="also measure the bare forward rate of every model")
     parser.add_argument("--output", help="write the JSON report here too")
     args = parser.parse_args()
 
@@ -189,6 +190,12 @@ def main() -> None:
                                 "rss_first_minute_mib": round(max(samples[:12]), 1) if samples else None,
                                 "rss_last_minute_mib": round(max(samples[-12:]), 1) if samples else None,
                                 "wall_s": round(wall, 1)}
+    if args.models:
+        from lungseg.models import list_models
+
+        report["model_forward_images_per_s_by_model"] = {
+            card["name"]: round(bare_forward_rate(Segmenter(card["name"], args.device), args.batch_size, 5.0), 2)
+            for card in list_models()}
     if args.training:
         report["training_images_per_s"] = training_rates(torch.device(args.device))
     if torch.cuda.is_available() and args.device.startswith("cuda"):

@@ -7,9 +7,10 @@ import argparse
 
 import numpy as np
 import SimpleITK as sitk
+from skimage.transform import resize
 
 from lungseg.inference import Segmenter
-from lungseg.io import read_radiograph, write_overlay
+from lungseg.io import overlay_rgb, read_radiograph
 from lungseg.models import best_model
 from lungseg.samples import chest_dicom
 
@@ -23,13 +24,10 @@ def main() -> None:
     image = read_radiograph(args.image)
     panels = []
     for definition in ("lung-fields", "full-extent"):
-        label = Segmenter(best_model(definition), "cpu").segment(image.pixels).label
-        write_overlay(image.pixels, label, f"/tmp/lungseg-{definition}.png")
-        panel = sitk.ReadImage(f"/tmp/lungseg-{definition}.png")
-        scale = panel.GetSize()[0] / args.width
-        size = [args.width, round(panel.GetSize()[1] / scale)]
-        panels.append(sitk.GetArrayFromImage(sitk.Resample(panel, size, sitk.Transform(), sitk.sitkLinear,
-                                                           panel.GetOrigin(), [scale, scale])))
+        label = Segmenter(best_model(definition), "cpu").segment(image.pixels, display_flips=image.display_flips).label
+        rgb = overlay_rgb(image.pixels, label)
+        size = (round(rgb.shape[0] * args.width / rgb.shape[1]), args.width)
+        panels.append(resize(rgb, size, anti_aliasing=True, preserve_range=True).astype(np.uint8))
     gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
     sitk.WriteImage(sitk.GetImageFromArray(np.concatenate([panels[0], gap, panels[1]], 1), isVector=True),
                     args.output)

@@ -1,7 +1,9 @@
 """Accuracy of a model against reference masks: `lungseg evaluate --images DIR --masks DIR [--model NAME]`.
 
-Writes a per-image CSV and a summary JSON. Right and left lungs are scored when `masks_right/` and `masks_left/`
-exist beside the masks folder (or are given); the merged both-lung mask is always scored.
+Writes a per-image CSV, a summary JSON and `worst_cases.png` (image, reference and prediction of the worst cases).
+Right and left lungs are scored when `masks_right/` and `masks_left/` exist beside the masks folder (or are given);
+the merged both-lung mask is always scored. Pixels marked in `masks_ignore/` beside the masks (devices or markup
+over the lung) are left out of every score.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .data import read_gray, read_splits
-from .io import ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text, write_csv
-from .labels import merge_sides
+from .io import (ImageReadError, list_inputs, read_radiograph, stem_of, write_atomic_text, write_case_sheet,
+                 write_csv)
+from .labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
 
 SUMMARY_STATS = ("mean", "std", "median", "min", "max")
+WORST_SHOWN = 5
 
 
 def find_mask(folder: Path, image: Path) -> Path | None:
@@ -57,6 +61,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
     masks_right = Path(masks_right) if masks_right else masks.parent / "masks_right"
     masks_left = Path(masks_left) if masks_left else masks.parent / "masks_left"
     sided = masks_right.is_dir() and masks_left.is_dir()
+    masks_ignore = masks.parent / "masks_ignore"
     regions = ("both", "right", "left") if sided else ("both",)
 
     paths = list_inputs([images])
@@ -75,14 +80,14 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         print(f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
               f"segments '{segmenter.definition}'; the two protocols agree only at Dice ~0.86 on the same images, "
               "so low scores here do not mean wrong segmentations", file=sys.stderr)
-    rows = []
+    rows, worst = [], []  # worst: the WORST_SHOWN lowest-Dice (dice, order, pixels, truth, prediction)
     for image_path, mask_path in tqdm(pairs, desc="evaluating", unit="image"):
         try:
             image = read_radiograph(image_path)
         except ImageReadError as exc:
             print(f"lungseg: error: {exc}", file=sys.stderr)
             continue
-        prediction = segmenter.segment(image.pixels).label
+        prediction = segmenter.segment(image.pixels, display_flips=image.display_flips).label
         if sided:
             right, left = find_mask(masks_right, image_path), find_mask(masks_left, image_path)
             truth = merge_sides(read_gray(right), read_gray(left)) if right and left else None
@@ -97,9 +102,19 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
             print(f"lungseg: error: {mask_path}: mask is {truth.shape[::-1]} but the image is "
                   f"{prediction.shape[::-1]}", file=sys.stderr)
             continue
-        metrics = image_metrics(prediction, truth, image.spacing, regions=scored)
+        ignore_path = find_mask(masks_ignore, image_path) if masks_ignore.is_dir() else None
+        ignore = read_gray(ignore_path) > 0 if ignore_path else None
+        if ignore is not None and ignore.shape != truth.shape:
+            print(f"lungseg: error: {ignore_path}: ignore mask is {ignore.shape[::-1]} but the image is "
+                  f"{truth.shape[::-1]}", file=sys.stderr)
+            continue
+        metrics = image_metrics(prediction, truth, image.spacing, regions=scored, ignore=ignore)
         rows.append({"image": str(image_path), "hd95_unit": "mm" if image.spacing else "px",
+                     "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
                      **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
+        shown = truth if scored != ("both",) else split_left_right(truth)  # sides on the sheet only, not scored
+        worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, shown, prediction)],
+                       key=lambda case: case[:2])[:WORST_SHOWN]
 
     summary = {"model": segmenter.name, "definition_model": segmenter.definition,
                "definition_truth": truth_definition or "",
@@ -110,6 +125,8 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         out_dir = Path(out_dir)
         write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
         write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+        if worst:
+            write_case_sheet([case[2:] for case in worst], out_dir / "worst_cases.png")
     return summary
 
 

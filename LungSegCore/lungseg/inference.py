@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .io import reorient
 from .labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap
 from .models import DEFAULT_MODEL, load_model
 from .networks import predict_logits, select_device
@@ -30,6 +31,14 @@ class Prediction:
     probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
     raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
     uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
+
+    def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
+        """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
+        Flipping the grid keeps each label on the patient's side it marks."""
+        if not any(flips):
+            return self
+        return Prediction(reorient(self.label, flips), reorient(self.probabilities, flips), self.raw_label,
+                          reorient(self.uncertainty, flips))
 
 
 def _resize(values: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -48,11 +57,11 @@ def _resize_uint8(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.
 
 
 def _winning_class(scores: torch.Tensor) -> np.ndarray:
-    """argmax over 3 classes by comparisons (a channel argmax over a large image is ~20x slower)."""
-    label = torch.zeros(scores.shape[1:], dtype=torch.uint8)
-    label[(scores[RIGHT_LUNG] > scores[0]) & (scores[RIGHT_LUNG] >= scores[LEFT_LUNG])] = RIGHT_LUNG
-    label[(scores[LEFT_LUNG] > scores[0]) & (scores[LEFT_LUNG] > scores[RIGHT_LUNG])] = LEFT_LUNG
-    return label.numpy()
+    """argmax over (background, right, left) by two comparisons on NumPy views (ties go to the lower class, as in
+    argmax). About 3x faster than comparing torch slices of a channels-last tensor, and 15x faster than argmax."""
+    background, right, left = scores.numpy()
+    lung = np.maximum(right, left) > background
+    return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
 
 
 def _affine_matrices(affines, batch: int) -> torch.Tensor:
@@ -112,14 +121,14 @@ class Segmenter:
 
     @staticmethod
     def finish(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
-               keep_probabilities: bool = False) -> Prediction:
-        """(3, S, S) probabilities -> cleaned labelmap on the (rows, columns) grid.
+               keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
+        """(3, S, S) probabilities of the standard view -> cleaned labelmap on the stored (rows, columns) grid.
 
         Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap;
         each lung's probability is then limited to its kept component (plus a 2-pixel margin for the finer
         edge) before one bilinear resize and argmax at full resolution.
         """
-        raw_small = probabilities.argmax(0).to(torch.uint8).numpy()
+        raw_small = _winning_class(probabilities)
         clean_small = clean_labelmap(raw_small)
         scores = probabilities.clone()
         for value in (RIGHT_LUNG, LEFT_LUNG):
@@ -130,7 +139,8 @@ class Segmenter:
         label = _winning_class(_resize_uint8(scores, shape))
         unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
         full = _resize(probabilities, shape).numpy() if keep_probabilities else None
-        return Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)
+        prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)
+        return prediction.reoriented(display_flips)
 
     def predict(self, batch: torch.Tensor, uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 1, S, S) -> probabilities (B, 3, S, S) and, if asked, uncertainty (B, S, S)."""
@@ -146,10 +156,13 @@ class Segmenter:
             logits = self.model.sample(batch.to(self.device), n)
         return torch.softmax(logits.float(), dim=2).cpu()
 
-    def segment(self, pixels: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False
-                ) -> Prediction:
-        probabilities, unc = self.predict(self.prepare(pixels)[None], uncertainty)
-        return self.finish(probabilities[0], pixels.shape, None if unc is None else unc[0], keep_probabilities)
+    def segment(self, pixels: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
+                display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
+        """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
+        standard view the model knows; the maps come back on the stored grid."""
+        probabilities, unc = self.predict(self.prepare(reorient(pixels, display_flips))[None], uncertainty)
+        return self.finish(probabilities[0], pixels.shape, None if unc is None else unc[0], keep_probabilities,
+                           display_flips)
 
     def confidence(self, pixels: np.ndarray) -> float:
         """Mean winning-class probability: low when the image is not what the model was trained on."""

@@ -78,6 +78,15 @@ class Radiograph:
         return None if self.spacing is None else self.spacing[0] * self.spacing[1]
 
 
+def reorient(array: np.ndarray | None, flips: tuple[bool, bool]) -> np.ndarray | None:
+    """Flip the last two axes (rows, columns) as `flips` says. A flip is its own inverse, so the same call takes
+    stored pixels to the standard display and a labelmap made there back to the stored grid."""
+    if array is None or not any(flips):
+        return array
+    rows, cols = -1 if flips[0] else 1, -1 if flips[1] else 1
+    return np.ascontiguousarray(array[..., ::rows, ::cols])
+
+
 def suffix_of(path: Path | str) -> str:
     name = str(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
@@ -123,7 +132,7 @@ def stated_spacing(row: float, col: float, path: str | Path) -> tuple[float, flo
     return None if screen else (row, col)
 
 
-def _display_flips(orientation) -> tuple[bool, bool]:
+def display_flips(orientation) -> tuple[bool, bool]:
     """From PatientOrientation (column direction, row direction), e.g. ['L', 'F'] for a standard PA view."""
     try:
         columns, rows = (str(v).upper() for v in orientation)
@@ -145,7 +154,7 @@ def _dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bo
         if "PixelData" not in full:
             raise ImageReadError(path, "DICOM file has no pixel data (PixelData element missing)")
     return dicom_pixel_spacing(ds), str(ds.get("PhotometricInterpretation", "")), \
-        _display_flips(ds.get("PatientOrientation"))
+        display_flips(ds.get("PatientOrientation"))
 
 
 def _to_gray(image: sitk.Image, path: Path) -> np.ndarray:
@@ -312,8 +321,8 @@ def display_uint8(pixels: np.ndarray) -> np.ndarray:
 LABEL_COLOURS = {1: (0, 158, 115), 2: (230, 159, 0)}
 
 
-def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opacity: float = 0.35) -> None:
-    """PNG of the radiograph with each lung filled lightly and outlined in its colour."""
+def overlay_rgb(pixels: np.ndarray, label: np.ndarray, opacity: float = 0.35) -> np.ndarray:
+    """(rows, columns, 3) uint8: the radiograph with each lung filled lightly and outlined in its colour."""
     rgb = np.repeat(display_uint8(pixels)[..., None], 3, axis=2).astype(np.float32)
     lab = sitk.GetImageFromArray(label.astype(np.uint8))
     contour = sitk.LabelContour(lab, fullyConnected=True, backgroundValue=0)
@@ -326,5 +335,30 @@ def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opaci
         fill = label == value
         rgb[fill] = (1 - opacity) * rgb[fill] + opacity * colour
         rgb[edge == value] = colour
-    write_atomic(sitk.GetImageFromArray(rgb.astype(np.uint8), isVector=True), Path(path))
+    return rgb.astype(np.uint8)
+
+
+def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opacity: float = 0.35) -> None:
+    write_atomic(sitk.GetImageFromArray(overlay_rgb(pixels, label, opacity), isVector=True), Path(path))
+
+
+def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path,
+                     height: int = 256) -> None:
+    """PNG with one row per case: the radiograph, the reference and the prediction (labels 0/1/2), each scaled to
+    `height` rows; the order of `cases` is kept (worst first)."""
+    from skimage.transform import resize
+
+    rows = []
+    for pixels, truth, prediction in cases:
+        width = max(1, round(pixels.shape[1] * height / pixels.shape[0]))
+        small = resize(pixels.astype(np.float32), (height, width), anti_aliasing=True, preserve_range=True)
+        labels = [resize(x, (height, width), order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+                  for x in (truth, prediction)]
+        gray = np.repeat(display_uint8(small)[..., None], 3, axis=2)
+        tiles = [gray, overlay_rgb(small, labels[0]), overlay_rgb(small, labels[1])]
+        gap = np.full((height, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    write_atomic(sitk.GetImageFromArray(np.concatenate(rows, axis=0), isVector=True), Path(path))
 

@@ -27,13 +27,17 @@ def batch_dice(pred: torch.Tensor, truth: torch.Tensor, region: str) -> torch.Te
 
 
 def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] | None,
-                  regions=("both", "right", "left")) -> dict[str, float]:
+                  regions=("both", "right", "left"), ignore: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, precision, recall, IoU, Dice and HD95 for each region of one (H, W) label pair.
 
     HD95 is in mm when `spacing` (row, column) is known, otherwise in pixels; NaN when either mask is empty.
+    Pixels under `ignore` (devices or markup the annotators could not label) count neither way: both sides are
+    set to background there, so they add no false positive, false negative or boundary.
     """
     from monai.metrics import compute_confusion_matrix_metric, compute_hausdorff_distance, get_confusion_matrix
 
+    if ignore is not None and ignore.any():
+        pred, truth = np.where(ignore, 0, pred), np.where(ignore, 0, truth)
     out = {}
     for region in regions:
         p = torch.as_tensor(region_mask(pred, region))[None, None].float()

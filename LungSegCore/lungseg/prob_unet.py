@@ -15,7 +15,11 @@ from .labels import NUM_CLASSES
 
 
 class AxisAlignedGaussianEncoder(nn.Module):
-    """Strided MONAI residual units, global average pooling, then a 1x1 conv to (mean, log sigma)."""
+    """Strided MONAI residual units, global average pooling, then a 1x1 conv to (mean, log sigma).
+
+    Every unit strides by 2, the first included: the latent is global, so full-resolution detail adds cost
+    (the encoders would otherwise cost as much as the U-Net on CPU) and no information the pooling keeps.
+    """
 
     def __init__(self, in_channels: int, channels, latent_dim: int):
         super().__init__()
@@ -23,7 +27,7 @@ class AxisAlignedGaussianEncoder(nn.Module):
 
         layers, previous = [], in_channels
         for i, width in enumerate(channels):
-            layers.append(ResidualUnit(2, previous, width, strides=1 if i == 0 else 2, subunits=2, norm="batch"))
+            layers.append(ResidualUnit(2, previous, width, strides=2, subunits=2, norm="batch"))
             previous = width
         self.encoder = nn.Sequential(*layers)
         self.head = nn.Conv2d(previous, 2 * latent_dim, kernel_size=1)
@@ -41,8 +45,8 @@ class ProbabilisticUNet(nn.Module):
     uses_labels_in_training = True
 
     def __init__(self, in_channels: int = 1, out_channels: int = NUM_CLASSES, channels=(16, 32, 64, 128, 256),
-                 num_res_units: int = 2, feature_channels: int = 16, latent_dim: int = 6,
-                 encoder_channels=(16, 32, 64, 128), beta: float = 1.0, fcomb_layers: int = 3):
+                 num_res_units: int = 2, feature_channels: int = 8, latent_dim: int = 6,
+                 encoder_channels=(16, 32, 64, 128), beta: float = 1.0, fcomb_layers: int = 2):
         super().__init__()
         from monai.networks.nets import UNet
 

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import sys
-import time
 import multiprocessing
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, stem_of, write_atomic_text, write_csv,
-                 write_float_map, write_labelmap, write_overlay)
+from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, reorient, stem_of,
+                 write_atomic_text, write_csv, write_float_map, write_labelmap, write_overlay)
 from .labels import lung_areas
 from .qc import quality_flags
 
@@ -113,9 +113,7 @@ class InputReader(torch.utils.data.Dataset):
         try:
             image = read_radiograph(self.paths[i])
             t1 = time.perf_counter()
-            flip_rows, flip_cols = image.display_flips
-            pixels = image.pixels[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
-            item["input"] = model_input(pixels, self.size)
+            item["input"] = model_input(reorient(image.pixels, image.display_flips), self.size)
             if not self.keep_pixels:
                 image.pixels = None  # the full image is only needed for overlays; do not ship it between processes
             item.update(image=image, read_ms=(t1 - t0) * 1e3, preprocess_ms=(time.perf_counter() - t1) * 1e3)
@@ -150,15 +148,9 @@ def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Op
 
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
-    prediction = Segmenter.finish(probabilities, image.shape, uncertainty, options.save_probabilities)
+    prediction = Segmenter.finish(probabilities, image.shape, uncertainty, options.save_probabilities,
+                                  image.display_flips)
     flip_rows, flip_cols = image.display_flips
-    if flip_rows or flip_cols:  # back to the stored orientation; labels keep the patient's side
-        rows, cols = -1 if flip_rows else 1, -1 if flip_cols else 1
-        prediction.label = np.ascontiguousarray(prediction.label[::rows, ::cols])
-        for name in ("probabilities", "uncertainty"):
-            value = getattr(prediction, name)
-            if value is not None:
-                setattr(prediction, name, np.ascontiguousarray(value[..., ::rows, ::cols]))
     reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
     row = {"rows": image.shape[0], "columns": image.shape[1],
            "spacing_row_mm": image.spacing[0] if image.spacing else "",
@@ -316,7 +308,8 @@ def _run(segmenter, todo: list[Path], paths: list[Path], names: dict[Path, str],
                                          segmenter.definition, output_paths(out_dir, names[path], options), row,
                                          out_dir / RECORDS / f"{names[path]}.json")
                 pending.append((row, future))
-            while len(pending) > 4 * batch_size:  # bounded: memory stays flat however many inputs
+            # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
+            while pending and (pending[0][1].done() or len(pending) > 4 * batch_size):
                 settle(*pending.pop(0))
         for row, future in pending:
             settle(row, future)

@@ -170,6 +170,9 @@ class Trainer:
 
         net = config["network"]
         self.model = build_network(net["name"], **net.get("params", {})).to(self.device)
+        if self.tcfg.get("init_from"):  # a second stage that continues from an earlier run's weights
+            start = torch.load(self.tcfg["init_from"], weights_only=True, map_location=self.device)
+            self.model.load_state_dict(start.get("model", start))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -352,4 +355,15 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
 
     `max_steps` stops after that many optimizer steps (saving `last.pt`), for smoke runs and kill tests.
     """
-    return Trainer(config, data_root, out_dir, device).fit(max_steps=max_steps, resume=resume)
+    trainer = Trainer(config, data_root, out_dir, device)
+    finished = False
+    try:
+        out = trainer.fit(max_steps=max_steps, resume=resume)
+        finished = True
+        return out
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            if finished:  # the other ranks wait while rank 0 writes the report
+                dist.barrier()
+            # Gloo's worker threads abort the process (SIGABRT) if the interpreter exits with the group alive.
+            dist.destroy_process_group()

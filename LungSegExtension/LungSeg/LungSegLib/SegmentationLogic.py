@@ -42,6 +42,7 @@ class RadiographInput:
     arrayShape: tuple                   # shape of the volume's scalar array, (1, rows, columns)
     pixelAreaMm2: float | None          # None when the spacing is not a real pixel size
     photometric: str = ""               # DICOM PhotometricInterpretation when the volume came from DICOM
+    displayFlips: tuple = (False, False)  # from DICOM PatientOrientation: stored mirrored or upside down
 
 
 @dataclass
@@ -156,7 +157,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select an input volume that has image data.")
         corePythonPath()
-        from lungseg.io import MIN_SIDE
+        from lungseg.io import MIN_SIDE, display_flips
 
         array = slicer.util.arrayFromVolume(inputVolume)
         if array.ndim == 4:  # vector volume: RGB(A) as ITU-R BT.601 luma like the core, else the first component
@@ -177,7 +178,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         spacing = inputVolume.GetSpacing()
         area = spacing[0] * spacing[1] if _spacingIsPixelSize(inputVolume, header) else None
         photometric = str(header.get("PhotometricInterpretation", "")) if header is not None else ""
-        return RadiographInput(pixels, (1, *pixels.shape), area, photometric)
+        flips = display_flips(header.get("PatientOrientation")) if header is not None else (False, False)
+        return RadiographInput(pixels, (1, *pixels.shape), area, photometric, flips)
 
     def compute(self, radiograph: RadiographInput, model: str = "unet", device: str = "auto",
                 uncertainty: bool = False) -> SegmentationResult:
@@ -194,7 +196,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             inverted, source = segmenter.needs_inversion(pixels), "intensity statistics"
         if inverted:
             pixels = pixels.max() - pixels
-        prediction = segmenter.segment(pixels, uncertainty=uncertainty)
+        prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.displayFlips)
         reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, segmenter.definition)
         return SegmentationResult(prediction.label, prediction.uncertainty, reasons, segmenter.card, inverted,
                                   source if inverted else "", time.time() - start)
