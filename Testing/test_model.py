@@ -71,3 +71,18 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
     not_inverted = segmenter.segment(raw).label
     wrong = 2 * ((from_dicom > 0) & (not_inverted > 0)).sum() / ((from_dicom > 0).sum() + (not_inverted > 0).sum())
     assert wrong < agreement
+
+
+def test_intensity_normalization_uses_torch_quantile_percentiles():
+    import torch
+
+    from lungseg.transforms import HIGH_PERCENTILE, LOW_PERCENTILE, normalize_intensity
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(256, 256), (3, 40, 70), (2, 1, 17, 5)]:
+        image = torch.rand(shape, generator=generator) * 4095
+        flat = image.reshape(*shape[:-2], -1)
+        low = torch.quantile(flat, LOW_PERCENTILE / 100, dim=-1, keepdim=True)
+        high = torch.quantile(flat, HIGH_PERCENTILE / 100, dim=-1, keepdim=True)
+        expected = ((flat - low) / (high - low)).clamp(0, 1).reshape(shape)
+        torch.testing.assert_close(normalize_intensity(image), expected, atol=1e-6, rtol=0)

@@ -58,7 +58,8 @@ def _resize_uint8(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.
 
 def _winning_class(scores: torch.Tensor) -> np.ndarray:
     """argmax over (background, right, left) by two comparisons on NumPy views (ties go to the lower class, as in
-    argmax). About 3x faster than comparing torch slices of a channels-last tensor, and 15x faster than argmax."""
+    argmax). At 1024², a contiguous copy and these comparisons take 1.1 ms; torch comparisons of the strided
+    slices 1.8 ms, and argmax 8 ms."""
     background, right, left = scores.numpy()
     lung = np.maximum(right, left) > background
     return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
@@ -133,10 +134,10 @@ class Segmenter:
         scores = probabilities.clone()
         for value in (RIGHT_LUNG, LEFT_LUNG):
             kept = clean_small == value
-            allowed = ndimage.binary_dilation(kept, iterations=2)
-            scores[value][torch.from_numpy(~allowed)] = 0.0
-            scores[value][torch.from_numpy(kept & (raw_small != value))] = 1.0  # filled holes
-        label = _winning_class(_resize_uint8(scores, shape))
+            lung = scores[value].numpy()
+            lung *= ndimage.maximum_filter(kept.view(np.uint8), size=5)  # 0 beyond a 2-pixel margin
+            lung[kept & (raw_small != value)] = 1.0  # filled holes
+        label = _winning_class(_resize_uint8(scores, shape).contiguous())
         unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
         full = _resize(probabilities, shape).numpy() if keep_probabilities else None
         prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)

@@ -53,27 +53,62 @@ def merge_sides(right: np.ndarray, left: np.ndarray) -> np.ndarray:
     return label
 
 
-def clean_labelmap(label: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component of each lung (MONAI) and fill its holes (SciPy).
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # MONAI's KeepLargestConnectedComponent default in 2D
 
-    Done per lung (`independent=True`): the largest component of a two-lung mask would delete one lung. Holes are
-    filled with SciPy directly: MONAI's FillHoles wraps the same call but takes 3x longer.
-    """
-    from monai.transforms import KeepLargestConnectedComponent
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (all False when the mask is empty)."""
     from scipy import ndimage
 
-    keep = KeepLargestConnectedComponent(applied_labels=[RIGHT_LUNG, LEFT_LUNG], is_onehot=False, independent=True)
-    kept = np.asarray(keep(label[None].astype(np.uint8)))[0].astype(np.uint8)
-    out = kept.copy()
-    for value in (RIGHT_LUNG, LEFT_LUNG):
-        out[ndimage.binary_fill_holes(kept == value) & (kept == BACKGROUND)] = value
+    parts, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if count <= 1:
+        return parts.astype(bool)
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    return parts == sizes.argmax()
+
+
+def holes(mask: np.ndarray) -> np.ndarray:
+    """Background pixels enclosed by the mask (not 4-connected to the image border), as SciPy's
+    binary_fill_holes finds them. Only the mask's bounding box is searched: everything outside it reaches the
+    border, so a region touching the box's edge is not a hole."""
+    from scipy import ndimage
+
+    found = np.zeros(mask.shape, dtype=bool)
+    box = ndimage.find_objects(mask.view(np.uint8))
+    if not box:
+        return found
+    box = box[0]
+    regions, count = ndimage.label(~mask[box])
+    enclosed = np.ones(count + 1, dtype=bool)
+    enclosed[0] = False
+    for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
+        enclosed[edge] = False
+    found[box] = enclosed[regions]
+    return found
+
+
+def clean_labelmap(label: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component of each lung and fill its holes.
+
+    Done per lung: the largest component of a two-lung mask would delete one lung. This is MONAI's
+    KeepLargestConnectedComponent(independent=True) followed by SciPy's binary_fill_holes, with SciPy's labelling
+    called directly: 2.5x faster at 256², and it runs once per radiograph in every batch.
+    """
+    lungs = {value: largest_component(label == value) for value in (RIGHT_LUNG, LEFT_LUNG)}
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for value, lung in lungs.items():
+        out[lung] = value
+    background = out == BACKGROUND  # a hole never takes pixels of the other lung
+    for value, lung in lungs.items():
+        out[holes(lung) & background] = value
     return out
 
 
 def lung_areas(label: np.ndarray, pixel_area_mm2: float | None) -> dict:
     """Right and left lung areas in pixels (and mm² when the pixel size is known), their sum as a fraction of
     the image, and the right/left ratio."""
-    right, left = int((label == RIGHT_LUNG).sum()), int((label == LEFT_LUNG).sum())
+    right, left = int(np.count_nonzero(label == RIGHT_LUNG)), int(np.count_nonzero(label == LEFT_LUNG))
     row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": "",
            "lung_fraction": round((right + left) / label.size, 4),
            "right_left_ratio": round(right / left, 3) if left else ""}

@@ -26,7 +26,7 @@ def quality_flags(label: np.ndarray, raw_label: np.ndarray | None = None, uncert
     """Reasons to look at this segmentation; an empty list means nothing looks wrong."""
     limits = LIMITS.get(definition, LIMITS["lung-fields"])
     reasons = []
-    right, left = int((label == RIGHT_LUNG).sum()), int((label == LEFT_LUNG).sum())
+    right, left = int(np.count_nonzero(label == RIGHT_LUNG)), int(np.count_nonzero(label == LEFT_LUNG))
     for name, area, other in (("right", right, left), ("left", left, right)):
         if area == 0:
             reasons.append(f"{name} lung missing")

@@ -27,20 +27,22 @@ def resize_label(label: torch.Tensor | np.ndarray, size: tuple[int, int]) -> tor
     return out[0, 0].to(torch.uint8)
 
 
-def percentile(flat: torch.Tensor, percent: float) -> torch.Tensor:
-    """torch.quantile's value (linear interpolation) from two order statistics: 3x faster than its full sort."""
+def percentiles(flat: np.ndarray, percents: tuple[float, ...]) -> list[np.ndarray]:
+    """torch.quantile's values (linear interpolation) along the last axis, with the last axis kept. One NumPy
+    partition finds every order statistic needed: 3x faster than sorting, or than kthvalue per statistic."""
     n = flat.shape[-1]
-    position = percent / 100 * (n - 1)
-    below = int(position)
-    a = torch.kthvalue(flat, below + 1, dim=-1, keepdim=True).values
-    b = torch.kthvalue(flat, min(below + 2, n), dim=-1, keepdim=True).values
-    return a + (b - a) * (position - below)
+    positions = [p / 100 * (n - 1) for p in percents]
+    below = [int(q) for q in positions]
+    above = [min(i + 1, n - 1) for i in below]
+    part = np.partition(flat, sorted(set(below + above)), axis=-1)
+    return [part[..., i:i + 1] + (part[..., j:j + 1] - part[..., i:i + 1]) * (q - i)
+            for q, i, j in zip(positions, below, above)]
 
 
 def normalize_intensity(image: torch.Tensor) -> torch.Tensor:
     """Scale each (..., H, W) image to [0, 1] between its robust percentiles."""
     flat = image.reshape(*image.shape[:-2], -1).float()
-    low, high = percentile(flat, LOW_PERCENTILE), percentile(flat, HIGH_PERCENTILE)
+    low, high = (torch.from_numpy(v) for v in percentiles(flat.numpy(), (LOW_PERCENTILE, HIGH_PERCENTILE)))
     scaled = (flat - low) / torch.clamp(high - low, min=1e-6)
     return scaled.clamp_(0.0, 1.0).reshape(image.shape)
 
