@@ -80,7 +80,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         print(f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
               f"segments '{segmenter.definition}'; the two protocols agree only at Dice ~0.86 on the same images, "
               "so low scores here do not mean wrong segmentations", file=sys.stderr)
-    rows, worst = [], []  # worst: the WORST_SHOWN lowest-Dice (dice, order, pixels, truth, prediction)
+    rows, worst = [], []  # worst: the WORST_SHOWN lowest-Dice (dice, order, pixels, truth, prediction, scored)
     for image_path, mask_path in tqdm(pairs, desc="evaluating", unit="image"):
         try:
             image = read_radiograph(image_path)
@@ -112,8 +112,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         rows.append({"image": str(image_path), "hd95_unit": "mm" if image.spacing else "px",
                      "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
                      **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
-        shown = truth if scored != ("both",) else split_left_right(truth)  # sides on the sheet only, not scored
-        worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, shown, prediction)],
+        worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, truth, prediction, scored)],
                        key=lambda case: case[:2])[:WORST_SHOWN]
 
     summary = {"model": segmenter.name, "definition_model": segmenter.definition,
@@ -126,7 +125,9 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
         write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
         if worst:
-            write_case_sheet([case[2:] for case in worst], out_dir / "worst_cases.png")
+            # a truth without sides is split for the sheet only (never scored), and only for the cases shown
+            write_case_sheet([(pixels, truth if scored != ("both",) else split_left_right(truth), prediction)
+                              for _, _, pixels, truth, prediction, scored in worst], out_dir / "worst_cases.png")
     return summary
 
 

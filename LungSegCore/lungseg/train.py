@@ -356,14 +356,12 @@ def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path
     `max_steps` stops after that many optimizer steps (saving `last.pt`), for smoke runs and kill tests.
     """
     trainer = Trainer(config, data_root, out_dir, device)
-    finished = False
+    distributed = trainer.world > 1 and dist.is_initialized()
     try:
         out = trainer.fit(max_steps=max_steps, resume=resume)
-        finished = True
+        if distributed:  # the other ranks wait while rank 0 writes the report
+            dist.barrier()
         return out
     finally:
-        if trainer.world > 1 and dist.is_initialized():
-            if finished:  # the other ranks wait while rank 0 writes the report
-                dist.barrier()
-            # Gloo's worker threads abort the process (SIGABRT) if the interpreter exits with the group alive.
+        if distributed:  # Gloo's worker threads abort the process (SIGABRT) if it exits with the group alive
             dist.destroy_process_group()
