@@ -136,6 +136,35 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
     assert "10 of 10 segmented" in forced.stdout
 
 
+def test_every_batch_output_is_its_own_inputs_segmentation(tmp_path, chest_dicom, segmenter):
+    """Each labelmap of a batch run (reader processes, model batches, output slots in shared memory reused many
+    times over, finisher process) is what `Segmenter.segment` gives for that image alone. The inputs place the
+    lungs differently (each radiograph padded on the left by its own amount), so an output that landed on
+    another input could not match."""
+    from lungseg.io import read_radiograph
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, png in enumerate(sample_pngs()):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
+        for pad in (0, 70, 140, 210):
+            padded = np.pad(image, ((0, 0), (pad, 0)))
+            sitk.WriteImage(sitk.GetImageFromArray(padded), str(inputs / f"sample{i}_pad{pad:03d}.png"))
+    os.symlink(chest_dicom, inputs / "cr.dcm")
+    out = tmp_path / "out"
+    # batch size 1: 5 output slots for 13 inputs, so every slot is reused while others are in flight
+    result = run_cli("segment", inputs, "-o", out, "--batch-size", "1", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    rows = results(out)
+    assert len(rows) == 13
+    for name, row in rows.items():
+        batch = sitk.GetArrayFromImage(sitk.ReadImage(row["output"])).squeeze()
+        alone = segmenter.segment(read_radiograph(inputs / name).pixels).label
+        assert batch.shape == alone.shape, name
+        assert (batch != alone).mean() < 1e-4, (name, (batch != alone).mean())
+        assert int(row["right_area_px"]) == int((batch == RIGHT_LUNG).sum()) > 0, name
+
+
 def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
