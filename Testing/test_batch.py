@@ -36,6 +36,15 @@ def centroid_columns(path):
     return np.nonzero(label == RIGHT_LUNG)[1].mean(), np.nonzero(label == LEFT_LUNG)[1].mean(), label.shape[1]
 
 
+def mirrored_dicom(chest_dicom, path):
+    """The real CR stored mirrored: columns run toward the patient's right, and PatientOrientation says so."""
+    ds = pydicom.dcmread(chest_dicom)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.PatientOrientation = ["R", "F"]
+    ds.save_as(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def radiograph():
     return sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
@@ -137,10 +146,9 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
 
 
 def test_every_batch_output_is_its_own_inputs_segmentation(tmp_path, chest_dicom, segmenter):
-    """Each labelmap of a batch run (reader processes, model batches, output slots in shared memory reused many
-    times over, finisher process) is what `Segmenter.segment` gives for that image alone. The inputs place the
-    lungs differently (each radiograph padded on the left by its own amount), so an output that landed on
-    another input could not match."""
+    """Each labelmap of a batch run (reader process, model batches, finisher process with several inputs in
+    flight) is what `Segmenter.segment` gives for that image alone. The inputs place the lungs differently (each
+    radiograph padded on the left by its own amount), so an output that landed on another input could not match."""
     from lungseg.io import read_radiograph
 
     inputs = tmp_path / "in"
@@ -152,7 +160,7 @@ def test_every_batch_output_is_its_own_inputs_segmentation(tmp_path, chest_dicom
             sitk.WriteImage(sitk.GetImageFromArray(padded), str(inputs / f"sample{i}_pad{pad:03d}.png"))
     os.symlink(chest_dicom, inputs / "cr.dcm")
     out = tmp_path / "out"
-    # batch size 1: 5 output slots for 13 inputs, so every slot is reused while others are in flight
+    # batch size 1: each input is its own model batch, and up to 4 wait at the finisher at once
     result = run_cli("segment", inputs, "-o", out, "--batch-size", "1", "--workers", "1")
     assert result.returncode == 0, result.stderr
     rows = results(out)
@@ -192,11 +200,7 @@ def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom,
     from lungseg.io import read_radiograph
 
     (tmp_path / "images").mkdir()
-    ds = pydicom.dcmread(chest_dicom)
-    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
-    ds.PatientOrientation = ["R", "F"]
-    ds.save_as(tmp_path / "images" / "mirrored.dcm")
-    image = read_radiograph(tmp_path / "images" / "mirrored.dcm")
+    image = read_radiograph(mirrored_dicom(chest_dicom, tmp_path / "images" / "mirrored.dcm"))
     assert image.display_flips == (False, True)
     normal = segmenter.segment(read_radiograph(chest_dicom).pixels).label
     mirrored = segmenter.segment(image.pixels, display_flips=image.display_flips).label
@@ -212,12 +216,8 @@ def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom,
 
 
 def test_dicom_stored_mirrored_keeps_patient_sides(tmp_path, chest_dicom):
-    ds = pydicom.dcmread(chest_dicom)
-    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
-    ds.PatientOrientation = ["R", "F"]  # columns run toward the patient's right: a mirrored export
-    ds.save_as(tmp_path / "mirrored.dcm")
     out = tmp_path / "out"
-    result = run_cli("segment", tmp_path / "mirrored.dcm", chest_dicom, "-o", out)
+    result = run_cli("segment", mirrored_dicom(chest_dicom, tmp_path / "mirrored.dcm"), chest_dicom, "-o", out)
     assert result.returncode == 0, result.stderr
     rows = results(out)
     assert rows["mirrored.dcm"]["orientation_corrected"] == "mirrored"
