@@ -10,8 +10,9 @@ import SimpleITK as sitk
 from skimage.transform import resize
 
 from lungseg.inference import Segmenter
-from lungseg.io import overlay_rgb, read_radiograph
+from lungseg.io import read_radiograph
 from lungseg.models import best_model
+from lungseg.overlay import overlay_rgb
 from lungseg.samples import chest_dicom
 
 

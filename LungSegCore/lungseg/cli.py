@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
+from .definitions import DEFINITIONS
+from .errors import LungSegError
 from .io import OUTPUT_FORMATS
 from .memory import keep_freed_memory
-from .models import DEFINITIONS
 
 
 def _segment(args) -> int:
@@ -68,14 +71,19 @@ def _models(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lungseg", description="Right and left lung segmentation on chest radiographs")
+    # --debug is accepted before and after the command; SUPPRESS keeps a subcommand from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also LUNGSEG_DEBUG=1)")
+    p = argparse.ArgumentParser(prog="lungseg", description="Right and left lung segmentation on chest radiographs",
+                                parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps")
+    s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps", parents=[common])
     s.add_argument("inputs", nargs="+", help="image files, folders, or .txt files listing image paths")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="model name, or path to a model card/weights (overrides --definition)")
-    s.add_argument("--definition", choices=DEFINITIONS,
+    s.add_argument("--definition", choices=list(DEFINITIONS),
                    help="use the best available model of this lung definition (default: lung-fields)")
     s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS), help="labelmap format (default nrrd)")
     s.add_argument("--overlays", action="store_true", help="also write a PNG overlay per image")
@@ -93,21 +101,22 @@ def parser() -> argparse.ArgumentParser:
                    help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar")
     s.set_defaults(func=_segment)
 
-    e = sub.add_parser("evaluate", help="score a model against reference masks")
+    e = sub.add_parser("evaluate", help="score a model against reference masks", parents=[common])
     e.add_argument("--images", required=True)
     e.add_argument("--masks", required=True, help="both-lung masks (0/255) named like the images")
     e.add_argument("--masks-right", help="right-lung masks (default: masks_right/ beside --masks, if present)")
     e.add_argument("--masks-left", help="left-lung masks (default: masks_left/ beside --masks, if present)")
     e.add_argument("--split", help="only images of this split in splits.csv beside the images folder")
     e.add_argument("--model", help="model name or card path (overrides --definition)")
-    e.add_argument("--definition", choices=DEFINITIONS, help="best model of this lung definition (default lung-fields)")
-    e.add_argument("--truth-definition", choices=DEFINITIONS,
+    e.add_argument("--definition", choices=list(DEFINITIONS),
+                   help="best model of this lung definition (default lung-fields)")
+    e.add_argument("--truth-definition", choices=list(DEFINITIONS),
                    help="the lung definition the reference masks follow; a warning is printed if the model differs")
     e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_evaluate)
 
-    t = sub.add_parser("train", help="train a network from a YAML config")
+    t = sub.add_parser("train", help="train a network from a YAML config", parents=[common])
     t.add_argument("--config", required=True, help="YAML file, or the name of a packaged config (e.g. unet)")
     t.add_argument("--data-root", help="folder holding the data sets named in the config")
     t.add_argument("-o", "--output", help="run folder (default runs/<name>)")
@@ -116,14 +125,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
     t.set_defaults(func=_train)
 
-    x = sub.add_parser("export", help="export a run's best checkpoint as a model with a measured model card")
+    x = sub.add_parser("export", help="export a run's best checkpoint as a model with a measured model card",
+                       parents=[common])
     x.add_argument("run", help="training run folder")
     x.add_argument("--out-dir", help="destination (default: the package's models folder)")
     x.add_argument("--data-root")
     x.add_argument("--device", default="auto")
     x.set_defaults(func=_export)
 
-    m = sub.add_parser("models", help="list the available models and their model cards")
+    m = sub.add_parser("models", help="list the available models and their model cards", parents=[common])
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_models)
     return p
@@ -137,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs are written atomically: whatever finished stays, nothing is half-written
         print("lungseg: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lungseg: error: {message}", file=sys.stderr)
+    except LungSegError as exc:  # the user's to fix; anything else is a bug and keeps its traceback
+        if getattr(args, "debug", False) or os.environ.get("LUNGSEG_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"lungseg: error: {exc}", file=sys.stderr)
         return 2
 
 

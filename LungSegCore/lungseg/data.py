@@ -18,7 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .labels import IGNORE, merge_sides, split_left_right
+from .definitions import IGNORE
+from .errors import LungSegError
+from .files import save_checkpoint
+from .labels import merge_sides, split_left_right
 from .transforms import model_input, resize_label
 
 
@@ -45,7 +48,7 @@ def list_cases(root: str | Path, split: str | None = None) -> list[Case]:
     """Every image with a mask under `root`, optionally only one split of `splits.csv`."""
     root = Path(root)
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
-        raise FileNotFoundError(f"{root}: expected the folders images/ and masks/")
+        raise LungSegError(f"{root}: expected the folders images/ and masks/")
     splits = read_splits(root)
     cases = []
     for image in sorted((root / "images").iterdir()):
@@ -60,7 +63,7 @@ def list_cases(root: str | Path, split: str | None = None) -> list[Case]:
         if split is None or case.split == split:
             cases.append(case)
     if not cases:
-        raise FileNotFoundError(f"{root}: no image/mask pairs" + (f" in split '{split}'" if split else ""))
+        raise LungSegError(f"{root}: no image/mask pairs" + (f" in split '{split}'" if split else ""))
     return cases
 
 
@@ -110,10 +113,7 @@ def load_arrays(cases: list[Case], size: int, desc: str = "") -> tuple[torch.Ten
     for i, case in enumerate(tqdm(cases, desc=f"loading {desc}", leave=False)):
         images[i] = model_input(read_gray(case.image), size).half()
         labels[i, 0] = resize_label(case_label(case), (size, size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may build the same cache at once
-    torch.save({"images": images, "labels": labels}, tmp)
-    tmp.replace(path)
+    save_checkpoint({"images": images, "labels": labels}, path)  # DDP ranks may build the same cache at once
     return images, labels
 
 

@@ -11,27 +11,25 @@ from pathlib import Path
 
 import torch
 
+from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
+from .errors import LungSegError
+from .files import write_atomic_text
 from .models import PACKAGE_MODELS, save_model
 from .networks import build_network
-
-LABELS = {"0": "background", "1": "right lung (patient side)", "2": "left lung (patient side)"}
-DEFINITIONS = {
-    "lung-fields": "visible lung fields (SCR style): the lung behind the heart and below the diaphragm dome is excluded",
-    "full-extent": "full anatomical lung extent, including the retrocardiac lung and the bases",
-}
 
 
 def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
     import monai
 
+    definition = config.get("definition", DEFAULT_DEFINITION)
     return {
         "name": config["name"],
         "version": config.get("version", "1.0"),
-        "definition": config.get("definition", "lung-fields"),
-        "definition_text": DEFINITIONS.get(config.get("definition", "lung-fields"), ""),
+        "definition": definition,
+        "definition_text": DEFINITIONS[definition].description if definition in DEFINITIONS else "",
         "network": config["network"],
         "input_size": config["input_size"],
-        "labels": LABELS,
+        "labels": {str(value): text for value, text in LABEL_DESCRIPTIONS.items()},
         "data": {"train": config["data"]["train"], "val": config["data"]["val"]},
         "recipe": config,
         "training": {
@@ -52,6 +50,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_r
     from .evaluate import evaluate
 
     run_dir = Path(run_dir)
+    if not (run_dir / "best.pt").exists():
+        raise LungSegError(f"{run_dir}: no best.pt here; export takes the folder of a training run")
     best = torch.load(run_dir / "best.pt", weights_only=True, map_location="cpu")
     config = best["config"]
     history = json.loads((run_dir / "history.json").read_text())
@@ -71,5 +71,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_r
     card = json.loads(card_path.read_text())
     card["metrics"] = metrics
     card["metrics_note"] = "measured by `lungseg evaluate` on the exported weights; Dice per image, then averaged"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_atomic_text(json.dumps(card, indent=2) + "\n", card_path)
     return card_path

@@ -1,4 +1,4 @@
-"""Model inference on one radiograph or a batch: preprocess, forward, resize back, clean up.
+"""Model inference on one radiograph or a batch: the loaded model and its forward passes.
 
 Uncertainty is the per-pixel standard deviation of the class probabilities across samples, the largest over the
 classes (0 = every sample agrees). The samples are latent draws for the probabilistic U-Net, and test-time
@@ -7,62 +7,20 @@ augmentation without flips (small shifts, zooms and rotations, each undone on th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .io import reorient
-from .labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap
 from .models import DEFAULT_MODEL, load_model
 from .networks import predict_logits, select_device
+from .postprocess import Prediction, postprocess
 from .transforms import model_input
 
 # (shift x, shift y as a fraction of the image, zoom, rotation in degrees); the identity comes first. No flips.
 TTA_AFFINES = ((0, 0, 1, 0), (0.04, 0, 1, 0), (-0.04, 0, 1, 0), (0, 0.04, 1, 0), (0, -0.04, 1, 0),
                (0, 0, 1.08, 0), (0, 0, 0.92, 0), (0, 0, 1, 6), (0, 0, 1, -6))
-
-
-@dataclass
-class Prediction:
-    label: np.ndarray                  # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
-    probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
-    raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
-    uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
-
-    def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
-        """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
-        Flipping the grid keeps each label on the patient's side it marks."""
-        if not any(flips):
-            return self
-        return Prediction(reorient(self.label, flips), reorient(self.probabilities, flips), self.raw_label,
-                          reorient(self.uncertainty, flips))
-
-
-def _resize(values: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """(C, S, S) -> (C, rows, columns)."""
-    if tuple(values.shape[-2:]) == tuple(shape):
-        return values
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(values[None], size=shape, mode=mode, **kwargs)[0]
-
-
-def _resize_uint8(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (3, S, S) probabilities as uint8 channels-last: about 20x faster than float on a CPU,
-    and 1/255 is far below any boundary decision that matters."""
-    quantized = (probabilities * 255).round_().to(torch.uint8)[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(quantized, size=shape, mode="bilinear", align_corners=False)[0]
-
-
-def _winning_class(scores: torch.Tensor) -> np.ndarray:
-    """argmax over (background, right, left) by two comparisons on NumPy views (ties go to the lower class, as in
-    argmax). At 1024², a contiguous copy and these comparisons take 1.1 ms; torch comparisons of the strided
-    slices 1.8 ms, and argmax 8 ms."""
-    background, right, left = scores.numpy()
-    lung = np.maximum(right, left) > background
-    return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
 
 
 def _affine_matrices(affines, batch: int) -> torch.Tensor:
@@ -81,7 +39,8 @@ def _inverse(theta: torch.Tensor) -> torch.Tensor:
 
 
 class Segmenter:
-    """A loaded model; `segment(pixels)` returns the cleaned labelmap on the input's grid."""
+    """A loaded model and its forward passes; `segment(pixels)` returns the cleaned labelmap on the input's grid
+    (post-processing itself is `postprocess.postprocess`)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto"):
         self.device = select_device(device)
@@ -95,9 +54,6 @@ class Segmenter:
     @property
     def definition(self) -> str:
         return self.card.get("definition", "")
-
-    def prepare(self, pixels: np.ndarray) -> torch.Tensor:
-        return model_input(pixels, self.size)
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -120,29 +76,6 @@ class Segmenter:
                              mode="bilinear", padding_mode="border", align_corners=False)
         return back.reshape(len(TTA_AFFINES), b, *probs.shape[1:])
 
-    @staticmethod
-    def finish(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
-               keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
-        """(3, S, S) probabilities of the standard view -> cleaned labelmap on the stored (rows, columns) grid.
-
-        Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap;
-        each lung's probability is then limited to its kept component (plus a 2-pixel margin for the finer
-        edge) before one bilinear resize and argmax at full resolution.
-        """
-        raw_small = _winning_class(probabilities)
-        clean_small = clean_labelmap(raw_small)
-        scores = probabilities.clone()
-        for value in (RIGHT_LUNG, LEFT_LUNG):
-            kept = clean_small == value
-            lung = scores[value].numpy()
-            lung *= ndimage.maximum_filter(kept.view(np.uint8), size=5)  # 0 beyond a 2-pixel margin
-            lung[kept & (raw_small != value)] = 1.0  # filled holes
-        label = _winning_class(_resize_uint8(scores, shape).contiguous())
-        unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
-        full = _resize(probabilities, shape).numpy() if keep_probabilities else None
-        prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)
-        return prediction.reoriented(display_flips)
-
     def predict(self, batch: torch.Tensor, uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 1, S, S) -> probabilities (B, 3, S, S) and, if asked, uncertainty (B, S, S)."""
         if not uncertainty:
@@ -161,13 +94,13 @@ class Segmenter:
                 display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
         """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
         standard view the model knows; the maps come back on the stored grid."""
-        probabilities, unc = self.predict(self.prepare(reorient(pixels, display_flips))[None], uncertainty)
-        return self.finish(probabilities[0], pixels.shape, None if unc is None else unc[0], keep_probabilities,
+        probabilities, unc = self.predict(model_input(reorient(pixels, display_flips), self.size)[None], uncertainty)
+        return postprocess(probabilities[0], pixels.shape, None if unc is None else unc[0], keep_probabilities,
                            display_flips)
 
     def confidence(self, pixels: np.ndarray) -> float:
         """Mean winning-class probability: low when the image is not what the model was trained on."""
-        return float(self.probabilities(self.prepare(pixels)[None])[0].amax(0).mean())
+        return float(self.probabilities(model_input(pixels, self.size)[None])[0].amax(0).mean())
 
     def needs_inversion(self, pixels: np.ndarray) -> bool:
         """True when the image looks inverted (air bright, e.g. MONOCHROME1 loaded without inversion):

@@ -5,20 +5,20 @@
 - Spacing is "known" only where the file states it: DICOM PixelSpacing or ImagerPixelSpacing above zero, any spacing in
   NRRD/NIfTI/MHA, and a PNG/TIFF/JPEG/BMP resolution that is neither ITK's 1.0 default nor a screen DPI.
 - Outputs keep the input's size, spacing, origin and direction (and its third axis for single-slice volumes).
+
+Finding inputs and atomic writing are `files.py`; overlays and case sheets are `overlay.py`.
 """
 from __future__ import annotations
 
-import os
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr", ".nii",
-                  ".nii.gz", ".mha", ".mhd")
+from .errors import LungSegError
+from .files import atomic_path, is_dicom, suffix_of
+
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 OUTPUT_FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha", "png": ".png"}
 MIN_SIDE = 32
@@ -26,7 +26,7 @@ MIN_SIDE = 32
 SCREEN_SPACINGS_MM = (1.0, 25.4 / 72, 25.4 / 96, 25.4 / 300)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(LungSegError):
     """An input that cannot be segmented; the message names the file and the problem."""
 
     def __init__(self, path: Path | str, problem: str):
@@ -60,7 +60,7 @@ class Grid:
 @dataclass
 class Radiograph:
     path: Path
-    pixels: np.ndarray             # (rows, columns) float32 grayscale, air dark
+    pixels: np.ndarray | None      # (rows, columns) float32 grayscale, air dark
     reference: Grid                # the input grid
     spacing: tuple[float, float] | None  # (row, column) mm, None when unknown
     photometric: str = ""          # DICOM PhotometricInterpretation, else ""
@@ -85,28 +85,6 @@ def reorient(array: np.ndarray | None, flips: tuple[bool, bool]) -> np.ndarray |
         return array
     rows, cols = -1 if flips[0] else 1, -1 if flips[1] else 1
     return np.ascontiguousarray(array[..., ::rows, ::cols])
-
-
-def suffix_of(path: Path | str) -> str:
-    name = str(path).lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def stem_of(path: Path | str) -> str:
-    name = Path(path).name
-    suffix = suffix_of(name)
-    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
-
-
-def is_dicom(path: Path) -> bool:
-    if suffix_of(path) in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def dicom_pixel_spacing(ds) -> tuple[float, float] | None:
@@ -141,7 +119,9 @@ def display_flips(orientation) -> tuple[bool, bool]:
     return rows.startswith("H"), columns.startswith("R")
 
 
-def _dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
+def dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
+    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; ImageReadError for a file that
+    is no readable DICOM image."""
     import pydicom
 
     try:
@@ -157,9 +137,8 @@ def _dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bo
         display_flips(ds.get("PatientOrientation"))
 
 
-def _to_gray(image: sitk.Image, path: Path) -> np.ndarray:
-    array = sitk.GetArrayFromImage(image)
-    components = image.GetNumberOfComponentsPerPixel()
+def gray_pixels(array: np.ndarray, components: int, path: Path | str) -> np.ndarray:
+    """float32 gray values of an array whose last axis holds `components` values per pixel (when above 1)."""
     if components in (3, 4):  # RGB or RGBA: ITU-R BT.601 luma, alpha dropped
         array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     elif components == 2:  # gray + alpha
@@ -167,6 +146,54 @@ def _to_gray(image: sitk.Image, path: Path) -> np.ndarray:
     elif components != 1:
         raise ImageReadError(path, f"unsupported pixel type with {components} components")
     return array.astype(np.float32, copy=False)
+
+
+def radiograph_from_array(array: np.ndarray, path: Path | str, components: int = 1, reference: Grid | None = None,
+                          spacing: tuple[float, float] | None = None, photometric: str = "",
+                          display_flips: tuple[bool, bool] = (False, False)) -> Radiograph:
+    """Check pixels and make them a model-ready radiograph: the one place where this happens, for files
+    (`read_radiograph`) and for arrays that another program loaded (the Slicer module).
+
+    Args:
+        array: (rows, columns) or (1, rows, columns), with a trailing axis of `components` values when above 1,
+            with air dark (MONOCHROME1 already inverted).
+        path: the file or volume name that error messages give.
+        components: values per pixel: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA.
+        reference: the grid outputs are written on; by default a unit grid of the array's shape.
+        spacing: (row, column) pixel size in mm when it is known to be real, else None.
+        photometric: DICOM PhotometricInterpretation, or "".
+        display_flips: (flip rows, flip columns) that bring the stored pixels to the standard display.
+
+    Returns:
+        The Radiograph, with non-finite pixels set to the lowest finite value.
+
+    Raises:
+        ImageReadError: a volume of several slices, a tiny image, no finite pixels, or no contrast.
+    """
+    pixels = gray_pixels(np.asarray(array), components, path)
+    if pixels.ndim == 3:
+        if pixels.shape[0] != 1:
+            depth, rows, columns = pixels.shape
+            raise ImageReadError(path, f"is a 3D volume of {depth} slices ({columns}x{rows}x{depth}); "
+                                       "LungSeg segments 2D radiographs")
+        pixels = pixels[0]
+    elif pixels.ndim != 2:
+        raise ImageReadError(path, f"has {pixels.ndim} dimensions; expected a 2D radiograph")
+    rows, columns = pixels.shape
+    if min(rows, columns) < MIN_SIDE:
+        raise ImageReadError(path, f"is too small ({columns}x{rows} pixels); a radiograph needs at least "
+                                   f"{MIN_SIDE} pixels per side")
+    finite = np.isfinite(pixels)
+    if not finite.any():
+        raise ImageReadError(path, "has no finite pixel values (all NaN or infinite)")
+    if not finite.all():
+        pixels = np.where(finite, pixels, pixels[finite].min()).astype(np.float32)
+    if pixels.min() == pixels.max():
+        raise ImageReadError(path, f"has no contrast (every pixel is {pixels.min():g})")
+    if reference is None:
+        reference = Grid((columns, rows), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    return Radiograph(path=Path(path), pixels=pixels, reference=reference, spacing=spacing, photometric=photometric,
+                      display_flips=display_flips)
 
 
 def read_radiograph(path: str | Path) -> Radiograph:
@@ -182,7 +209,7 @@ def read_radiograph(path: str | Path) -> Radiograph:
     spacing, photometric, flips = None, "", (False, False)
     dicom = is_dicom(path)
     if dicom:
-        spacing, photometric, flips = _dicom_header(path)
+        spacing, photometric, flips = dicom_header(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -195,65 +222,28 @@ def read_radiograph(path: str | Path) -> Radiograph:
         raise ImageReadError(path, f"cannot be read as an image (corrupt, truncated or not an image format): "
                                    f"{detail.strip()[:200]}") from exc
 
-    size = image.GetSize()
-    if image.GetDimension() == 3:
-        if size[2] != 1:
-            raise ImageReadError(path, f"is a 3D volume of {size[2]} slices ({size[0]}x{size[1]}x{size[2]}); "
-                                       "LungSeg segments 2D radiographs")
-    elif image.GetDimension() != 2:
+    if image.GetDimension() not in (2, 3):
         raise ImageReadError(path, f"has {image.GetDimension()} dimensions; expected a 2D radiograph")
-    if min(size[:2]) < MIN_SIDE:
-        raise ImageReadError(path, f"is too small ({size[0]}x{size[1]} pixels); a radiograph needs at least "
-                                   f"{MIN_SIDE} pixels per side")
-
-    pixels = _to_gray(image, path)
-    if pixels.ndim == 3:
-        pixels = pixels[0]
-    finite = np.isfinite(pixels)
-    if not finite.any():
-        raise ImageReadError(path, "has no finite pixel values (all NaN or infinite)")
-    if not finite.all():
-        pixels = np.where(finite, pixels, pixels[finite].min()).astype(np.float32)
-    if pixels.min() == pixels.max():
-        raise ImageReadError(path, f"has no contrast (every pixel is {pixels.min():g})")
-
     if not dicom:
         spacing = stated_spacing(float(image.GetSpacing()[1]), float(image.GetSpacing()[0]), path)
-    return Radiograph(path=path, pixels=pixels, reference=Grid.of(image), spacing=spacing, photometric=photometric,
-                      display_flips=flips)
+    return radiograph_from_array(sitk.GetArrayFromImage(image), path, image.GetNumberOfComponentsPerPixel(),
+                                 Grid.of(image), spacing, photometric, flips)
 
 
-def read_path_list(list_file: Path) -> list[Path]:
-    """A text file of image paths, one per line (# comments); relative paths are relative to the list's folder."""
-    paths = []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            path = Path(line)
-            paths.append(path if path.is_absolute() else list_file.parent / path)
-    return paths
-
-
-def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]:
-    """Expand files, folders and `.txt` lists of paths into a de-duplicated list of candidate image files."""
-    found, seen = [], set()
-    for item in inputs:
-        item = Path(item)
-        if item.is_file() and item.suffix.lower() == ".txt":
-            files = read_path_list(item)
-        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:
-            pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in item.glob(pattern)
-                           if not p.name.startswith(".") and (suffix_of(p) in IMAGE_SUFFIXES or
-                                                              (p.is_file() and is_dicom(p))))
-        else:
-            files = [item]
-        for f in files:
-            key = os.path.abspath(f)  # not resolve(): two links to one file are two inputs
-            if key not in seen:
-                seen.add(key)
-                found.append(f)
-    return found
+def inverted_against_file(pixels: np.ndarray, path: Path | str) -> bool | None:
+    """Whether `pixels`, an image that another reader loaded from the DICOM file `path`, have the opposite
+    polarity of LungSeg's own reading of that file (air dark, MONOCHROME1 inverted). Readers differ here: Slicer's
+    GDCM approach inverts MONOCHROME1 as ITK does, its DCMTK fallback does not. None when the two cannot be
+    compared (the file is unreadable or has another shape)."""
+    try:
+        reference = read_radiograph(path).pixels
+    except ImageReadError:
+        return None
+    if reference.shape != pixels.shape:
+        return None
+    step = max(1, reference.size // 250_000)  # a subsample decides the sign as well as every pixel
+    correlation = np.corrcoef(pixels.ravel()[::step], reference.ravel()[::step])[0, 1]
+    return bool(correlation < 0)
 
 
 def _on_grid(array: np.ndarray, reference: Grid | sitk.Image, is_vector: bool = False) -> sitk.Image:
@@ -261,43 +251,9 @@ def _on_grid(array: np.ndarray, reference: Grid | sitk.Image, is_vector: bool = 
     return grid.image(array, is_vector)
 
 
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary name beside `path` (same suffix); rename it to `path` only if the block succeeds.
-
-    A run killed at any moment leaves either the old file, the complete new one, or a hidden `.partial` file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix_of(path)}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
-
-
-def write_atomic_text(text: str, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_csv(rows: list[dict], fields: list[str], path: str | Path) -> None:
-    """A CSV of `rows` (keys outside `fields` left out), written atomically."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic_text(buffer.getvalue(), path)
 
 
 def write_labelmap(label: np.ndarray, reference: Grid | sitk.Image, path: str | Path) -> None:
@@ -310,55 +266,3 @@ def write_float_map(values: np.ndarray, reference: Grid | sitk.Image, path: str 
     vector = values.ndim == 3
     array = np.moveaxis(values, 0, -1) if vector else values
     write_atomic(_on_grid(np.ascontiguousarray(array, dtype=np.float32), reference, vector), Path(path))
-
-
-def display_uint8(pixels: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(pixels, (0.5, 99.5))
-    return (np.clip((pixels - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
-
-
-# RGB per label: right lung green-blue, left lung orange (distinct for common colour blindness)
-LABEL_COLOURS = {1: (0, 158, 115), 2: (230, 159, 0)}
-
-
-def overlay_rgb(pixels: np.ndarray, label: np.ndarray, opacity: float = 0.35) -> np.ndarray:
-    """(rows, columns, 3) uint8: the radiograph with each lung filled lightly and outlined in its colour."""
-    rgb = np.repeat(display_uint8(pixels)[..., None], 3, axis=2).astype(np.float32)
-    lab = sitk.GetImageFromArray(label.astype(np.uint8))
-    contour = sitk.LabelContour(lab, fullyConnected=True, backgroundValue=0)
-    thickness = max(1, round(max(label.shape) / 400))
-    if thickness > 1:
-        contour = sitk.GrayscaleDilate(contour, [thickness - 1] * 2)
-    edge = sitk.GetArrayFromImage(contour)
-    for value, colour in LABEL_COLOURS.items():
-        colour = np.array(colour, dtype=np.float32)
-        fill = label == value
-        rgb[fill] = (1 - opacity) * rgb[fill] + opacity * colour
-        rgb[edge == value] = colour
-    return rgb.astype(np.uint8)
-
-
-def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opacity: float = 0.35) -> None:
-    write_atomic(sitk.GetImageFromArray(overlay_rgb(pixels, label, opacity), isVector=True), Path(path))
-
-
-def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path,
-                     height: int = 256) -> None:
-    """PNG with one row per case: the radiograph, the reference and the prediction (labels 0/1/2), each scaled to
-    `height` rows; the order of `cases` is kept (worst first)."""
-    from skimage.transform import resize
-
-    rows = []
-    for pixels, truth, prediction in cases:
-        width = max(1, round(pixels.shape[1] * height / pixels.shape[0]))
-        small = resize(pixels.astype(np.float32), (height, width), anti_aliasing=True, preserve_range=True)
-        labels = [resize(x, (height, width), order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
-                  for x in (truth, prediction)]
-        gray = np.repeat(display_uint8(small)[..., None], 3, axis=2)
-        tiles = [gray, overlay_rgb(small, labels[0]), overlay_rgb(small, labels[1])]
-        gap = np.full((height, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    write_atomic(sitk.GetImageFromArray(np.concatenate(rows, axis=0), isVector=True), Path(path))
-

@@ -1,6 +1,6 @@
 """Label convention and the mask operations that depend on it.
 
-Labels follow the patient's side: 0 background, 1 right lung, 2 left lung. Arrays are (rows, columns) in the
+Labels follow the patient's side (values in `definitions.py`). Arrays are (rows, columns) in the
 stored pixel order of a radiograph, where the patient's right lies at low column indices (a PA or AP view
 displayed the standard way). Nothing here ever flips an image horizontally.
 """
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
-IGNORE = 255  # training labels only: pixels (devices, markup) that count neither for nor against a prediction
-LABEL_NAMES = {RIGHT_LUNG: "right", LEFT_LUNG: "left"}
-NUM_CLASSES = 3
+# the label values, importable from here too: they are the convention these operations implement
+from .definitions import BACKGROUND, IGNORE, LEFT_LUNG, NUM_CLASSES, RIGHT_LUNG  # noqa: F401
 
 
 def midline_column(mask: np.ndarray) -> int:
@@ -93,7 +91,7 @@ def clean_labelmap(label: np.ndarray) -> np.ndarray:
 
     Done per lung: the largest component of a two-lung mask would delete one lung. This is MONAI's
     KeepLargestConnectedComponent(independent=True) followed by SciPy's binary_fill_holes, with SciPy's labelling
-    called directly: 2.5x faster at 256², and it runs once per radiograph in every batch.
+    called directly: it runs once per radiograph in every batch (timings in scripts/benchmark.py).
     """
     lungs = {value: largest_component(label == value) for value in (RIGHT_LUNG, LEFT_LUNG)}
     out = np.zeros(label.shape, dtype=np.uint8)

@@ -2,8 +2,8 @@
 
 glibc's malloc hands every large block back to the OS when it is freed and maps it afresh, page faults and
 zeroing included, on the next allocation. A network's activations are exactly such blocks, allocated and freed
-on every forward pass: on 2 CPU cores the U-Net ran at 54-66 images/s that way, and at 72-80 with freed memory
-kept in the heap (the gain that PyTorch's CPU tuning notes get from jemalloc or tcmalloc).
+on every forward pass, so keeping freed memory in the heap makes the forward pass faster (the gain that
+PyTorch's CPU tuning notes get from jemalloc or tcmalloc; measured by scripts/benchmark.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Overlap and distance metrics per lung, computed with MONAI."""
+"""Overlap and distance metrics per lung, computed with MONAI: per image for `lungseg evaluate`, per batch for
+training and validation."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from .labels import LEFT_LUNG, RIGHT_LUNG
+from .definitions import IGNORE, LEFT_LUNG, RIGHT_LUNG
+from .networks import predict_logits
 
 REGIONS = {"both": None, "right": RIGHT_LUNG, "left": LEFT_LUNG}
 METRICS = ("accuracy", "precision", "recall", "iou", "dice", "hd95")
@@ -26,6 +28,62 @@ def batch_dice(pred: torch.Tensor, truth: torch.Tensor, region: str) -> torch.Te
     return compute_dice(p, t, include_background=True, ignore_empty=False)[:, 0]
 
 
+def iou_from_dice(dice: torch.Tensor) -> torch.Tensor:
+    """IoU (Jaccard) of the same pair of masks: J = D / (2 - D)."""
+    return dice / (2 - dice)
+
+
+def scorable(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The truth with IGNORE pixels set to the prediction, so they count neither for nor against it."""
+    return torch.where(truth == IGNORE, pred.to(truth.dtype), truth)
+
+
+def overlap(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU of the both-lung region of (B, 1, H, W) label batches."""
+    pred, truth = pred.cpu(), truth.cpu()
+    dice = batch_dice(pred, scorable(pred, truth), "both")
+    return dice, iou_from_dice(dice)
+
+
+@torch.no_grad()
+def evaluate_sets(model, loss_fn, sets: dict, device: torch.device, batch_size: int = 16) -> tuple[dict, dict]:
+    """Loss, IoU and Dice (both lungs; Dice also per lung) of a model on each of `sets` (name -> (images,
+    labels) at the model's resolution), and the per-image both-lung Dice. Leaves the model in training mode."""
+    model.eval()
+    scores, per_image = {}, {}
+    for name, (images, labels) in sets.items():
+        losses, dice = [], {"both": [], "right": [], "left": []}
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].float().to(device)
+            y = labels[i:i + batch_size].long()
+            logits = predict_logits(model, x).float()
+            losses.append(float(loss_fn(logits, y.to(device))) * len(x))
+            pred = logits.argmax(1, keepdim=True).cpu()
+            for region in dice:
+                dice[region].append(batch_dice(pred, scorable(pred, y), region))
+        both = torch.cat(dice["both"])
+        scores.update({f"{name}/loss": sum(losses) / len(images), f"{name}/iou": float(iou_from_dice(both).mean()),
+                       **{f"{name}/dice_{r}": float(torch.cat(v).mean()) for r, v in dice.items()}})
+        per_image[name] = both
+    model.train()
+    return scores, per_image
+
+
+def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: list[float] | None) -> float:
+    """95th-percentile symmetric Hausdorff distance of two non-empty (H, W) masks.
+
+    The value of MONAI's `compute_hausdorff_distance(..., percentile=95)`, from the same MONAI steps (edges,
+    surface distances both ways, percentile, larger of the two). That function passes `get_mask_edges` an
+    argument MONAI deprecated itself, and its FutureWarning reached every `lungseg evaluate` user.
+    """
+    from monai.metrics import get_mask_edges, get_surface_distance
+
+    edges_pred, edges_truth = get_mask_edges(pred, truth)
+    distances = (get_surface_distance(edges_pred, edges_truth, "euclidean", spacing),
+                 get_surface_distance(edges_truth, edges_pred, "euclidean", spacing))
+    return float(max(torch.quantile(d, 0.95) for d in distances))
+
+
 def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] | None,
                   regions=("both", "right", "left"), ignore: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, precision, recall, IoU, Dice and HD95 for each region of one (H, W) label pair.
@@ -34,7 +92,7 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, flo
     Pixels under `ignore` (devices or markup the annotators could not label) count neither way: both sides are
     set to background there, so they add no false positive, false negative or boundary.
     """
-    from monai.metrics import compute_confusion_matrix_metric, compute_hausdorff_distance, get_confusion_matrix
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 
     if ignore is not None and ignore.any():
         pred, truth = np.where(ignore, 0, pred), np.where(ignore, 0, truth)
@@ -50,9 +108,7 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, flo
         out[f"{region}_iou"] = tp / union if union else 1.0
         out[f"{region}_dice"] = 2 * tp / (2 * tp + fp + fn) if union else 1.0
         if p.any() and t.any():
-            hd = compute_hausdorff_distance(p, t, include_background=True, percentile=95,
-                                            spacing=list(spacing) if spacing else None)
-            out[f"{region}_hd95"] = float(hd[0, 0])
+            out[f"{region}_hd95"] = hd95(p[0, 0], t[0, 0], list(spacing) if spacing else None)
         else:
             out[f"{region}_hd95"] = math.nan
     return out

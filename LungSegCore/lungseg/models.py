@@ -13,10 +13,12 @@ import json
 import os
 from pathlib import Path
 
+from .definitions import DEFAULT_DEFINITION, DEFINITIONS
+from .errors import LungSegError
+from .files import atomic_path, write_atomic_text
+
 PACKAGE_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = "unet"
-DEFAULT_DEFINITION = "lung-fields"
-DEFINITIONS = ("lung-fields", "full-extent")
 
 
 def model_dirs() -> list[Path]:
@@ -42,7 +44,7 @@ def find_card(name_or_path: str | Path) -> Path:
         if card.exists():
             return card
     known = ", ".join(sorted(c["name"] for c in list_models())) or "none"
-    raise KeyError(f"unknown model '{name_or_path}'; available: {known}")
+    raise LungSegError(f"unknown model '{name_or_path}'; available: {known}")
 
 
 def read_card(name_or_path: str | Path) -> dict:
@@ -72,10 +74,10 @@ def mean_val_dice(card: dict) -> float:
 def best_model(definition: str) -> str:
     """Name of the available model of this lung definition with the best mean validation Dice."""
     if definition not in DEFINITIONS:
-        raise ValueError(f"unknown lung definition '{definition}'; choose {' or '.join(DEFINITIONS)}")
+        raise LungSegError(f"unknown lung definition '{definition}'; choose {' or '.join(DEFINITIONS)}")
     cards = [c for c in list_models() if c.get("definition") == definition]
     if not cards:
-        raise KeyError(f"no available model follows the '{definition}' definition")
+        raise LungSegError(f"no available model follows the '{definition}' definition")
     return max(cards, key=mean_val_dice)["name"]
 
 
@@ -93,10 +95,10 @@ def load_model(name_or_path: str | Path, device="cpu"):
     card = read_card(name_or_path)
     weights = Path(card["weights_path"])
     if not weights.exists():
-        raise FileNotFoundError(f"{weights}: weights file missing for model '{card['name']}'")
+        raise LungSegError(f"{weights}: weights file missing for model '{card['name']}'")
     actual = sha256_of(weights)
     if actual != card["sha256"]:
-        raise ValueError(f"{weights}: checksum mismatch (expected {card['sha256']}, got {actual}); "
+        raise LungSegError(f"{weights}: checksum mismatch (expected {card['sha256']}, got {actual}); "
                          "the file is corrupt or not the one the card describes")
     model = build_network(card["network"]["name"], **card["network"].get("params", {}))
     model.load_state_dict(load_file(str(weights), device="cpu"))
@@ -104,16 +106,16 @@ def load_model(name_or_path: str | Path, device="cpu"):
 
 
 def save_model(model, card: dict, out_dir: str | Path) -> Path:
-    """Write `<name>.safetensors` and its card with the checksum; returns the card path."""
+    """Write `<name>.safetensors` and its card with the checksum, each atomically; returns the card path."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{card['name']}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"name": card["name"], "network": card["network"]["name"]})
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"name": card["name"], "network": card["network"]["name"]})
     card = {k: v for k, v in card.items() if k not in ("card_path", "weights_path")}
     card["sha256"] = sha256_of(weights)
     card_path = out_dir / f"{card['name']}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_atomic_text(json.dumps(card, indent=2) + "\n", card_path)
     return card_path

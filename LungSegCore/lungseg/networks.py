@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .labels import NUM_CLASSES
+from .definitions import NUM_CLASSES
+from .errors import LungSegError
 from .registry import Registry
 
 NETWORKS = Registry("network")
@@ -14,9 +15,12 @@ build_network = NETWORKS.build
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch's message lists every device type it knows
+        raise LungSegError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but CUDA is not available")
+        raise LungSegError(f"device '{name}' requested but CUDA is not available")
     return device
 
 

@@ -1,30 +1,23 @@
 """Quality control of one segmentation: every flag comes with its reason.
 
-Thresholds come from the reference masks in ../shared/data (0.5th and 99.5th percentiles, widened): the
-right/left area ratio is about 1.2 for lung-field masks and about 0.9 for full-extent masks, so they depend on
-the model's lung definition.
+The plausible areas depend on the model's lung definition; they are part of it (`definitions.QcLimits`).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-from .labels import LEFT_LUNG, RIGHT_LUNG
+from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
 
-LIMITS = {
-    # lung fraction of the image, right/left area ratio, ratio below which the image may be mirrored
-    "lung-fields": {"fraction": (0.08, 0.55), "ratio": (0.5, 2.6), "mirrored_below": 0.75},
-    "full-extent": {"fraction": (0.10, 0.70), "ratio": (0.45, 1.8), "mirrored_below": None},
-}
 TINY_LUNG = 0.2             # a lung smaller than this fraction of the other
 LARGE_COMPONENT = 0.005     # of the image area, for counting fragments before clean-up
 HIGH_UNCERTAINTY = 0.12     # mean uncertainty inside the lungs
 
 
 def quality_flags(label: np.ndarray, raw_label: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
-                  definition: str = "lung-fields") -> list[str]:
+                  definition: str = DEFAULT_DEFINITION) -> list[str]:
     """Reasons to look at this segmentation; an empty list means nothing looks wrong."""
-    limits = LIMITS.get(definition, LIMITS["lung-fields"])
+    limits = DEFINITIONS.get(definition, DEFINITIONS[DEFAULT_DEFINITION]).qc
     reasons = []
     right, left = int(np.count_nonzero(label == RIGHT_LUNG)), int(np.count_nonzero(label == LEFT_LUNG))
     for name, area, other in (("right", right, left), ("left", left, right)):
@@ -33,15 +26,15 @@ def quality_flags(label: np.ndarray, raw_label: np.ndarray | None = None, uncert
         elif area < TINY_LUNG * other:
             reasons.append(f"{name} lung tiny ({area / max(other, 1):.0%} of the other lung)")
     fraction = (right + left) / label.size
-    low, high = limits["fraction"]
+    low, high = limits.fraction
     if not low <= fraction <= high and right and left:
         reasons.append(f"implausible lung area ({fraction:.0%} of the image; expected {low:.0%}-{high:.0%})")
     if right and left:
         ratio = right / left
-        low, high = limits["ratio"]
+        low, high = limits.ratio
         if not low <= ratio <= high:
             reasons.append(f"implausible right/left area ratio {ratio:.2f} (expected {low}-{high})")
-        elif limits["mirrored_below"] and ratio < limits["mirrored_below"]:
+        elif limits.mirrored_below and ratio < limits.mirrored_below:
             reasons.append(f"possibly mirrored image: right/left area ratio {ratio:.2f} is typical of a flipped "
                            "radiograph (heart on the image's left)")
     if raw_label is not None:

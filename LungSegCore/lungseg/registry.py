@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .errors import LungSegError
+
 
 class Registry(dict):
     def __init__(self, kind: str):
@@ -17,5 +19,5 @@ class Registry(dict):
 
     def build(self, name: str, **params):
         if name not in self:
-            raise KeyError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self))}")
+            raise LungSegError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self))}")
         return self[name](**params)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .definitions import LEFT_LUNG, RIGHT_LUNG
 from .networks import predict_logits
 
 
@@ -27,7 +28,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
                 suffix = f"/{metric}" if metric != "dice" else "/dice_both"
                 prefix = "test:" if part == "test" else ""
                 keys = sorted({k for h in history for k in h if k.startswith(prefix) and k.endswith(suffix)
-                               and (part == "test" or ":" not in k)})
+                               and (part == "test" or ":" not in k) and not k.startswith("train/")})
                 series = {k.removeprefix(prefix).split("/")[0]: [h.get(k) for h in history] for k in keys}
             for label, values in series.items():
                 points = [(e, v) for e, v in zip(epochs, values) if v is not None]
@@ -55,9 +56,10 @@ def plot_cases(model, sets: dict, per_image: dict, device, path: Path, count: in
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from .io import LABEL_COLOURS
+    from .overlay import LABEL_COLOURS
 
-    cmap = ListedColormap([(0, 0, 0, 0)] + [tuple(c / 255 for c in LABEL_COLOURS[v]) + (0.5,) for v in (1, 2)])
+    cmap = ListedColormap([(0, 0, 0, 0)] + [tuple(c / 255 for c in LABEL_COLOURS[v]) + (0.5,)
+                                            for v in (RIGHT_LUNG, LEFT_LUNG)])
     ranked = sorted(((float(d), name, i) for name, dice in per_image.items() for i, d in enumerate(dice)))
     chosen = ranked[:count] + ranked[-count:]
     model.eval()

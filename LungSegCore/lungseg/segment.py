@@ -8,22 +8,26 @@ folder, which also makes the outputs of several `--shard I/N` jobs add up to one
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
-import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
-from .io import (OUTPUT_FORMATS, ImageReadError, Radiograph, list_inputs, read_radiograph, reorient, stem_of,
-                 write_atomic_text, write_csv, write_float_map, write_labelmap, write_overlay)
+from .errors import LungSegError
+from .files import list_inputs, stem_of, write_atomic_text, write_csv
+from .io import OUTPUT_FORMATS, ImageReadError, Radiograph, read_radiograph, reorient, write_float_map, write_labelmap
 from .labels import lung_areas
+from .overlay import write_overlay
+from .postprocess import postprocess
 from .qc import quality_flags
 
 RESULT_FIELDS = [
@@ -69,9 +73,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         index, count = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard '{text}': expected I/N, e.g. 3/10") from None
+        raise LungSegError(f"--shard '{text}': expected I/N, e.g. 3/10") from None
     if not 1 <= index <= count:
-        raise ValueError(f"--shard '{text}': I must be between 1 and N")
+        raise LungSegError(f"--shard '{text}': I must be between 1 and N")
     return index, count
 
 
@@ -114,8 +118,8 @@ class InputReader(torch.utils.data.Dataset):
             image = read_radiograph(self.paths[i])
             t1 = time.perf_counter()
             item["input"] = model_input(reorient(image.pixels, image.display_flips), self.size)
-            if not self.keep_pixels:
-                image.pixels = None  # the full image is only needed for overlays; do not ship it between processes
+            if not self.keep_pixels:  # the full image is only needed for overlays; do not ship it between processes
+                image = dataclasses.replace(image, pixels=None)
             item.update(image=image, read_ms=(t1 - t0) * 1e3, preprocess_ms=(time.perf_counter() - t1) * 1e3)
         except ImageReadError as exc:
             item["error"] = exc.problem
@@ -144,12 +148,9 @@ def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: di
 
 def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, definition: str) -> tuple:
     """Post-process one model output into its prediction (on the input grid) and its results row."""
-    from .inference import Segmenter
-
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
-    prediction = Segmenter.finish(probabilities, image.shape, uncertainty, options.save_probabilities,
-                                  image.display_flips)
+    prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips)
     flip_rows, flip_cols = image.display_flips
     reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
     row = {"rows": image.shape[0], "columns": image.shape[1],
@@ -178,7 +179,7 @@ HELPER_NICENESS = 10
 def _helper_process(*_) -> None:
     """Start of a reader or finisher process: one thread, at a lower priority than the model. The model's threads
     then take every core whenever they can run, and the helpers fill the gaps; giving the model only the cores
-    left over by the helpers capped a 2-core machine at the one-thread forward rate (32 images/s, against 57)."""
+    left over by the helpers capped it at its one-thread forward rate."""
     torch.set_num_threads(1)
     if hasattr(os, "nice"):  # POSIX; Windows keeps equal priorities
         os.nice(HELPER_NICENESS)
@@ -236,7 +237,7 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
 
     options = options or Options()
     if options.fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output format '{options.fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
+        raise LungSegError(f"unknown output format '{options.fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
     out_dir = Path(out_dir)
     all_paths = list_inputs(inputs, recursive=recursive)
     if not all_paths:
@@ -250,69 +251,88 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
                                                                       output_paths(out_dir, names[p], options))]
 
     segmenter = Segmenter(model, device)
-    return _run(segmenter, todo, paths, names, out_dir, options, batch_size,
-                default_workers() if workers is None else workers, progress_lines)
+    run = BatchRun(segmenter, todo, names, out_dir, options, total=len(paths), batch_size=batch_size,
+                   progress_lines=progress_lines)
+    return run.run(default_workers() if workers is None else workers)
 
 
-def _run(segmenter, todo: list[Path], paths: list[Path], names: dict[Path, str], out_dir: Path, options: Options,
-         batch_size: int, workers: int, progress_lines: bool) -> RunSummary:
-    from tqdm import tqdm
+class BatchRun:
+    """One `lungseg segment` run over `todo`, the inputs of this shard that no earlier run completed.
 
-    skipped = len(paths) - len(todo)
-    loader = torch.utils.data.DataLoader(InputReader(todo, segmenter.size, options.overlays), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate,
-                                         prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
-    base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
-            "definition": segmenter.definition, "device": str(segmenter.device)}
-    failed, done, t_start = 0, 0, time.perf_counter()
-    bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
-    pending: list[tuple[dict, Future]] = []
+    The model runs in this process, in batches, and a process pool finishes and writes each output beside it
+    (in the model's process, that work would halve its rate). `submit` hands a batch over; `settle` records one
+    input's outcome. `done` and `failed` count this run's inputs, `skipped` those an earlier run completed, and
+    `total` all inputs of the shard.
+    """
 
-    def settle(row: dict, future: Future | None) -> None:
-        nonlocal failed, done
+    def __init__(self, segmenter, todo: list[Path], names: dict[Path, str], out_dir: Path, options: Options,
+                 total: int, batch_size: int = 4, progress_lines: bool = False):
+        self.segmenter, self.todo, self.names, self.out_dir, self.options = segmenter, todo, names, out_dir, options
+        self.total, self.skipped = total, total - len(todo)
+        self.batch_size, self.progress_lines = batch_size, progress_lines
+        self.done = self.failed = 0
+        self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
+        self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
+                     "definition": segmenter.definition, "device": str(segmenter.device)}
+        self.bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
+
+    def run(self, workers: int) -> RunSummary:
+        """Segment every input of `todo` with `workers` reader and finisher processes; then the results table."""
+        loader = torch.utils.data.DataLoader(InputReader(self.todo, self.segmenter.size, self.options.overlays),
+                                             batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
+                                             prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
+        t_start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_helper_process) as finisher:
+            for items in loader:
+                self.submit(items, finisher)
+                # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
+                while self.pending and (self.pending[0][1].done() or len(self.pending) > 4 * self.batch_size):
+                    self.settle(*self.pending.pop(0))
+            while self.pending:
+                self.settle(*self.pending.pop(0))
+        self.bar.close()
+        elapsed = time.perf_counter() - t_start
+        write_results(collect_results(self.out_dir), self.out_dir)
+        return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed)
+
+    def submit(self, items: list[dict], finisher: ProcessPoolExecutor) -> None:
+        """Settle the unreadable inputs of a batch at once; run the model on the others and hand each output to
+        the finisher."""
+        good = [it for it in items if "error" not in it]
+        for it in items:
+            if "error" in it:
+                self.settle({**self.base, "input": str(it["path"]), "status": "error", "error": it["error"]})
+        if not good:
+            return
+        t0 = time.perf_counter()
+        probabilities, uncertainty = self.segmenter.predict(torch.stack([it["input"] for it in good]),
+                                                            self.options.uncertainty)
+        inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
+        for k, it in enumerate(good):
+            name = self.names[it["path"]]
+            row = {**self.base, "input": str(it["path"]), "status": "ok", "error": "",
+                   "inference_ms": round(inference_ms, 1)}
+            it.pop("input")
+            future = finisher.submit(finish_and_write, it, probabilities[k].clone(),
+                                     None if uncertainty is None else uncertainty[k].clone(), self.options,
+                                     self.segmenter.definition, output_paths(self.out_dir, name, self.options), row,
+                                     self.out_dir / RECORDS / f"{name}.json")
+            self.pending.append((row, future))
+
+    def settle(self, row: dict, future: Future | None = None) -> None:
+        """Count one input's outcome (the finisher's row, when it was submitted), record a failure, show progress."""
         if future is not None:
             try:
                 row = future.result()
             except Exception as exc:  # e.g. disk full: this input failed, the batch goes on
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")
         if row["status"] == "error":
-            failed += 1
-            write_atomic_text(json.dumps(row), out_dir / RECORDS / f"{names[Path(row['input'])]}.json")
+            self.failed += 1
+            write_atomic_text(json.dumps(row), self.out_dir / RECORDS / f"{self.names[Path(row['input'])]}.json")
             tqdm.write(f"lungseg: error: {row['input']}: {row['error']}", file=sys.stderr)
-        done += 1
-        bar.update(1)
-        if progress_lines:  # for callers that track progress (the Slicer module), one flushed line per input
-            print(f"lungseg-progress {done + skipped}/{len(paths)} {row['status']} {row['input']}", flush=True)
-
-    # Finishing and writing run in their own process: in the model's process they would halve its rate.
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
-                             initializer=_helper_process) as finisher:
-        for items in loader:
-            good = [it for it in items if "error" not in it]
-            for it in items:
-                if "error" in it:
-                    settle({**base, "input": str(it["path"]), "status": "error", "error": it["error"]}, None)
-            if not good:
-                continue
-            t0 = time.perf_counter()
-            probabilities, uncertainty = segmenter.predict(torch.stack([it["input"] for it in good]),
-                                                           options.uncertainty)
-            inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
-            for k, it in enumerate(good):
-                path = it["path"]
-                row = {**base, "input": str(path), "status": "ok", "error": "", "inference_ms": round(inference_ms, 1)}
-                it.pop("input")
-                future = finisher.submit(finish_and_write, it, probabilities[k].clone(),
-                                         None if uncertainty is None else uncertainty[k].clone(), options,
-                                         segmenter.definition, output_paths(out_dir, names[path], options), row,
-                                         out_dir / RECORDS / f"{names[path]}.json")
-                pending.append((row, future))
-            # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
-            while pending and (pending[0][1].done() or len(pending) > 4 * batch_size):
-                settle(*pending.pop(0))
-        for row, future in pending:
-            settle(row, future)
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    write_results(collect_results(out_dir), out_dir)
-    return RunSummary(done=done, failed=failed, skipped=skipped, seconds=elapsed)
+        self.done += 1
+        self.bar.update(1)
+        if self.progress_lines:  # for callers that track progress (the Slicer module), one flushed line per input
+            print(f"lungseg-progress {self.done + self.skipped}/{self.total} {row['status']} {row['input']}",
+                  flush=True)

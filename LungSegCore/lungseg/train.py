@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -25,10 +26,11 @@ import torch.distributed as dist
 import yaml
 
 from .data import ArrayDataset, EpochSamples, list_cases, load_arrays, split_by_ratio
-from .labels import IGNORE
+from .errors import LungSegError
+from .files import save_checkpoint, write_atomic_text
 from .losses import build_loss
-from .metrics import batch_dice
-from .networks import build_network, predict_logits, select_device
+from .metrics import evaluate_sets, overlap
+from .networks import build_network, select_device
 from .transforms import training_augmentation
 
 log = logging.getLogger("lungseg.train")
@@ -42,7 +44,7 @@ def load_config(path: str | Path) -> dict:
     if not path.exists() and (PACKAGE_CONFIGS / f"{path.name}.yaml").exists():
         path = PACKAGE_CONFIGS / f"{path.name}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: config file not found")
+        raise LungSegError(f"{path}: config file not found")
     with open(path) as f:
         return yaml.safe_load(f)
 
@@ -69,14 +71,25 @@ def _load_sets(cfg: dict, root: Path, key: str, size: int) -> dict[str, tuple[to
 
 
 def _rng_state() -> dict:
+    """The global RNG states as tensors and plain values, which `torch.load(weights_only=True)` accepts."""
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
 
 
 def _set_rng_state(state: dict) -> None:
+    # NumPy's legacy state is (name, 624 keys, position, has_gauss, cached_gaussian) and Python's is
+    # (version 3, 625 ints, gauss_next); the cached Gaussians are not saved, so they restart empty.
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
+
+
+def _add_scalars(board, record: dict) -> None:
+    """One epoch's history record as TensorBoard scalars (`test:` becomes a `test/` folder)."""
+    for key, value in record.items():
+        if key != "epoch":
+            board.add_scalar(key.replace(":", "/"), value, record["epoch"])
+    board.flush()
 
 
 def _summary_writer(folder: Path):
@@ -102,50 +115,40 @@ def training_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
     return loss_fn(logits, y), logits
 
 
-def scorable(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """The truth with IGNORE pixels set to the prediction, so they count neither for nor against it."""
-    return torch.where(truth == IGNORE, pred.to(truth.dtype), truth)
-
-
-def overlap(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image Dice and IoU of the both-lung region."""
-    pred, truth = pred.cpu(), truth.cpu()
-    dice = batch_dice(pred, scorable(pred, truth), "both")
-    return dice, dice / (2 - dice)
-
-
-@torch.no_grad()
-def evaluate_sets(model, loss_fn, sets: dict, device: torch.device, batch_size: int = 16) -> tuple[dict, dict]:
-    """Loss, IoU and Dice (both lungs; Dice also per lung) per set, and the per-image Dice."""
-    model.eval()
-    scores, per_image = {}, {}
-    for name, (images, labels) in sets.items():
-        losses, dice = [], {"both": [], "right": [], "left": []}
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].float().to(device)
-            y = labels[i:i + batch_size].long()
-            logits = predict_logits(model, x).float()
-            losses.append(float(loss_fn(logits, y.to(device))) * len(x))
-            pred = logits.argmax(1, keepdim=True).cpu()
-            for region in dice:
-                dice[region].append(batch_dice(pred, scorable(pred, y), region))
-        both = torch.cat(dice["both"])
-        scores.update({f"{name}/loss": sum(losses) / len(images), f"{name}/iou": float((both / (2 - both)).mean()),
-                       **{f"{name}/dice_{r}": float(torch.cat(v).mean()) for r, v in dice.items()}})
-        per_image[name] = both
-    model.train()
-    return scores, per_image
+def initial_weights(source: str) -> dict:
+    """State dict to start from: a run's checkpoint (`.pt`, read with weights_only) or a model that `--model`
+    accepts (a shipped name, a card or a safetensors file, checksum-verified)."""
+    if str(source).endswith(".pt"):
+        start = torch.load(source, weights_only=True, map_location="cpu")
+        return start.get("model", start)
+    from .models import load_model
+    return load_model(source)[0].state_dict()
 
 
 class Trainer:
+    """One training run, in parts with one job each, as MONAI's engine and handlers split it: set-up (processes,
+    data, model, optimization), the steps of one epoch, the end of an epoch (validation, best checkpoint, early
+    stopping), and the checkpoint to resume from."""
+
     def __init__(self, config: dict, data_root: str | Path | None = None, out_dir: str | Path | None = None,
                  device: str = "auto"):
-        from monai.utils import set_determinism
-
         self.config, self.tcfg = config, config["training"]
         self.size = int(config["input_size"])
         self.root = Path(data_root or config["data"]["root"])
         self.out = Path(out_dir or Path("runs") / config["name"])
+        # in this order: the seed is set before the network's weights are drawn
+        self._setup_distributed(device)
+        self._load_data()
+        self._build_model()
+        self._build_optimization()
+        self.epoch, self.step, self.best, self.stale, self.history = 0, 0, -1.0, 0, []
+        self.running: dict[str, list[float]] = {"loss": [], "dice": [], "iou": []}
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _setup_distributed(self, device: str) -> None:
+        """This process's rank, process group and device, and its seed (one per rank)."""
+        from monai.utils import set_determinism
+
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.main = self.rank == 0
         if self.world > 1 and not dist.is_initialized():
@@ -156,23 +159,28 @@ class Trainer:
             torch.cuda.set_device(self.device)
         set_determinism(seed=int(self.tcfg.get("seed", 0)) + self.rank)
 
+    def _load_data(self) -> None:
+        """The training cases with their augmentation and draw weights (each set's `weight` shared by its cases),
+        and the val and test sets."""
         images, labels, weights = [], [], []
-        for entry, cases in data_sources(config, self.root, "train"):
+        for entry, cases in data_sources(self.config, self.root, "train"):
             x, y = load_arrays(cases, self.size, desc=f"{entry['set']}-{entry.get('split', 'all')}")
             images.append(x)
             labels.append(y)
             weights.append(torch.full((len(cases),), float(entry.get("weight", 1.0)) / len(cases), dtype=torch.double))
         self.dataset = ArrayDataset(torch.cat(images), torch.cat(labels),
-                                    training_augmentation(dict(config.get("augment", {}), size=self.size)))
+                                    training_augmentation(dict(self.config.get("augment", {}), size=self.size)))
         self.sample_weights = torch.cat(weights)
-        self.val_sets = _load_sets(config, self.root, "val", self.size)
-        self.test_sets = _load_sets(config, self.root, "test", self.size)
+        self.val_sets = _load_sets(self.config, self.root, "val", self.size)
+        self.test_sets = _load_sets(self.config, self.root, "test", self.size)
 
-        net = config["network"]
+    def _build_model(self) -> None:
+        """The network (`core`), started from `init_from` when set; `model` is what trains it (DDP-wrapped across
+        processes)."""
+        net = self.config["network"]
         self.model = build_network(net["name"], **net.get("params", {})).to(self.device)
-        if self.tcfg.get("init_from"):  # a second stage that continues from an earlier run's weights
-            start = torch.load(self.tcfg["init_from"], weights_only=True, map_location=self.device)
-            self.model.load_state_dict(start.get("model", start))
+        if self.tcfg.get("init_from"):  # continue from an earlier run or a shipped model's weights
+            self.model.load_state_dict(initial_weights(self.tcfg["init_from"]))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -180,6 +188,9 @@ class Trainer:
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _build_optimization(self) -> None:
+        """Loss, AdamW, a cosine learning-rate schedule over the epochs, and mixed precision on CUDA."""
         loss_cfg = self.tcfg.get("loss", "dice_ce")
         self.loss_fn = build_loss(loss_cfg) if isinstance(loss_cfg, str) else \
             build_loss(loss_cfg["name"], **loss_cfg.get("params", {}))
@@ -189,20 +200,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.epochs)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.epoch, self.step, self.best, self.stale, self.history = 0, 0, -1.0, 0, []
-        self.running: dict[str, list[float]] = {"loss": [], "dice": [], "iou": []}
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save_last(self) -> None:
+        """`last.pt` (everything a resumed run needs, mid-epoch included) and `history.json`; rank 0 only."""
         if not self.main:
             return
         state = {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
                  "epoch": self.epoch, "step": self.step, "best": self.best, "stale": self.stale,
                  "running": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.running.items()}}
-        torch.save(state, self.out / "last.pt.tmp")
-        (self.out / "last.pt.tmp").replace(self.out / "last.pt")
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        save_checkpoint(state, self.out / "last.pt")
+        write_atomic_text(json.dumps(self.history, indent=1), self.out / "history.json")
 
     def resume(self) -> bool:
         last = self.out / "last.pt"
@@ -273,45 +282,65 @@ class Trainer:
                 return False
         return True
 
-    def end_epoch(self, seconds: float) -> None:
-        self.scheduler.step()
-        record = {"epoch": self.epoch + 1, "train_loss": float(np.mean(self.running["loss"])),
-                  "train/loss": float(np.mean(self.running["loss"])), "train/dice": float(np.mean(self.running["dice"])),
-                  "train/iou": float(np.mean(self.running["iou"]))}
-        if self.main:
-            val, _ = evaluate_sets(self.core, self.loss_fn, self.val_sets, self.device)
-            test, _ = evaluate_sets(self.core, self.loss_fn, self.test_sets, self.device)
-            score = float(np.mean([v for k, v in val.items() if k.endswith("dice_both")]))
-            record.update({"val_score": score, "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
-                           **val, **{f"test:{k}": v for k, v in test.items()}})
-            if score > self.best:
-                self.best, self.stale = score, 0
-                torch.save({"model": self.core.state_dict(), "epoch": self.epoch, "scores": val,
-                            "config": self.config}, self.out / "best.pt.tmp")
-                (self.out / "best.pt.tmp").replace(self.out / "best.pt")
-            else:
-                self.stale += 1
-            self.history.append(record)
-            log.info(json.dumps(record))
-            print(json.dumps(record), flush=True)
-        if self.world > 1:  # every rank must agree on early stopping
+    # -- end of an epoch ------------------------------------------------------------------------------------
+    def epoch_record(self, seconds: float, val: dict, test: dict) -> dict:
+        """The history record of the epoch that just ended: train means, `val_score` (the mean both-lung Dice
+        over the val sets), then the val and (prefixed `test:`) test scores."""
+        train = {k: float(np.mean(v)) for k, v in self.running.items()}
+        return {"epoch": self.epoch + 1, "train_loss": train["loss"], **{f"train/{k}": v for k, v in train.items()},
+                "val_score": float(np.mean([v for k, v in val.items() if k.endswith("dice_both")])),
+                "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
+                **val, **{f"test:{k}": v for k, v in test.items()}}
+
+    def keep_best(self, score: float, val: dict) -> None:
+        """`best.pt` when the validation score improved; otherwise one more epoch without improvement."""
+        if score > self.best:
+            self.best, self.stale = score, 0
+            save_checkpoint({"model": self.core.state_dict(), "epoch": self.epoch, "scores": val,
+                             "config": self.config}, self.out / "best.pt")
+        else:
+            self.stale += 1
+
+    def agree_on_stopping(self) -> None:
+        """Every rank takes rank 0's count of epochs without improvement, so that all stop together."""
+        if self.world > 1:
             flag = torch.tensor([self.stale], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(flag, 0)
             self.stale = int(flag)
+
+    def end_epoch(self, seconds: float) -> None:
+        """Learning-rate step; on rank 0 validation, best checkpoint and history; early-stopping agreement; then
+        the next epoch's counters and `last.pt`."""
+        self.scheduler.step()
+        if self.main:
+            val, _ = evaluate_sets(self.core, self.loss_fn, self.val_sets, self.device)
+            test, _ = evaluate_sets(self.core, self.loss_fn, self.test_sets, self.device)
+            record = self.epoch_record(seconds, val, test)
+            self.keep_best(record["val_score"], val)
+            self.history.append(record)
+            log.info(json.dumps(record))  # to train.log and the terminal (see start_logging)
+        self.agree_on_stopping()
         self.epoch, self.step = self.epoch + 1, 0
         self.running = {k: [] for k in self.running}
         self.save_last()
 
+    # -- the run ------------------------------------------------------------------------------------------
+    def start_logging(self) -> list[logging.Handler]:
+        """Rank 0's log records go to `train.log` (timestamped) and to the terminal, each once."""
+        to_file = logging.FileHandler(self.out / "train.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        to_terminal = logging.StreamHandler(sys.stdout)
+        for handler in (to_file, to_terminal):
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        return [to_file, to_terminal]
+
     def fit(self, max_steps: int | None = None, resume: bool = True) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        handler = None
+        handlers = []
         if self.main:
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump(self.config, f, sort_keys=False)
-            handler = logging.FileHandler(self.out / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
+            write_atomic_text(yaml.safe_dump(self.config, sort_keys=False), self.out / "config.yaml")
+            handlers = self.start_logging()
         if resume:
             self.resume()
         board = _summary_writer(self.out / "tensorboard") if self.main else None
@@ -323,10 +352,7 @@ class Trainer:
                     break
                 self.end_epoch(time.time() - t0)
                 if board is not None and self.history:
-                    for key, value in self.history[-1].items():
-                        if key != "epoch":
-                            board.add_scalar(key.replace(":", "/"), value, self.history[-1]["epoch"])
-                    board.flush()
+                    _add_scalars(board, self.history[-1])
                 if max_steps is not None:
                     break
             if self.main and self.history and (self.epoch >= self.epochs or self.stale >= patience):
@@ -334,8 +360,9 @@ class Trainer:
         finally:
             if board is not None:
                 board.close()
-            if handler is not None:
+            for handler in handlers:
                 log.removeHandler(handler)
+                handler.close()
         return self.out
 
     def report(self) -> None:

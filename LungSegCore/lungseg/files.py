@@ -1,0 +1,112 @@
+"""Files and folders: finding the inputs, naming outputs, and writing files atomically.
+
+No image decoding here (that is `io.py`): a run killed at any moment leaves either the old file, the complete new
+one, or a hidden `.partial` file, never a truncated output.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr", ".nii",
+                  ".nii.gz", ".mha", ".mhd")
+
+
+def suffix_of(path: Path | str) -> str:
+    """The file's format suffix, lower case; `.nii.gz` counts as one."""
+    name = str(path).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: Path | str) -> str:
+    """The file name without its format suffix (`.nii.gz` removed whole)."""
+    name = Path(path).name
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def is_dicom(path: Path) -> bool:
+    """A `.dcm`/`.dicom` name, or the DICM marker of a DICOM file without a suffix."""
+    if suffix_of(path) in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_path_list(list_file: Path) -> list[Path]:
+    """A text file of image paths, one per line (# comments); relative paths are relative to the list's folder."""
+    paths = []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = Path(line)
+            paths.append(path if path.is_absolute() else list_file.parent / path)
+    return paths
+
+
+def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]:
+    """Expand files, folders and `.txt` lists of paths into a de-duplicated list of candidate image files."""
+    found, seen = [], set()
+    for item in inputs:
+        item = Path(item)
+        if item.is_file() and item.suffix.lower() == ".txt":
+            files = read_path_list(item)
+        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in item.glob(pattern)
+                           if not p.name.startswith(".") and (suffix_of(p) in IMAGE_SUFFIXES or
+                                                              (p.is_file() and is_dicom(p))))
+        else:
+            files = [item]
+        for f in files:
+            key = os.path.abspath(f)  # not resolve(): two links to one file are two inputs
+            if key not in seen:
+                seen.add(key)
+                found.append(f)
+    return found
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary name beside `path` (same suffix, so writers pick the same format); rename it to `path`
+    only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix_of(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(rows: list[dict], fields: list[str], path: str | Path) -> None:
+    """A CSV of `rows` (keys outside `fields` left out), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic_text(buffer.getvalue(), path)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """`torch.save` through `atomic_path`: a run killed while saving keeps the previous checkpoint whole. For the
+    training checkpoints and the data caches (read back with `torch.load(..., weights_only=True)`)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

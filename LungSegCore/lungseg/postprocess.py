@@ -1,0 +1,89 @@
+"""Post-processing of one model output into the labelmap on the input's grid, apart from the model (as MONAI's
+`transforms.post` and lungmask's `postprocessing` are): the batch pipeline runs it in helper processes that hold no
+model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .definitions import LEFT_LUNG, RIGHT_LUNG
+from .io import reorient
+from .labels import clean_labelmap
+
+
+@dataclass
+class Prediction:
+    label: np.ndarray                  # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
+    probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
+    raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
+    uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
+
+    def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
+        """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
+        Flipping the grid keeps each label on the patient's side it marks."""
+        if not any(flips):
+            return self
+        return Prediction(reorient(self.label, flips), reorient(self.probabilities, flips), self.raw_label,
+                          reorient(self.uncertainty, flips))
+
+
+def _resize(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(C, S, S) -> (C, rows, columns), bilinear."""
+    if tuple(values.shape[-2:]) == tuple(shape):
+        return values
+    return F.interpolate(values[None], size=shape, mode="bilinear", align_corners=False)[0]
+
+
+def _resize_uint8(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (3, S, S) probabilities as uint8 channels-last: much faster than float on a CPU, and
+    1/255 is far below any boundary decision that matters."""
+    quantized = (probabilities * 255).round_().to(torch.uint8)[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(quantized, size=shape, mode="bilinear", align_corners=False)[0]
+
+
+def _winning_class(scores: torch.Tensor) -> np.ndarray:
+    """argmax over (background, right, left) by two comparisons on NumPy views (ties go to the lower class, as in
+    argmax); faster than torch's argmax or comparisons of strided slices."""
+    background, right, left = scores.numpy()
+    lung = np.maximum(right, left) > background
+    return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
+
+
+def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
+                keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
+    """The cleaned labelmap of one model output, on the stored image's grid.
+
+    Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap; each
+    lung's probability is then limited to its kept component (plus a 2-pixel margin for the finer edge) before one
+    bilinear resize and argmax at full resolution.
+
+    Args:
+        probabilities: (3, S, S) softmax (background, right, left) of the image in its standard view, on the CPU.
+        shape: (rows, columns) of the stored image.
+        uncertainty: (S, S) per-pixel uncertainty, or None.
+        keep_probabilities: also return the probabilities resized to `shape`.
+        display_flips: (flip rows, flip columns) that brought the stored image to the standard view (see
+            `io.display_flips`); the maps are flipped back to the stored grid.
+
+    Returns:
+        The Prediction: the labelmap, the probabilities (when kept) and the uncertainty (when given) on the stored
+        grid, and the uncleaned argmax at the model's resolution.
+    """
+    raw_small = _winning_class(probabilities)
+    clean_small = clean_labelmap(raw_small)
+    scores = probabilities.clone()
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        kept = clean_small == value
+        lung = scores[value].numpy()
+        lung *= ndimage.maximum_filter(kept.view(np.uint8), size=5)  # 0 beyond a 2-pixel margin
+        lung[kept & (raw_small != value)] = 1.0  # filled holes
+    label = _winning_class(_resize_uint8(scores, shape).contiguous())
+    unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
+    full = _resize(probabilities, shape).numpy() if keep_probabilities else None
+    prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)
+    return prediction.reoriented(display_flips)
