@@ -5,6 +5,7 @@ The module code runs unchanged; Testing/slicer_support provides only what slicer
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIRE_DATA=1
 
-pytest.importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
-                                          "Testing/requirements-slicer.txt)")
+importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
+                                   "Testing/requirements-slicer.txt)")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_support"))
 import slicer_app  # noqa: E402
 
@@ -23,6 +25,7 @@ import LungSeg  # noqa: E402  (not its TestCase by name: pytest would collect it
 from LungSeg import LungSegLogic  # noqa: E402
 from LungSegLib import InstallLogic as install  # noqa: E402
 from LungSegLib.BatchProcess import BatchProcess  # noqa: E402
+from lungseg.io import ImageReadError  # noqa: E402
 from lungseg.samples import sample_pngs  # noqa: E402
 
 JSRT_CASES = ["JPCLN106", "JPCNN057"]  # validation images (never trained on)
@@ -84,11 +87,13 @@ def test_jsrt_lungs_match_the_reference(jsrt, name):
     assert dice(left, reference_left) >= 0.9
 
     segments = segmentation.GetSegmentation()
-    for segmentId, colour, code in (("RightLung", (0, 158, 115), "3341006"), ("LeftLung", (230, 159, 0), "44029006")):
+    # Slicer's General Anatomy list: Anatomical Structure / Lung with laterality as the type modifier
+    # (SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12)
+    for segmentId, colour, side in (("RightLung", (0, 158, 115), "SCT^24028007^Right"),
+                                    ("LeftLung", (230, 159, 0), "SCT^7771000^Left")):
         segment = segments.GetSegment(segmentId)
         np.testing.assert_allclose(segment.GetColor(), np.array(colour) / 255)
-        terminology = segment.GetTerminology()
-        assert f"SCT^123037004^Anatomical Structure~SCT^{code}^{segment.GetName()}" in terminology
+        assert f"SCT^123037004^Anatomical Structure~SCT^39607008^Lung~{side}~" in segment.GetTerminology()
     assert (summary.rightAreaPx, summary.leftAreaPx) == (right.sum(), left.sum())
     assert summary.rightAreaMm2 is None  # JSRT PNGs carry no pixel spacing here
     assert summary.model == "unet" and summary.definition == "lung-fields" and summary.definitionText
@@ -161,7 +166,7 @@ def test_rgb_and_single_slice_inputs(tmp_path):
         np.testing.assert_array_equal(a, b)  # the luminance of equal channels is the gray image
 
     stack = slicer.util.addVolumeFromArray(np.repeat(array, 3, axis=0), name="three slices")
-    with pytest.raises(ValueError, match="3 slices"):
+    with pytest.raises(ImageReadError, match="3 slices"):
         LungSegLogic().process(stack, new_segmentation(), device="cpu")
 
 
@@ -183,71 +188,131 @@ def test_uncertainty_map_on_the_input_grid(chest_nrrd, model):
     assert uncertainty.GetDisplayNode() is not None
 
 
-def dicom_volume(pixels):
-    """A volume as Slicer's DICOM loader makes it from a single-frame CR: raw pixels, MONOCHROME1 not inverted."""
-    volume = slicer.util.addVolumeFromArray(pixels[None].astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]), "CR")
-    return volume
-
-
 def lung_columns(segmentation, volume):
     return [np.nonzero(mask)[1].mean() for mask in lung_masks(segmentation, volume)]
 
 
-def test_monochrome1_dicom(chest_dicom):
+@pytest.fixture(scope="module")
+def cli_labels(chest_dicom, tmp_path_factory):
+    """The batch command's labelmap and results row for the CR: what the module must reproduce."""
+    import csv
+
+    out = tmp_path_factory.mktemp("cli")
+    subprocess.run([sys.executable, "-m", "lungseg", "segment", str(chest_dicom), "-o", str(out), "--device", "cpu"],
+                   check=True, capture_output=True)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{chest_dicom.stem}.nrrd")))
+    with open(out / "results.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    return label.reshape(label.shape[-2:]), row
+
+
+def test_monochrome1_through_the_dicom_module_is_not_inverted_twice(chest_dicom, cli_labels):
+    """Slicer's DICOM module reads CR/DX with GDCM, which inverts MONOCHROME1 on load: LungSeg must not invert
+    again. Its DCMTK fallback does not invert; a volume without a file behind it is judged by its intensities.
+    Every route gives the batch command's segmentation."""
     import pydicom
 
-    dataset = pydicom.dcmread(str(chest_dicom))
-    assert dataset.PhotometricInterpretation == "MONOCHROME1"
-    raw = dataset.pixel_array
+    raw = pydicom.dcmread(str(chest_dicom)).pixel_array
+    expected, _ = cli_labels
 
-    # no DICOM database: the intensities tell that air is bright
-    volume = dicom_volume(raw)
+    gdcm = slicer_app.load_dicom_volume(chest_dicom)  # the DICOM module's default reader, database entry included
+    loaded = slicer.util.arrayFromVolume(gdcm)[0].astype(np.float32)
+    assert np.corrcoef(loaded.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.99  # GDCM inverted it already
     segmentation = new_segmentation()
-    summary = LungSegLogic().process(volume, segmentation, device="cpu")
-    assert summary.inverted and summary.inversionSource == "intensity statistics"
-    right, left = lung_masks(segmentation, volume)
-    assert right.mean() > 0.05 and left.mean() > 0.05
-    right_column, left_column = lung_columns(segmentation, volume)
-    assert right_column < raw.shape[1] / 2 < left_column  # patient's right lung on the image's left
-    assert summary.rightAreaMm2 is None  # pixel spacing not meaningful without the header
+    summary = LungSegLogic().process(gdcm, segmentation, device="cpu")
+    assert not summary.inverted and summary.qcReasons == []
+    right, left = lung_masks(segmentation, gdcm)
+    np.testing.assert_array_equal(right, expected == 1)
+    np.testing.assert_array_equal(left, expected == 2)
 
-    # loaded through the DICOM database: the header decides
-    volume.SetAttribute("DICOM.instanceUIDs", str(dataset.SOPInstanceUID))
-    slicer.dicomDatabase = types.SimpleNamespace(
-        fileForInstance=lambda uid: str(chest_dicom) if uid == dataset.SOPInstanceUID else "")
-    from_header = new_segmentation()
-    summary = LungSegLogic().process(volume, from_header, device="cpu")
-    assert summary.inverted and summary.inversionSource == "DICOM MONOCHROME1"
-    for a, b in zip(lung_masks(from_header, volume), (right, left)):
-        np.testing.assert_array_equal(a, b)
+    # the DCMTK fallback: the stored pixels, with the same database entry
+    dcmtk = slicer.util.addVolumeFromArray(raw[None].astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]), "CR raw")
+    dcmtk.SetAttribute("DICOM.instanceUIDs", gdcm.GetAttribute("DICOM.instanceUIDs"))
+    summary = LungSegLogic().process(dcmtk, segmentation, device="cpu")
+    assert summary.inverted and summary.inversionSource == "loaded without inverting DICOM MONOCHROME1"
+    for mask, value in zip(lung_masks(segmentation, dcmtk), (1, 2)):
+        assert dice(mask, expected == value) > 0.99
 
-    # the same radiograph already inverted (as ITK reads it) is left alone
+    # no file behind the volume: the intensities tell that air is bright
     slicer.dicomDatabase = None
-    inverted = dicom_volume(raw.max() - raw)
-    summary = LungSegLogic().process(inverted, new_segmentation(), device="cpu")
-    assert not summary.inverted
+    summary = LungSegLogic().process(dcmtk, segmentation, device="cpu")
+    assert summary.inverted and summary.inversionSource == "intensity statistics"
+    assert summary.rightAreaMm2 is None  # no pixel spacing without the header
 
 
-def test_dicom_stored_mirrored_keeps_patient_sides(chest_dicom, tmp_path):
+def cr_copy(chest_dicom, folder, name, **tags):
+    """The CR with other header tags (None deletes one), saved under a new SOP instance UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    dataset = pydicom.dcmread(str(chest_dicom))
+    for tag, value in tags.items():
+        if value is None:
+            if tag in dataset:
+                delattr(dataset, tag)
+        else:
+            setattr(dataset, tag, value)
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    path = Path(folder) / name
+    dataset.save_as(path)
+    return path
+
+
+def test_areas_in_mm2_use_the_dicom_spacing(chest_dicom, tmp_path):
+    """GDCM gives a CR its ImagerPixelSpacing or 1.0 mm, never PixelSpacing: LungSeg takes the header's spacing, as
+    the batch command does."""
+    path = cr_copy(chest_dicom, tmp_path, "pixel-spacing.dcm", PixelSpacing=[0.15, 0.15], ImagerPixelSpacing=None)
+    volume = slicer_app.load_dicom_volume(path)
+    assert volume.GetSpacing()[:2] != (0.15, 0.15)  # what Slicer's reader makes of it
+    summary = LungSegLogic().process(volume, new_segmentation(), device="cpu")
+    assert summary.rightAreaMm2 == pytest.approx(summary.rightAreaPx * 0.15 * 0.15, abs=0.05)  # 0.1 mm² steps
+    assert summary.leftAreaMm2 == pytest.approx(summary.leftAreaPx * 0.15 * 0.15, abs=0.05)
+    assert 3_000 < summary.rightAreaMm2 < 40_000  # an adult lung field, not px counted as mm²
+
+
+def test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch(chest_dicom, tmp_path):
+    """Right and left areas (px and mm²) within 1 % and the same QC: DICOM module (GDCM + database), Add Data of
+    the file, and `lungseg segment`."""
+    import csv
+
+    path = cr_copy(chest_dicom, tmp_path, "cr.dcm", ImagerPixelSpacing=[0.143, 0.143])
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "lungseg", "segment", str(path), "-o", str(out), "--device", "cpu"],
+                   check=True, capture_output=True)
+    with open(out / "results.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    batch = {"rightAreaPx": float(row["right_area_px"]), "leftAreaPx": float(row["left_area_px"]),
+             "rightAreaMm2": float(row["right_area_mm2"]), "leftAreaMm2": float(row["left_area_mm2"])}
+    batch_qc = [r for r in row["qc_reasons"].split(";") if r]
+
+    through_dicom = LungSegLogic().process(slicer_app.load_dicom_volume(path), new_segmentation(), device="cpu")
+    slicer.dicomDatabase = None
+    as_file = LungSegLogic().process(slicer_app.load_volume_file(path), new_segmentation(), device="cpu")
+    for summary in (through_dicom, as_file):
+        for key, value in batch.items():
+            assert getattr(summary, key) == pytest.approx(value, rel=0.01), key
+        assert summary.qcReasons == batch_qc and not summary.inverted
+
+
+def test_dicom_stored_mirrored_keeps_patient_sides(chest_dicom, cli_labels, tmp_path):
     """PatientOrientation ['R', 'F']: columns run toward the patient's right. The core's shared orientation step
     segments it in the standard view and labels the stored grid, so the right lung lands on the image's right."""
     import pydicom
 
     dataset = pydicom.dcmread(str(chest_dicom))
-    dataset.PatientOrientation = ["R", "F"]
-    dataset.PixelData = np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes()
-    dataset.save_as(tmp_path / "mirrored.dcm")
-    mirrored = dataset.pixel_array
-    volume = dicom_volume(mirrored)
-    volume.SetAttribute("DICOM.instanceUIDs", str(dataset.SOPInstanceUID))
-    slicer.dicomDatabase = types.SimpleNamespace(fileForInstance=lambda uid: str(tmp_path / "mirrored.dcm"))
-    try:
-        segmentation = new_segmentation()
-        LungSegLogic().process(volume, segmentation, device="cpu")
-    finally:
-        slicer.dicomDatabase = None
+    path = cr_copy(chest_dicom, tmp_path, "mirrored.dcm", PatientOrientation=["R", "F"],
+                   PixelData=np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes())
+    volume = slicer_app.load_dicom_volume(path)
+    segmentation = new_segmentation()
+    summary = LungSegLogic().process(volume, segmentation, device="cpu")
+    expected, _ = cli_labels
+    right, left = lung_masks(segmentation, volume)
+    # the same lungs as the unmirrored file, mirrored, and still called by the patient's side
+    assert dice(right, (expected == 1)[:, ::-1]) > 0.99 and dice(left, (expected == 2)[:, ::-1]) > 0.99
     right_column, left_column = lung_columns(segmentation, volume)
-    assert left_column < mirrored.shape[1] / 2 < right_column
+    assert left_column < right.shape[1] / 2 < right_column
+    assert summary.qcReasons == []
 
 
 def test_process_folder_reports_progress_and_failures(tmp_path):
@@ -291,6 +356,29 @@ def test_process_folder_cancel_stops_the_child_and_leaves_whole_files(tmp_path):
     assert not list((tmp_path / "out").rglob("*.partial*"))  # no temporary file left behind
     for output in outputs:
         assert sitk.ReadImage(str(output)).GetSize()[:2] == (256, 256)
+
+
+def test_process_folder_reads_the_childs_output_as_utf8_whatever_the_code_page(tmp_path, monkeypatch):
+    """On Windows a child's pipe gets the ANSI code page unless PYTHONIOENCODING says otherwise; emulate such a
+    code page in the startup environment and check that a non-ASCII path comes back intact."""
+    inputs = tmp_path / "Röntgen-Übersicht"
+    inputs.mkdir()
+    shutil.copy(sample_pngs()[0], inputs / "Thorax-ä.png")
+    startup = dict(slicer.util.startupEnvironment(), PYTHONIOENCODING="latin-1")
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(startup))
+    batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
+    assert batch.wait(timeout=300) == 0
+    assert batch.progress()[3] == str(inputs / "Thorax-ä.png")
+    assert batch.environment["PYTHONIOENCODING"] == "utf-8"
+
+
+def test_batch_never_starts_the_application_as_its_python(monkeypatch, tmp_path):
+    """Inside Slicer sys.executable is the application: without PythonSlicer there is no fallback."""
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="PythonSlicer executable not found"):
+        LungSegLogic().processFolder(tmp_path, tmp_path / "out", device="cpu")
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: f"/opt/Slicer/bin/{name}")
+    assert LungSegLogic().pythonExecutable() == "/opt/Slicer/bin/PythonSlicer"
 
 
 def test_batch_process_parses_progress_lines(tmp_path):
@@ -340,14 +428,23 @@ def test_install_logic_installs_only_what_is_missing(monkeypatch):
     assert set(options["skip_packages"]) == {"numpy", "SimpleITK", "torch"} and not options["prompt_install"]
     assert Path(options["constraints"]).read_text().split() == ["numpy==1.26.4", "SimpleITK==2.4.1"]
 
-    # before Slicer 5.12 (no slicer.packaging): monai without its torch dependency, the rest pinned
+    # before Slicer 5.12 (no slicer.packaging): one pip call with MONAI's dependencies, resolved against the
+    # installed torch, numpy and SimpleITK, so pip picks a MONAI that supports that torch
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)
-    versions["scipy"] = None
+    versions.update(torch="2.2.2", scipy=None)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.2.2+cpu"))
     pip = Recorder()
     monkeypatch.setattr(slicer.util, "pip_install", pip)
     assert install.InstallLogic().ensureDependencies()
-    assert pip.calls[0][0][0] == ["--no-deps", "monai>=1.4"]
-    assert pip.calls[1][0][0][0] == "-c" and pip.calls[1][0][0][2:] == ["scipy>=1.10"]
+    assert len(pip.calls) == 1
+    arguments = pip.calls[0][0][0]
+    assert arguments[0] == "-c" and arguments[2:] == ["monai>=1.4", "scipy>=1.10"] and "--no-deps" not in arguments
+    assert Path(arguments[1]).read_text().split() == ["numpy==1.26.4", "SimpleITK==2.4.1", "torch==2.2.2"]
+
+    # a torch that this session imported before the PyTorch extension upgraded it: restart first
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.1.0+cpu"))
+    with pytest.raises(RuntimeError, match="restart Slicer"):
+        install.InstallLogic().ensureDependencies()
 
     declined = Recorder(False)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", declined)
@@ -355,10 +452,17 @@ def test_install_logic_installs_only_what_is_missing(monkeypatch):
     assert not install.InstallLogic().ensureDependencies() and not pip.calls
 
 
-def test_parameter_node_defaults_and_choices():
+def test_parameter_node_is_created_and_takes_none_and_either_volume_type():
+    """Slicer's wrapper writes every default when it is made, and refuses None for a node Union without None:
+    with the real wrapper (5.6-5.12) the panel's parameter node could not be created at all."""
     parameterNode = LungSegLogic().getParameterNode()
     assert (parameterNode.model, parameterNode.device, parameterNode.uncertainty) == ("unet", "auto", False)
     assert parameterNode.inputVolume is None and parameterNode.outputSegmentation is None
+    vector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode")
+    parameterNode.inputVolume = vector
+    assert LungSegLogic().getParameterNode().inputVolume is vector
+    parameterNode.inputVolume = None
+    assert parameterNode.inputVolume is None
     with pytest.raises(ValueError):
         parameterNode.device = "tpu"
     assert parameterNode.parameterNode is LungSegLogic().getParameterNode().parameterNode  # a singleton
@@ -370,3 +474,11 @@ def test_module_self_test_runs(monkeypatch):
     LungSeg.LungSegTest().runTest()
     segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_module_self_test_reports_a_skip_without_its_packages(monkeypatch):
+    import unittest
+
+    monkeypatch.setattr(install.InstallLogic, "missingRequirements", lambda self: ["torch>=2.1"])
+    with pytest.raises(unittest.SkipTest, match="torch"):
+        LungSeg.LungSegTest().runTest()

@@ -3,14 +3,16 @@ freezing the GUI, export and the batch section work, and the screenshot renders.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIRE_DATA=1
 
-pytest.importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
-pytest.importorskip("PySide6", reason="PySide6 is not installed (scripts/setup.sh test)")
+importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
+importorskip("PySide6", reason="PySide6 is not installed (scripts/setup.sh test)")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
 import slicer_app  # noqa: E402
@@ -24,7 +26,7 @@ from lungseg.samples import sample_pngs  # noqa: E402
 UI = REPO / "LungSegExtension" / "LungSeg" / "Resources" / "UI" / "LungSeg.ui"
 NAMED = {"inputSelector": "qMRMLNodeComboBox", "modelComboBox": "QComboBox", "deviceComboBox": "QComboBox",
          "uncertaintyCheckBox": "QCheckBox", "outputSelector": "qMRMLNodeComboBox",
-         "uncertaintySelector": "qMRMLNodeComboBox", "applyButton": "QPushButton", "cancelButton": "QPushButton",
+         "uncertaintySelector": "qMRMLNodeComboBox", "applyButton": "QPushButton",
          "progressBar": "QProgressBar", "statusLabel": "QLabel", "exportButton": "QPushButton",
          "batchCollapsibleButton": "ctkCollapsibleButton", "batchInputDirectoryButton": "ctkDirectoryButton",
          "batchOutputDirectoryButton": "ctkDirectoryButton", "batchRunButton": "QPushButton",
@@ -78,7 +80,9 @@ def test_models_are_grouped_by_lung_definition(module_widget):
     assert "lung fields" in widget.panel.ui.modelDefinitionLabel.text()
 
 
-def test_apply_runs_the_logic_and_keeps_the_gui_responsive(module_widget):
+def test_apply_segments_on_the_main_thread_while_the_panel_shows_it_is_busy(module_widget, monkeypatch):
+    """In Slicer the main thread holds the GIL while idle (PythonQt), so a worker thread would be starved: the
+    segmentation is done when Apply returns, and the panel showed that it was busy before the model ran."""
     widget, volume = module_widget
     ui, parameterNode = widget.panel.ui, widget.logic.getParameterNode()
     assert parameterNode.inputVolume is volume and ui.inputSelector.currentNode() is volume
@@ -88,49 +92,80 @@ def test_apply_runs_the_logic_and_keeps_the_gui_responsive(module_widget):
     ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findText("cpu"))
     ui.uncertaintyCheckBox.setChecked(True)
     assert (parameterNode.device, parameterNode.uncertainty) == ("cpu", True)
-    assert ui.applyButton.isEnabled() and not ui.cancelButton.isEnabled()
+    assert ui.applyButton.isEnabled()
 
+    seen = []
+    compute = widget.logic.compute
+
+    def spy(*args, **kwargs):
+        seen.append((ui.progressBar.maximum(), ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled(),
+                     ui.statusLabel.text()))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(widget.logic, "compute", spy)
     ui.applyButton.click()
-    assert ui.cancelButton.isEnabled() and not ui.applyButton.isEnabled()
-    longest = spin(lambda: widget.panel._run is None)
-    assert longest < 1.0, f"the GUI froze for {longest:.2f} s"
+    (maximum, applyEnabled, batchEnabled, message), = seen
+    assert maximum == 0 and not applyEnabled and not batchEnabled and "unet" in message  # busy, and says so
 
     segmentation = parameterNode.outputSegmentation
     assert ui.outputSelector.currentNode() is segmentation and segmentation.GetName() == "chest lungs"
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2  # done when the click returned
     uncertainty = slicer.util.arrayFromVolume(parameterNode.uncertaintyVolume)
     assert uncertainty.shape == slicer.util.arrayFromVolume(volume).shape
     status = ui.statusLabel.text()
     assert status == widget.logic.lastSummary.statusText()
     assert "Right lung" in status and "QC (lung-fields)" in status
-    assert ui.applyButton.isEnabled() and not ui.cancelButton.isEnabled()
+    assert ui.applyButton.isEnabled() and ui.progressBar.maximum() == 1
+    assert not [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
 
 
-def test_cancel_drops_the_result(module_widget):
+def test_a_second_click_during_installation_does_not_install_again(module_widget, monkeypatch):
+    """slicer.util.pip_install processes events while pip runs, so a second click reaches the panel."""
     widget, _ = module_widget
-    ui = widget.panel.ui
+    panel, ui = widget.panel, widget.panel.ui
+    installs, states = [], []
+
+    def ensureDependencies():
+        installs.append(1)
+        states.append((ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled()))
+        panel.onApply()  # what processEvents would deliver
+        panel.onRunBatch()
+        return False  # the user declined: nothing segmented
+
+    monkeypatch.setattr(panel.installLogic, "ensureDependencies", ensureDependencies)
     ui.applyButton.click()
-    ui.cancelButton.click()
-    assert widget.panel._run is None and ui.statusLabel.text() == "Cancelled." and ui.applyButton.isEnabled()
-    segmentation = widget.logic.getParameterNode().outputSegmentation
-    time.sleep(0.5)
-    spin(lambda: True)
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    assert installs == [1] and states == [(False, False)]
+    assert "not installed" in ui.statusLabel.text() and ui.applyButton.isEnabled()
 
 
-def test_export_writes_the_chosen_file(module_widget, tmp_path, monkeypatch):
+def test_export_dialog_opens_in_a_folder_and_gives_the_chosen_filters_suffix(module_widget, tmp_path, monkeypatch):
     widget, volume = module_widget
     widget.logic.process(volume, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode"), device="cpu")
     parameterNode = widget.logic.getParameterNode()
     parameterNode.outputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-    monkeypatch.setattr(qt.QFileDialog, "getSaveFileName",
-                        staticmethod(lambda *args: (str(tmp_path / "chest-lungs"), "NRRD (*.nrrd)")))
-    widget.panel.ui.exportButton.click()
+    opened = []
+
+    def choose(name, nameFilter):
+        def exec_(dialog):  # the user picks a filter and types a name without a suffix
+            opened.append(dialog.directory().absolutePath())
+            dialog.selectNameFilter(nameFilter)
+            dialog.filterSelected.emit(nameFilter)
+            dialog.selectFile(str(tmp_path / name))
+            return 1
+        return exec_
+
     import SimpleITK as sitk
 
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "chest-lungs.nrrd")))
+    monkeypatch.setattr(qt.QFileDialog, "exec_", choose("chest-lungs", "PNG (*.png)"))
+    widget.panel.ui.exportButton.click()
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "chest-lungs.png")))
     assert set(np.unique(label)) == {0, 1, 2}
-    assert "chest-lungs.nrrd" in widget.panel.ui.statusLabel.text()
+    assert "chest-lungs.png" in widget.panel.ui.statusLabel.text()
+    # the first time in the radiograph's folder, not the working directory; then where the last export went
+    assert opened[0] == str(sample_pngs()[0].parent)
+    monkeypatch.setattr(qt.QFileDialog, "exec_", choose("again", "NIfTI (*.nii.gz)"))
+    widget.panel.ui.exportButton.click()
+    assert opened[1] == str(tmp_path) and (tmp_path / "again.nii.gz").is_file()
 
 
 def fake_batch(lines, pause=0.0):
@@ -151,9 +186,13 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
         return fake_batch([f"lungseg-progress {i}/3 {'error' if i == 2 else 'ok'} /in/{i}.png" for i in (1, 2, 3)])
 
     monkeypatch.setattr(panel.logic, "processFolder", processFolder)
-    ui.batchRunButton.click()  # no folders chosen: refused with a message, nothing started
+    # CTK's directory buttons show "." until a folder is picked: that is no choice
+    assert ui.batchInputDirectoryButton.directory == "." and ui.batchOutputDirectoryButton.directory == "."
+    ui.batchRunButton.click()
     assert not calls and panel._batch is None
-    ui.batchInputDirectoryButton.directory = str(tmp_path)
+    ui.batchInputDirectoryButton.directory = str(tmp_path)  # only the input folder: still refused
+    ui.batchRunButton.click()
+    assert not calls and panel._batch is None
     ui.batchOutputDirectoryButton.directory = str(tmp_path / "out")
     ui.batchRunButton.click()
     assert calls == [(str(tmp_path), str(tmp_path / "out"), {"model": "unet", "device": "auto", "overlays": True})]
@@ -165,10 +204,66 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
         ["lungseg-progress 1/3 ok /in/1.png", "lungseg-progress 2/3 ok /in/2.png"], pause=30))
     ui.batchRunButton.click()
     spin(lambda: panel._batch is not None and panel._batch.progress()[0] == 1, timeout=60)
+    batch = panel._batch
+    slicer.mrmlScene.Clear(0)  # File > Close Scene: the batch does not use the scene and goes on
+    spin(lambda: True)
+    assert panel._batch is batch and batch.running and not batch.cancelled
     ui.batchCancelButton.click()
     spin(lambda: panel._batch is None, timeout=60)
     assert ui.batchStatusLabel.text().startswith("Cancelled after 1 of 3")
     assert ui.batchRunButton.isEnabled()
+
+
+@pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 10)])
+def test_gui_connections_do_not_pile_up(module_widget, monkeypatch, version):
+    """On 5.6 and 5.8 connectGui returns no tag and disconnectGui leaves the node's observer behind; entering the
+    module and closing the scene must not add connections: one parameter change updates the GUI once."""
+    import slicer.parameterNodeWrapper as wrapper
+
+    widget, volume = module_widget
+    monkeypatch.setattr(wrapper, "SLICER_VERSION", version)
+    widget.cleanup()
+    widget = LungSegWidget()
+    widget.setup()
+    widget.parent.isEntered = True
+    for _ in range(5):
+        widget.enter()
+    for _ in range(2):
+        slicer.mrmlScene.Clear(0)
+    parameterNode = widget.logic.getParameterNode()
+    before = wrapper.guiUpdates
+    parameterNode.device = "cpu"
+    assert wrapper.guiUpdates - before == 1
+    assert widget.panel.ui.deviceComboBox.currentText() == "cpu"
+    widget.panel.ui.deviceComboBox.setCurrentIndex(widget.panel.ui.deviceComboBox.findText("cuda"))
+    assert parameterNode.device == "cuda"  # and the GUI still writes the node
+    widget.cleanup()
+
+
+def test_an_older_slicer_gets_a_message_not_a_traceback(monkeypatch):
+    import slicer.parameterNodeWrapper as wrapper
+
+    monkeypatch.setattr(wrapper, "SLICER_VERSION", (5, 4))  # slicer.app's version follows it
+    assert slicer.app.minorVersion == 4
+    widget = LungSegWidget()
+    widget.setup()
+    labels = widget.parent.findChildren(qt.QLabel)
+    assert widget.panel is None and any("5.6 or later" in label.text() for label in labels)
+    widget.cleanup()
+
+
+def test_developer_reload_also_reloads_the_library(monkeypatch):
+    import LungSegLib.Widget
+
+    for name in [n for n in sys.modules if n.startswith("LungSegLib")]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # the other tests keep the loaded modules
+    reloaded = []
+    monkeypatch.setattr(LungSegWidget.__mro__[1], "onReload", lambda self: reloaded.append(True), raising=False)
+    LungSegWidget().onReload()
+    assert reloaded == [True] and "LungSegLib.Widget" not in sys.modules
+    import LungSegLib.Widget as again  # the next import reads the files anew
+
+    assert again is not LungSegLib.Widget
 
 
 def test_panel_screenshot_renders(tmp_path):

@@ -1,13 +1,51 @@
 import os
+import sys
 
 import slicer
-from slicer.i18n import tr as _
-from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import *  # noqa: F403
 from slicer.util import VTKObservationMixin
 
-from LungSegLib.Parameter import LungSegParameterNode
 from LungSegLib.SegmentationLogic import SegmentationLogic
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.4: the module only says which versions it supports
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+SUPPORTED_SLICER = (5, 6)  # 5.6 to 5.12 were checked against Slicer's source (see the extension README)
+SUPPORTED_TEXT = "3D Slicer 5.6 or later (tested against 5.6, 5.8, 5.10 and 5.12)"
+# pydicom-data's adult chest CR (MIT licence), at the commit and with the SHA-256 that pydicom pins in its
+# data/urls.json and data/hashes.json
+SAMPLE_CR_URL = ("https://github.com/pydicom/pydicom-data/raw/39a2eb31815eec435dc26c322c27aec5cfcbddb6/data/"
+                 "RG1_UNCR.dcm")
+SAMPLE_CR_SHA256 = "946f28f48b9fbf360196a9b835c8fce83b0c654bf85a5107663c8a61df02e498"
+
+
+def slicerVersionProblem():
+    """Why this Slicer cannot run LungSeg, or "" when it can."""
+    version = (int(getattr(slicer.app, "majorVersion", 0)), int(getattr(slicer.app, "minorVersion", 0)))
+    if version < SUPPORTED_SLICER:
+        return _("LungSeg needs {supported}; this is Slicer {major}.{minor}. Install a newer Slicer from "
+                 "download.slicer.org.").format(supported=SUPPORTED_TEXT, major=version[0], minor=version[1])
+    if sys.version_info < (3, 9):
+        return _("LungSeg needs Python 3.9 or later in Slicer.")
+    return ""
+
+
+def registerSampleData():
+    """The demo chest CR in the Sample Data module: two clicks to a radiograph LungSeg can segment."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Chest radiograph", sampleName="LungSegChestCR",
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LungSeg.png"),
+        uris=SAMPLE_CR_URL, fileNames="LungSegChestCR.dcm", nodeNames="LungSegChestCR",
+        checksums=f"SHA256:{SAMPLE_CR_SHA256}", loadFileProperties={"singleFile": True})
 
 
 class LungSeg(ScriptedLoadableModule):  # noqa: F405
@@ -20,10 +58,14 @@ class LungSeg(ScriptedLoadableModule):  # noqa: F405
         self.parent.helpText = _(
             "Segments the right and left lung on a 2D chest radiograph (PNG, JPEG, DICOM CR/DX, RGB or grayscale) "
             "with U-Net models trained with MONAI, exports 0/1/2 labelmaps and segments whole folders. "
-            "Areas are reported in mm² when the image has a real pixel spacing. "
-            '<a href="https://github.com/lungseg/LungSeg/tree/main/LungSegExtension#readme">Documentation</a>.')
+            "Areas are reported in mm² when the image has a real pixel spacing. Needs {supported}. "
+            '<a href="https://github.com/lungseg/LungSeg/tree/main/LungSegExtension#readme">Documentation</a>.'
+        ).format(supported=SUPPORTED_TEXT)
         self.parent.acknowledgementText = _(
-            "Built on 3D Slicer, MONAI and PyTorch; the models' training data and licences are in their model cards.")
+            "Built on 3D Slicer, MONAI and PyTorch; the models' training data and licences are in their model cards. "
+            "The demo chest CR comes from pydicom-data (MIT licence).")
+        if not slicerVersionProblem():
+            slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 class LungSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F405
@@ -35,42 +77,53 @@ class LungSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa:
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)  # noqa: F405
+        problem = slicerVersionProblem()
+        if problem:  # a message in the panel, not a traceback
+            import qt
+
+            label = qt.QLabel(problem)
+            label.setWordWrap(True)
+            self.layout.addWidget(label)
+            return
         from LungSegLib.Widget import Widget
 
         self.logic = LungSegLogic()
         self.panel = Widget(self.resourcePath("UI/LungSeg.ui"), self.logic)
         self.layout.addWidget(self.panel.uiWidget)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def cleanup(self):
         self.removeObservers()
-        self.panel.cleanup()
+        if self.panel is not None:
+            self.panel.cleanup()
 
     def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        self.panel.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event):
-        self.panel.cancelAll()
-        self.panel.setParameterNode(None)
+        if self.panel is not None:
+            self.initializeParameterNode()  # the same node as before: the panel keeps its one connection
 
     def onSceneEndClose(self, caller, event):
+        # a folder batch does not use the scene and keeps running; the parameter node outlives the close
         if self.parent.isEntered:
-            self.initializeParameterNode()
+            self.initializeParameterNode()  # rebinds only if the close replaced the parameter node
 
     def initializeParameterNode(self):
         self.panel.setParameterNode(self.logic.getParameterNode())
+
+    def onReload(self):
+        """Developer Reload: also reload LungSegLib, which Slicer's reload of LungSeg.py alone would keep."""
+        for name in [n for n in sys.modules if n == "LungSegLib" or n.startswith("LungSegLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)  # noqa: F405
 
 
 class LungSegLogic(SegmentationLogic):
     """process / exportLabelmap / processFolder: see LungSegLib/SegmentationLogic.py."""
 
     def getParameterNode(self):
-        return LungSegParameterNode(super().getParameterNode())
+        from LungSegLib.Parameter import parameterNodeFor
+
+        return parameterNodeFor(super().getParameterNode())
 
 
 class LungSegTest(ScriptedLoadableModuleTest):  # noqa: F405
@@ -90,12 +143,18 @@ class LungSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         from LungSegLib.InstallLogic import InstallLogic, corePythonPath
 
         corePythonPath()
-        if InstallLogic().missingRequirements():  # a test never changes the user's Python
-            self.delayDisplay("LungSeg self-test skipped: press Apply once to install PyTorch and MONAI first.")
-            return
+        missing = InstallLogic().missingRequirements()
+        if missing:  # a test never changes the user's Python: report a skip, not a pass
+            self.skipTest("LungSeg's Python packages are not installed ({}); press Apply once to install them"
+                          .format(", ".join(missing)))
         from lungseg.samples import sample_pngs
 
+        # the parameter node is what the panel needs first (the real wrapper writes every default)
+        parameterNode = LungSegLogic().getParameterNode()
+        self.assertIsNone(parameterNode.inputVolume)
         volume = slicer.util.loadVolume(str(sample_pngs()[0]), {"singleFile": True})
+        parameterNode.inputVolume = volume
+        self.assertIs(parameterNode.inputVolume, volume)
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         uncertainty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
         summary = LungSegLogic().process(volume, segmentation, device="cpu", uncertaintyVolume=uncertainty)

@@ -9,14 +9,13 @@ from the repository root after `scripts/setup.sh test`:
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = Path(__file__).resolve().parent / "LungSeg-panel.png"
 
 
-def render(path: str | Path = SCREENSHOT, width: int = 460, height: int = 660, timeout: float = 120.0) -> Path:
+def render(path: str | Path = SCREENSHOT, width: int = 460, height: int = 660) -> Path:
     sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
     import slicer_app
 
@@ -28,13 +27,9 @@ def render(path: str | Path = SCREENSHOT, width: int = 460, height: int = 660, t
     moduleWidget = LungSegWidget()
     moduleWidget.setup()
     panel = moduleWidget.panel
-    panel.ui.applyButton.click()
-    deadline = time.time() + timeout
-    while panel._run is not None and time.time() < deadline:
-        application.processEvents()
-        time.sleep(0.02)
-    if panel._run is not None:
-        raise TimeoutError("the segmentation did not finish")
+    panel.ui.applyButton.click()  # segments before it returns
+    if not panel.logic.lastSummary:
+        raise RuntimeError(f"the segmentation failed: {panel.ui.statusLabel.text()}")
     moduleWidget.parent.resize(width, height)
     moduleWidget.parent.show()
     application.processEvents()

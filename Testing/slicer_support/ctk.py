@@ -1,5 +1,5 @@
 """Stand-ins (PySide6) for the CTK widgets in LungSeg.ui, with the properties and signals the module uses."""
-from PySide6.QtCore import Property, Qt, Signal
+from PySide6.QtCore import Property, QDir, Qt, Signal
 from PySide6.QtWidgets import QFileDialog, QGroupBox, QPushButton, QWidget
 
 
@@ -35,28 +35,56 @@ class ctkCollapsibleButton(QGroupBox):
 
 
 class ctkDirectoryButton(QPushButton):
-    """A button showing a folder; clicking it opens a folder dialog."""
+    """A button showing a folder; clicking it opens a folder dialog.
+
+    Behaviour copied from CTK Libs/Widgets/ctkDirectoryButton.cpp (commontk/CTK 82cae578, which Slicer v5.8.1
+    pins; f53820a4 for v5.6.2; dd4caeae for v5.10.0; HEAD):
+    - `directory` is `QDir().path()` until set: "." (Qt's current directory), never "";
+    - `setDirectory(dir)`: when `QDir(dir) == current` (Qt's QDir comparison, so "" and "." equal the default)
+      only `directorySelected` is emitted; otherwise the folder is stored and `directorySelected` and
+      `directoryChanged` are emitted, both with the absolute path;
+    - what `directory` returns afterwards: the path as given (`QDir(dir).path()`) in CTK before 5f750c88 (Slicer
+      5.6/5.8), the absolute path from dd4caeae on (Slicer 5.10+); chosen by slicer.parameterNodeWrapper's
+      SLICER_VERSION;
+    - the button shows the absolute path (DisplayAbsolutePath is true).
+    """
 
     directoryChanged = Signal(str)
+    directorySelected = Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self._directory = ""
-        self.setText("Select a folder...")
-        self.clicked.connect(self._browse)
+        self._qdir = QDir()
+        self.setText(self._qdir.absolutePath())
+        self.clicked.connect(self.browse)
 
-    def _browse(self):
-        folder = QFileDialog.getExistingDirectory(self, "Select a folder", self._directory)
-        if folder:
-            self._setDirectory(folder)
+    def browse(self):
+        folder = QFileDialog.getExistingDirectory(self, "Select a folder", self._qdir.path())
+        if not folder:  # cancelled
+            return ""
+        self.setDirectory(folder)
+        return folder
 
-    def _getDirectory(self):
-        return self._directory
+    def _directory(self):
+        return self._qdir.path()
 
-    def _setDirectory(self, folder):
-        if folder != self._directory:
-            self._directory = folder
-            self.setText(folder or "Select a folder...")
-            self.directoryChanged.emit(folder)
+    def setDirectory(self, folder):
+        newDirectory = QDir(folder)
+        if self._qdir == newDirectory:
+            self.directorySelected.emit(newDirectory.absolutePath())
+            return
+        self._qdir = QDir(newDirectory.absolutePath()) if _ctkStoresAbsolutePath() else newDirectory
+        self.setText(self._qdir.absolutePath())
+        self.directorySelected.emit(newDirectory.absolutePath())
+        self.directoryChanged.emit(self._qdir.absolutePath())
 
-    directory = Property(str, _getDirectory, _setDirectory)
+    directory = Property(str, _directory, setDirectory, notify=directoryChanged)  # PythonQt: an attribute
+
+
+def _ctkStoresAbsolutePath():
+    """CTK 5f750c88 (in the CTK that Slicer 5.10 pins) stores `newDirectory.absolutePath()`."""
+    try:
+        from slicer.parameterNodeWrapper import SLICER_VERSION
+    except ImportError:
+        return False
+    return SLICER_VERSION >= (5, 10)

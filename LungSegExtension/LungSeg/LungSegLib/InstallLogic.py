@@ -1,7 +1,9 @@
 """Python dependencies of LungSeg in Slicer's Python, installed on first use after the user agrees.
 
-torch comes from the PyTorch extension (SlicerPyTorch picks the build for the machine's GPU); the other packages
-come from pip with Slicer's own numpy and SimpleITK pinned, so that installing them never replaces those two.
+torch comes from the PyTorch extension (SlicerPyTorch picks the build for the machine's GPU and driver); the other
+packages come from pip, resolved against the torch, numpy and SimpleITK that are installed, which are pinned in a
+constraints file: pip then picks a MONAI that declares support for that torch (MONAI 1.6 needs torch 2.8 or newer,
+and the PyTorch extension installs torch 2.2 on Intel Macs), and it never replaces Slicer's numpy or SimpleITK.
 The `lungseg` core package ships inside the extension (see README): it is found, never downloaded.
 """
 from __future__ import annotations
@@ -76,7 +78,17 @@ class InstallLogic:
         if missing:
             self.installPackages(missing)
         importlib.invalidate_caches()
+        self.checkRestartNeeded()
         return True
+
+    def checkRestartNeeded(self) -> None:
+        """A torch that this Slicer session imported before it was upgraded keeps running the old code."""
+        torch = sys.modules.get("torch")
+        installed = self._installedVersion("torch")
+        if torch is not None and installed and getattr(torch, "__version__", installed).split("+")[0] \
+                != installed.split("+")[0]:
+            raise RuntimeError(f"PyTorch was updated from {torch.__version__} to {installed} while Slicer was "
+                               "running: restart Slicer, then press Apply again.")
 
     @staticmethod
     def installTorch() -> None:
@@ -92,7 +104,7 @@ class InstallLogic:
             raise RuntimeError("PyTorch could not be installed; see the Python console for the reason.")
 
     def installPackages(self, requirements: list[str]) -> None:
-        """pip_ensure (Slicer 5.12+) or pip_install, with numpy and SimpleITK pinned to Slicer's versions."""
+        """pip_ensure (Slicer 5.12+) or pip_install, with the installed torch, numpy and SimpleITK pinned."""
         pins = [f"{name}=={self._installedVersion(name)}" for name in PROTECTED if self._installedVersion(name)]
         constraints = Path(tempfile.mkdtemp(prefix="LungSeg-")) / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n")
@@ -107,10 +119,5 @@ class InstallLogic:
             pip_ensure([Requirement(r) for r in requirements], constraints=str(constraints),
                        skip_packages=PROTECTED, prompt_install=False, requester="LungSeg")
             return
-        # before 5.12: monai's only dependencies are torch and numpy, so it goes in without them
-        monai = [r for r in requirements if r.startswith("monai")]
-        if monai:
-            slicer.util.pip_install(["--no-deps", *monai])
-        others = [r for r in requirements if not r.startswith("monai")]
-        if others:
-            slicer.util.pip_install(["-c", str(constraints), *others])
+        # before 5.12: one pip call, so that the resolver sees the pinned torch when it picks MONAI
+        slicer.util.pip_install(["-c", str(constraints), *requirements])

@@ -1,15 +1,16 @@
 """The computation of the LungSeg module; it needs no GUI.
 
-`process` segments a radiograph volume into a "Right lung" and a "Left lung" segment; it is `readInput` (MRML, main
-thread), `compute` (numpy and torch only, safe in a worker thread) and `writeOutputs` (MRML, main thread), which the
-panel runs separately to keep the GUI responsive. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs
-the core's batch command in a child process.
+`process` segments a radiograph volume into a "Right lung" and a "Left lung" segment: `readInput` turns the volume
+into the core's radiograph (`lungseg.io.radiograph_from_array`, the same checks and gray conversion as the batch
+command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread: a
+radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
+starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
+command in a PythonSlicer child process.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,11 +24,17 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from .BatchProcess import BatchProcess
 from .InstallLogic import corePythonPath
 
-RIGHT_LUNG, LEFT_LUNG = 1, 2
-# label value: (segment ID, name, SNOMED CT code); category "Anatomical Structure" in Slicer's anatomy list
-SEGMENTS = {RIGHT_LUNG: ("RightLung", "Right lung", "3341006"), LEFT_LUNG: ("LeftLung", "Left lung", "44029006")}
+# Slicer's "3D Slicer General Anatomy list" (Modules/Loadable/Terminologies/Resources/
+# SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12): category Anatomical Structure, type Lung,
+# laterality as the type modifier. The core's label value -> (segment ID, name, modifier code, modifier meaning).
+corePythonPath()
+from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG  # noqa: E402  (pure Python: importable before torch)
+
+SEGMENTS = {RIGHT_LUNG: ("RightLung", "Right lung", "24028007", "Right"),
+            LEFT_LUNG: ("LeftLung", "Left lung", "7771000", "Left")}
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 CATEGORY = ("SCT", "123037004", "Anatomical Structure")
+LUNG_TYPE = ("SCT", "39607008", "Lung")
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".png")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -37,12 +44,15 @@ _segmentersLock = threading.Lock()
 
 @dataclass
 class RadiographInput:
-    """The input volume as the worker thread needs it."""
-    pixels: np.ndarray                  # (rows, columns) float32; luminance for RGB
-    arrayShape: tuple                   # shape of the volume's scalar array, (1, rows, columns)
-    pixelAreaMm2: float | None          # None when the spacing is not a real pixel size
-    photometric: str = ""               # DICOM PhotometricInterpretation when the volume came from DICOM
-    displayFlips: tuple = (False, False)  # from DICOM PatientOrientation: stored mirrored or upside down
+    """The input volume as the core's radiograph, and whether it must be inverted before segmenting."""
+    radiograph: object                  # lungseg.io.Radiograph
+    invert: bool | None                 # None: decide from the intensities (no file to compare with)
+    inversionSource: str = ""
+
+    @property
+    def arrayShape(self) -> tuple:
+        """Shape of the volume's scalar array, (1, rows, columns)."""
+        return (1, *self.radiograph.shape)
 
 
 @dataclass
@@ -92,6 +102,10 @@ def availableModels() -> list[dict]:
     return list_models()
 
 
+def isModelLoaded(model: str, device: str) -> bool:
+    return (model, device) in _segmenters
+
+
 def getSegmenter(model: str, device: str):
     with _segmentersLock:
         key = (model, device)
@@ -102,30 +116,18 @@ def getSegmenter(model: str, device: str):
         return _segmenters[key]
 
 
-def _dicomHeader(volumeNode):
-    """The DICOM header of the file the volume was loaded from, or None (not from DICOM, or file not found)."""
+def sourceFile(volumeNode) -> str:
+    """The file the volume was loaded from: the DICOM database's file for its first instance (DICOM module), else
+    its storage node's file (Add Data); "" for a volume made in Python."""
     uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)
-    if not uids or database is None:
-        return None
-    path = database.fileForInstance(uids[0])
-    if not path or not os.path.isfile(path):
-        return None
-    import pydicom
-
-    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-
-
-def _spacingIsPixelSize(volumeNode, dicomHeader) -> bool:
-    """The core's rule (lungseg.io): DICOM (Imager)PixelSpacing above zero; otherwise the file's stated spacing."""
-    from lungseg.io import dicom_pixel_spacing, stated_spacing
-
-    if dicomHeader is not None:
-        return dicom_pixel_spacing(dicomHeader) is not None
+    if uids and database is not None:
+        path = database.fileForInstance(uids[0])
+        if path and os.path.isfile(path):
+            return path
     storage = volumeNode.GetStorageNode()
-    fileName = (storage.GetFileName() if storage else None) or ""
-    column, row = volumeNode.GetSpacing()[:2]
-    return stated_spacing(row, column, fileName) is not None
+    path = (storage.GetFileName() if storage else None) or ""
+    return path if os.path.isfile(path) else ""
 
 
 def _ijkToLps(volumeNode):
@@ -154,56 +156,53 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         return self.writeOutputs(inputVolume, radiograph, result, outputSegmentation, uncertaintyVolume)
 
     def readInput(self, inputVolume) -> RadiographInput:
+        """The volume as the core's radiograph. Where it came from a file, the file decides what the core would
+        decide for it: the pixel spacing (GDCM gives CR/DX files 1.0 mm unless ImagerPixelSpacing is set), the
+        display orientation, and the polarity (Slicer's GDCM reader inverts MONOCHROME1, its DCMTK fallback does
+        not)."""
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select an input volume that has image data.")
         corePythonPath()
-        from lungseg.io import MIN_SIDE, display_flips
+        from lungseg.files import is_dicom
+        from lungseg.io import dicom_header, inverted_against_file, radiograph_from_array, stated_spacing
 
-        array = slicer.util.arrayFromVolume(inputVolume)
-        if array.ndim == 4:  # vector volume: RGB(A) as ITU-R BT.601 luma like the core, else the first component
-            components = array.shape[3]
-            array = (array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-                     if components >= 3 else array[..., 0])
-        if array.shape[0] != 1:
-            raise ValueError(f"'{inputVolume.GetName()}' has {array.shape[0]} slices; LungSeg segments 2D "
-                             "radiographs (single-slice volumes).")
-        pixels = array[0].astype(np.float32)
-        if min(pixels.shape) < MIN_SIDE:
-            raise ValueError(f"'{inputVolume.GetName()}' is too small ({pixels.shape[1]}x{pixels.shape[0]} pixels).")
-        finite = np.isfinite(pixels)
-        if not finite.any() or pixels[finite].min() == pixels[finite].max():
-            raise ValueError(f"'{inputVolume.GetName()}' has no contrast to segment.")
-        pixels = np.where(finite, pixels, pixels[finite].min()).astype(np.float32)
-        header = _dicomHeader(inputVolume)
-        spacing = inputVolume.GetSpacing()
-        area = spacing[0] * spacing[1] if _spacingIsPixelSize(inputVolume, header) else None
-        photometric = str(header.get("PhotometricInterpretation", "")) if header is not None else ""
-        flips = display_flips(header.get("PatientOrientation")) if header is not None else (False, False)
-        return RadiographInput(pixels, (1, *pixels.shape), area, photometric, flips)
+        array = slicer.util.arrayFromVolume(inputVolume)  # (slices, rows, columns[, components])
+        components = array.shape[3] if array.ndim == 4 else 1
+        path = sourceFile(inputVolume)
+        dicom = bool(path) and is_dicom(Path(path))
+        if dicom:
+            spacing, photometric, flips = dicom_header(Path(path))
+        else:
+            column, row = inputVolume.GetSpacing()[:2]
+            spacing, photometric, flips = stated_spacing(row, column, path or inputVolume.GetName()), "", (False, False)
+        radiograph = radiograph_from_array(array, inputVolume.GetName(), components, spacing=spacing,
+                                           photometric=photometric, display_flips=flips)
+        invert = inverted_against_file(radiograph.pixels, path) if dicom else None
+        source = f"loaded without inverting DICOM {photometric}" if invert else ""
+        return RadiographInput(radiograph, invert, source)
 
-    def compute(self, radiograph: RadiographInput, model: str = "unet", device: str = "auto",
+    def compute(self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto",
                 uncertainty: bool = False) -> SegmentationResult:
-        """The model run; touches no MRML node, so it may run in a worker thread."""
+        """The model run on the core's radiograph; touches no MRML node."""
         from lungseg.qc import quality_flags
 
         start = time.time()
         segmenter = getSegmenter(model, device)
+        radiograph = radiographInput.radiograph
         pixels = radiograph.pixels
-        # Slicer does not invert MONOCHROME1 on load: trust the DICOM header, else the model's own confidence
-        if radiograph.photometric:
-            inverted, source = radiograph.photometric == "MONOCHROME1", f"DICOM {radiograph.photometric}"
-        else:
-            inverted, source = segmenter.needs_inversion(pixels), "intensity statistics"
-        if inverted:
+        invert, source = radiographInput.invert, radiographInput.inversionSource
+        if invert is None:
+            invert, source = segmenter.needs_inversion(pixels), "intensity statistics"
+        if invert:
             pixels = pixels.max() - pixels
-        prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.displayFlips)
+        prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.display_flips)
         reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, segmenter.definition)
-        return SegmentationResult(prediction.label, prediction.uncertainty, reasons, segmenter.card, inverted,
-                                  source if inverted else "", time.time() - start)
+        return SegmentationResult(prediction.label, prediction.uncertainty, reasons, segmenter.card, invert,
+                                  source if invert else "", time.time() - start)
 
-    def writeOutputs(self, inputVolume, radiograph: RadiographInput, result: SegmentationResult,
+    def writeOutputs(self, inputVolume, radiographInput: RadiographInput, result: SegmentationResult,
                      outputSegmentation, uncertaintyVolume=None) -> SegmentationSummary:
-        from lungseg.io import LABEL_COLOURS
+        from lungseg.overlay import LABEL_COLOURS
         from lungseg.labels import lung_areas
 
         if outputSegmentation is None:
@@ -212,13 +211,13 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         if outputSegmentation.GetDisplayNode() is None:
             outputSegmentation.CreateDefaultDisplayNodes()
         segmentation = outputSegmentation.GetSegmentation()
-        for value, (segmentId, name, code) in SEGMENTS.items():
+        for value, (segmentId, name, lateralityCode, laterality) in SEGMENTS.items():
             for existing in {segmentId, segmentation.GetSegmentIdBySegmentName(name)}:
                 if existing and segmentation.GetSegment(existing):
                     segmentation.RemoveSegment(existing)  # a rerun replaces the lungs and keeps other segments
             segmentId = segmentation.AddEmptySegment(segmentId, name, [c / 255 for c in LABEL_COLOURS[value]])
-            self._setTerminology(segmentation.GetSegment(segmentId), name, code)
-            mask = (result.label == value).astype(np.uint8).reshape(radiograph.arrayShape)
+            self._setTerminology(segmentation.GetSegment(segmentId), ("SCT", lateralityCode, laterality))
+            mask = (result.label == value).astype(np.uint8).reshape(radiographInput.arrayShape)
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask, outputSegmentation, segmentId, inputVolume)
         if uncertaintyVolume is not None and result.uncertainty is not None:
             matrix = vtk.vtkMatrix4x4()
@@ -226,10 +225,10 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             uncertaintyVolume.SetIJKToRASMatrix(matrix)
             uncertaintyVolume.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
             slicer.util.updateVolumeFromArray(uncertaintyVolume,
-                                              result.uncertainty.astype(np.float32).reshape(radiograph.arrayShape))
+                                              result.uncertainty.astype(np.float32).reshape(radiographInput.arrayShape))
             if uncertaintyVolume.GetDisplayNode() is None:
                 uncertaintyVolume.CreateDefaultDisplayNodes()
-        areas = lung_areas(result.label, radiograph.pixelAreaMm2)
+        areas = lung_areas(result.label, radiographInput.radiograph.pixel_area_mm2)
         card = result.card
         self.lastSummary = SegmentationSummary(
             model=card["name"], definition=card.get("definition", ""), definitionText=card.get("definition_text", ""),
@@ -241,16 +240,17 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         return self.lastSummary
 
     @staticmethod
-    def _setTerminology(segment, name: str, code: str) -> None:
+    def _setTerminology(segment, laterality: tuple) -> None:
         entry = slicer.vtkSlicerTerminologyEntry()
         entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
         for coded, (scheme, value, meaning) in ((entry.GetCategoryObject(), CATEGORY),
-                                                (entry.GetTypeObject(), ("SCT", code, name))):
+                                                (entry.GetTypeObject(), LUNG_TYPE),
+                                                (entry.GetTypeModifierObject(), laterality)):
             coded.SetCodingSchemeDesignator(scheme)
             coded.SetCodeValue(value)
             coded.SetCodeMeaning(meaning)
         text = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
-        if hasattr(segment, "SetTerminology"):  # Slicer 5.8+
+        if hasattr(segment, "SetTerminology"):  # vtkSegment::SetTerminology exists from Slicer 5.10
             segment.SetTerminology(text)
         else:
             segment.SetTag(segment.GetTerminologyEntryTagName(), text)
@@ -266,7 +266,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         import SimpleITK as sitk
 
         corePythonPath()
-        from lungseg.io import suffix_of, write_labelmap
+        from lungseg.files import suffix_of
+        from lungseg.io import write_labelmap
 
         path = Path(path)
         suffix = suffix_of(path)
@@ -277,7 +278,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"'{referenceVolume.GetName()}' has {dimensions[2]} slices; export needs a radiograph.")
         segmentation = segmentationNode.GetSegmentation()
         label = np.zeros((dimensions[1], dimensions[0]), np.uint8)
-        for value, (segmentId, name, _) in SEGMENTS.items():
+        for value, (segmentId, name, *_) in SEGMENTS.items():
             found = segmentation.GetSegmentIdBySegmentName(name) or (
                 segmentId if segmentation.GetSegment(segmentId) else "")
             if not found:
@@ -300,8 +301,12 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def pythonExecutable() -> str:
-        """Slicer's PythonSlicer, which runs Slicer's Python with its environment; outside Slicer this Python."""
-        return shutil.which("PythonSlicer") or sys.executable
+        """Slicer's PythonSlicer, which runs Slicer's Python with its environment. Inside Slicer `sys.executable`
+        is the application itself, so there is no fallback (as slicer.util._executePythonModule)."""
+        executable = shutil.which("PythonSlicer")
+        if not executable:
+            raise RuntimeError("PythonSlicer executable not found; the batch needs Slicer's own Python launcher")
+        return executable
 
     def processFolder(self, inputDir, outputDir, model: str = "unet", device: str = "auto", overlays: bool = True,
                       labelmapFormat: str = "nrrd", python: str | None = None) -> BatchProcess:
@@ -321,6 +326,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         # the child finds the core that ships with the extension
         environment["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(corePythonPath()), environment.get("PYTHONPATH", "")) if p)
+        # a pipe otherwise gets the ANSI code page on Windows; BatchProcess reads UTF-8
+        environment["PYTHONIOENCODING"] = "utf-8"
         process = BatchProcess(args, environment, outputDir)
         process.start()
         return process

@@ -1,13 +1,13 @@
-"""The LungSeg panel: binds LungSeg.ui to the parameter node and runs the logic without freezing the GUI.
+"""The LungSeg panel: binds LungSeg.ui to the parameter node and runs the logic.
 
-One radiograph: the volume is read on the main thread, the model runs in a worker thread on numpy arrays, and a
-QTimer brings the result back to write the MRML nodes on the main thread. A folder: the core's batch command runs in
-a child process, whose progress the same timer reads.
+One radiograph runs on the main thread while the panel shows that it is busy: it takes well under a second once the
+model is loaded, and in Slicer the main thread holds Python's GIL while it waits for events (PythonQt never
+releases it), so a Python worker thread would crawl. A folder runs the core's batch command in a child process,
+whose progress a QTimer reads.
 """
 from __future__ import annotations
 
-import threading
-import traceback
+import os
 
 import qt
 import slicer
@@ -16,39 +16,17 @@ from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
 from .InstallLogic import InstallLogic
-from .SegmentationLogic import LABELMAP_SUFFIXES, availableModels
+from .SegmentationLogic import availableModels, isModelLoaded, sourceFile
 
 POLL_MS = 100
-DEFINITION_TITLES = {"lung-fields": _("Lung fields (visible lung, SCR style)"),
-                     "full-extent": _("Full extent (lung behind heart and diaphragm)")}
+# the export dialog's filters and the suffix each one gives a name typed without one
+EXPORT_FILTERS = {"NRRD (*.nrrd)": ".nrrd", "NIfTI (*.nii.gz)": ".nii.gz", "PNG (*.png)": ".png"}
 
 
 def _value(widget, name):
     """A Qt property's value: PythonQt exposes properties as attributes, PySide6 (in the tests) as getters."""
     value = getattr(widget, name)
     return value() if callable(value) else value
-
-
-class _ModelRun:
-    """`compute` in a worker thread; the main thread reads `result` or `error` once `finished`."""
-
-    def __init__(self, compute, inputVolume, radiograph, outputSegmentation, uncertaintyVolume):
-        self.inputVolume, self.radiograph = inputVolume, radiograph
-        self.outputSegmentation, self.uncertaintyVolume = outputSegmentation, uncertaintyVolume
-        self.result = self.error = self.errorTrace = None
-        self._thread = threading.Thread(target=self._run, args=(compute,), daemon=True)
-        self._thread.start()
-
-    def _run(self, compute):
-        try:
-            self.result = compute()
-        except Exception as error:  # reported on the main thread
-            self.error = error
-            self.errorTrace = traceback.format_exc()
-
-    @property
-    def finished(self) -> bool:
-        return not self._thread.is_alive()
 
 
 class Widget(VTKObservationMixin):
@@ -61,29 +39,36 @@ class Widget(VTKObservationMixin):
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run: _ModelRun | None = None
+        self._busy = False  # a segmentation or an installation is under way: a second click is ignored
         self._batch = None
+        self._exportFolder = ""
+        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts
+        self._folders = {"input": "", "output": ""}
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._poll)
+        self._timer.timeout.connect(self._pollBatch)
         self._cards = {card["name"]: card for card in availableModels()}
         self._fillModels()
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.applyButton.clicked.connect(self.onApply)
-        self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.exportButton.clicked.connect(self.onExport)
+        self.ui.batchInputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("input", folder))
+        self.ui.batchOutputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("output", folder))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self._updateButtons()
 
     def _fillModels(self):
         """Models grouped by lung definition; a disabled header per group, the card's text as tooltip."""
+        from lungseg.definitions import DEFINITIONS
+
         combo = self.ui.modelComboBox
         combo.clear()
         present = {c.get("definition", "") for c in self._cards.values()}
-        for definition in [d for d in DEFINITION_TITLES if d in present] + sorted(present - set(DEFINITION_TITLES)):
-            combo.addItem(DEFINITION_TITLES.get(definition, definition or _("Other")))
+        for definition in [d for d in DEFINITIONS if d in present] + sorted(present - set(DEFINITIONS)):
+            known = DEFINITIONS.get(definition)
+            combo.addItem(_(known.title) if known else definition or _("Other"))
             combo.setItemData(_value(combo, "count") - 1, 0, qt.Qt.UserRole - 1)  # no item flags: a header
             for name, card in sorted(self._cards.items()):
                 if card.get("definition", "") == definition:
@@ -92,11 +77,29 @@ class Widget(VTKObservationMixin):
 
     # --- parameter node -------------------------------------------------------------------------------------
 
+    def _boundWidgets(self) -> dict:
+        """Parameter name -> widget, for the widgets that the .ui binds with the "SlicerParameterName" property."""
+        bound = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                bound[name] = widget
+        return bound
+
     def setParameterNode(self, parameterNode):
+        """Bind the panel to a parameter node, once per node: Slicer 5.6 and 5.8 cannot undo a connection fully
+        (`connectGui` returns no tag there, and `disconnectGui` leaves the node's observer), so rebinding on every
+        `enter()` would pile connections up. `connectParametersToGui` returns its tag in every version."""
+        if parameterNode is not None and self._parameterNode is not None \
+                and parameterNode.parameterNode is self._parameterNode.parameterNode:
+            return
         if self._parameterNode is not None:
+            from .Parameter import retire
+
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-        self._parameterNode = parameterNode
+            retire(self._parameterNode)
+        self._parameterNode, self._parameterNodeGuiTag = parameterNode, None
         if parameterNode is not None:
             if parameterNode.inputVolume is None:  # save the user a click
                 volumes = [v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
@@ -104,8 +107,7 @@ class Widget(VTKObservationMixin):
                 parameterNode.inputVolume = volumes[0] if volumes else None
             if parameterNode.model not in self._cards and self._cards:
                 parameterNode.model = sorted(self._cards)[0]
-            # widgets with the "SlicerParameterName" property in LungSeg.ui follow the node and update it
-            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = parameterNode.connectParametersToGui(self._boundWidgets())
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._onParameterNodeModified()
 
@@ -126,61 +128,68 @@ class Widget(VTKObservationMixin):
             self._parameterNode.model = name
 
     def _updateButtons(self):
-        busy = self._run is not None or self._batch is not None
+        busy = self._busy or self._batch is not None
         canApply = self._parameterNode is not None and self._parameterNode.inputVolume is not None
         self.ui.applyButton.setEnabled(canApply and not busy)
         self.ui.applyButton.setToolTip(_("Segment the lungs of the input volume") if canApply
                                        else _("Select an input volume"))
-        self.ui.cancelButton.setEnabled(self._run is not None)
         self.ui.batchRunButton.setEnabled(not busy)
         self.ui.batchCancelButton.setEnabled(self._batch is not None)
+
+    def _setBusy(self, busy: bool, message: str = ""):
+        """Show the busy state and paint it before the main thread blocks."""
+        self._busy = busy
+        self.ui.progressBar.setRange(0, 0 if busy else 1)
+        self.ui.progressBar.setValue(0 if busy else 1)
+        if message:
+            self.ui.statusLabel.setText(message)
+        self._updateButtons()
+        slicer.app.processEvents()
+
+    def _ensureDependencies(self) -> bool:
+        # the install runs pip through slicer.util, which processes events: the buttons stay disabled meanwhile
+        self._setBusy(True, _("Checking the Python packages LungSeg needs..."))
+        return self.installLogic.ensureDependencies()
 
     # --- one radiograph -------------------------------------------------------------------------------------
 
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to segment the radiograph."), waitCursor=True):
-            if self._run is not None or not self.installLogic.ensureDependencies():
-                return
-            parameterNode = self._parameterNode
-            inputVolume = parameterNode.inputVolume
-            radiograph = self.logic.readInput(inputVolume)
-            if parameterNode.outputSegmentation is None:
-                parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} lungs"))
-            if parameterNode.uncertainty and parameterNode.uncertaintyVolume is None:
-                parameterNode.uncertaintyVolume = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLScalarVolumeNode",
-                    slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} uncertainty"))
-            uncertaintyVolume = parameterNode.uncertaintyVolume if parameterNode.uncertainty else None
-            model, device, uncertainty = parameterNode.model, parameterNode.device, parameterNode.uncertainty
-            self._run = _ModelRun(lambda: self.logic.compute(radiograph, model, device, uncertainty),
-                                  inputVolume, radiograph, parameterNode.outputSegmentation, uncertaintyVolume)
-            self.ui.progressBar.setRange(0, 0)  # busy
-            self.ui.statusLabel.setText(_("Segmenting {name} with {model}...").format(
-                name=inputVolume.GetName(), model=model))
-            self._updateButtons()
-            self._timer.start()
+        if self._busy:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to segment the radiograph."), waitCursor=True):
+                try:
+                    if self._ensureDependencies():
+                        self._segment()
+                    else:
+                        self.ui.statusLabel.setText(_("Not segmented: LungSeg's Python packages are not installed."))
+                except Exception as error:
+                    self.ui.statusLabel.setText(_("Failed: {error}").format(error=error))
+                    raise
+        finally:
+            self._setBusy(False)
 
-    def onCancel(self):
-        if self._run is not None:
-            self._run = None  # the thread ends within a model run; its result is dropped
-            self.ui.progressBar.setRange(0, 1)
-            self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.setText(_("Cancelled."))
-            self._updateButtons()
-
-    def _finishRun(self):
-        run, self._run = self._run, None
-        self.ui.progressBar.setRange(0, 1)
-        self.ui.progressBar.setValue(1)
-        self._updateButtons()
-        with slicer.util.tryWithErrorDisplay(_("Failed to segment the radiograph.")):
-            if run.error is not None:
-                self.ui.statusLabel.setText(_("Failed: {error}").format(error=run.error))
-                raise RuntimeError(f"{run.error}\n\n{run.errorTrace}")
-            summary = self.logic.writeOutputs(run.inputVolume, run.radiograph, run.result, run.outputSegmentation,
-                                              run.uncertaintyVolume)
-            self.ui.statusLabel.setText(summary.statusText())
+    def _segment(self):
+        parameterNode = self._parameterNode
+        inputVolume, model, device = parameterNode.inputVolume, parameterNode.model, parameterNode.device
+        radiograph = self.logic.readInput(inputVolume)
+        if parameterNode.outputSegmentation is None:
+            parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} lungs"))
+        if parameterNode.uncertainty and parameterNode.uncertaintyVolume is None:
+            parameterNode.uncertaintyVolume = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} uncertainty"))
+        uncertaintyVolume = parameterNode.uncertaintyVolume if parameterNode.uncertainty else None
+        if isModelLoaded(model, device):
+            message = _("Segmenting {name} with {model}...").format(name=inputVolume.GetName(), model=model)
+        else:
+            message = _("Loading the model {model} (first use), then segmenting {name}...").format(
+                name=inputVolume.GetName(), model=model)
+        self._setBusy(True, message)
+        result = self.logic.compute(radiograph, model, device, uncertaintyVolume is not None)
+        summary = self.logic.writeOutputs(inputVolume, radiograph, result, parameterNode.outputSegmentation,
+                                          uncertaintyVolume)
+        self.ui.statusLabel.setText(summary.statusText())
 
     # --- labelmap export ------------------------------------------------------------------------------------
 
@@ -190,37 +199,58 @@ class Widget(VTKObservationMixin):
             segmentation, reference = parameterNode.outputSegmentation, parameterNode.inputVolume
             if segmentation is None or reference is None:
                 raise ValueError(_("Select the input volume and its lung segmentation first."))
-            path = qt.QFileDialog.getSaveFileName(
-                self.uiWidget, _("Export labelmap"), f"{reference.GetName()}-lungs.nrrd",
-                "NRRD (*.nrrd);;NIfTI (*.nii.gz);;PNG (*.png)")
-            if isinstance(path, tuple):  # PySide6 also returns the chosen filter
-                path = path[0]
+            path = self._askLabelmapPath(reference)
             if not path:
                 return
-            if not path.lower().endswith(LABELMAP_SUFFIXES):
-                path += ".nrrd"
             written = self.logic.exportLabelmap(segmentation, reference, path)
+            self._exportFolder = str(written.parent)
             self.ui.statusLabel.setText(_("Labelmap (0 background, 1 right, 2 left) written to {path}").format(
                 path=written))
 
+    def _askLabelmapPath(self, reference) -> str:
+        """A save dialog that opens in the last export folder (else the radiograph's folder, else Slicer's default
+        scene folder) and gives a name typed without a suffix the one of the chosen filter."""
+        source = sourceFile(reference)
+        folder = self._exportFolder or (os.path.dirname(source) if source and reference.GetStorageNode() else "") \
+            or getattr(slicer.app, "defaultScenePath", "") or qt.QDir.homePath()
+        dialog = qt.QFileDialog(self.uiWidget, _("Export labelmap"))
+        dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
+        dialog.setNameFilters(list(EXPORT_FILTERS))
+        dialog.setDirectory(folder)
+        dialog.setDefaultSuffix(EXPORT_FILTERS[next(iter(EXPORT_FILTERS))].lstrip("."))
+        dialog.filterSelected.connect(lambda chosen: dialog.setDefaultSuffix(EXPORT_FILTERS[chosen].lstrip(".")))
+        dialog.selectFile(f"{reference.GetName()}-lungs")
+        if not dialog.exec_():
+            return ""
+        path = dialog.selectedFiles()[0]
+        if not path.lower().endswith(tuple(EXPORT_FILTERS.values())):
+            path += EXPORT_FILTERS.get(dialog.selectedNameFilter(), ".nrrd")
+        return path
+
     # --- batch folder ---------------------------------------------------------------------------------------
 
+    def _pickFolder(self, role: str, folder: str):
+        self._folders[role] = folder
+
     def onRunBatch(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the batch segmentation."), waitCursor=True):
-            if self._batch is not None or not self.installLogic.ensureDependencies():
-                return
-            inputDir = _value(self.ui.batchInputDirectoryButton, "directory")
-            outputDir = _value(self.ui.batchOutputDirectoryButton, "directory")
-            if not inputDir or not outputDir:
-                raise ValueError(_("Choose an input folder and an output folder."))
-            parameterNode = self._parameterNode
-            self._batch = self.logic.processFolder(inputDir, outputDir, model=parameterNode.model,
-                                                   device=parameterNode.device,
-                                                   overlays=self.ui.batchOverlaysCheckBox.isChecked())
-            self.ui.batchProgressBar.setRange(0, 0)
-            self.ui.batchStatusLabel.setText(_("Starting..."))
-            self._updateButtons()
-            self._timer.start()
+        if self._busy or self._batch is not None:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the batch segmentation."), waitCursor=True):
+                inputDir, outputDir = self._folders["input"], self._folders["output"]
+                if not inputDir or not outputDir:
+                    raise ValueError(_("Choose an input folder and an output folder."))
+                if not self._ensureDependencies():
+                    return
+                parameterNode = self._parameterNode
+                self._batch = self.logic.processFolder(inputDir, outputDir, model=parameterNode.model,
+                                                       device=parameterNode.device,
+                                                       overlays=self.ui.batchOverlaysCheckBox.isChecked())
+                self.ui.batchProgressBar.setRange(0, 0)
+                self.ui.batchStatusLabel.setText(_("Starting..."))
+                self._timer.start()
+        finally:
+            self._setBusy(False)
 
     def onCancelBatch(self):
         if self._batch is not None:
@@ -230,6 +260,9 @@ class Widget(VTKObservationMixin):
 
     def _pollBatch(self):
         batch = self._batch
+        if batch is None:
+            self._timer.stop()
+            return
         done, total, failed, lastInput = batch.progress()
         if total:
             self.ui.batchProgressBar.setRange(0, total)
@@ -240,6 +273,7 @@ class Widget(VTKObservationMixin):
                     done=done, total=total or "?", failed=failed))
             return
         self._batch = None
+        self._timer.stop()
         if batch.cancelled:
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
                 done=done, total=total or "?")
@@ -253,22 +287,10 @@ class Widget(VTKObservationMixin):
         self.ui.batchProgressBar.setValue(done)
         self._updateButtons()
 
-    # --- timer and lifetime ---------------------------------------------------------------------------------
-
-    def _poll(self):
-        if self._run is not None and self._run.finished:
-            self._finishRun()
-        if self._batch is not None:
-            self._pollBatch()
-        if self._run is None and self._batch is None:
-            self._timer.stop()
-
-    def cancelAll(self):
-        self.onCancel()
-        self.onCancelBatch()
+    # --- lifetime -------------------------------------------------------------------------------------------
 
     def cleanup(self):
-        self.cancelAll()
+        self.onCancelBatch()
         self._timer.stop()
         self.setParameterNode(None)
         self.removeObservers()

@@ -1,0 +1,133 @@
+"""How the extension reaches users: the catalog entry, the "additional module path" install from a checkout, the
+Python of the oldest supported Slicer, the demo CR in Sample Data, and the README's figures."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import importorskip, require_or_skip
+
+REPO = Path(__file__).resolve().parents[1]
+EXTENSION = REPO / "LungSegExtension"
+MODULE = EXTENSION / "LungSeg"
+CORE = REPO / "LungSegCore" / "lungseg"
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    """ExtensionsIndex entry, schema v1.0.2 (Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json:
+    required $schema, category and scm_url; no other properties than these; scm_type git or local)."""
+    entry = json.loads((EXTENSION / "LungSeg.json").read_text())
+    allowed = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+               "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
+               "tier": int}
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= set(allowed)
+    assert all(isinstance(entry[key], allowed[key]) for key in entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    # the same facts as the extension's CMakeLists.txt
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+    assert f'set(EXTENSION_DEPENDS "{" ".join(entry["build_dependencies"])}")' in cmake
+    assert f"set(EXTENSION_BUILD_SUBDIRECTORY {entry['build_subdirectory']})" in cmake
+
+
+def test_module_found_through_an_additional_module_path_finds_the_core_beside_it(tmp_path):
+    """Slicer adds the module's folder to sys.path; with no lungseg installed, the module finds the checkout's
+    LungSegCore. The child hides this venv's editable install of lungseg first."""
+    script = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + repr(f)]
+sys.path[:] = [p for p in sys.path if "LungSegCore" not in p]
+import importlib.util
+assert importlib.util.find_spec("lungseg") is None, "lungseg still importable"
+sys.path.insert(0, {str(REPO / "Testing" / "slicer_support")!r})
+import slicer_app
+slicer_app.start()
+sys.path.insert(0, {str(MODULE)!r})
+from LungSegLib.InstallLogic import corePythonPath
+print(corePythonPath())
+import lungseg.models
+print(lungseg.models.__file__)
+print(sorted(card["name"] for card in lungseg.models.list_models()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    folder, module, models = result.stdout.splitlines()[-3:]
+    assert Path(folder) == REPO / "LungSegCore" and Path(module).is_relative_to(CORE)
+    assert "unet" in models
+
+
+def python_files() -> list[Path]:
+    return sorted([*MODULE.rglob("*.py"), *CORE.rglob("*.py")])
+
+
+def test_module_and_core_parse_as_python_39():
+    """Slicer 5.6 and 5.8 ship Python 3.9: no newer syntax in the module or the bundled core."""
+    for path in python_files():
+        ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+        text = path.read_text()
+        if "__future__ import annotations" not in text:  # PEP 604 unions would be evaluated at import time
+            assert not re.search(r"(->|:)\s*\w+(\[[^]]*\])?\s*\|\s*\w", text), path
+
+
+def test_module_and_core_compile_with_python_39():
+    # pyenv's shim answers even where 3.9 is not selected: take the interpreter itself
+    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) \
+        or shutil.which("python3.9")
+    if python is None:
+        require_or_skip("no Python 3.9 interpreter here to compile the files with")
+    files = [str(p) for p in python_files()]
+    result = subprocess.run([str(python), "-c", "import sys, ast\nfor f in sys.argv[1:]:\n"
+                             "    compile(open(f, encoding='utf-8').read(), f, 'exec')", *files],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_demo_cr_is_registered_with_sample_data(monkeypatch):
+    """Sample Data > Chest radiograph: pydicom-data's CR at the commit and SHA-256 that pydicom itself pins."""
+    importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
+    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    import slicer_app
+
+    slicer = slicer_app.start()
+    registered, connected = [], []
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **source: registered.append(source))))
+    monkeypatch.setattr(slicer.app, "connect", lambda signal, slot: connected.append((signal, slot)), raising=False)
+    import LungSeg
+
+    LungSeg.LungSeg(types.SimpleNamespace())
+    (signal, slot), = connected
+    assert signal == "startupCompleted()"
+    slot()
+    (source,), = [registered]
+    assert source["category"] == "Chest radiograph" and Path(source["thumbnailFileName"]).is_file()
+
+    import pydicom.data
+
+    pinned = Path(pydicom.data.__file__).parent
+    url = json.loads((pinned / "urls.json").read_text())["RG1_UNCR.dcm"]
+    digest = json.loads((pinned / "hashes.json").read_text())["RG1_UNCR.dcm"]
+    url = url if isinstance(url, str) else url[0]
+    assert source["uris"] == url and source["checksums"] == f"SHA256:{digest}"
+    from lungseg.samples import chest_dicom
+
+    local = chest_dicom()
+    if local is None:
+        require_or_skip("pydicom-data is not installed")
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == digest
+
+
+def test_readme_states_the_shipped_weights_size():
+    """The extension README's size of the bundled weights is the size of the shipped files."""
+    megabytes = sum(p.stat().st_size for p in CORE.glob("models/*.safetensors")) / 1e6
+    stated = re.search(r"~([\d.]+) MB of weights", (EXTENSION / "README.md").read_text())
+    assert stated and float(stated.group(1)) == pytest.approx(megabytes, abs=0.05)
