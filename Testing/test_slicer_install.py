@@ -131,3 +131,42 @@ def test_readme_states_the_shipped_weights_size():
     megabytes = sum(p.stat().st_size for p in CORE.glob("models/*.safetensors")) / 1e6
     stated = re.search(r"~([\d.]+) MB of weights", (EXTENSION / "README.md").read_text())
     assert stated and float(stated.group(1)) == pytest.approx(megabytes, abs=0.05)
+
+
+# Slicer 5.6.2's Python packages (SuperBuild/External_python-*.cmake): numpy 1.26.1, scipy 1.11.3; pydicom and
+# SimpleITK as it ships them are close enough for the calls the module makes before torch is installed.
+SLICER_56_PACKAGES = ["numpy==1.26.1", "scipy==1.11.3", "SimpleITK", "pydicom", "PyYAML"]
+
+
+def test_torch_free_core_runs_on_the_python_of_slicer_56(tmp_path, chest_dicom):
+    """What the module uses before torch is installed (model cards, reading a radiograph, QC, labels, writing) imports
+    and runs on Python 3.9 with Slicer 5.6's numpy and scipy. The venv is cached in .venv/py39-slicer56."""
+    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) \
+        or shutil.which("python3.9")
+    if python is None:
+        require_or_skip("no Python 3.9 interpreter here")
+    venv = REPO / ".venv" / "py39-slicer56"
+    stamp = venv / (".stamp-" + hashlib.sha1(" ".join(SLICER_56_PACKAGES).encode()).hexdigest()[:10])
+    if not stamp.exists():
+        subprocess.run([str(python), "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        *SLICER_56_PACKAGES], check=True, timeout=600)
+        stamp.touch()
+    script = f"""
+import sys
+sys.path.insert(0, {str(CORE.parent)!r})
+import numpy as np
+from lungseg import definitions, files, io, labels, models, overlay, qc
+radiograph = io.read_radiograph({str(chest_dicom)!r})
+label = np.zeros(radiograph.shape, np.uint8)
+label[400:1400, 300:800], label[400:1400, 1050:1550] = 1, 2
+print(sorted(card["name"] for card in models.list_models()))
+print(radiograph.shape, qc.quality_flags(label, label, None, "lung-fields"), labels.lung_areas(label, None)["right_area_px"])
+io.write_labelmap(label, radiograph.reference, {str(tmp_path / "label.nrrd")!r})
+print(sys.version_info[:2], np.__version__)
+"""
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    names, read, version = result.stdout.splitlines()[-3:]
+    assert "unet" in names and read.startswith("(1955, 1841)") and version.startswith("(3, 9) 1.26.1")
+    assert (tmp_path / "label.nrrd").is_file()
