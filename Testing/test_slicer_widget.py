@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +43,9 @@ def module_widget():
 
 
 def spin(condition, timeout=120.0):
-    """Run the event loop until `condition()`; returns the longest time between two event-loop turns."""
-    deadline, last, longest = time.time() + timeout, time.time(), 0.0
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        application.processEvents()
-        now = time.time()
-        longest, last = max(longest, now - last), now
-        time.sleep(0.01)
-    application.processEvents()
-    return longest
+    """Run Slicer's event loop, as emulated in slicer_app (the main thread holds the GIL while idle), until
+    `condition()`; returns the longest time between two event-loop turns."""
+    return slicer_app.spin_like_slicer(application, condition, timeout)
 
 
 def test_ui_loads_with_its_named_widgets():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,6 @@ LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".png")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 _segmenters: dict = {}  # (model, device) -> lungseg Segmenter, shared by every logic instance
-_segmentersLock = threading.Lock()
 
 
 @dataclass
@@ -107,13 +105,12 @@ def isModelLoaded(model: str, device: str) -> bool:
 
 
 def getSegmenter(model: str, device: str):
-    with _segmentersLock:
-        key = (model, device)
-        if key not in _segmenters:
-            from lungseg.inference import Segmenter
+    key = (model, device)
+    if key not in _segmenters:
+        from lungseg.inference import Segmenter
 
-            _segmenters[key] = Segmenter(model, device)
-        return _segmenters[key]
+        _segmenters[key] = Segmenter(model, device)
+    return _segmenters[key]
 
 
 def sourceFile(volumeNode) -> str:
