@@ -9,7 +9,7 @@ import traceback
 
 from .definitions import DEFINITIONS
 from .errors import LungSegError
-from .io import OUTPUT_FORMATS
+from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from .memory import keep_freed_memory
 
 
@@ -18,7 +18,7 @@ def _segment(args) -> int:
     from .segment import Options, run_segment
 
     options = Options(fmt=args.format, overlays=args.overlays, save_probabilities=args.save_probabilities,
-                      uncertainty=args.uncertainty, overwrite=args.overwrite)
+                      uncertainty=args.uncertainty, overwrite=args.overwrite, max_pixels=args.max_pixels or None)
     return run_segment(args.inputs, args.output, model=resolve_model(args.model, args.definition), options=options,
                        device=args.device,
                        recursive=args.recursive, shard=args.shard, batch_size=args.batch_size, workers=args.workers,
@@ -31,7 +31,8 @@ def _evaluate(args) -> int:
 
     summary = evaluate(args.images, args.masks, model=resolve_model(args.model, args.definition),
                        out_dir=args.output, split=args.split, masks_right=args.masks_right,
-                       masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition)
+                       masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition,
+                       uncertainty=args.uncertainty)
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
     return 0
 
@@ -70,6 +71,16 @@ def _models(args) -> int:
     return 0
 
 
+def _pixel_count(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a pixel count (e.g. 50000000 or 5e7)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the pixel limit cannot be negative")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     # --debug is accepted before and after the command; SUPPRESS keeps a subcommand from resetting it
     common = argparse.ArgumentParser(add_help=False)
@@ -85,7 +96,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model name, or path to a model card/weights (overrides --definition)")
     s.add_argument("--definition", choices=list(DEFINITIONS),
                    help="use the best available model of this lung definition (default: lung-fields)")
-    s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS), help="labelmap format (default nrrd)")
+    s.add_argument("--format", default="nrrd", choices=list(OUTPUT_FORMATS),
+                   help="labelmap format (default nrrd); dicom-seg writes a DICOM Segmentation that references its "
+                        "DICOM input (DICOM inputs only)")
+    s.add_argument("--max-pixels", type=_pixel_count, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse an image whose header declares more than N pixels, before decoding it "
+                        f"(default {DEFAULT_MAX_PIXELS:_}; 0: no limit)")
     s.add_argument("--overlays", action="store_true", help="also write a PNG overlay per image")
     s.add_argument("--save-probabilities", action="store_true",
                    help="also write the class probabilities (background, right, left) on the input grid")
@@ -113,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--truth-definition", choices=list(DEFINITIONS),
                    help="the lung definition the reference masks follow; a warning is printed if the model differs")
     e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
+    e.add_argument("--uncertainty", action="store_true",
+                   help="segment as `lungseg segment --uncertainty` does, and measure that mode's QC")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_evaluate)
 
@@ -143,15 +161,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     keep_freed_memory()  # this process is ours alone: a faster forward pass (see memory.py)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a pipe closed early must end in the handler below
+        return status
     except KeyboardInterrupt:  # outputs are written atomically: whatever finished stays, nothing is half-written
         print("lungseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output left (`lungseg models | head -1`): stop quietly, like `cat`
+        return _closed_stdout()
     except LungSegError as exc:  # the user's to fix; anything else is a bug and keeps its traceback
         if getattr(args, "debug", False) or os.environ.get("LUNGSEG_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         print(f"lungseg: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _closed_stdout() -> int:
+    """Exit status 141 (128 + SIGPIPE, as a shell reports for `cat` in the same place), with no traceback: stdout
+    goes to /dev/null, so that the interpreter's final flush cannot raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (an embedding host)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ IGNORE = 255  # training labels only: pixels (devices, markup) that count neithe
 LABEL_DESCRIPTIONS = {BACKGROUND: "background", RIGHT_LUNG: "right lung (patient side)",
                       LEFT_LUNG: "left lung (patient side)"}
 
+# The coded terms of the two lungs, the one source for every writer that names them (the DICOM-SEG writer here and the
+# Slicer module's segments): Slicer's "3D Slicer General Anatomy list" codes them as category Anatomical Structure, type
+# Lung, with the laterality as the type modifier. (coding scheme, code value, code meaning), SNOMED CT.
+LUNG_CATEGORY = ("SCT", "123037004", "Anatomical Structure")
+LUNG_TYPE = ("SCT", "39607008", "Lung")
+LUNG_LATERALITY = {RIGHT_LUNG: ("SCT", "24028007", "Right"), LEFT_LUNG: ("SCT", "7771000", "Left")}
+LUNG_SEGMENT_NAMES = {RIGHT_LUNG: "Right lung", LEFT_LUNG: "Left lung"}
+
 
 @dataclass(frozen=True)
 class QcLimits:

@@ -6,11 +6,15 @@ one, or a hidden `.partial` file, never a truncated output.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import LungSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr", ".nii",
                   ".nii.gz", ".mha", ".mhd")
@@ -77,16 +81,59 @@ def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary name beside `path` (same suffix, so writers pick the same format); rename it to `path`
-    only if the block succeeds."""
+    only if the block succeeds. A file system left with no free block fails it with ENOSPC: ITK does not check
+    `fclose`, so on a full disk it can end a file short, even at 0 bytes, without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix_of(path)}")
     try:
         yield tmp
+        if free_bytes(tmp.parent) == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def prepare_output_folder(folder: str | Path) -> None:
+    """Create `folder` with its parents and check that a file can be written there, before any work: LungSegError
+    naming the folder and the reason (a path through a file, no permission, a read-only file system, a full disk)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LungSegError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from exc
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lungseg-write-test-") as probe:
+            probe.write(b"lungseg")
+            probe.flush()
+    except OSError as exc:
+        raise LungSegError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from exc
+
+
+OUT_OF_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# Conditions of the whole output folder rather than of one input: a batch stops on them instead of failing every input.
+FATAL_WRITE_ERRNOS = (*OUT_OF_SPACE, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Bytes this process may still write in `folder`'s file system (root may use the reserved blocks); None where
+    unknown (Windows)."""
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    blocks = stat.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stat.f_bavail
+    return blocks * stat.f_frsize
+
+
+def raise_if_out_of_space(path: str | Path, exc: BaseException) -> None:
+    """Raise OSError(ENOSPC) from `exc`, the failure of a library writer (ITK says "couldn't write gzip data"), when
+    the file system of `path` is full: less than 1 MiB left while the partial file still stands."""
+    free = free_bytes(Path(path).parent)
+    if "No space left" in str(exc) or (free is not None and free < (1 << 20)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 
 
 def write_atomic_text(text: str, path: str | Path) -> None:

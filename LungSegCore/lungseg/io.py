@@ -5,6 +5,9 @@
 - Spacing is "known" only where the file states it: DICOM PixelSpacing or ImagerPixelSpacing above zero, any spacing in
   NRRD/NIfTI/MHA, and a PNG/TIFF/JPEG/BMP resolution that is neither ITK's 1.0 default nor a screen DPI.
 - Outputs keep the input's size, spacing, origin and direction (and its third axis for single-slice volumes).
+- Size: the header's pixel count is checked against a limit before any pixel is decoded (a 1.5 MB PNG can declare
+  40000x40000 pixels, 1.6 GB once decoded). DICOM objects that hold no image (reports, presentation states, DICOMDIR,
+  segmentations) raise `NotAnImageError`, which a batch records as skipped rather than failed.
 
 Finding inputs and atomic writing are `files.py`; overlays and case sheets are `overlay.py`.
 """
@@ -17,13 +20,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import LungSegError
-from .files import atomic_path, is_dicom, suffix_of
+from .files import atomic_path, is_dicom, raise_if_out_of_space, suffix_of
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-OUTPUT_FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha", "png": ".png"}
+OUTPUT_FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha", "png": ".png",
+                  "dicom-seg": ".seg.dcm"}  # DICOM inputs only, written by dicomseg.py
 MIN_SIDE = 32
 # ITK's value for a PNG without a pHYs chunk, and the resolutions of 72, 96 and 300 DPI: not a detector pitch.
 SCREEN_SPACINGS_MM = (1.0, 25.4 / 72, 25.4 / 96, 25.4 / 300)
+# The largest radiographs are about 20 Mpx (a 43x43 cm detector at 100 um is 4300x4300; a 35x43 cm plate at 87.5 um is
+# 4020x4892); mammograms reach 23 Mpx and stitched long-leg or spine images about 30 Mpx. 50 Mpx admits all of them,
+# and keeps the float32 working copy of one image at 200 MB.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ImageReadError(LungSegError):
@@ -32,6 +40,11 @@ class ImageReadError(LungSegError):
     def __init__(self, path: Path | str, problem: str):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = str(path), problem
+
+
+class NotAnImageError(ImageReadError):
+    """A DICOM object that holds no image (a structured report, a presentation state, a DICOMDIR, a segmentation):
+    nothing to segment, so a batch skips it instead of counting a failure."""
 
 
 @dataclass(frozen=True)
@@ -119,15 +132,49 @@ def display_flips(orientation) -> tuple[bool, bool]:
     return rows.startswith("H"), columns.startswith("R")
 
 
-def dicom_header(path: Path) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
-    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; ImageReadError for a file that
-    is no readable DICOM image."""
+def non_image_object(ds) -> str | None:
+    """The name of the SOP class of a DICOM object that holds no image (e.g. "Basic Text SR Storage", "Media Storage
+    Directory Storage" for a DICOMDIR, "Segmentation Storage"); None for an image, or a SOP class pydicom does not
+    know."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    if not uid:
+        return None
+    uid = UID(str(uid))
+    return uid.name if uid.type == "SOP Class" and "Image Storage" not in uid.name else None
+
+
+def check_pixel_count(path: Path | str, columns: int, rows: int, frames: int = 1,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """ImageReadError when a header declares more than `max_pixels` pixels (None: no limit): before decoding."""
+    count = int(columns) * int(rows) * max(1, int(frames))
+    if max_pixels is not None and count > max_pixels:
+        size = f"{columns}x{rows}" + (f"x{frames} frames" if frames > 1 else "")
+        raise ImageReadError(path, f"declares {size} pixels ({count / 1e6:.1f} Mpx), above the limit of "
+                                   f"{max_pixels / 1e6:g} Mpx; refused before decoding (a decompression bomb or not a "
+                                   "radiograph; raise --max-pixels if it is a real image)")
+
+
+def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float, float] | None, str,
+                                                                     tuple[bool, bool]]:
+    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; NotAnImageError for an object that
+    holds no image, ImageReadError for a file that is no readable DICOM image or declares more than `max_pixels`."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
     except Exception as exc:  # pydicom raises many types for broken headers
         raise ImageReadError(path, f"not a readable DICOM file ({exc})") from exc
+    kind = non_image_object(ds)
+    if kind:
+        raise NotAnImageError(path, f"not an image: a DICOM {kind} object")
+    try:
+        rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        rows = columns = frames = 0
+    check_pixel_count(path, columns, rows, frames, max_pixels)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         # stop_before_pixels stops at the tag, so check the full file only when the header lacks it
         full = pydicom.dcmread(str(path), force=True)
@@ -196,8 +243,9 @@ def radiograph_from_array(array: np.ndarray, path: Path | str, components: int =
                       display_flips=display_flips)
 
 
-def read_radiograph(path: str | Path) -> Radiograph:
-    """Read one radiograph; raises ImageReadError with the file and the problem for anything unusable."""
+def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Radiograph:
+    """Read one radiograph; raises ImageReadError with the file and the problem for anything unusable, and for an
+    image whose header declares more than `max_pixels` pixels (None: no limit), before decoding it."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file not found")
@@ -209,12 +257,15 @@ def read_radiograph(path: str | Path) -> Radiograph:
     spacing, photometric, flips = None, "", (False, False)
     dicom = is_dicom(path)
     if dicom:
-        spacing, photometric, flips = dicom_header(path)
+        spacing, photometric, flips = dicom_header(path, max_pixels)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         if dicom:
             reader.SetImageIO("GDCMImageIO")
+        reader.ReadImageInformation()  # the header only: the size is checked before any pixel is decoded
+        size = reader.GetSize()
+        check_pixel_count(path, size[0], size[1], int(np.prod(size[2:])), max_pixels)
         image = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
@@ -253,7 +304,11 @@ def _on_grid(array: np.ndarray, reference: Grid | sitk.Image, is_vector: bool = 
 
 def write_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:  # ITK's message may lack the errno: a full disk must still read as one
+            raise_if_out_of_space(tmp, exc)
+            raise
 
 
 def write_labelmap(label: np.ndarray, reference: Grid | sitk.Image, path: str | Path) -> None:

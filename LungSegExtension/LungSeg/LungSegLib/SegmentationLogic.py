@@ -23,17 +23,15 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from .BatchProcess import BatchProcess
 from .InstallLogic import corePythonPath
 
-# Slicer's "3D Slicer General Anatomy list" (Modules/Loadable/Terminologies/Resources/
-# SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12): category Anatomical Structure, type Lung,
-# laterality as the type modifier. The core's label value -> (segment ID, name, modifier code, modifier meaning).
+# The segments carry the codes of Slicer's "3D Slicer General Anatomy list" (Modules/Loadable/Terminologies/Resources/
+# SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12): Anatomical Structure / Lung, laterality as
+# the type modifier; the core's DICOM-SEG writer uses the same ones.
 corePythonPath()
-from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG  # noqa: E402  (pure Python: importable before torch)
+from lungseg.definitions import (  # noqa: E402  (pure Python: importable before torch)
+    LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, RIGHT_LUNG)
 
-SEGMENTS = {RIGHT_LUNG: ("RightLung", "Right lung", "24028007", "Right"),
-            LEFT_LUNG: ("LeftLung", "Left lung", "7771000", "Left")}
+SEGMENT_IDS = {RIGHT_LUNG: "RightLung", LEFT_LUNG: "LeftLung"}  # the module's segment IDs, by label value
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-CATEGORY = ("SCT", "123037004", "Anatomical Structure")
-LUNG_TYPE = ("SCT", "39607008", "Lung")
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".png")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -208,12 +206,13 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         if outputSegmentation.GetDisplayNode() is None:
             outputSegmentation.CreateDefaultDisplayNodes()
         segmentation = outputSegmentation.GetSegmentation()
-        for value, (segmentId, name, lateralityCode, laterality) in SEGMENTS.items():
+        for value, segmentId in SEGMENT_IDS.items():
+            name = LUNG_SEGMENT_NAMES[value]
             for existing in {segmentId, segmentation.GetSegmentIdBySegmentName(name)}:
                 if existing and segmentation.GetSegment(existing):
                     segmentation.RemoveSegment(existing)  # a rerun replaces the lungs and keeps other segments
             segmentId = segmentation.AddEmptySegment(segmentId, name, [c / 255 for c in LABEL_COLOURS[value]])
-            self._setTerminology(segmentation.GetSegment(segmentId), ("SCT", lateralityCode, laterality))
+            self._setTerminology(segmentation.GetSegment(segmentId), LUNG_LATERALITY[value])
             mask = (result.label == value).astype(np.uint8).reshape(radiographInput.arrayShape)
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask, outputSegmentation, segmentId, inputVolume)
         if uncertaintyVolume is not None and result.uncertainty is not None:
@@ -240,7 +239,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
     def _setTerminology(segment, laterality: tuple) -> None:
         entry = slicer.vtkSlicerTerminologyEntry()
         entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
-        for coded, (scheme, value, meaning) in ((entry.GetCategoryObject(), CATEGORY),
+        for coded, (scheme, value, meaning) in ((entry.GetCategoryObject(), LUNG_CATEGORY),
                                                 (entry.GetTypeObject(), LUNG_TYPE),
                                                 (entry.GetTypeModifierObject(), laterality)):
             coded.SetCodingSchemeDesignator(scheme)
@@ -275,7 +274,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"'{referenceVolume.GetName()}' has {dimensions[2]} slices; export needs a radiograph.")
         segmentation = segmentationNode.GetSegmentation()
         label = np.zeros((dimensions[1], dimensions[0]), np.uint8)
-        for value, (segmentId, name, *_) in SEGMENTS.items():
+        for value, segmentId in SEGMENT_IDS.items():
+            name = LUNG_SEGMENT_NAMES[value]
             found = segmentation.GetSegmentIdBySegmentName(name) or (
                 segmentId if segmentation.GetSegment(segmentId) else "")
             if not found:

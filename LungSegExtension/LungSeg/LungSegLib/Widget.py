@@ -279,7 +279,9 @@ class Widget(VTKObservationMixin):
                 done=done, total=total or "?")
         elif batch.returnCode in (0, 1):
             text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
-                ok=done - failed, total=total, failed=failed, folder=batch.outputDir)
+                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
+            if batch.skipped:
+                text += " " + _("({skipped} non-image DICOM objects skipped)").format(skipped=batch.skipped)
         else:
             text = _("Failed: {reason}").format(reason=batch.log[-1] if batch.log else batch.returnCode)
         self.ui.batchStatusLabel.setText(text)
