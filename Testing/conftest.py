@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests run single-threaded (2-core CI) and find the research data in ../shared when it exists."""
+"""Shared fixtures. Tests run single-threaded (2-core CI) and find the research data in ../shared when it exists.
+
+Missing data or optional packages: on a user's machine the tests that need them skip, with the reason. Under
+`LUNGSEG_REQUIRE_DATA=1` (set by `.ci/run`) every such skip is a failure instead, so CI cannot go green by
+skipping: call `require_or_skip(reason)` or `importorskip(module)` from here, never `pytest.skip` or
+`pytest.importorskip` directly. As a safety net, any other skip under the flag is reported as a failure too.
+"""
 from __future__ import annotations
 
 import os
@@ -14,13 +20,53 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+REQUIRE_FLAG = "LUNGSEG_REQUIRE_DATA"
+
+
+def data_required() -> bool:
+    """True under LUNGSEG_REQUIRE_DATA=1 (CI): whatever a test needs must be there."""
+    return os.environ.get(REQUIRE_FLAG, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_or_skip(reason: str):
+    """Skip the calling test (or module) with `reason`, or fail it when LUNGSEG_REQUIRE_DATA=1."""
+    if data_required():
+        pytest.fail(f"{REQUIRE_FLAG}=1, so this is a failure, not a skip: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def importorskip(modname: str, reason: str | None = None, minversion: str | None = None):
+    """`pytest.importorskip`, except that a missing module fails the test under LUNGSEG_REQUIRE_DATA=1."""
+    try:
+        return pytest.importorskip(modname, minversion=minversion, reason=reason)
+    except pytest.skip.Exception as exc:
+        require_or_skip(str(exc.msg) if hasattr(exc, "msg") else str(exc))
+
+
+def _fail_skips(report) -> None:
+    if data_required() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_FLAG}=1, so this is a failure, not a skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skips(outcome.get_result())
 
 
 def shared_set(name: str) -> Path:
     folder = SHARED_DATA / name
     if not (folder / "images").is_dir():
-        pytest.skip(f"research data set '{name}' not found at {folder} (it lives in ../shared/data on the "
-                    "developers' and CI machines and is never distributed)")
+        require_or_skip(f"research data set '{name}' not found at {folder} (it lives in ../shared/data on the "
+                        "developers' and CI machines and is never distributed)")
     return folder
 
 
@@ -40,7 +86,7 @@ def chest_dicom() -> Path:
 
     path = find()
     if path is None:
-        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed")
+        require_or_skip("pydicom-data (RG1_UNCR.dcm) is not installed")
     return path
 
 

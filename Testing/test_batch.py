@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from conftest import require_or_skip
 from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.qc import quality_flags
 from lungseg.samples import sample_pngs
@@ -77,8 +78,11 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     make_valid_inputs(good, radiograph, chest_dicom)
     (tmp_path / "bad").mkdir()
     bad = _bad_inputs(tmp_path / "bad", radiograph, chest_dicom)
+    (tmp_path / "odd").mkdir()  # valid, but only the patient's right half: segmented, and flagged for a look
+    one_lung = np.ascontiguousarray(radiograph[:, :radiograph.shape[1] // 2])
+    sitk.WriteImage(sitk.GetImageFromArray(one_lung), str(tmp_path / "odd" / "one lung.png"))
     out = tmp_path / "out"
-    result = run_cli("segment", good, tmp_path / "bad", "-o", out, "--batch-size", "3")
+    result = run_cli("segment", good, tmp_path / "bad", tmp_path / "odd", "-o", out, "--batch-size", "3")
     assert result.returncode == 1, result.stderr
     rows = results(out)
 
@@ -92,14 +96,17 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
         assert row["status"] == "ok", (name, row["error"])
         right, left, width = centroid_columns(row["output"])
         assert right < width / 2 < left, name
-        assert row["qc"] in ("ok", "check") and row["definition"] == "lung-fields"
+        assert row["qc"] == "ok" and row["qc_reasons"] == "", (name, row["qc_reasons"])  # a normal PA radiograph
+        assert row["definition"] == "lung-fields"
         assert float(row["inference_ms"]) > 0 and float(row["write_ms"]) > 0
+    odd = rows["one lung.png"]
+    assert odd["status"] == "ok" and odd["qc"] == "check" and "left lung" in odd["qc_reasons"], odd["qc_reasons"]
     assert rows["spaced_nrrd.nrrd"]["right_area_mm2"] != "" and rows["rgb.png"]["right_area_mm2"] == ""
     out_single = sitk.ReadImage(rows["single_slice.nrrd"]["output"])
     assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
     summary = result.stdout.strip().splitlines()[-1]
-    assert f"{len(valid)} of {len(valid) + len(bad)} segmented, {len(bad)} failed" in summary
-    assert len(json.loads((out / "results.json").read_text(encoding="utf-8"))) == len(valid) + len(bad)
+    assert f"{len(valid) + 1} of {len(valid) + len(bad) + 1} segmented, {len(bad)} failed" in summary
+    assert len(json.loads((out / "results.json").read_text(encoding="utf-8"))) == len(valid) + len(bad) + 1
 
 
 def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
@@ -174,24 +181,49 @@ def test_every_batch_output_is_its_own_inputs_segmentation(tmp_path, chest_dicom
 
 
 def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
+    """Three shards run at once, as in a SLURM array, each into its own folder: every input is processed by
+    exactly one of them (the sets are disjoint and their union is all inputs)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(9):
         os.symlink(sample_pngs()[i % 3], inputs / f"img{i}.png")
     listing = tmp_path / "list.txt"
     listing.write_text("# two of them, relative to this file\nin/img1.png\nin/img7.png\n")
-    out = tmp_path / "out"
-    seen = []
-    for index in (1, 2, 3):
-        result = run_cli("segment", inputs, "-o", out, "--shard", f"{index}/3", "--workers", "0")
-        assert result.returncode == 0, result.stderr
-        seen.append(int(result.stdout.split(" of ")[1].split()[0]))
-    assert sum(seen) == 9
-    assert len(results(out)) == 9
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    jobs = {index: subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o",
+                                     str(tmp_path / f"shard{index}"), "--shard", f"{index}/3", "--workers", "0"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for index in (1, 2, 3)}
+    shards = {}
+    for index, job in jobs.items():
+        stdout, stderr = job.communicate(timeout=900)
+        assert job.returncode == 0, stderr
+        rows = results(tmp_path / f"shard{index}")
+        assert all(row["status"] == "ok" for row in rows.values())
+        shards[index] = set(rows)
+        assert f"{len(rows)} of {len(rows)} segmented" in stdout, (index, stdout)
+    assert sum(len(s) for s in shards.values()) == 9, f"an input was processed by more than one shard: {shards}"
+    assert set().union(*shards.values()) == {f"img{i}.png" for i in range(9)}
 
     listed = run_cli("segment", listing, "-o", tmp_path / "out2", "--workers", "0")
     assert listed.returncode == 0, listed.stderr
     assert sorted(results(tmp_path / "out2")) == ["img1.png", "img7.png"]
+
+
+def test_in_shard_puts_every_path_in_exactly_one_shard():
+    from pathlib import Path
+
+    from lungseg.segment import in_shard
+
+    paths = [Path(f"/data/set/case{i:04d}.png") for i in range(600)] + \
+            [Path(f"relative/Thorax ü 胸部 {i}.dcm") for i in range(60)]
+    assert all(in_shard(p, None) for p in paths), "no --shard: every input"
+    for count in (1, 2, 3, 7):
+        shards = [{p for p in paths if in_shard(p, (index, count))} for index in range(1, count + 1)]
+        assert sum(len(s) for s in shards) == len(paths), (count, [len(s) for s in shards])
+        assert set().union(*shards) == set(paths), count
+        assert min(len(s) for s in shards) > 0.6 * len(paths) / count, ("unbalanced", count, [len(s) for s in shards])
+    assert in_shard(paths[5], (2, 3)) == in_shard(Path(str(paths[5])), (2, 3)), "every job agrees"
 
 
 def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom, segmenter):
@@ -250,24 +282,46 @@ def test_quality_flags_name_their_reason():
     assert any("high uncertainty" in r for r in quality_flags(label, uncertainty=np.full(label.shape, 0.3)))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning applies on Linux only")
-def test_command_line_keeps_freed_memory_for_the_next_forward_pass():
-    """After keep_freed_memory(), a freed 64 MiB tensor stays in the heap (free for reuse) instead of being
-    unmapped, so the next forward pass does not fault its pages in again; without it, glibc unmaps it."""
-    script = """
-import ctypes, sys, torch
+MALLOC_PROBE = """
+import ctypes, json, runpy, sys
+import torch
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
-if sys.argv[1] == "tuned":
+if sys.argv[1] == "python -m lungseg":  # exactly `python -m lungseg ARGS...`, then the probe in the same process
+    sys.argv = ["lungseg", *sys.argv[2:]]
+    try:
+        runpy.run_module("lungseg", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+elif sys.argv[1] == "keep_freed_memory()":
     from lungseg.memory import keep_freed_memory
     assert keep_freed_memory()
-x = torch.ones(16 << 20)  # 64 MiB
+mapped = libc.mallinfo2().hblkhd
+x = torch.ones(16 << 20)  # 64 MiB, the size of a large activation
+mapped = libc.mallinfo2().hblkhd - mapped
 del x
-print(libc.mallinfo2().fordblks >> 20)
+print(json.dumps({"mapped_mib": mapped >> 20, "free_mib": libc.mallinfo2().fordblks >> 20}))
 """
-    free_mib = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
-                                         check=True).stdout) for mode in ("default", "tuned")}
-    assert free_mib["tuned"] >= 64 > free_mib["default"], free_mib
+
+
+def test_command_line_keeps_freed_memory_for_the_next_forward_pass():
+    """In a `python -m lungseg` process a 64 MiB tensor comes from the heap (no fresh mapping) and stays there,
+    free for reuse, once freed, so the next forward pass does not fault its pages in again. A plain Python
+    process maps it and unmaps it (glibc's default); keep_freed_memory() alone gives the tuned behaviour."""
+    if not sys.platform.startswith("linux"):
+        require_or_skip("glibc malloc tuning applies on Linux only")
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    modes = {"default": [], "keep_freed_memory()": [], "python -m lungseg": ["models", "--json"]}
+    jobs = {mode: subprocess.Popen([sys.executable, "-c", MALLOC_PROBE, mode, *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env) for mode, args in modes.items()}
+    probes = {}
+    for mode, job in jobs.items():
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, (mode, stderr)
+        probes[mode] = json.loads(stdout.strip().splitlines()[-1])
+    assert probes["default"]["mapped_mib"] >= 64 > probes["default"]["free_mib"], probes
+    for mode in ("keep_freed_memory()", "python -m lungseg"):
+        assert probes[mode]["mapped_mib"] < 64 <= probes[mode]["free_mib"], (mode, probes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import require_or_skip
 from lungseg.io import read_radiograph
 from lungseg.labels import LEFT_LUNG
 from lungseg.models import best_model, list_models
@@ -12,7 +13,7 @@ from lungseg.models import best_model, list_models
 @pytest.fixture(scope="module")
 def full_extent():
     if not any(c.get("definition") == "full-extent" for c in list_models()):
-        pytest.skip("no full-extent model is available yet (configs/unet-full-extent.yaml trains one)")
+        require_or_skip("no full-extent model is available yet (configs/unet-full-extent.yaml trains one)")
     from lungseg.inference import Segmenter
 
     return Segmenter(best_model("full-extent"), "cpu")
@@ -57,12 +58,17 @@ def test_ignore_masks_count_neither_way():
 
 
 def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
-    """v7-full marks devices over the lung in masks_ignore/; `lungseg evaluate` leaves those pixels out."""
+    """v7-full marks devices over the lung in masks_ignore/; `lungseg evaluate` leaves exactly those pixels out:
+    each image's scores are `image_metrics` of its prediction and reference with that image's ignore mask."""
     import csv
     import shutil
+    from pathlib import Path
 
     from conftest import shared_set
+    from lungseg.data import read_gray
     from lungseg.evaluate import evaluate
+    from lungseg.labels import merge_sides
+    from lungseg.metrics import image_metrics
 
     v7 = shared_set("v7-full")
     names = sorted(p.name for p in (v7 / "masks_ignore").iterdir())[:2]
@@ -71,10 +77,63 @@ def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
         for name in names:
             if (v7 / folder / name).exists():
                 shutil.copy(v7 / folder / name, tmp_path / folder / name)
-    with_ignore = evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "a", segmenter=full_extent)
+    summary = evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "a", segmenter=full_extent)
     rows = list(csv.DictReader(open(tmp_path / "a" / "evaluation.csv")))
-    assert all(int(r["ignored_pixels"]) > 0 for r in rows)
-    shutil.rmtree(tmp_path / "masks_ignore")
-    without = evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "b", segmenter=full_extent)
-    assert with_ignore["images"] == without["images"] == len(names)
-    assert with_ignore["both_dice"]["mean"] != without["both_dice"]["mean"]
+    assert summary["images"] == len(rows) == len(names)
+    for row in rows:
+        name = Path(row["image"]).name
+        image = read_radiograph(tmp_path / "images" / name)
+        prediction = full_extent.segment(image.pixels, display_flips=image.display_flips).label
+        sided = all((tmp_path / side / name).exists() for side in ("masks_right", "masks_left"))
+        truth = merge_sides(read_gray(tmp_path / "masks_right" / name), read_gray(tmp_path / "masks_left" / name)) \
+            if sided else (read_gray(tmp_path / "masks" / name) > 0).astype(np.uint8)
+        ignore = read_gray(tmp_path / "masks_ignore" / name) > 0
+        assert int(row["ignored_pixels"]) == int(ignore.sum()) > 0, name
+        expected = image_metrics(prediction, truth, image.spacing, regions=("both", "right", "left") if sided
+                                 else ("both",), ignore=ignore)
+        for key, value in expected.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-9, nan_ok=True), (name, key)
+        unignored = image_metrics(prediction, truth, image.spacing, regions=("both",))
+        assert unignored["both_dice"] != expected["both_dice"], f"{name}: the ignore mask changes nothing here"
+
+
+def test_ignore_mask_leaves_out_exactly_its_pixels(segmenter, tmp_path):
+    """A reference that differs from the prediction only under the ignore mask (lung left unlabelled under a
+    device) scores a perfect Dice; without the mask it does not, and nothing outside the mask is excused."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from lungseg.evaluate import evaluate
+    from lungseg.samples import sample_pngs
+
+    source = sample_pngs()[0]
+    prediction = segmenter.segment(read_radiograph(source).pixels).label
+    rows = prediction.shape[0]
+    device = np.zeros(prediction.shape, bool)
+    device[int(0.55 * rows):int(0.7 * rows), :] = True  # a band across both lungs
+    assert (prediction[device] == 1).sum() > 200 and (prediction[device] == LEFT_LUNG).sum() > 200
+    truth = np.where(device, 0, prediction)
+
+    def write(folder, name, mask):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(tmp_path / folder / name))
+
+    def scores(reference, out):
+        for folder, mask in (("masks", reference > 0), ("masks_right", reference == 1),
+                             ("masks_left", reference == LEFT_LUNG)):
+            write(folder, source.name, mask)
+        return evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / out, segmenter=segmenter)
+
+    (tmp_path / "images").mkdir()
+    shutil.copy(source, tmp_path / "images" / source.name)
+    write("masks_ignore", source.name, device)
+    perfect = scores(truth, "a")
+    for region in ("both", "right", "left"):
+        assert perfect[f"{region}_dice"]["mean"] == 1.0, region
+        assert perfect[f"{region}_hd95"]["mean"] == 0.0, region
+    elsewhere = truth.copy()
+    elsewhere[int(0.3 * rows):int(0.4 * rows)] = 0  # a miss outside the mask still counts
+    assert scores(elsewhere, "b")["both_dice"]["mean"] < 0.97
+    (tmp_path / "masks_ignore" / source.name).unlink()
+    assert scores(truth, "c")["both_dice"]["mean"] < 0.97, "without the mask the device band counts"

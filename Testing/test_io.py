@@ -73,6 +73,40 @@ def test_formats_read_as_gray_and_labelmaps_round_trip(tmp_path, gray8, name):
     assert not list(tmp_path.glob(".*partial*")), "temporary files must not survive a write"
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_float_maps_are_written_on_the_reference_grid(tmp_path, gray8, suffix):
+    """`write_float_map`: a (rows, columns) map and a (components, rows, columns) map come back as float32 with
+    the same values, in the same order, on the input's grid (size, spacing, origin; a single slice stays 3D)."""
+    from lungseg.io import write_float_map
+
+    rng = np.random.default_rng(0)
+    rows, columns = 40, 70  # not square: a transpose cannot pass
+    source = tmp_path / f"source{suffix}"
+    _write(gray8[:rows, :columns].astype(np.int16), source, spacing=SPACING, origin=ORIGIN)
+    single = tmp_path / "single.nrrd"
+    volume = sitk.GetImageFromArray(gray8[None, :rows, :columns].astype(np.int16))
+    volume.SetSpacing((*SPACING, 2.5))
+    sitk.WriteImage(volume, str(single))
+    values = rng.random((rows, columns)).astype(np.float32)
+    components = rng.random((3, rows, columns)).astype(np.float64)  # written as float32
+    # ITK reads a NIfTI with one slice back as 2D, so the 3D single-slice case is checked in NRRD and MHA only
+    for reference_path in (source, single) if suffix != ".nii.gz" else (source,):
+        reference = sitk.ReadImage(str(reference_path))
+        grid = read_radiograph(reference_path).reference
+        for name, array in (("map", values), ("probabilities", components)):
+            path = tmp_path / f"{reference_path.stem.split('.')[0]}_{name}{suffix}"
+            write_float_map(array, grid, path)
+            image = sitk.ReadImage(str(path))
+            assert image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkVectorFloat32), path.name
+            assert image.GetSize() == reference.GetSize() and image.GetDimension() == reference.GetDimension()
+            assert image.GetSpacing() == pytest.approx(reference.GetSpacing())
+            assert image.GetOrigin() == pytest.approx(reference.GetOrigin())
+            back = sitk.GetArrayFromImage(image).reshape(rows, columns, -1)
+            expected = np.moveaxis(array, 0, -1) if array.ndim == 3 else array[..., None]
+            assert back.dtype == np.float32 and image.GetNumberOfComponentsPerPixel() == expected.shape[-1]
+            np.testing.assert_array_equal(back, expected.astype(np.float32))
+
+
 def test_single_slice_volume_keeps_its_third_axis(tmp_path, gray8):
     volume = gray8[None].astype(np.int16)
     path = tmp_path / "slice.nrrd"

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from lungseg.errors import LungSegError
 from lungseg.evaluate import evaluate
 from lungseg.io import read_radiograph
 from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
@@ -15,13 +16,12 @@ from lungseg.samples import sample_pngs
 
 
 def test_shipped_card_describes_verified_weights():
+    """Metadata consistency (the checksum, the label convention, the recipe); the card's Dice values are not
+    targets here: test_shipped_models.py measures them again."""
     card = read_card("unet")
     assert card["sha256"] == sha256_of(card["weights_path"])
     assert card["definition"] == "lung-fields"
     assert card["labels"] == {"0": "background", "1": "right lung (patient side)", "2": "left lung (patient side)"}
-    # the issue's targets for this model, as measured by `lungseg export` (lungseg evaluate on the full val splits)
-    assert card["metrics"]["jsrt/val"]["both_dice"]["mean"] >= 0.96
-    assert card["metrics"]["covid-qu-ex/val"]["both_dice"]["mean"] >= 0.94
     assert card["training"]["seconds"] > 0 and card["recipe"]["network"]["name"] == "unet"
     assert "unet" in [c["name"] for c in list_models()]
 
@@ -32,7 +32,7 @@ def test_tampered_weights_are_refused(tmp_path):
     data = bytearray(open(card["weights_path"], "rb").read())
     data[-100] ^= 0xFF
     (tmp_path / "unet.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(LungSegError, match="checksum mismatch"):
         load_model(tmp_path / "unet.json")
 
 
@@ -70,7 +70,7 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
     assert agreement > 0.99
     not_inverted = segmenter.segment(raw).label
     wrong = 2 * ((from_dicom > 0) & (not_inverted > 0)).sum() / ((from_dicom > 0).sum() + (not_inverted > 0).sum())
-    assert wrong < agreement
+    assert wrong < 0.8, "without the inversion the segmentation is clearly different (Dice ~0.4)"
 
 
 def test_intensity_normalization_uses_torch_quantile_percentiles():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lungseg.errors import LungSegError
 from lungseg.losses import build_loss
 from lungseg.networks import NETWORKS, build_network, predict_logits
 from lungseg.train import training_loss
@@ -19,15 +20,29 @@ def test_registry_builds_every_network_from_parameters():
     for name, params in SMALL.items():
         model = build_network(name, **params).eval()
         assert predict_logits(model, x).shape == (2, 3, 64, 64), name
-    with pytest.raises(KeyError, match="unknown network 'vnet'"):
+    with pytest.raises(LungSegError, match="unknown network 'vnet'"):
         build_network("vnet")
 
 
 def test_unetpp_deep_supervision_gives_the_full_depth_output_last():
+    """UNet++'s deep-supervision head j reads the encoder down to level j only (x_0_j). Perturbing encoder level
+    k moves exactly the heads j >= k, so the head that the deepest level alone moves is the full-depth one, and
+    it is the one inference uses."""
+    torch.manual_seed(0)
     model = build_network("unetpp", **SMALL["unetpp"]).eval()
-    outputs = model(torch.rand(1, 1, 64, 64))
-    assert len(outputs) == 4
-    assert torch.equal(predict_logits(model, torch.rand(1, 1, 64, 64) * 0), model(torch.zeros(1, 1, 64, 64))[-1])
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        heads = model(x)
+        logits = predict_logits(model, x)
+        assert len(heads) == 4 and all(h.shape == (1, 3, 64, 64) for h in heads)
+        for level in range(1, 5):
+            hook = getattr(model, f"conv_{level}_0").register_forward_hook(lambda module, args, out: out + 1.0)
+            moved_heads = [not torch.allclose(a, b) for a, b in zip(heads, model(x))]
+            moved_logits = not torch.allclose(logits, predict_logits(model, x))
+            hook.remove()
+            assert moved_heads == [head >= level for head in range(1, 5)], (level, moved_heads)
+            assert moved_logits, f"inference ignores encoder level {level}: not the full-depth output"
+        assert moved_heads.index(True) == len(heads) - 1, "the full-depth head comes last"
 
 
 @pytest.fixture

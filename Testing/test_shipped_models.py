@@ -1,6 +1,9 @@
 """Every shipped lung-field network (U-Net, UNet++, probabilistic U-Net) with its real trained weights."""
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -12,34 +15,59 @@ from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.models import list_models, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
-NETWORKS = {"unet": "unet", "unetpp": "unetpp", "prob_unet": "prob_unet"}
-# mean val Dice floors (JSRT, COVID-QU-Ex): the issue's targets
-FLOORS = {name: (0.97, 0.95) for name in NETWORKS}
+NETWORKS = ["prob_unet", "unet", "unetpp"]  # each shipped model is named after its network
+JSRT_TARGET = 0.97      # the issue's target: mean both-lung Dice on JSRT val, as measured here
+JSRT_SIDE_TARGET = 0.96  # each lung
 
 
-@pytest.fixture(scope="module", params=sorted(NETWORKS))
+@pytest.fixture(scope="module", params=NETWORKS)
 def shipped(request) -> Segmenter:
     return Segmenter(request.param, device="cpu")
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_card_meets_the_issue_targets(name):
+@pytest.mark.parametrize("name", NETWORKS)
+def test_card_is_consistent_with_its_weights_and_recipe(name):
+    """Metadata consistency only: the checksum of the weights, the network, the definition, and a metrics entry
+    for every validation set of the recipe. The card's numbers are checked by measuring them again (below)."""
     card = read_card(name)
     assert card["sha256"] == sha256_of(card["weights_path"])
-    assert card["recipe"]["network"]["name"] == NETWORKS[name] and card["definition"] == "lung-fields"
-    jsrt, covid = card["metrics"]["jsrt/val"], card["metrics"]["covid-qu-ex/val"]
-    assert jsrt["images"] == 22 and covid["images"] == 920
-    assert jsrt["both_dice"]["mean"] >= FLOORS[name][0] and covid["both_dice"]["mean"] >= FLOORS[name][1]
-    assert min(jsrt["right_dice"]["mean"], jsrt["left_dice"]["mean"]) >= 0.96
-    assert jsrt["worst_cases"] and covid["worst_cases"], "the card reports the worst cases"
+    assert card["recipe"]["network"]["name"] == card["network"]["name"] == name and card["definition"] == "lung-fields"
+    val_sets = {f"{entry['set']}/{entry.get('split', 'all')}" for entry in card["recipe"]["data"]["val"]}
+    assert set(card["metrics"]) == val_sets == {"jsrt/val", "covid-qu-ex/val"}
+    for key, metrics in card["metrics"].items():
+        assert metrics["images"] > 0 and metrics["worst_cases"], (name, key)
+        assert metrics["both_dice"]["min"] == min(case["both_dice"] for case in metrics["worst_cases"]), (name, key)
     assert name in {c["name"] for c in list_models()}
 
 
 def test_measured_dice_on_jsrt_val(shipped, jsrt, tmp_path):
+    """The issue's JSRT target, measured; and the card's JSRT numbers are these measurements (val is also the split
+    that selected best.pt, so this guards against regressions, not against optimism)."""
     summary = evaluate(jsrt / "images", jsrt / "masks", split="val", out_dir=tmp_path, segmenter=shipped)
     assert summary["images"] == 22
-    assert summary["both_dice"]["mean"] >= 0.965, (shipped.name, summary["both_dice"])
-    assert summary["right_dice"]["mean"] >= 0.95 and summary["left_dice"]["mean"] >= 0.95, shipped.name
+    assert summary["both_dice"]["mean"] >= JSRT_TARGET, (shipped.name, summary["both_dice"])
+    assert min(summary["right_dice"]["mean"], summary["left_dice"]["mean"]) >= JSRT_SIDE_TARGET, shipped.name
+    carded = shipped.card["metrics"]["jsrt/val"]
+    for key in ("both_dice", "right_dice", "left_dice"):
+        assert summary[key]["mean"] == pytest.approx(carded[key]["mean"], abs=1e-4), (shipped.name, key)
+
+
+def test_card_worst_cases_on_covid_qu_ex_are_measured(shipped, covid_qu_ex, tmp_path):
+    """The full COVID-QU-Ex val split is too large for the suite; the card's worst cases on it are re-measured,
+    image by image."""
+    worst = {Path(case["image"]).name: case["both_dice"]
+             for case in shipped.card["metrics"]["covid-qu-ex/val"]["worst_cases"]}
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+        for name in worst:
+            (tmp_path / folder / name).symlink_to(covid_qu_ex / folder / name)
+    evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "out", segmenter=shipped)
+    with open(tmp_path / "out" / "evaluation.csv", newline="") as f:
+        measured = {Path(row["image"]).name: float(row["both_dice"]) for row in csv.DictReader(f)}
+    assert measured.keys() == worst.keys()
+    for name, dice in worst.items():
+        # per image, the thread count of the export machine moves a few boundary pixels (Dice differences ~1e-4)
+        assert measured[name] == pytest.approx(dice, abs=1e-3), (shipped.name, name)
 
 
 def test_right_lung_on_the_image_left_of_real_radiographs(shipped, chest_dicom):

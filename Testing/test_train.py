@@ -69,12 +69,41 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
 
 
 def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeypatch):
+    """The exported weights are best.pt's, tensor by tensor, and the card's Dice is a measurement of them: a
+    fresh evaluation of the exported file gives it again, while a randomly initialised network scores far off."""
+    from safetensors.torch import load_file
+
+    from lungseg.evaluate import evaluate
+    from lungseg.models import save_model
+    from lungseg.networks import build_network
+
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
-    run = train(config, out_dir=tmp_path / "run", device="cpu", max_steps=2)
+    config["training"].update(epochs=2, samples_per_epoch=64)  # 32 steps: val Dice ~0.95, random networks 0-0.7
+    run = train(config, out_dir=tmp_path / "run", device="cpu")
     card_path = export_run(run, tmp_path / "models", device="cpu")
     card = json.loads(card_path.read_text())
     assert card["metrics"]["synthetic/val"]["images"] == 2
-    assert 0.0 <= card["metrics"]["synthetic/val"]["both_dice"]["mean"] <= 1.0
+    carded = card["metrics"]["synthetic/val"]["both_dice"]["mean"]
+
+    best = torch.load(run / "best.pt", weights_only=True)["model"]
+    exported = load_file(str(card_path.with_suffix(".safetensors")))
+    assert set(exported) == set(best)
+    for key, tensor in best.items():
+        assert torch.equal(exported[key], tensor), f"exported {key} is not best.pt's"
+
+    data = tmp_path / "data" / "synthetic"
+
+    def val_dice(model_card) -> float:
+        return evaluate(data / "images", data / "masks", model=str(model_card), split="val",
+                        device="cpu")["both_dice"]["mean"]
+
+    assert val_dice(card_path) == pytest.approx(carded, abs=1e-6), "the card reports what its weights score"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = build_network(config["network"]["name"], **config["network"]["params"])
+    random_card = save_model(untrained, dict(card, name="untrained"), tmp_path / "random")
+    assert carded > val_dice(random_card) + 0.2, "the check tells the trained weights from random ones"
+
     model, loaded = load_model(card_path)
     assert loaded["sha256"] == card["sha256"]
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
@@ -131,7 +160,7 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
 @pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.train", fromlist=["x"]).PACKAGE_CONFIGS
                                         .glob("*.yaml")))
 def test_packaged_configs_build_and_find_their_data(name):
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, require_or_skip
 
     from lungseg.train import data_sources
     from lungseg.transforms import training_augmentation
@@ -145,7 +174,7 @@ def test_packaged_configs_build_and_find_their_data(name):
     assert predict_logits(model.eval(), torch.zeros(1, 1, size, size)).shape == (1, 3, size, size)
     training_augmentation(dict(cfg.get("augment", {}), size=size))
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"research data not found at {SHARED_DATA}")
+        require_or_skip(f"research data not found at {SHARED_DATA}")
     for key in ("train", "val", "test"):
         for entry, cases in data_sources(cfg, SHARED_DATA, key):
             assert cases, (name, key, entry)
@@ -160,7 +189,7 @@ def build_network_from(cfg):
 def test_ignored_pixels_count_neither_way():
     from lungseg.labels import IGNORE
     from lungseg.losses import build_loss
-    from lungseg.train import overlap
+    from lungseg.metrics import overlap
 
     y = torch.zeros(1, 1, 16, 16, dtype=torch.long)
     y[..., 4:12, 2:7], y[..., 4:12, 9:14] = 1, 2

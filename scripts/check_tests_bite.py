@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Do the tests bite? Re-apply each breakage of the test audit (issue 15) to a copy of the code and expect the
+tests named for it to FAIL.
+
+LungSegCore/, Testing/, LungSegExtension/ and CMakeLists.txt are copied once to a temporary folder (a snapshot,
+so that every run sees the same code while others edit the tree). For each breakage, a copy of the snapshot gets
+the breakage (a string replacement located by a code snippet, never by a line number: the snippet must occur
+exactly once, and the result must compile), and the named tests run against that copy (PYTHONPATH at the copy's
+LungSegCore, pytest run from the copy with -p no:cacheprovider; a guard plugin stops the run if `lungseg` is
+imported from anywhere else, e.g. the editable install). First the same tests run on an unbroken copy: they
+must pass there, or a failure under the breakage would prove nothing. A failure by ImportError or SyntaxError
+does not count as a bite.
+
+    .venv/bin/python scripts/check_tests_bite.py            # every breakage
+    .venv/bin/python scripts/check_tests_bite.py T3 T5      # some of them
+    .venv/bin/python scripts/check_tests_bite.py --list
+
+Exit status 0 when every breakage makes each of its tests fail; 1 when a breakage survives (a test still passes
+or skips), a snippet no longer matches the code (relocate it), or a baseline test does not pass.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ("LungSegCore", "Testing", "LungSegExtension", "CMakeLists.txt")
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "build")
+SHARED_DATA = Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@dataclass
+class Edit:
+    path: str   # relative to the repository root
+    old: str    # a code snippet that occurs exactly once in that file
+    new: str
+
+
+@dataclass
+class Breakage:
+    id: str
+    what: str
+    edits: list[Edit]
+    tests: list[str]  # pytest node ids, relative to the repository root; each must fail
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+BREAKAGES: list[Breakage] = [
+    Breakage(
+        "T1", "the Slicer module inverts on a MONOCHROME1 header alone (the double inversion of volumes that "
+              "Slicer's GDCM reader already inverted)",
+        [Edit("LungSegExtension/LungSeg/LungSegLib/SegmentationLogic.py",
+              "        invert = inverted_against_file(radiograph.pixels, path) if dicom else None\n",
+              "        invert = (photometric == \"MONOCHROME1\") if dicom else None\n")],
+        ["Testing/test_slicer_logic.py::test_monochrome1_through_the_dicom_module_is_not_inverted_twice",
+         "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch"]),
+    Breakage(
+        "T2", "sharding disabled: every shard takes every input",
+        [Edit("LungSegCore/lungseg/segment.py",
+              "    return digest % count == index - 1\n",
+              "    return True\n")],
+        ["Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
+         "Testing/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard"]),
+    Breakage(
+        "T3", "resolve_model ignores --definition (the default model always)",
+        [Edit("LungSegCore/lungseg/models.py",
+              "    return model if model else best_model(definition or DEFAULT_DEFINITION)\n",
+              "    return model if model else DEFAULT_MODEL\n")],
+        ["Testing/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
+         "Testing/test_cli.py::test_definition_without_a_model_is_a_clear_error"]),
+    Breakage(
+        "T4", "export never loads the trained weights (a randomly initialised network is exported and measured)",
+        [Edit("LungSegCore/lungseg/export.py",
+              '    model.load_state_dict(best["model"])\n',
+              "    pass  # breakage: the trained weights are never loaded\n")],
+        ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"]),
+    Breakage(
+        "T5", "evaluate scores only the ignored pixels (ignore=~ignore)",
+        [Edit("LungSegCore/lungseg/evaluate.py",
+              "regions=scored, ignore=ignore)",
+              "regions=scored, ignore=None if ignore is None else ~ignore)")],
+        ["Testing/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
+         "Testing/test_definitions.py::test_ignore_mask_leaves_out_exactly_its_pixels"]),
+    Breakage(
+        "T6", "the command line no longer calls keep_freed_memory()",
+        [Edit("LungSegCore/lungseg/cli.py",
+              "    keep_freed_memory()  # this process is ours alone",
+              "    pass  # breakage: keep_freed_memory() removed; this process is ours alone")],
+        ["Testing/test_batch.py::test_command_line_keeps_freed_memory_for_the_next_forward_pass"]),
+    # ---- T8 (core): untested surface that is tested now
+    Breakage(
+        "T8a", "write_float_map writes the components as rows (no channels-last move)",
+        [Edit("LungSegCore/lungseg/io.py",
+              "    array = np.moveaxis(values, 0, -1) if vector else values\n",
+              "    array = values.reshape(values.shape[1], values.shape[2], -1) if vector else values\n")],
+        ["Testing/test_io.py::test_float_maps_are_written_on_the_reference_grid"]),
+    Breakage(
+        "T8b", "inference uses UNet++'s shallowest deep-supervision head instead of the full-depth one",
+        [Edit("LungSegCore/lungseg/networks.py",
+              "    return out[-1] if isinstance(out, (list, tuple)) else out\n",
+              "    return out[0] if isinstance(out, (list, tuple)) else out\n")],
+        ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"]),
+]
+
+WRONG_REASONS = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError")
+GUARD = '''"""Loaded with -p: stop the run unless `lungseg` comes from this copy (not the editable install)."""
+import os
+from pathlib import Path
+
+
+def pytest_sessionstart(session):
+    import lungseg
+
+    expected = Path(os.environ["BITE_COPY"]).resolve()
+    actual = Path(lungseg.__file__).resolve()
+    if expected not in actual.parents:
+        raise RuntimeError(f"lungseg imported from {actual}, not from the copy {expected}")
+'''
+
+
+def snapshot(root: Path) -> Path:
+    """One copy of the working tree, taken once: the baseline and every breakage start from the same code, even
+    while someone edits the tree."""
+    copy = root / "snapshot"
+    copy.mkdir(parents=True)
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=IGNORED, symlinks=True)
+        elif source.exists():
+            shutil.copy2(source, copy / name)
+    return copy
+
+
+def make_copy(source: Path, root: Path) -> Path:
+    copy = root / "repo"
+    shutil.copytree(source, copy, symlinks=True)
+    (root / "guard").mkdir()
+    (root / "guard" / "bite_guard.py").write_text(GUARD)
+    return copy
+
+
+def apply(copy: Path, edits: list[Edit]) -> None:
+    for edit in edits:
+        path = copy / edit.path
+        text = path.read_text(encoding="utf-8")
+        count = text.count(edit.old)
+        if count != 1:
+            raise LookupError(f"{edit.path}: the snippet {edit.old.strip()!r} occurs {count} times (expected once); "
+                              "the code moved: relocate this breakage")
+        broken = text.replace(edit.old, edit.new)
+        if path.suffix == ".py":
+            compile(broken, str(path), "exec")  # a breakage that does not even compile would prove nothing
+        path.write_text(broken, encoding="utf-8")
+
+
+def run_tests(copy: Path, tests: list[str], report: Path) -> tuple[dict[str, str], dict[str, str], str]:
+    """Outcome per node id ('passed', 'failed', 'skipped', 'missing'), the first failure message per node id,
+    and the tail of pytest's output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy / "LungSegCore"), str(copy.parent / "guard")]),
+               BITE_COPY=str(copy), LUNGSEG_SHARED_DATA=str(SHARED_DATA), TQDM_DISABLE="1", OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    env.pop("LUNGSEG_REQUIRE_DATA", None)  # a skip must show as a skip here: it is not a bite
+    check = subprocess.run([sys.executable, "-c", "import lungseg; print(lungseg.__file__)"], cwd=copy / "Testing",
+                           env=env, capture_output=True, text=True)
+    if not Path(check.stdout.strip()).resolve().is_relative_to(copy.resolve()):
+        raise RuntimeError(f"lungseg resolves to {check.stdout.strip() or check.stderr} instead of the copy")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bite_guard", "-q",
+                             f"--junitxml={report}", *tests], cwd=copy, env=env, capture_output=True, text=True)
+    seen: dict[str, list[str]] = {test: [] for test in tests}
+    messages: dict[str, str] = {}
+    if report.exists():
+        for case in ET.parse(report).getroot().iter("testcase"):
+            node = f"{case.get('classname', '').split('.')[-1]}.py::{case.get('name')}"
+            children = {child.tag for child in case}
+            problem = next((child for child in case if child.tag in ("failure", "error")), None)
+            outcome = ("failed" if children & {"failure", "error"} else "skipped" if "skipped" in children
+                       else "passed")
+            for test in tests:
+                key = short(test)
+                if node == key or node.startswith(key + "["):  # a parametrized test: each of its cases
+                    seen[test].append(outcome)
+                    if problem is not None and test not in messages:
+                        messages[test] = " ".join((problem.get("message") or problem.text or "").split())
+    # a test bites when any of its cases fails; it passes only when no case failed and one passed
+    outcomes = {test: next((o for o in ("failed", "passed", "skipped") if o in found), "missing")
+                for test, found in seen.items()}
+    return outcomes, messages, (result.stdout + result.stderr)[-3000:]
+
+
+def short(test: str) -> str:
+    return test.split("/")[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ids", nargs="*", help="breakages to check (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breakages and their tests")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unbroken copy")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKAGES if not args.ids or b.id in args.ids]
+    if args.list or not chosen:
+        for b in BREAKAGES:
+            print(f"{b.id}: {b.what}\n    " + "\n    ".join(b.tests))
+        return 0 if chosen or args.list else 2
+
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="lungseg-bite-") as tmp:
+        tmp = Path(tmp)
+        source = snapshot(tmp)
+        if not args.no_baseline:
+            copy = make_copy(source, tmp / "baseline")
+            tests = [t for b in chosen for t in b.tests]
+            t0 = time.perf_counter()
+            outcomes, _, tail = run_tests(copy, tests, tmp / "baseline.xml")
+            bad = {t: o for t, o in outcomes.items() if o != "passed"}
+            print(f"baseline (unbroken copy): {len(tests) - len(bad)} of {len(tests)} passed "
+                  f"in {time.perf_counter() - t0:.0f} s")
+            for test, outcome in bad.items():
+                problems.append(f"baseline: {short(test)} {outcome} without any breakage")
+            if bad:
+                print(tail)
+        for b in chosen:
+            t0 = time.perf_counter()
+            copy = make_copy(source, tmp / b.id)
+            try:
+                apply(copy, b.edits)
+            except (LookupError, SyntaxError) as exc:
+                problems.append(f"{b.id}: {exc}")
+                print(f"{b.id}: NOT APPLIED: {exc}")
+                continue
+            outcomes, messages, tail = run_tests(copy, b.tests, tmp / f"{b.id}.xml")
+            for test in outcomes:  # failing to import proves nothing about the test's assertions
+                if outcomes[test] == "failed" and messages.get(test, "").startswith(WRONG_REASONS):
+                    outcomes[test] = "failed to import"
+            survived = {t: o for t, o in outcomes.items() if o != "failed"}
+            verdict = "bites" if not survived else "SURVIVES"
+            print(f"{b.id}: {b.what}: {verdict} ({time.perf_counter() - t0:.0f} s)")
+            for test, outcome in outcomes.items():
+                print(f"    {outcome.upper():8} {short(test)}")
+                if test in messages:
+                    print(f"             {messages[test][:220]}")
+            for test, outcome in survived.items():
+                problems.append(f"{b.id}: {short(test)} {outcome} on the broken code")
+            if survived:
+                print(tail)
+            shutil.rmtree(copy, ignore_errors=True)
+    if problems:
+        print("\nbreakages that survive or could not be checked:\n  " + "\n  ".join(problems))
+        return 1
+    print(f"\nevery breakage ({', '.join(b.id for b in chosen)}) makes its tests fail")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
