@@ -23,19 +23,25 @@ import torch
 from tqdm import tqdm
 
 from .errors import LungSegError
-from .files import list_inputs, stem_of, write_atomic_text, write_csv
-from .io import OUTPUT_FORMATS, ImageReadError, Radiograph, read_radiograph, reorient, write_float_map, write_labelmap
+from .files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, stem_of, write_atomic_text, \
+    write_csv
+from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageError, Radiograph, read_radiograph, \
+    reorient, write_float_map, write_labelmap
 from .labels import lung_areas
-from .overlay import write_overlay
+from .overlay import thumbnail_base, write_overlay, write_thumbnail
 from .postprocess import postprocess
-from .qc import quality_flags
+from .quality import assess
+from .review import write_review
 
 RESULT_FIELDS = [
-    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "model", "model_version",
+    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "thumbnail", "model",
+    "model_version",
     "definition", "device", "rows", "columns", "spacing_row_mm", "spacing_col_mm", "right_area_px", "left_area_px",
-    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "qc", "qc_reasons", "uncertainty_mean",
+    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "quality", "qc", "qc_reasons",
+    "uncertainty_mean",
     "orientation_corrected", "read_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "write_ms"]
 RECORDS = ".lungseg"
+THUMBNAILS = "thumbs"  # OUT/.lungseg/thumbs/<name>.jpg, for the review page
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Options:
     save_probabilities: bool = False
     uncertainty: bool = False
     overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse larger images before decoding them (None: no limit)
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
@@ -80,7 +87,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
-    float_ext = ".nrrd" if options.fmt == "png" else OUTPUT_FORMATS[options.fmt]  # PNG cannot hold floats
+    float_ext = ".nrrd" if options.fmt in ("png", "dicom-seg") else OUTPUT_FORMATS[options.fmt]  # those hold no floats
     paths = {"output": out_dir / f"{name}{OUTPUT_FORMATS[options.fmt]}"}
     if options.overlays:
         paths["overlay"] = out_dir / f"{name}_overlay.png"
@@ -88,6 +95,7 @@ def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
         paths["probabilities"] = out_dir / f"{name}_probabilities{float_ext}"
     if options.uncertainty:
         paths["uncertainty_map"] = out_dir / f"{name}_uncertainty{float_ext}"
+    paths["thumbnail"] = out_dir / RECORDS / THUMBNAILS / f"{name}.jpg"  # always: the review page shows every input
     return paths
 
 
@@ -103,8 +111,10 @@ def is_complete(record_path: Path, expected: dict[str, Path]) -> bool:
 class InputReader(torch.utils.data.Dataset):
     """Reads and preprocesses one input in a DataLoader worker; an unreadable file becomes an error item."""
 
-    def __init__(self, paths: list[Path], size: int, keep_pixels: bool):
+    def __init__(self, paths: list[Path], size: int, keep_pixels: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 dicom_seg: bool = False):
         self.paths, self.size, self.keep_pixels = paths, size, keep_pixels
+        self.max_pixels, self.dicom_seg = max_pixels, dicom_seg  # dicom_seg: only DICOM sources can be referenced
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,12 +125,19 @@ class InputReader(torch.utils.data.Dataset):
         item = {"index": i, "path": self.paths[i]}
         t0 = time.perf_counter()
         try:
-            image = read_radiograph(self.paths[i])
+            if self.dicom_seg:
+                from .dicomseg import check_source
+
+                check_source(self.paths[i])
+            image = read_radiograph(self.paths[i], self.max_pixels)
             t1 = time.perf_counter()
             item["input"] = model_input(reorient(image.pixels, image.display_flips), self.size)
+            item["thumbnail"] = thumbnail_base(item["input"][0].numpy(), image.shape, image.display_flips)
             if not self.keep_pixels:  # the full image is only needed for overlays; do not ship it between processes
                 image = dataclasses.replace(image, pixels=None)
             item.update(image=image, read_ms=(t1 - t0) * 1e3, preprocess_ms=(time.perf_counter() - t1) * 1e3)
+        except NotAnImageError as exc:  # a report, presentation state or DICOMDIR beside the images: nothing to do
+            item.update(error=exc.problem, status="skipped")
         except ImageReadError as exc:
             item["error"] = exc.problem
         except Exception as exc:  # any other failure stays this file's problem
@@ -132,32 +149,43 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path) -> dict:
+def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path,
+                  thumbnail=None) -> dict:
     t0 = time.perf_counter()
-    write_labelmap(prediction.label, image.reference, paths["output"])
+    if paths["output"].name.endswith(OUTPUT_FORMATS["dicom-seg"]):
+        from .dicomseg import write_dicom_seg
+
+        write_dicom_seg(prediction.label, image.path, paths["output"], row["model"], row["model_version"],
+                        row["definition"])
+    else:
+        write_labelmap(prediction.label, image.reference, paths["output"])
     if "overlay" in paths:
         write_overlay(image.pixels, prediction.label, paths["overlay"])
     if "probabilities" in paths:
         write_float_map(prediction.probabilities, image.reference, paths["probabilities"])
     if "uncertainty_map" in paths:
         write_float_map(prediction.uncertainty, image.reference, paths["uncertainty_map"])
+    if "thumbnail" in paths:
+        write_thumbnail(thumbnail, prediction.label, paths["thumbnail"])
     row.update({k: str(p) for k, p in paths.items()}, write_ms=round((time.perf_counter() - t0) * 1e3, 1))
     write_atomic_text(json.dumps(row), record)  # last: marks the input complete
     return row
 
 
-def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, definition: str) -> tuple:
-    """Post-process one model output into its prediction (on the input grid) and its results row."""
+def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict) -> tuple:
+    """Post-process one model output into its prediction (on the input grid) and its results row, with its QC
+    (`quality.assess`: the rules of the card's lung definition and the predicted quality of its `qc` block)."""
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
     prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips)
     flip_rows, flip_cols = image.display_flips
-    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
+    assessment = assess(prediction, card)
     row = {"rows": image.shape[0], "columns": image.shape[1],
            "spacing_row_mm": image.spacing[0] if image.spacing else "",
            "spacing_col_mm": image.spacing[1] if image.spacing else "",
            **lung_areas(prediction.label, image.pixel_area_mm2),
-           "qc": "check" if reasons else "ok", "qc_reasons": "; ".join(reasons),
+           "quality": "" if assessment.quality is None else assessment.quality,
+           "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons), "qc_threshold": assessment.threshold,
            "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
            if prediction.uncertainty is not None and (prediction.label > 0).any() else "",
            "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
@@ -166,11 +194,11 @@ def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Op
     return prediction, row
 
 
-def finish_and_write(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, definition: str,
+def finish_and_write(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict,
                      paths: dict[str, Path], row: dict, record: Path) -> dict:
     """Post-processing, QC and writing of one input, run in a separate process beside the model."""
-    prediction, stats = finish_row(item, probabilities, uncertainty, options, definition)
-    return write_outputs(prediction, item["image"], paths, {**row, **stats}, record)
+    prediction, stats = finish_row(item, probabilities, uncertainty, options, card)
+    return write_outputs(prediction, item["image"], paths, {**row, **stats}, record, item.get("thumbnail"))
 
 
 HELPER_NICENESS = 10
@@ -210,6 +238,7 @@ class RunSummary:
     failed: int = 0
     skipped: int = 0     # completed by an earlier run
     seconds: float = 0.0  # from the model being loaded to the last output written
+    not_images: int = 0  # DICOM objects that hold no image (reports, presentation states, DICOMDIR): in `done`, skipped
 
     @property
     def images_per_second(self) -> float:
@@ -218,15 +247,32 @@ class RunSummary:
 
 def run_segment(inputs: list[str], out_dir: str | Path, **kwargs) -> int:
     """The `lungseg segment` command: segment, print a one-line summary, return the exit status."""
-    summary = segment_inputs(inputs, out_dir, **kwargs)
+    try:
+        summary = segment_inputs(inputs, out_dir, **kwargs)
+    except OSError as exc:  # a full disk, or a folder that became read-only: the run stops with one line
+        if exc.errno not in FATAL_WRITE_ERRNOS:
+            raise
+        raise LungSegError(stopped_message(exc, Path(out_dir))) from exc
     if summary is None:
         print(f"lungseg: no input images found in {', '.join(map(str, inputs))}", file=sys.stderr)
         return 2
-    print(f"lungseg: {summary.done - summary.failed} of {summary.done} segmented, {summary.failed} failed"
+    images = summary.done - summary.not_images
+    print(f"lungseg: {images - summary.failed} of {images} segmented, {summary.failed} failed"
+          + (f", {summary.not_images} non-image DICOM objects skipped" if summary.not_images else "")
           + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
           + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
           f"results in {Path(out_dir) / 'results.csv'}")
     return 1 if summary.failed else 0
+
+
+def stopped_message(exc: OSError, out_dir: Path) -> str:
+    """One line for an OSError that stops a run: what failed, why, and that a rerun resumes."""
+    name = str(exc.filename or out_dir)  # Python's own write errors name no file: the run writes only there
+    if not Path(os.path.abspath(name)).is_relative_to(os.path.abspath(out_dir)):
+        return f"{name}: {exc.strerror}"
+    fix = "free some space" if exc.errno in OUT_OF_SPACE else "make the folder writable"
+    return (f"writing to the output folder {out_dir} failed ({exc.strerror}: {name}); the run stopped. Every input "
+            f"finished before is complete and no partial file is left: {fix} and rerun the same command to resume")
 
 
 def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", options: Options | None = None,
@@ -238,6 +284,10 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     options = options or Options()
     if options.fmt not in OUTPUT_FORMATS:
         raise LungSegError(f"unknown output format '{options.fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if options.fmt == "dicom-seg":
+        from .dicomseg import require_highdicom
+
+        require_highdicom()
     out_dir = Path(out_dir)
     all_paths = list_inputs(inputs, recursive=recursive)
     if not all_paths:
@@ -245,7 +295,8 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     names = output_names(all_paths)  # over all inputs, so that shards agree on names
     shard_range = parse_shard(shard)
     paths = [p for p in all_paths if in_shard(p, shard_range)]
-    (out_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir)  # a folder that cannot be created or written is one line, before any work
+    (out_dir / RECORDS).mkdir(exist_ok=True)
 
     todo = [p for p in paths if options.overwrite or not is_complete(out_dir / RECORDS / f"{names[p]}.json",
                                                                       output_paths(out_dir, names[p], options))]
@@ -270,15 +321,19 @@ class BatchRun:
         self.segmenter, self.todo, self.names, self.out_dir, self.options = segmenter, todo, names, out_dir, options
         self.total, self.skipped = total, total - len(todo)
         self.batch_size, self.progress_lines = batch_size, progress_lines
-        self.done = self.failed = 0
+        self.done = self.failed = self.not_images = 0
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
                      "definition": segmenter.definition, "device": str(segmenter.device)}
+        # what QC needs of the card, small enough to hand to the finishers with every input
+        self.qc_card = {"definition": segmenter.definition, "qc": segmenter.card.get("qc")}
         self.bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
 
     def run(self, workers: int) -> RunSummary:
         """Segment every input of `todo` with `workers` reader and finisher processes; then the results table."""
-        loader = torch.utils.data.DataLoader(InputReader(self.todo, self.segmenter.size, self.options.overlays),
+        reader = InputReader(self.todo, self.segmenter.size, self.options.overlays, self.options.max_pixels,
+                             dicom_seg=self.options.fmt == "dicom-seg")
+        loader = torch.utils.data.DataLoader(reader,
                                              batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
                                              prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
         t_start = time.perf_counter()
@@ -293,8 +348,11 @@ class BatchRun:
                 self.settle(*self.pending.pop(0))
         self.bar.close()
         elapsed = time.perf_counter() - t_start
-        write_results(collect_results(self.out_dir), self.out_dir)
-        return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed)
+        rows = collect_results(self.out_dir)
+        write_results(rows, self.out_dir)
+        write_review(rows, self.out_dir)  # every finished input in the folder: earlier runs and other shards too
+        return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
+                          not_images=self.not_images)
 
     def submit(self, items: list[dict], finisher: ProcessPoolExecutor) -> None:
         """Settle the unreadable inputs of a batch at once; run the model on the others and hand each output to
@@ -302,7 +360,8 @@ class BatchRun:
         good = [it for it in items if "error" not in it]
         for it in items:
             if "error" in it:
-                self.settle({**self.base, "input": str(it["path"]), "status": "error", "error": it["error"]})
+                self.settle({**self.base, "input": str(it["path"]), "status": it.get("status", "error"),
+                             "error": it["error"]})
         if not good:
             return
         t0 = time.perf_counter()
@@ -316,7 +375,7 @@ class BatchRun:
             it.pop("input")
             future = finisher.submit(finish_and_write, it, probabilities[k].clone(),
                                      None if uncertainty is None else uncertainty[k].clone(), self.options,
-                                     self.segmenter.definition, output_paths(self.out_dir, name, self.options), row,
+                                     self.qc_card, output_paths(self.out_dir, name, self.options), row,
                                      self.out_dir / RECORDS / f"{name}.json")
             self.pending.append((row, future))
 
@@ -325,12 +384,17 @@ class BatchRun:
         if future is not None:
             try:
                 row = future.result()
-            except Exception as exc:  # e.g. disk full: this input failed, the batch goes on
+            except Exception as exc:  # this input failed, the batch goes on
+                if isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS:
+                    raise  # a full disk or a read-only folder fails every input: stop (run_segment says why)
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")
+        if row["status"] != "ok":  # an error, or a skipped non-image object: its row in results.csv
+            write_atomic_text(json.dumps(row), self.out_dir / RECORDS / f"{self.names[Path(row['input'])]}.json")
         if row["status"] == "error":
             self.failed += 1
-            write_atomic_text(json.dumps(row), self.out_dir / RECORDS / f"{self.names[Path(row['input'])]}.json")
             tqdm.write(f"lungseg: error: {row['input']}: {row['error']}", file=sys.stderr)
+        elif row["status"] == "skipped":
+            self.not_images += 1
         self.done += 1
         self.bar.update(1)
         if self.progress_lines:  # for callers that track progress (the Slicer module), one flushed line per input
