@@ -284,7 +284,8 @@ def test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch(chest_
         row = next(csv.DictReader(f))
     batch = {"rightAreaPx": float(row["right_area_px"]), "leftAreaPx": float(row["left_area_px"]),
              "rightAreaMm2": float(row["right_area_mm2"]), "leftAreaMm2": float(row["left_area_mm2"])}
-    batch_qc = [r for r in row["qc_reasons"].split(";") if r]
+    batch_qc = [r for r in row["qc_reasons"].split("; ") if r]
+    batch_quality = float(row["quality"])  # the predicted Dice (issue 12): the card has a fitted qc block
 
     through_dicom = LungSegLogic().process(slicer_app.load_dicom_volume(path), new_segmentation(), device="cpu")
     slicer.dicomDatabase = None
@@ -293,6 +294,8 @@ def test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch(chest_
         for key, value in batch.items():
             assert getattr(summary, key) == pytest.approx(value, rel=0.01), key
         assert summary.qcReasons == batch_qc and not summary.inverted
+        assert summary.quality == pytest.approx(batch_quality, abs=2e-3)
+        assert f"predicted quality {batch_quality:.2f}" in summary.statusText()
 
 
 def test_dicom_stored_mirrored_keeps_patient_sides(chest_dicom, cli_labels, tmp_path):

@@ -31,7 +31,8 @@ def _evaluate(args) -> int:
 
     summary = evaluate(args.images, args.masks, model=resolve_model(args.model, args.definition),
                        out_dir=args.output, split=args.split, masks_right=args.masks_right,
-                       masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition)
+                       masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition,
+                       uncertainty=args.uncertainty)
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
     return 0
 
@@ -128,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--truth-definition", choices=list(DEFINITIONS),
                    help="the lung definition the reference masks follow; a warning is printed if the model differs")
     e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
+    e.add_argument("--uncertainty", action="store_true",
+                   help="segment as `lungseg segment --uncertainty` does, and measure that mode's QC")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_evaluate)
 

@@ -1,7 +1,10 @@
 """Accuracy of a model against reference masks: `lungseg evaluate --images DIR --masks DIR [--model NAME]`.
 
 Writes a per-image CSV, a summary JSON and `worst_cases.png` (image, reference and prediction of the worst cases,
-each with its Dice).
+each with its Dice). Each image also gets its QC as `lungseg segment` gives it (`quality`, the predicted Dice, beside
+the true Dice; `qc` and `qc_reasons`), and the summary's `qc_accuracy` says how well QC found the bad segmentations:
+the recall of the images below Dice 0.90 and the false-flag rate above it at the card's threshold, and the Spearman
+correlation of the quality with the Dice. Users can check QC on their own labelled data before they trust it.
 Right and left lungs are scored when `masks_right/` and `masks_left/` exist beside the masks folder (or are given);
 the merged both-lung mask is always scored. Pixels marked in `masks_ignore/` beside the masks (devices or markup
 over the lung) are left out of every score.
@@ -22,6 +25,7 @@ from .io import ImageReadError, read_radiograph
 from .labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
 from .overlay import write_case_sheet
+from .quality import DICE_LIMIT, assess, qc_accuracy
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
@@ -59,8 +63,10 @@ def case_caption(image: Path, metrics: dict, scored: tuple[str, ...]) -> str:
 
 def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir: str | Path | None = None,
              split: str | None = None, masks_right: str | Path | None = None, masks_left: str | Path | None = None,
-             device: str = "auto", segmenter=None, truth_definition: str | None = None) -> dict:
-    """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`)."""
+             device: str = "auto", segmenter=None, truth_definition: str | None = None,
+             uncertainty: bool = False) -> dict:
+    """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`).
+    `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured."""
     from tqdm import tqdm
 
     from .inference import Segmenter
@@ -95,7 +101,8 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         except ImageReadError as exc:
             print(f"lungseg: error: {exc}", file=sys.stderr)
             continue
-        prediction = segmenter.segment(image.pixels, display_flips=image.display_flips).label
+        segmentation = segmenter.segment(image.pixels, uncertainty=uncertainty, display_flips=image.display_flips)
+        prediction, assessment = segmentation.label, assess(segmentation, segmenter)
         if sided:
             right, left = find_mask(masks_right, image_path), find_mask(masks_left, image_path)
             truth = merge_sides(read_gray(right), read_gray(left)) if right and left else None
@@ -117,7 +124,10 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
                   f"{truth.shape[::-1]}", file=sys.stderr)
             continue
         metrics = image_metrics(prediction, truth, image.spacing, regions=scored, ignore=ignore)
-        rows.append({"image": str(image_path), "hd95_unit": "mm" if image.spacing else "px",
+        rows.append({"image": str(image_path), "both_dice": metrics["both_dice"],
+                     "quality": math.nan if assessment.quality is None else assessment.quality,
+                     "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons),
+                     "hd95_unit": "mm" if image.spacing else "px",
                      "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
                      **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
         worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, truth, prediction, scored,
@@ -127,7 +137,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
                "definition_truth": truth_definition or "",
                "images_dir": str(images), "masks_dir": str(masks), "split": split or "",
                "regions": list(regions), "hd95_unit": "mm" if rows and all(r["hd95_unit"] == "mm" for r in rows)
-               else "px", **summarize(rows, regions)}
+               else "px", **summarize(rows, regions), "qc_accuracy": qc_summary(rows, segmenter, uncertainty)}
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
@@ -140,6 +150,39 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
     return summary
 
 
+def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
+    """How well QC flagged the images below Dice 0.90 here (see `quality.qc_accuracy`): with every rule and the
+    card's threshold (`qc`), and with the predicted quality alone (`quality_only`)."""
+    from .quality import quality_model
+
+    fitted, mode = quality_model(segmenter.card, uncertainty)
+    dice = [r["both_dice"] for r in rows]
+    quality = [r["quality"] for r in rows]
+    has_quality = fitted is not None and rows and not any(math.isnan(q) for q in quality)
+    out = {"dice_limit": DICE_LIMIT, "threshold": fitted.threshold if fitted else None,
+           "mode": mode if fitted else None, "fitted": fitted is not None,
+           "qc": qc_accuracy(dice, [r["qc"] == "check" for r in rows], quality if has_quality else None)}
+    if has_quality:
+        out["quality_only"] = qc_accuracy(dice, [q < fitted.threshold for q in quality], quality)
+    return out
+
+
+def qc_line(summary: dict) -> str:
+    """`QC: 7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390), Spearman 0.71`."""
+    acc = summary.get("qc_accuracy")
+    if not acc:
+        return ""
+    qc = acc["qc"]
+    parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {acc['dice_limit']:.2f} flagged"
+             + (f" (recall {qc['recall']:.2f})" if qc["recall"] is not None else "")]
+    if qc["false_flag_rate"] is not None:
+        parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
+    if qc.get("spearman") is not None:
+        parts.append(f"Spearman(quality, Dice) {qc['spearman']:.2f}")
+    threshold = f"threshold {acc['threshold']:.3f}" if acc["threshold"] is not None else "no fitted quality"
+    return f"QC ({threshold}): " + ", ".join(parts)
+
+
 def summary_line(summary: dict) -> str:
     parts = [f"{summary['images']} images"]
     for region in summary["regions"]:
@@ -149,4 +192,5 @@ def summary_line(summary: dict) -> str:
     hd = summary.get("both_hd95")
     if hd:
         parts.append(f"HD95 {hd['mean']:.2f} {summary['hd95_unit']}")
-    return ", ".join(parts)
+    qc = qc_line(summary)
+    return ", ".join(parts) + (f"; {qc}" if qc else "")

@@ -1,6 +1,7 @@
 """Pictures for people: a radiograph with its lungs drawn over it, and a sheet of cases (worst first).
 
-Used by `lungseg segment --overlays`, `lungseg evaluate` (`worst_cases.png`) and the training report.
+Used by `lungseg segment --overlays`, its review page's thumbnails, `lungseg evaluate` (`worst_cases.png`) and the
+training report.
 """
 from __future__ import annotations
 
@@ -43,6 +44,56 @@ def overlay_rgb(pixels: np.ndarray, label: np.ndarray, opacity: float = 0.35) ->
 
 def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opacity: float = 0.35) -> None:
     write_atomic(sitk.GetImageFromArray(overlay_rgb(pixels, label, opacity), isVector=True), Path(path))
+
+
+THUMBNAIL_SIDE = 192  # the longest side of a review-page thumbnail (review.py), in pixels
+
+
+def thumbnail_base(model_input: np.ndarray, shape: tuple[int, int], flips: tuple[bool, bool] = (False, False),
+                   side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The picture of a thumbnail, made from the model's input (already resized and windowed, so it costs a
+    fraction of a millisecond): (h, w) uint8 with the stored image's aspect ratio, a longest side of at most
+    `side`, and the stored orientation (`flips` undone). Small enough to hand to another process.
+
+    Args:
+        model_input: (S, S) values in [0, 1], as `transforms.model_input` makes them, in the standard view.
+        shape: (rows, columns) of the stored image.
+        flips: the display flips that brought the stored image to the standard view.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .io import reorient
+
+    scale = min(side / max(shape), 1.0)
+    size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
+    values = torch.as_tensor(np.ascontiguousarray(reorient(np.asarray(model_input, dtype=np.float32), flips)))
+    small = F.interpolate(values[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return (small[0, 0].clamp_(0, 1) * 255).round_().to(torch.uint8).numpy()
+
+
+def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quality: int = 85,
+                    opacity: float = 0.35) -> None:
+    """A small JPEG of the lungs over `thumbnail_base`'s picture, drawn as `overlay_rgb` draws them (fill and
+    outline per lung); the labelmap is sampled down to the picture's size."""
+    from PIL import Image
+
+    from .files import atomic_path
+
+    rows = ((np.arange(base.shape[0]) + 0.5) * label.shape[0] / base.shape[0]).astype(np.intp)
+    cols = ((np.arange(base.shape[1]) + 0.5) * label.shape[1] / base.shape[1]).astype(np.intp)
+    small = label[np.ix_(rows, cols)]
+    padded = np.pad(small, 1, mode="edge")
+    edge = ((padded[:-2, 1:-1] != small) | (padded[2:, 1:-1] != small) | (padded[1:-1, :-2] != small)
+            | (padded[1:-1, 2:] != small))
+    lut = np.zeros((256, 3), np.float32)  # colour per label value (whole-array arithmetic: no masked copies)
+    alpha = np.zeros(256, np.float32)
+    for value, colour in LABEL_COLOURS.items():
+        lut[value], alpha[value] = colour, opacity
+    a = np.where(edge, np.minimum(alpha[small] / opacity, 1.0), alpha[small])[..., None]
+    rgb = base[..., None] * (1 - a) + lut[small] * a
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb.astype(np.uint8)).save(tmp, format="JPEG", quality=quality)
 
 
 def _text_line(texts: list[tuple[int, str]], width: int) -> np.ndarray:

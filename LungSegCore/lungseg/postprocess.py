@@ -4,6 +4,7 @@ model.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +23,20 @@ class Prediction:
     probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
     raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
     uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
+    # At the model's resolution and in the standard view, for the predicted quality (`quality.py`): the softmax
+    # (3, S, S), the cleaned labelmap (S, S) and the uncertainty (S, S) when asked for. Views, not copies.
+    model_probabilities: np.ndarray | None = None
+    model_label: np.ndarray | None = None
+    model_uncertainty: np.ndarray | None = None
 
     def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
         """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
         Flipping the grid keeps each label on the patient's side it marks."""
         if not any(flips):
             return self
-        return Prediction(reorient(self.label, flips), reorient(self.probabilities, flips), self.raw_label,
-                          reorient(self.uncertainty, flips))
+        return dataclasses.replace(self, label=reorient(self.label, flips),
+                                   probabilities=reorient(self.probabilities, flips),
+                                   uncertainty=reorient(self.uncertainty, flips))
 
 
 def _resize(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -85,5 +92,7 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
     label = _winning_class(_resize_uint8(scores, shape).contiguous())
     unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
     full = _resize(probabilities, shape).numpy() if keep_probabilities else None
-    prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc)
+    prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc,
+                            model_probabilities=probabilities.numpy(), model_label=clean_small,
+                            model_uncertainty=uncertainty.numpy() if uncertainty is not None else None)
     return prediction.reoriented(display_flips)

@@ -28,16 +28,20 @@ from .files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output
 from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageError, Radiograph, read_radiograph, \
     reorient, write_float_map, write_labelmap
 from .labels import lung_areas
-from .overlay import write_overlay
+from .overlay import thumbnail_base, write_overlay, write_thumbnail
 from .postprocess import postprocess
-from .qc import quality_flags
+from .quality import assess
+from .review import write_review
 
 RESULT_FIELDS = [
-    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "model", "model_version",
+    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "thumbnail", "model",
+    "model_version",
     "definition", "device", "rows", "columns", "spacing_row_mm", "spacing_col_mm", "right_area_px", "left_area_px",
-    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "qc", "qc_reasons", "uncertainty_mean",
+    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "quality", "qc_threshold", "qc",
+    "qc_reasons", "uncertainty_mean",
     "orientation_corrected", "read_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "write_ms"]
 RECORDS = ".lungseg"
+THUMBNAILS = "thumbs"  # OUT/.lungseg/thumbs/<name>.jpg, for the review page
 
 
 @dataclass
@@ -91,6 +95,7 @@ def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
         paths["probabilities"] = out_dir / f"{name}_probabilities{float_ext}"
     if options.uncertainty:
         paths["uncertainty_map"] = out_dir / f"{name}_uncertainty{float_ext}"
+    paths["thumbnail"] = out_dir / RECORDS / THUMBNAILS / f"{name}.jpg"  # always: the review page shows every input
     return paths
 
 
@@ -127,6 +132,7 @@ class InputReader(torch.utils.data.Dataset):
             image = read_radiograph(self.paths[i], self.max_pixels)
             t1 = time.perf_counter()
             item["input"] = model_input(reorient(image.pixels, image.display_flips), self.size)
+            item["thumbnail"] = thumbnail_base(item["input"][0].numpy(), image.shape, image.display_flips)
             if not self.keep_pixels:  # the full image is only needed for overlays; do not ship it between processes
                 image = dataclasses.replace(image, pixels=None)
             item.update(image=image, read_ms=(t1 - t0) * 1e3, preprocess_ms=(time.perf_counter() - t1) * 1e3)
@@ -143,7 +149,8 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path) -> dict:
+def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path,
+                  thumbnail=None) -> dict:
     t0 = time.perf_counter()
     if paths["output"].name.endswith(OUTPUT_FORMATS["dicom-seg"]):
         from .dicomseg import write_dicom_seg
@@ -158,23 +165,27 @@ def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: di
         write_float_map(prediction.probabilities, image.reference, paths["probabilities"])
     if "uncertainty_map" in paths:
         write_float_map(prediction.uncertainty, image.reference, paths["uncertainty_map"])
+    if "thumbnail" in paths:
+        write_thumbnail(thumbnail, prediction.label, paths["thumbnail"])
     row.update({k: str(p) for k, p in paths.items()}, write_ms=round((time.perf_counter() - t0) * 1e3, 1))
     write_atomic_text(json.dumps(row), record)  # last: marks the input complete
     return row
 
 
-def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, definition: str) -> tuple:
-    """Post-process one model output into its prediction (on the input grid) and its results row."""
+def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict) -> tuple:
+    """Post-process one model output into its prediction (on the input grid) and its results row, with its QC
+    (`quality.assess`: the rules of the card's lung definition and the predicted quality of its `qc` block)."""
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
     prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips)
     flip_rows, flip_cols = image.display_flips
-    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
+    assessment = assess(prediction, card)
     row = {"rows": image.shape[0], "columns": image.shape[1],
            "spacing_row_mm": image.spacing[0] if image.spacing else "",
            "spacing_col_mm": image.spacing[1] if image.spacing else "",
            **lung_areas(prediction.label, image.pixel_area_mm2),
-           "qc": "check" if reasons else "ok", "qc_reasons": "; ".join(reasons),
+           "quality": "" if assessment.quality is None else assessment.quality,
+           "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons), "qc_threshold": assessment.threshold,
            "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
            if prediction.uncertainty is not None and (prediction.label > 0).any() else "",
            "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
@@ -183,11 +194,11 @@ def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Op
     return prediction, row
 
 
-def finish_and_write(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, definition: str,
+def finish_and_write(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict,
                      paths: dict[str, Path], row: dict, record: Path) -> dict:
     """Post-processing, QC and writing of one input, run in a separate process beside the model."""
-    prediction, stats = finish_row(item, probabilities, uncertainty, options, definition)
-    return write_outputs(prediction, item["image"], paths, {**row, **stats}, record)
+    prediction, stats = finish_row(item, probabilities, uncertainty, options, card)
+    return write_outputs(prediction, item["image"], paths, {**row, **stats}, record, item.get("thumbnail"))
 
 
 HELPER_NICENESS = 10
@@ -314,6 +325,8 @@ class BatchRun:
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
                      "definition": segmenter.definition, "device": str(segmenter.device)}
+        # what QC needs of the card, small enough to hand to the finishers with every input
+        self.qc_card = {"definition": segmenter.definition, "qc": segmenter.card.get("qc")}
         self.bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
 
     def run(self, workers: int) -> RunSummary:
@@ -335,7 +348,9 @@ class BatchRun:
                 self.settle(*self.pending.pop(0))
         self.bar.close()
         elapsed = time.perf_counter() - t_start
-        write_results(collect_results(self.out_dir), self.out_dir)
+        rows = collect_results(self.out_dir)
+        write_results(rows, self.out_dir)
+        write_review(rows, self.out_dir)  # every finished input in the folder: earlier runs and other shards too
         return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
                           not_images=self.not_images)
 
@@ -360,7 +375,7 @@ class BatchRun:
             it.pop("input")
             future = finisher.submit(finish_and_write, it, probabilities[k].clone(),
                                      None if uncertainty is None else uncertainty[k].clone(), self.options,
-                                     self.segmenter.definition, output_paths(self.out_dir, name, self.options), row,
+                                     self.qc_card, output_paths(self.out_dir, name, self.options), row,
                                      self.out_dir / RECORDS / f"{name}.json")
             self.pending.append((row, future))
 

@@ -57,6 +57,7 @@ class SegmentationResult:
     uncertainty: np.ndarray | None
     qcReasons: list
     card: dict
+    quality: float | None               # predicted Dice (`lungseg.quality.assess`), None for a card without `qc`
     inverted: bool
     inversionSource: str
     seconds: float
@@ -73,6 +74,7 @@ class SegmentationSummary:
     rightAreaMm2: float | None
     leftAreaMm2: float | None
     qcReasons: list = field(default_factory=list)
+    quality: float | None = None
     inverted: bool = False
     inversionSource: str = ""
     seconds: float = 0.0
@@ -86,8 +88,9 @@ class SegmentationSummary:
         text = f"{areas} — model {self.model}, {self.definition} definition."
         if self.inverted:
             text += f" Inverted before segmenting ({self.inversionSource})."
-        qc = "; ".join(self.qcReasons) if self.qcReasons else "OK"
-        return f"{text}\nQC ({self.definition}): {qc}"
+        qc = "check: " + "; ".join(self.qcReasons) if self.qcReasons else "OK"
+        quality = f"predicted quality {self.quality:.2f}, " if self.quality is not None else ""
+        return f"{text}\nQC ({self.definition}): {quality}{qc}"
 
 
 def availableModels() -> list[dict]:
@@ -179,7 +182,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
     def compute(self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto",
                 uncertainty: bool = False) -> SegmentationResult:
         """The model run on the core's radiograph; touches no MRML node."""
-        from lungseg.qc import quality_flags
+        from lungseg.quality import assess
 
         start = time.time()
         segmenter = getSegmenter(model, device)
@@ -191,9 +194,9 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         if invert:
             pixels = pixels.max() - pixels
         prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.display_flips)
-        reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, segmenter.definition)
-        return SegmentationResult(prediction.label, prediction.uncertainty, reasons, segmenter.card, invert,
-                                  source if invert else "", time.time() - start)
+        assessment = assess(prediction, segmenter)  # the batch's QC: the same rules and predicted quality
+        return SegmentationResult(prediction.label, prediction.uncertainty, assessment.reasons, segmenter.card,
+                                  assessment.quality, invert, source if invert else "", time.time() - start)
 
     def writeOutputs(self, inputVolume, radiographInput: RadiographInput, result: SegmentationResult,
                      outputSegmentation, uncertaintyVolume=None) -> SegmentationSummary:
@@ -231,7 +234,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             rightAreaPx=areas["right_area_px"], leftAreaPx=areas["left_area_px"],
             rightAreaMm2=areas["right_area_mm2"] if areas["right_area_mm2"] != "" else None,
             leftAreaMm2=areas["left_area_mm2"] if areas["left_area_mm2"] != "" else None,
-            qcReasons=list(result.qcReasons), inverted=result.inverted, inversionSource=result.inversionSource,
+            qcReasons=list(result.qcReasons), quality=result.quality, inverted=result.inverted, inversionSource=result.inversionSource,
             seconds=result.seconds)
         return self.lastSummary
 

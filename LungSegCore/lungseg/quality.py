@@ -1,0 +1,368 @@
+"""Predicted quality of one segmentation: a predicted Dice in [0, 1], and the decision to check it.
+
+Nobody can look at 50,000 segmentations. Each one therefore gets `quality`, an estimate of its both-lung Dice
+against a reference mask of the model's own lung definition, from cheap features of the model's output at the
+model's resolution (no second forward pass):
+
+- how sure the model is: the Dice the softmax expects of its own labelmap, probability mass near 0.5 and the
+  entropy inside the lungs, lung probability left outside the kept lungs, the mean winning probability;
+- how much the clean-up had to change (fragments removed, holes filled);
+- shape and position plausibility for the definition: lung area, right/left ratio, how the lungs fill their
+  bounding boxes, the smoothness of their outlines, where they sit and how tall they are;
+- with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs.
+
+A fractional logistic regression (a quasi-binomial GLM: sigmoid of a weighted sum of standardized features,
+fitted to the Dice by IRLS) turns them into the predicted Dice. Its parameters, the threshold below which a result
+is flagged, and the validation numbers sit in the model card's `qc` block, written by `scripts/fit_quality.py`
+(fitted on one half of the images, measured on the other). `assess` is the one entry point: the batch,
+`lungseg evaluate` and the Slicer module all call it with the Prediction and the model (or its card).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
+
+EPS = 1e-6
+DICE_LIMIT = 0.90  # the issue's line between a usable and a bad segmentation; flags aim below it
+
+# The features, in a fixed order. Two-sided features enter the regression as their distance from the centre of
+# good segmentations in the fitting data (stored in the card), so that too much and too little both count.
+FEATURES = (
+    "expected_dice",      # the Dice the softmax expects of its own cleaned labelmap, mean of the two lungs
+    "uncertain_mass",     # pixels with lung probability in 0.2-0.8, per lung pixel
+    "entropy",            # mean normalized entropy of the softmax inside the lungs
+    "outside_mass",       # lung probability outside the kept lungs, per lung pixel
+    "confidence",         # mean winning-class probability over the whole image
+    "cleanup_change",     # pixels that clean-up removed or filled, per lung pixel
+    "lung_fraction",      # log of the lung area as a fraction of the image (two-sided)
+    "right_left_ratio",   # log of the right/left area ratio (two-sided)
+    "box_fill",           # the smaller lung's area over its bounding box
+    "outline",            # boundary pixels over the square root of the area, the larger over the two lungs
+    "centre_x",           # mean column of the two lungs' centroids, as a fraction of the width (two-sided)
+    "centre_y",           # mean row of the two lungs' centroids, as a fraction of the height (two-sided)
+    "height",             # rows spanned by the lungs, as a fraction of the height (two-sided)
+)
+UNCERTAINTY_FEATURES = (
+    "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
+    "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
+)
+TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height")
+LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
+PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
+
+# What a person reads in `qc_reasons` for the features that pulled the predicted quality down the most.
+FEATURE_TEXT = {
+    "expected_dice": "the model is unsure of its own outline",
+    "uncertain_mass": "much lung probability near 0.5",
+    "entropy": "high entropy inside the lungs",
+    "outside_mass": "lung probability outside the kept lungs",
+    "confidence": "low confidence over the image",
+    "cleanup_change": "clean-up removed or filled much",
+    "lung_fraction": "unusual lung area",
+    "right_left_ratio": "unusual right/left ratio",
+    "box_fill": "irregular lung shape",
+    "outline": "ragged lung outline",
+    "centre_x": "lungs off the centre",
+    "centre_y": "lungs too high or too low",
+    "height": "unusual lung height",
+    "uncertainty_mean": "high sample spread",
+    "uncertain_border": "samples disagree on the outline",
+}
+
+
+def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, int, int, int], int]:
+    """Area, centroid (row, column), bounding box (r0, r1, c0, c1) and boundary pixel count of one lung.
+    From the row and column counts, and the boundary as the pixels that a 3x3 cross erosion removes (SciPy's
+    binary_erosion with zero borders), by shifted views: a fraction of the cost of the general routines."""
+    per_row, per_col = np.count_nonzero(mask, axis=1), np.count_nonzero(mask, axis=0)
+    area = int(per_row.sum())
+    if area == 0:
+        return 0, (math.nan, math.nan), (0, 0, 0, 0), 0
+    rows, cols = np.flatnonzero(per_row), np.flatnonzero(per_col)
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    centre = (float(per_row @ np.arange(len(per_row))) / area, float(per_col @ np.arange(len(per_col))) / area)
+    box = mask[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
+    box = np.pad(box, ((int(r0 == 0), int(r1 == mask.shape[0])), (int(c0 == 0), int(c1 == mask.shape[1]))))
+    core = box[1:-1, 1:-1]
+    interior = core & box[:-2, 1:-1] & box[2:, 1:-1] & box[1:-1, :-2] & box[1:-1, 2:]
+    return area, centre, (r0, r1, c0, c1), area - int(np.count_nonzero(interior))
+
+
+def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean normalized entropy of the softmax over the lung pixels (computed within their bounding box)."""
+    r0, r1, c0, c1 = box
+    p = probabilities[:, r0:r1, c0:c1]
+    inside = lungs[r0:r1, c0:c1]
+    entropy = -(p * np.log(np.maximum(p, EPS))).sum(0)
+    return float(entropy[inside].mean() / math.log(3))
+
+
+def quality_features(prediction, definition: str = DEFAULT_DEFINITION) -> dict[str, float]:
+    """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
+    uncertainty features too when the prediction carries an uncertainty map. About 1-2 ms at 256x256."""
+    probabilities = np.asarray(prediction.model_probabilities, dtype=np.float32)
+    label = prediction.model_label
+    raw = prediction.raw_label
+    size = label.size
+    lung_probability = probabilities[RIGHT_LUNG] + probabilities[LEFT_LUNG]
+    lungs = label > 0
+    lung_area = max(int(np.count_nonzero(lungs)), 1)
+
+    expected, stats = [], {}
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        mask = label == value
+        p = probabilities[value]
+        stats[value] = _lung_stats(mask)
+        r0, r1, c0, c1 = stats[value][2]
+        inside = float(p[r0:r1, c0:c1][mask[r0:r1, c0:c1]].sum())
+        expected.append(2 * inside / (float(p.sum()) + stats[value][0] + EPS))
+    uncertain = np.count_nonzero((lung_probability > 0.2) & (lung_probability < 0.8))
+    boxes = [stats[v][2] for v in (RIGHT_LUNG, LEFT_LUNG) if stats[v][0]]
+    if boxes:
+        union = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
+        entropy = _entropy_inside(probabilities, lungs, union)
+    else:
+        entropy = 1.0
+    raw_lungs = raw > 0
+    changed = np.count_nonzero(raw_lungs != lungs) + np.count_nonzero((raw != label) & lungs & raw_lungs)
+
+    (right, (ry, rx), rbox, rb), (left, (ly, lx), lbox, lb) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
+    rows, cols = label.shape
+    both = right > 0 and left > 0
+    features = {
+        "expected_dice": float(np.mean(expected)),
+        "uncertain_mass": min(uncertain / lung_area, PER_LUNG_LIMIT),
+        "entropy": entropy,
+        "outside_mass": min(max(float(lung_probability.sum()) - float(lung_probability[lungs].sum()), 0.0)
+                            / lung_area, PER_LUNG_LIMIT),
+        "confidence": float(probabilities.max(0).mean()),
+        "cleanup_change": min(changed / lung_area, PER_LUNG_LIMIT),
+        "lung_fraction": max(math.log(max(right + left, 1) / size), -2 * LOG_LIMIT),
+        "right_left_ratio": float(np.clip(math.log(right / left), -LOG_LIMIT, LOG_LIMIT)) if both else LOG_LIMIT,
+        "box_fill": min((a / max((b[1] - b[0]) * (b[3] - b[2]), 1) if a else 0.0)
+                        for a, b in ((right, rbox), (left, lbox))),
+        "outline": max((edge / math.sqrt(a) if a else 0.0) for a, edge in ((right, rb), (left, lb))),
+        "centre_x": (rx + lx) / 2 / cols if both else 0.0,
+        "centre_y": (ry + ly) / 2 / rows if both else 0.0,
+        "height": (max(rbox[1], lbox[1]) - min(rbox[0], lbox[0])) / rows if both else 0.0,
+    }
+    uncertainty = prediction.model_uncertainty
+    if uncertainty is not None:
+        near = ndimage.binary_dilation(lungs, iterations=3)
+        features["uncertainty_mean"] = float(uncertainty[lungs].mean()) if lungs.any() else 1.0
+        features["uncertain_border"] = min(np.count_nonzero(uncertainty[near] > 0.2) / lung_area, PER_LUNG_LIMIT)
+    return features
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """One fitted regression of the card's `qc` block (one per mode: default, and uncertainty)."""
+    features: tuple[str, ...]
+    centre: tuple[float, ...]    # two-sided features: centre of good segmentations; others 0 (unused)
+    mean: tuple[float, ...]      # standardization of the transformed features
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float             # quality below this: check
+
+    @classmethod
+    def from_dict(cls, block: dict) -> "QualityModel":
+        return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
+                   tuple(block["weights"]), float(block["bias"]), float(block["threshold"]))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "centre": [round(v, 6) for v in self.centre],
+                "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
+                "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
+                "threshold": round(self.threshold, 4)}
+
+    def standardized(self, values: dict[str, float]) -> np.ndarray:
+        return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
+
+    def predict(self, values: dict[str, float]) -> float:
+        z = float(self.standardized(values) @ np.asarray(self.weights) + self.bias)
+        return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+
+    def lowering(self, values: dict[str, float], top: int = 2) -> list[str]:
+        """The features that pulled this prediction down the most (below the average fitted case)."""
+        pulls = self.standardized(values) * np.asarray(self.weights)
+        order = [i for i in np.argsort(pulls) if pulls[i] < -0.5][:top]
+        return [self.features[i] for i in order]
+
+
+def transform(values: dict[str, float], names, centre) -> np.ndarray:
+    """The regression's inputs: two-sided features as their distance from the centre, the others as they are."""
+    return np.array([abs(values[n] - c) if n in TWO_SIDED else values[n] for n, c in zip(names, centre)],
+                    dtype=np.float64)
+
+
+def standardize(x: np.ndarray, mean, scale) -> np.ndarray:
+    return (x - np.asarray(mean)) / np.asarray(scale)
+
+
+@dataclass
+class Assessment:
+    """The QC of one segmentation: `qc` is "check" when any rule fired or `quality` is below the threshold."""
+    quality: float | None        # predicted Dice; None when the model card has no fitted `qc` block
+    threshold: float | None
+    reasons: list[str] = field(default_factory=list)
+    mode: str = "default"        # the card's regression used: "default", or "uncertainty"
+
+    @property
+    def qc(self) -> str:
+        return "check" if self.reasons else "ok"
+
+
+def quality_model(card: dict, uncertainty: bool = False) -> tuple[QualityModel | None, str]:
+    """The card's fitted regression for this mode (falling back on the default mode), and the mode's name."""
+    block = (card or {}).get("qc") or {}
+    modes = block.get("modes") or {}
+    for mode in (("uncertainty", "default") if uncertainty else ("default",)):
+        if mode in modes:
+            return QualityModel.from_dict(modes[mode]), mode
+    return None, "default"
+
+
+def _card_of(model) -> dict:
+    """A Segmenter, or its card (a dict)."""
+    return model if isinstance(model, dict) else getattr(model, "card", {}) or {}
+
+
+def predicted_quality(prediction, model) -> float | None:
+    """The predicted Dice of one segmentation (None when the model's card holds no fitted `qc` block)."""
+    return assess(prediction, model, rules=False).quality
+
+
+def assess(prediction, model, rules: bool = True) -> Assessment:
+    """Quality control of one segmentation: the predicted Dice and every reason to look at it.
+
+    Args:
+        prediction: a `postprocess.Prediction` (from `Segmenter.segment` or the batch); with an uncertainty map
+            (the `--uncertainty` mode) the card's uncertainty regression is used when it has one.
+        model: the `inference.Segmenter` that made it, or its model card (a dict).
+        rules: also apply the rule-based checks of `qc.quality_flags` (missing or tiny lung, implausible area or
+            ratio, mirrored image, fragments, high uncertainty).
+
+    Returns:
+        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons; its `qc` is
+        "check" when there is any reason.
+    """
+    from .qc import quality_flags
+
+    card = _card_of(model)
+    definition = card.get("definition") or DEFAULT_DEFINITION
+    if definition not in DEFINITIONS:
+        definition = DEFAULT_DEFINITION
+    reasons = (quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
+               if rules else [])
+    fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
+    if fitted is None or prediction.model_probabilities is None:
+        return Assessment(None, None, reasons, mode)
+    values = quality_features(prediction, definition)
+    quality = fitted.predict(values)
+    if quality < fitted.threshold:
+        why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"
+        reasons.append(f"low predicted quality {quality:.2f} (threshold {fitted.threshold:.2f}): {why}")
+    return Assessment(round(quality, 4), fitted.threshold, reasons, mode)
+
+
+# -- fitting and measuring (scripts/fit_quality.py, `lungseg evaluate`) ---------------------------------------
+
+def fit_regression(x: np.ndarray, dice: np.ndarray, l2: float = 1.0, sample_weight: np.ndarray | None = None,
+                   iterations: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Fractional logistic regression of the Dice on the features (quasi-binomial GLM, Papke and Wooldridge
+    1996): Newton steps (iteratively reweighted least squares) on the Bernoulli quasi-likelihood with an L2
+    penalty on the standardized weights, halving a step whenever it would not lower the penalized loss (the loss
+    is convex, so this converges).
+
+    Args:
+        x: (n, k) transformed features (`transform`), one row per segmentation.
+        dice: (n,) the true Dice of each, in [0, 1].
+        l2: ridge penalty (the intercept is not penalized).
+        sample_weight: (n,) optional weight of each row.
+
+    Returns:
+        mean, scale (the standardization), weights and bias: quality = sigmoid(((x - mean) / scale) @ w + b).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.clip(np.asarray(dice, dtype=np.float64), 0.0, 1.0)
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale < 1e-9] = 1.0
+    design = np.column_stack([(x - mean) / scale, np.ones(len(x))])
+    weight = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    penalty = np.full(design.shape[1], float(l2))
+    penalty[-1] = 0.0
+
+    def loss(beta: np.ndarray) -> float:
+        eta = design @ beta  # -log-likelihood = sum(log(1 + e^eta) - y * eta), computed stably
+        return float(weight @ (np.logaddexp(0, eta) - y * eta) + 0.5 * penalty @ beta ** 2)
+
+    beta = np.zeros(design.shape[1])
+    beta[-1] = math.log((y.mean() + EPS) / (1 - y.mean() + EPS))
+    current = loss(beta)
+    for _ in range(iterations):
+        mu = 1 / (1 + np.exp(-np.clip(design @ beta, -30, 30)))
+        gradient = design.T @ (weight * (mu - y)) + penalty * beta
+        hessian = design.T @ (design * (weight * np.maximum(mu * (1 - mu), 1e-9))[:, None]) + np.diag(penalty)
+        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(beta)), gradient)
+        size = 1.0
+        while size > 1e-6 and loss(beta - size * step) > current:
+            size /= 2
+        if size <= 1e-6:
+            break
+        beta = beta - size * step
+        new = loss(beta)
+        if current - new < 1e-10 * max(abs(current), 1.0):
+            current = new
+            break
+        current = new
+    return mean, scale, beta[:-1], float(beta[-1])
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (NaN when either side is constant or there are fewer than 3 values)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def qc_accuracy(dice, flagged, quality=None, limit: float = DICE_LIMIT, severe: float = 0.80) -> dict:
+    """How well QC flags found the bad segmentations of a labelled set.
+
+    Args:
+        dice: true both-lung Dice per image.
+        flagged: True where QC said "check".
+        quality: predicted Dice per image (for the correlation and the error), or None.
+        limit: a segmentation below this Dice should be flagged.
+        severe: also count the flags among the images below this Dice (the clearly failed ones).
+
+    Returns:
+        images; below (Dice < limit) and how many of them were flagged (recall); at_or_above and how many of
+        them were flagged (false_flag_rate); Spearman's correlation of quality with the Dice and the mean
+        absolute error of quality, where given. Rates are None when their group is empty.
+    """
+    dice = np.asarray(dice, dtype=np.float64)
+    flagged = np.asarray(flagged, dtype=bool)
+    bad = dice < limit
+    out = {"images": int(dice.size), "dice_limit": limit, "below": int(bad.sum()),
+           "flagged_below": int((flagged & bad).sum()),
+           "recall": round(float((flagged & bad).sum() / bad.sum()), 4) if bad.any() else None,
+           "at_or_above": int((~bad).sum()), "flagged_at_or_above": int((flagged & ~bad).sum()),
+           "false_flag_rate": round(float((flagged & ~bad).sum() / (~bad).sum()), 4) if (~bad).any() else None,
+           "flagged": int(flagged.sum()), "severe_limit": severe, "below_severe": int((dice < severe).sum()),
+           "flagged_below_severe": int((flagged & (dice < severe)).sum())}
+    if quality is not None:
+        quality = np.asarray(quality, dtype=np.float64)
+        rho = spearman(quality, dice)
+        out["spearman"] = None if math.isnan(rho) else round(rho, 4)
+        out["mean_abs_error"] = round(float(np.abs(quality - dice).mean()), 4) if dice.size else None
+    return out

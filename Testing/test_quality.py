@@ -1,0 +1,254 @@
+"""Predicted quality and QC (issue 12): the regression, the cards' fitted `qc` blocks, out-of-distribution inputs,
+one function for every caller, and QC accuracy in `lungseg evaluate`."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import importorskip, require_or_skip
+from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
+from lungseg.quality import (FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression, qc_accuracy, quality_features,
+                             quality_model)
+from lungseg.samples import sample_pngs
+
+SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
+
+
+def results_rows(out):
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        return {os.path.basename(r["input"]): r for r in csv.DictReader(f)}
+
+
+def test_fit_regression_recovers_a_known_model():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 3)) * [1.0, 2.0, 0.5] + [0.0, 1.0, -3.0]
+    z = (x - [0.0, 1.0, -3.0]) / [1.0, 2.0, 0.5]
+    dice = 1 / (1 + np.exp(-(2.0 + 1.5 * z[:, 0] - 1.0 * z[:, 1])))
+    mean, scale, weights, bias = fit_regression(x, dice, l2=0.0)
+    assert np.allclose(weights, [1.5, -1.0, 0.0], atol=0.05) and abs(bias - 2.0) < 0.05
+    _, _, shrunk, _ = fit_regression(x, dice, l2=1000.0)
+    assert np.abs(shrunk).sum() < np.abs(weights).sum(), "the L2 penalty shrinks the weights"
+
+
+def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
+    dice = [0.50, 0.85, 0.89, 0.95, 0.97, 0.98]
+    flagged = [True, True, False, True, False, False]
+    acc = qc_accuracy(dice, flagged, quality=[0.4, 0.8, 0.9, 0.91, 0.95, 0.99])
+    assert (acc["below"], acc["flagged_below"], acc["recall"]) == (3, 2, round(2 / 3, 4))
+    assert (acc["at_or_above"], acc["flagged_at_or_above"], acc["false_flag_rate"]) == (3, 1, round(1 / 3, 4))
+    assert acc["spearman"] == 1.0
+    assert qc_accuracy([0.97, 0.98], [False, False])["recall"] is None, "no bad image: recall is undefined"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
+    card = read_card(name)
+    assert sha256_of(PACKAGE_MODELS / f"{name}.safetensors") == card["sha256"]
+    block = card["qc"]
+    assert 0.5 < block["threshold"] < 1.0 and block["method"] and block["script"].startswith("scripts/fit_quality.py")
+    default = block["modes"]["default"]
+    assert tuple(default["features"]) == FEATURES and default["threshold"] == block["threshold"]
+    assert len(default["weights"]) == len(FEATURES) == len(default["mean"]) == len(default["scale"])
+    assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
+    if "uncertainty" in block["modes"]:
+        assert tuple(block["modes"]["uncertainty"]["features"]) == FEATURES + UNCERTAINTY_FEATURES
+    measured = block["validation"]["default"]["all"]["qc"]
+    assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] is not None
+
+
+def make_ood_folder(folder):
+    """Inputs that are not usable chest radiographs, from what is installed: photos bundled with scikit-image; MR,
+    ultrasound and extremity DICOMs from pydicom-data; and a radiograph rotated 90 and 180 degrees, inverted, with
+    one lung cropped away, and pure noise."""
+    from pydicom.data import get_testdata_file
+    from skimage import data
+
+    importorskip("data_store", reason="pydicom-data holds the MR, ultrasound and extremity DICOMs")
+    folder.mkdir()
+    for name in ("astronaut", "camera", "coffee", "chelsea", "page", "shepp_logan_phantom", "rocket"):
+        image = getattr(data, name)()
+        if image.dtype != np.uint8:
+            image = (image / image.max() * 255).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(image, isVector=image.ndim == 3), str(folder / f"photo_{name}.png"))
+    for name in ("MR_small.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "US1_J2KR.dcm", "RG3_UNCR.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            require_or_skip(f"pydicom-data lacks {name}")
+        shutil.copy(path, folder / f"dicom_{name}")
+    chest = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
+    variants = {"rotated90": np.rot90(chest), "rotated180": np.rot90(chest, 2), "inverted": 255 - chest,
+                "one_lung_cropped": chest[:, : chest.shape[1] * 11 // 20],
+                "noise": np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)}
+    for name, pixels in variants.items():
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels)), str(folder / f"chest_{name}.png"))
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_ood_inputs_are_all_flagged_and_none_stops_the_batch(tmp_path):
+    from lungseg.segment import segment_inputs
+
+    names = make_ood_folder(tmp_path / "ood")
+    summary = segment_inputs([str(tmp_path / "ood")], tmp_path / "out", workers=1, batch_size=4)
+    rows = results_rows(tmp_path / "out")
+    assert sorted(rows) == names and summary.done == len(names), "every input has its row: nothing crashed"
+    for name, row in rows.items():
+        if row["status"] == "error":  # a file the reader refuses is a clean error row, never a crash
+            assert row["error"] and "Traceback" not in row["error"], name
+            continue
+        assert row["qc"] == "check" and row["qc_reasons"], f"{name} was not flagged: {row}"
+        assert 0.0 <= float(row["quality"]) <= 1.0, name
+    quality = [float(r["quality"]) for r in rows.values() if r["status"] == "ok"]
+    assert len(quality) >= len(names) - 2, "the readers refuse at most the odd ultrasound codec"
+
+
+class PageParser:
+    """The review page's cases (figure attributes, in page order), links and summary counts, via html.parser."""
+
+    def __init__(self, text):
+        from html.parser import HTMLParser
+
+        self.cases, self.links, self.counts = [], [], {}
+        page = self
+
+        class Parser(HTMLParser):
+            current = None
+
+            def handle_starttag(self, tag, attrs):
+                attrs = dict(attrs)
+                if tag == "figure":
+                    page.cases.append({**attrs, "links": []})
+                for key in ("href", "src"):
+                    if key in attrs:
+                        page.links.append(attrs[key])
+                        if page.cases and tag in ("a", "img"):
+                            page.cases[-1]["links"].append(attrs[key])
+                if tag == "td" and attrs.get("id", "").startswith("count-"):
+                    self.current = attrs["id"][6:]
+                if tag == "b" and page.cases and "title" in attrs:
+                    page.cases[-1]["input"] = attrs["title"]
+
+            def handle_data(self, data):
+                if self.current:
+                    page.counts[self.current] = int(data)
+                    self.current = None
+
+        Parser().feed(text)
+
+
+def check_page(out, inputs):
+    """The page's links all exist, it covers every input once, and shows flagged then lowest quality first."""
+    from urllib.parse import unquote
+
+    page = PageParser((out / "review.html").read_text(encoding="utf-8"))
+    rows = results_rows(out)
+    assert set(rows) == set(inputs)
+    for link in page.links:
+        assert not link.startswith(("http:", "https:", "/")), f"{link}: the page must work offline, from anywhere"
+        assert (out / unquote(link)).is_file(), f"{link} is missing"
+    assert sorted(os.path.basename(c["input"]) for c in page.cases) == sorted(
+        n for n, r in rows.items() if r["status"] == "ok")
+    order = [(c["data-qc"] != "check", float(c["data-quality"])) for c in page.cases]
+    assert order == sorted(order), "flagged first, then the lowest quality first"
+    for case in page.cases:
+        row = rows[os.path.basename(case["input"])]
+        assert case["data-qc"] == row["qc"] and float(case["data-quality"]) == float(row["quality"])
+        assert any(unquote(link) == os.path.basename(row["output"]) for link in case["links"]), "labelmap link"
+        assert any(".lungseg/thumbs/" in unquote(link) for link in case["links"]), "thumbnail"
+    statuses = [r["status"] for r in rows.values()]
+    assert page.counts == {"ok": sum(r["qc"] == "ok" for r in rows.values() if r["status"] == "ok"),
+                           "check": sum(r["qc"] == "check" for r in rows.values() if r["status"] == "ok"),
+                           "error": statuses.count("error")}
+    return page
+
+
+def test_review_page_covers_shards_and_resumed_runs(tmp_path):
+    from lungseg.segment import segment_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for png in sample_pngs():
+        shutil.copy(png, folder / png.name)
+    chest = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(np.rot90(chest, 2))), str(folder / "upside down.png"))
+    (folder / "broken.png").write_bytes(b"not a png")
+    inputs = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "out"
+    for shard in ("1/2", "2/2"):  # two jobs sharing one output folder, no --overlays
+        segment_inputs([str(folder)], out, shard=shard, workers=0)
+    page = check_page(out, inputs)
+    thumbs = sorted((out / ".lungseg" / "thumbs").iterdir())
+    assert len(thumbs) == len(page.cases) == len(inputs) - 1
+    assert all(t.read_bytes()[:2] == b"\xff\xd8" and t.stat().st_size < 40_000 for t in thumbs), "small JPEGs"
+
+    again = segment_inputs([str(folder)], out, workers=0)  # a resumed run: only the failed input is retried
+    assert (again.done, again.failed, again.skipped) == (1, 1, len(inputs) - 1)
+    check_page(out, inputs)
+
+    from lungseg.segment import Options, in_shard
+
+    segment_inputs([str(folder)], out, shard="1/2", workers=0, options=Options(overlays=True))
+    page = check_page(out, inputs)
+    shard1 = {p.name for p in folder.iterdir() if in_shard(p, (1, 2))}
+    with_overlay = {os.path.basename(c["input"]) for c in page.cases
+                    if any(link.endswith("_overlay.png") for link in c["links"])}
+    assert with_overlay == shard1 - {"broken.png"}, "overlays made by one shard's rerun are linked, no others"
+
+
+def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segmenter):
+    """`quality.assess(prediction, segmenter)` is what the Slicer logic calls: the same quality and reasons as the
+    batch's row for the same image; with --uncertainty it uses the card's uncertainty regression."""
+    from lungseg.io import read_radiograph
+    from lungseg.segment import segment_inputs
+
+    png = sample_pngs()[0]
+    segment_inputs([str(png)], tmp_path, workers=0)
+    row = results_rows(tmp_path)[png.name]
+    image = read_radiograph(png)
+    prediction = segmenter.segment(image.pixels)
+    assessment = assess(prediction, segmenter)
+    assert abs(assessment.quality - float(row["quality"])) < 2e-3 and assessment.qc == row["qc"]
+    assert assessment.threshold == read_card("unet")["qc"]["threshold"]
+    assert assess(prediction, segmenter.card).quality == assessment.quality, "the card alone is enough"
+    assert set(quality_features(prediction)) == set(FEATURES)
+    sampled = segmenter.segment(image.pixels, uncertainty=True)
+    assert set(quality_features(sampled)) == set(FEATURES + UNCERTAINTY_FEATURES)
+    fitted, mode = quality_model(segmenter.card, uncertainty=True)
+    assert assess(sampled, segmenter).mode == mode == ("uncertainty" if "uncertainty" in
+                                                       segmenter.card["qc"]["modes"] else "default")
+    unfitted = {k: v for k, v in segmenter.card.items() if k != "qc"}
+    bare = assess(prediction, unfitted)
+    assert bare.quality is None and bare.threshold is None, "a card without a qc block: the rules alone"
+
+
+def test_evaluate_reports_qc_accuracy_beside_the_dice(tmp_path, jsrt, segmenter):
+    from lungseg.evaluate import evaluate, summary_line
+
+    data = tmp_path / "set"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    names = sorted(p.name for p in (jsrt / "images").iterdir())[:4]
+    for name in names:
+        os.symlink(jsrt / "masks" / name, data / "masks" / name)
+        os.symlink(jsrt / "images" / name, data / "images" / name)
+    upside_down = sitk.GetArrayFromImage(sitk.ReadImage(str(jsrt / "images" / names[0])))[::-1]
+    os.remove(data / "images" / names[0])  # a failure: the image upside down, scored against its upright mask
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(upside_down)), str(data / "images" / names[0]))
+    summary = evaluate(data / "images", data / "masks", out_dir=tmp_path / "eval", segmenter=segmenter)
+    with open(tmp_path / "eval" / "evaluation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:3] == ["image", "both_dice", "quality"], "the predicted quality beside the true Dice"
+    dice = [float(r["both_dice"]) for r in rows]
+    assert min(dice) < 0.9
+    expected = qc_accuracy(dice, [r["qc"] == "check" for r in rows], [float(r["quality"]) for r in rows])
+    acc = json.loads((tmp_path / "eval" / "summary.json").read_text())["qc_accuracy"]
+    assert acc["qc"] == expected == summary["qc_accuracy"]["qc"]
+    assert acc["threshold"] == read_card("unet")["qc"]["threshold"] and acc["mode"] == "default"
+    assert "QC (threshold" in summary_line(summary) and "flagged" in summary_line(summary)
+    assert not math.isnan(float(rows[0]["quality"]))

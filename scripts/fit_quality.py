@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Fit the predicted quality (`lungseg/quality.py`) of shipped models and write each card's `qc` block.
+
+    .venv/bin/python scripts/fit_quality.py --model unet-full-extent --write   # one retrained card
+    .venv/bin/python scripts/fit_quality.py --write                            # every shipped card
+    .venv/bin/python scripts/fit_quality.py --modes default --report qc.json   # measure only, write nothing
+
+For each card:
+1. Segments the labelled images of the card's lung definition (JSRT and COVID-QU-Ex for lung fields, v7-full for the
+   full extent) that lie outside the model's training splits, with the card's model (`own`) and with the other
+   shipped models of the same definition (`peers`), and the same images degraded on purpose (`perturbed`, own
+   model only): a bright opacity or an occluder over a lung, strong rotation, zoom-out, a crop, extreme gamma,
+   noise or blur, with the reference mask moved alike. Those give the card's own model failures in numbers that
+   its validation images alone do not hold (a few per hundred).
+2. Splits the images in two halves by a hash of their name (of the patient for v7-full), the same for every model
+   and perturbation: the regression and its threshold are fitted on the `fit` half only, and every number in the
+   card's `validation` is measured on the `measure` half, on images the fit never saw.
+3. Fits the fractional logistic regression of the Dice on the features, per mode (`default`; `uncertainty` with the
+   test-time augmentation or latent samples of `--uncertainty`), chooses the threshold on the fit half (the
+   highest recall of Dice < 0.90 whose false-flag rate, rules included, stays within `--max-false-flags`), and
+   writes the `qc` block (only that block: the weights and their SHA-256 are untouched).
+4. Also measures the card's QC on *failure sources* it was not fitted on: the shipped models of the other lung
+   definition, and the weaker models in `--sources-dir` (a U-Net trained on JSRT alone and its early checkpoints,
+   made with `scripts/quality-source-jsrt-only.yaml` and `--add-source`). `--fit-failure-sources` also fits on them;
+   measured here, that hurt the shipped models' QC (README, "Quality control").
+
+Model outputs are cached per model weights, data set, perturbation and mode under `--cache` (compressed uint8
+softmax), so refitting after a card was retrained segments only with that model, and the features can change
+without segmenting again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# the lung definition each labelled set's masks follow
+DATASETS = {"jsrt": "lung-fields", "covid-qu-ex": "lung-fields", "v7-full": "full-extent"}
+MODES = ("default", "uncertainty")
+
+
+# -- images, halves and the sources -------------------------------------------------------------------------
+
+def read_groups(root: Path) -> dict[str, str]:
+    """File -> the unit the halves keep together: the patient where splits.csv names one, else the file."""
+    import csv
+
+    path = root / "splits.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["file"]: (row.get("patient") or row["file"]) for row in csv.DictReader(f)}
+
+
+def half_of(dataset: str, group: str) -> str:
+    """"fit" or "measure", by a hash of the data set and the group: fixed, and the same for every model."""
+    return "fit" if int(hashlib.sha1(f"{dataset}/{group}".encode()).hexdigest()[:8], 16) % 2 == 0 else "measure"
+
+
+def trained_on(card: dict) -> set[tuple[str, str]]:
+    """(set, split) pairs a model trained on, from its card; a split of None means the whole set."""
+    entries = (card.get("data") or {}).get("train") or (card.get("recipe") or {}).get("data", {}).get("train") or []
+    return {(e["set"], e.get("split")) for e in entries}
+
+
+def cases_for(card: dict, dataset: str, root: Path, limit: int) -> list:
+    """The labelled images of `dataset` outside the model's training splits, at most `limit` (a fixed subset
+    chosen by hash, so that both halves keep their share)."""
+    from lungseg.data import list_cases
+
+    seen = trained_on(card)
+    cases = [c for c in list_cases(root / dataset)
+             if (dataset, None) not in seen and (dataset, c.split) not in seen]
+    if len(cases) > limit:
+        cases = sorted(cases, key=lambda c: hashlib.sha1(c.image.name.encode()).hexdigest())[:limit]
+        cases.sort(key=lambda c: c.image.name)
+    return cases
+
+
+def add_source(run_dir: Path, name: str, sources_dir: Path, checkpoint: str = "last.pt") -> Path:
+    """A training run's checkpoint as a model (safetensors and card) in the sources folder."""
+    from lungseg.models import save_model
+    from lungseg.networks import build_network
+    from lungseg.train import load_config
+
+    state = torch.load(run_dir / checkpoint, weights_only=True, map_location="cpu")
+    config = state.get("config") or load_config(run_dir / "config.yaml")
+    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
+    model.load_state_dict(state["model"])
+    card = {"name": name, "version": "qc-source", "definition": config.get("definition", "lung-fields"),
+            "network": config["network"], "input_size": config["input_size"], "data": config["data"],
+            "recipe": config, "training": {"checkpoint": checkpoint, "epoch": int(state.get("epoch", 0)),
+                                           "step": int(state.get("step", 0)), "run": str(run_dir)},
+            "note": "a failure source for scripts/fit_quality.py, not a model to use"}
+    sources_dir.mkdir(parents=True, exist_ok=True)
+    return save_model(model, card, sources_dir)
+
+
+# -- features and Dice per image ----------------------------------------------------------------------------
+
+def dice_both(label: np.ndarray, truth: np.ndarray) -> float:
+    """Both-lung Dice as `lungseg evaluate` scores it, IGNORE pixels (devices, markup) left out."""
+    from lungseg.definitions import IGNORE
+
+    keep = truth != IGNORE
+    p, t = (label > 0) & keep, (truth > 0) & keep
+    total = int(p.sum()) + int(t.sum())
+    return 2 * int((p & t).sum()) / total if total else 1.0
+
+
+PERTURBATIONS = ("opacity", "occluder", "rotation", "zoom_out", "crop", "gamma", "noise", "blur")
+
+
+def perturb(pixels: np.ndarray, truth: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """One random degradation of a radiograph (float pixels, air dark) and its reference labels, of a random
+    kind and strength fixed by `seed`. Geometric kinds move the labels alike; the others keep them, since the
+    lung is still there under an opacity or a device."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    kind = PERTURBATIONS[rng.integers(len(PERTURBATIONS))]
+    rows, cols = pixels.shape
+    low, high = np.percentile(pixels, (0.5, 99.5))
+    span = max(high - low, 1e-6)
+    lungs = np.argwhere((truth > 0) & (truth < 255))
+    if kind in ("opacity", "occluder") and len(lungs):
+        r, c = lungs[rng.integers(len(lungs))]  # somewhere on a lung
+        if kind == "opacity":  # a consolidation: a smooth bright cloud
+            sigma = rng.uniform(0.08, 0.2) * rows
+            yy, xx = np.ogrid[:rows, :cols]
+            cloud = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma ** 2))
+            pixels = pixels + rng.uniform(0.5, 1.0) * span * cloud
+        else:  # a device, markup or shield: a rectangle of bright or dark
+            h, w = int(rng.uniform(0.1, 0.3) * rows), int(rng.uniform(0.1, 0.3) * cols)
+            pixels = pixels.copy()
+            pixels[max(r - h // 2, 0):r + h // 2, max(c - w // 2, 0):c + w // 2] = high if rng.random() < 0.7 else low
+    elif kind == "rotation":
+        angle = rng.choice([-1, 1]) * rng.uniform(15, 40)
+        pixels = ndimage.rotate(pixels, angle, reshape=False, order=1, mode="constant", cval=float(low))
+        truth = ndimage.rotate(truth, angle, reshape=False, order=0, mode="constant", cval=0)
+    elif kind == "zoom_out":
+        scale = rng.uniform(0.45, 0.75)
+        small = (max(int(rows * scale), 8), max(int(cols * scale), 8))
+        r0, c0 = rng.integers(0, rows - small[0] + 1), rng.integers(0, cols - small[1] + 1)
+        zoom = (small[0] / rows, small[1] / cols)
+        canvas, labels = np.full_like(pixels, low), np.zeros_like(truth)
+        canvas[r0:r0 + small[0], c0:c0 + small[1]] = ndimage.zoom(pixels, zoom, order=1)[:small[0], :small[1]]
+        labels[r0:r0 + small[0], c0:c0 + small[1]] = ndimage.zoom(truth, zoom, order=0)[:small[0], :small[1]]
+        pixels, truth = canvas, labels
+    elif kind == "crop":  # part of the chest cut off: the bottom, the top or one side
+        side, cut = rng.integers(4), rng.uniform(0.15, 0.35)
+        keep = [slice(None), slice(None)]
+        keep[side % 2] = slice(int(cut * pixels.shape[side % 2]), None) if side < 2 else \
+            slice(None, int((1 - cut) * pixels.shape[side % 2]))
+        pixels, truth = pixels[tuple(keep)], truth[tuple(keep)]
+    elif kind == "gamma":
+        unit = np.clip((pixels - low) / span, 0, 1)
+        gamma = rng.uniform(0.2, 0.4) if rng.random() < 0.5 else rng.uniform(2.5, 5.0)
+        pixels = low + span * unit ** gamma
+    elif kind == "noise":
+        pixels = pixels + rng.normal(0, rng.uniform(0.1, 0.35) * span, pixels.shape)
+    else:  # blur
+        pixels = ndimage.gaussian_filter(pixels, rng.uniform(0.01, 0.03) * max(rows, cols))
+    return np.ascontiguousarray(pixels, dtype=np.float32), np.ascontiguousarray(truth), kind
+
+
+def case_arrays(case, variant: int, need_pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray, str]:
+    """Pixels (stored view; the data sets hold no display flips), reference labels and the perturbation of one
+    image: variant 0 is the image itself, variant k > 0 its k-th perturbation."""
+    from lungseg.data import case_label
+    from lungseg.io import read_radiograph
+
+    truth = case_label(case)
+    if variant == 0:
+        return (read_radiograph(case.image).pixels if need_pixels else None), truth, ""
+    pixels = read_radiograph(case.image).pixels
+    seed = int(hashlib.sha1(f"{case.image.name}/{variant}".encode()).hexdigest()[:8], 16)
+    return perturb(pixels, truth, seed)
+
+
+UNCERTAINTY_SCALE = 500.0  # the spread (a std of probabilities, at most 0.5) stored as uint8
+
+
+def model_outputs(card_path: str, items: list, mode: str, batch_size: int = 8) -> dict[str, tuple]:
+    """The model's softmax (3, S, S) and, in the uncertainty mode, its spread (S, S), as uint8, per item key.
+    The batch quantizes the softmax the same way before resizing it, so nothing that matters is lost."""
+    from lungseg.inference import Segmenter
+    from lungseg.transforms import model_input
+
+    segmenter = Segmenter(card_path, "cpu")
+    out = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        x = torch.stack([model_input(case_arrays(case, variant)[0], segmenter.size) for case, variant in chunk])
+        probabilities, uncertainty = segmenter.predict(x, uncertainty=mode == "uncertainty")
+        for k, item in enumerate(chunk):
+            u8 = (probabilities[k] * 255).round().to(torch.uint8).numpy()
+            spread = None if uncertainty is None else \
+                (uncertainty[k] * UNCERTAINTY_SCALE).round().clamp(0, 255).to(torch.uint8).numpy()
+            out[item_key(*item)] = (u8, spread)
+    return out
+
+
+def item_key(case, variant: int) -> str:
+    return case.image.name + (f"~p{variant}" if variant else "")
+
+
+def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: str, cache: Path) -> dict:
+    """`model_outputs` through a cache per model weights, data set and mode (a compressed .npz): items that an
+    earlier run segmented (with any limit) are not segmented again, and the features can change freely."""
+    path = cache / f"{card['name']}-{card['sha256'][:12]}-{dataset}-{mode}.npz"
+    known = {}
+    if path.exists():
+        with np.load(path) as data:  # each data[key] decompresses the whole array: once per key
+            names, probabilities = data["names"], data["probabilities"]
+            spreads = data["spread"] if "spread" in data else None
+        for i, name in enumerate(names):
+            known[str(name)] = (probabilities[i], None if spreads is None else spreads[i])
+    missing = [it for it in items if item_key(*it) not in known]
+    if missing:
+        t0 = time.perf_counter()
+        known.update(model_outputs(card_path, missing, mode))
+        names = sorted(known)
+        arrays = {"names": np.array(names), "probabilities": np.stack([known[n][0] for n in names])}
+        if mode == "uncertainty":
+            arrays["spread"] = np.stack([known[n][1] for n in names])
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+        print(f"  {card['name']} on {dataset} ({mode}): {len(missing)} images in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+    return known
+
+
+def scored_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int, variants: int,
+                cache: Path) -> list[dict]:
+    """One model on the chosen images of one data set (and `variants` perturbations of each): the features, the
+    rule flags and the Dice of each."""
+    from lungseg.definitions import DEFINITIONS
+    from lungseg.models import read_card
+    from lungseg.postprocess import postprocess
+    from lungseg.qc import quality_flags
+    from lungseg.quality import quality_features
+
+    card = read_card(card_path)
+    cases = cases_for(card, dataset, root, limit)
+    items = [(case, v) for case in cases for v in range(variants + 1)]
+    outputs = cached_outputs(card_path, card, dataset, items, mode, cache)
+    groups = read_groups(root / dataset)
+    rows = []
+    for case, variant in items:
+        u8, spread = outputs[item_key(case, variant)]
+        _, truth, kind = case_arrays(case, variant, need_pixels=False)
+        prediction = postprocess(torch.from_numpy(u8.astype(np.float32) / 255), truth.shape,
+                                 None if spread is None else torch.from_numpy(spread.astype(np.float32)
+                                                                              / UNCERTAINTY_SCALE))
+        group = groups.get(case.image.name, case.image.name)
+        rows.append({"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
+                     "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
+                     "features": quality_features(prediction),
+                     "rules": {d: quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, d)
+                               for d in DEFINITIONS}})
+    return rows
+
+
+# -- fitting and measuring ----------------------------------------------------------------------------------
+
+def feature_names(mode: str) -> tuple[str, ...]:
+    from lungseg.quality import FEATURES, UNCERTAINTY_FEATURES
+
+    return FEATURES + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ())
+
+
+def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: str) -> np.ndarray:
+    """What `lungseg segment` decides: check when a rule fired or the quality is below the threshold."""
+    rules = np.array([bool(r["rules"][definition]) for r in rows], dtype=bool)
+    return rules | (quality < threshold)
+
+
+def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max_false_flags: float,
+                     limit: float) -> float:
+    """The threshold with the highest recall of Dice < limit on these rows (real and perturbed) whose false-flag
+    rate on the real images, rules included, stays within `max_false_flags`; the lowest such threshold. Perturbed
+    images with a Dice above the limit are degraded all the same, and count as neither right nor wrong flags."""
+    dice = np.array([r["dice"] for r in rows])
+    real = np.array([not r["perturbation"] for r in rows])
+    bad = dice < limit
+    best = (-1.0, 0.5)
+    for threshold in np.round(np.arange(0.50, 0.995, 0.0025), 4):
+        flagged = flags(rows, quality, threshold, definition)
+        false_rate = (flagged & ~bad & real).sum() / max((~bad & real).sum(), 1)
+        recall = (flagged & bad).sum() / max(bad.sum(), 1)
+        if false_rate <= max_false_flags and recall > best[0]:
+            best = (recall, float(threshold))
+    return best[1]
+
+
+def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_false_flags: float, limit: float,
+             perturbed_weight: float):
+    from lungseg.quality import TWO_SIDED, QualityModel, fit_regression, transform
+
+    names = feature_names(mode)
+    good = [r for r in fit_rows if r["dice"] >= 0.95 and not r["perturbation"]]
+    centre = tuple(float(np.median([r["features"][n] for r in good])) if n in TWO_SIDED else 0.0 for n in names)
+    x = np.stack([transform(r["features"], names, centre) for r in fit_rows])
+    dice = np.array([r["dice"] for r in fit_rows])
+    weight = np.array([perturbed_weight if r["perturbation"] else 1.0 for r in fit_rows])
+    mean, scale, weights, bias = fit_regression(x, dice, l2=l2, sample_weight=weight)
+    model = QualityModel(names, centre, tuple(mean), tuple(scale), tuple(weights), bias, threshold=0.0)
+    quality = np.array([model.predict(r["features"]) for r in fit_rows])
+    threshold = choose_threshold(fit_rows, quality, definition, max_false_flags, limit)
+    return QualityModel(names, centre, tuple(mean), tuple(scale), tuple(weights), bias, threshold)
+
+
+def measure(model, rows: list[dict], definition: str, limit: float) -> dict:
+    """QC accuracy on rows: with the rules (what users get), the quality alone, and the rules alone."""
+    from lungseg.quality import qc_accuracy
+
+    dice = np.array([r["dice"] for r in rows])
+    quality = np.array([model.predict(r["features"]) for r in rows])
+    return {"qc": qc_accuracy(dice, flags(rows, quality, model.threshold, definition), quality, limit),
+            "quality_only": qc_accuracy(dice, quality < model.threshold, None, limit),
+            "rules_only": qc_accuracy(dice, flags(rows, quality, -1.0, definition), None, limit)}
+
+
+def group_measures(model, pool: list[dict], definition: str, limit: float) -> dict:
+    """The measure half, by group: `<set>` the card's own model on real images, `<set> (perturbed)` on degraded
+    ones, `<set> / <model>` another model's outputs (peers and failure sources), `<set> (shipped models)` the
+    real images segmented by every shipped model of the definition, `own` and `own+perturbed` the card's own
+    model over every data set."""
+    held_out = [r for r in pool if r["half"] == "measure"]
+    groups = {"own": [r for r in held_out if r["role"] == "own" and not r["perturbation"]],
+              "own+perturbed": [r for r in held_out if r["role"] == "own"]}
+    for r in held_out:
+        if r["role"] == "own":
+            groups.setdefault(r["dataset"] + (" (perturbed)" if r["perturbation"] else ""), []).append(r)
+        else:
+            groups.setdefault(f"{r['dataset']} / {r['source']}", []).append(r)
+        if r["role"] in ("own", "peer") and not r["perturbation"]:  # every shipped model of the definition
+            groups.setdefault(f"{r['dataset']} (shipped models)", []).append(r)
+    return {name: measure(model, rows, definition, limit) for name, rows in sorted(groups.items()) if rows}
+
+
+def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode: str, limits: dict,
+             source_limits: dict[str, int], variants: dict[str, int], cache: Path) -> list[dict]:
+    """Rows of the card's own model (real and perturbed images), its peers and the failure sources on every data
+    set of the card's definition."""
+    from lungseg.models import read_card
+
+    pool = []
+    for role, sources in (("own", [card["card_path"]]), ("peer", peers), ("failure", failures)):
+        for source in sources:
+            source_card = read_card(source)
+            for dataset, definition in DATASETS.items():
+                if definition != card["definition"] or not (root / dataset / "images").is_dir():
+                    continue
+                limit = min(limits["failure" if role == "failure" else mode],
+                            source_limits.get(source_card["name"], limits[mode]))
+                if not cases_for(source_card, dataset, root, 1):
+                    continue
+                count = variants.get(dataset, 1) if role == "own" else 0
+                for row in scored_rows(source, dataset, root, mode, limit, count, cache):
+                    pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role,
+                                 "source_definition": source_card.get("definition", "")})
+    return pool
+
+
+def summary_line(name: str, measured: dict) -> str:
+    parts = []
+    for group in [g for g in measured if " / " not in g]:
+        qc = measured[group]["qc"]
+        parts.append(f"{group}: {qc['flagged_below']}/{qc['below']} flagged, false flags {qc['false_flag_rate']}, "
+                     f"Spearman {qc['spearman']}")
+    return f"  {name}: " + "\n  ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--sources-dir", default=str(REPO.parent / "runs" / "quality-sources" / "models"),
+                        help="failure-source models (cards and safetensors), see --add-source")
+    parser.add_argument("--cache", default=str(REPO.parent / "runs" / "quality-cache"))
+    parser.add_argument("--modes", nargs="+", default=["default", "uncertainty"], choices=MODES)
+    parser.add_argument("--max-images", type=int, default=1000, help="per model and data set, default mode")
+    parser.add_argument("--max-images-uncertainty", type=int, default=120,
+                        help="per model and data set, uncertainty mode (9-16 forward passes per image)")
+    parser.add_argument("--max-images-failure", type=int, default=400, help="per failure source and data set")
+    parser.add_argument("--source-limit", action="append", default=["unetpp=150"], metavar="NAME=N",
+                        help="fewer images for a slow model (default: unetpp=150, 16x the U-Net's forward cost)")
+    parser.add_argument("--perturbations", action="append", default=["jsrt=3", "covid-qu-ex=1", "v7-full=4"],
+                        metavar="SET=K", help="perturbed copies of each image of a data set, own model only")
+    parser.add_argument("--no-peers", action="store_true", help="fit on the card's own model alone")
+    parser.add_argument("--fit-failure-sources", action="store_true", help="also fit on the failure sources")
+    parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
+    parser.add_argument("--l2", type=float, default=1.0)
+    parser.add_argument("--perturbed-weight", type=float, default=0.3,
+                        help="weight of a perturbed image in the regression (a real one weighs 1)")
+    parser.add_argument("--max-false-flags", type=float, default=0.08,
+                        help="the highest false-flag rate on real images (rules included) allowed on the fit half")
+    parser.add_argument("--dice-limit", type=float, default=0.90)
+    parser.add_argument("--write", action="store_true", help="write the qc block into each card")
+    parser.add_argument("--report", help="also write the full report (JSON) here")
+    parser.add_argument("--add-source", nargs=2, metavar=("RUN_DIR", "NAME"),
+                        help="only turn RUN_DIR/last.pt into a failure-source model NAME in --sources-dir")
+    parser.add_argument("--dump-rows", help="also save every scored row (features, rules, Dice) to this pickle, "
+                        "for studying the method offline")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lungseg.files import write_atomic_text
+    from lungseg.models import PACKAGE_MODELS, read_card
+
+    sources_dir = Path(args.sources_dir)
+    if args.add_source:
+        print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
+        return 0
+    root, cache = Path(args.data_root), Path(args.cache)
+    shipped = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json") if p.with_suffix(".safetensors").exists())
+    extra = sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists()) \
+        if sources_dir.is_dir() else []
+    limits = {"default": args.max_images, "uncertainty": args.max_images_uncertainty,
+              "failure": args.max_images_failure}
+    source_limits = {k: int(v) for k, v in (item.split("=") for item in args.source_limit)}
+    variants = {k: int(v) for k, v in (item.split("=") for item in args.perturbations)}
+    report = {}
+    for name in args.model or shipped:
+        card = read_card(name)
+        definition = card["definition"]
+        peers = [] if args.no_peers else [read_card(s)["card_path"] for s in shipped
+                                          if s != name and read_card(s).get("definition") == definition]
+        failures = [] if args.no_failure_sources else \
+            [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
+        block = {"method": "fractional logistic regression (quasi-binomial GLM, IRLS, L2) of the both-lung Dice "
+                           "on features of the model's own output (lungseg/quality.py); flag below the threshold",
+                 "target": "both-lung Dice against masks of the card's lung definition",
+                 "dice_limit": args.dice_limit, "fitted": date.today().isoformat(),
+                 "script": f"scripts/fit_quality.py --model {name} --write", "modes": {}, "validation": {}}
+        for mode in args.modes:
+            print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
+            pool = pool_for(card, peers, failures if mode == "default" else [], root, mode, limits, source_limits,
+                            variants, cache)
+            if args.dump_rows:
+                import pickle
+
+                Path(args.dump_rows).write_bytes(pickle.dumps({"card": name, "mode": mode, "rows": pool}))
+            fit_rows = [r for r in pool if r["half"] == "fit" and (r["role"] != "failure" or args.fit_failure_sources)]
+            if not any(r["dice"] < args.dice_limit for r in fit_rows):
+                print(f"fit_quality: {name}: no segmentation below Dice {args.dice_limit} to fit on", file=sys.stderr)
+                return 1
+            model = fit_mode(fit_rows, mode, definition, args.l2, args.max_false_flags, args.dice_limit,
+                             args.perturbed_weight)
+            block["modes"][mode] = {**model.to_dict(), "fitted_on": {
+                "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
+                "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
+                "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,
+                "models": sorted({r["source"] for r in fit_rows}),
+                "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit"}}
+            block["validation"][mode] = group_measures(model, pool, definition, args.dice_limit)
+            print(f"  threshold {model.threshold:.4f}\n" + summary_line(name, block["validation"][mode]),
+                  file=sys.stderr)
+        block["threshold"] = block["modes"]["default"]["threshold"] if "default" in block["modes"] else None
+        report[name] = block
+        if args.write:
+            path = Path(card["card_path"])
+            data = json.loads(path.read_text())
+            data["qc"] = block  # only this block changes; the weights and their checksum stay as they are
+            write_atomic_text(json.dumps(data, indent=2) + "\n", path)
+            print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
