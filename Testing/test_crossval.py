@@ -85,13 +85,46 @@ def test_fold_configs_resolve_to_the_folds_cases(jsrt):
         assert cfg["name"] == f"{recipe['name']}-fold3"
         (train_entry,) = [e for e in cfg["data"]["train"] if e["set"] == "jsrt"]
         assert train_entry["weight"] == 0.3 and "ratios" not in train_entry
-        held_out = cfg["data"]["val"][0]
-        assert held_out["part"] == "held_out" and [e["set"] for e in cfg["data"]["val"][1:]] == ["covid-qu-ex"]
+        held_out = cfg["data"]["test"][0]
+        assert held_out["part"] == "held_out" and [e["set"] for e in cfg["data"]["test"]] == ["jsrt"]
+        assert [e["set"] for e in cfg["data"]["val"]] == ["covid-qu-ex"]
         assert {c.image.name for c in entry_cases(root, held_out)} == {n for n, f in folds.items() if f == 3}
         assert {c.image.name for c in entry_cases(root, train_entry)} == {n for n, f in folds.items() if f != 3}
     assert fold_config(load_config("unet-jsrt-cv"), 0, 5) == dict(load_config("unet-jsrt-cv"),
                                                                   name="unet-jsrt-cv-fold0"), \
         "the packaged recipe is fold 0 as written"
+
+
+def test_the_held_out_fold_chooses_nothing(jsrt):
+    """nnU-Net style: a fold's held-out images are in neither its training nor its validation selection (which
+    picks best.pt and would drive early stopping), and every fold runs the recipe's fixed schedule."""
+    from lungseg.crossval import held_out_names
+    from lungseg.train import training_ended
+
+    root = jsrt.parent
+    for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
+        for fold in range(5):
+            cfg = fold_config(recipe, fold, 5)
+            held = set(held_out_names(cfg, root))
+            assert len(held) in (39, 40)
+            assert not any(e["set"] == "jsrt" for e in cfg["data"]["val"]), "the held-out fold must not validate"
+            for key in ("train", "val"):
+                chosen = {c.image.name for entry in cfg["data"][key] if entry["set"] == "jsrt"
+                          for c in entry_cases(root, entry)}
+                assert not chosen & held, (key, fold)
+            assert "early_stopping_patience" not in cfg["training"]
+            epochs = cfg["training"]["epochs"]
+            assert not training_ended(epochs - 1, epochs - 1, cfg["training"]), \
+                "no early stopping: a fold that never improved still trains all its epochs"
+
+
+def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
+    from lungseg.errors import LungSegError
+
+    recipe = load_config("unet")
+    recipe["data"]["val"] = [{"set": "jsrt", "split": "val"}]
+    with pytest.raises(LungSegError, match="validates on no set but 'jsrt'"):
+        fold_config(recipe, 0, 5)
 
 
 def test_spacing_override_gives_hd95_in_mm_on_a_jsrt_image(jsrt, segmenter):
@@ -138,7 +171,7 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     recipe.update(name="tiny", input_size=64, network={"name": "unet", "params": {"channels": [8, 16, 32],
                                                                                    "num_res_units": 1}})
     recipe["data"] = {"root": str(data), "train": [{"set": "jsrt", "split": "train"}],
-                      "val": [{"set": "jsrt", "split": "val"}]}
+                      "val": [{"set": "jsrt", "split": "val"}, {"set": "other", "split": "val"}]}
     recipe["training"].update(epochs=1, samples_per_epoch=8, batch_size=4, num_workers=0, checkpoint_every_steps=1)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     run = tmp_path / "cv"
@@ -153,6 +186,20 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     assert "step 1" in (fold_dir(run, 0) / "train.log").read_text()
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["complete"] and summary["folds_done"] == [0, 1] and summary["spacing_mm"] == 0.7
+    # by default the final weights are scored, and the held-out fold chose nothing
+    assert (summary["weights"], summary["checkpoint"], summary["held_out_used_for_selection"]) == \
+        ("last", "last.pt", False)
+    assert summary["early_stopping"] is False and summary["selected_on"] is None
+    assert "last.pt" in summary["note"] and "not used for training, checkpoint selection" in summary["note"]
+    assert "optimistic" not in summary["note"]
+    for fold in (0, 1):
+        assert json.loads((fold_dir(run, fold) / "cv_fold.json").read_text())["weights"] == "last"
+        last = torch.load(fold_dir(run, fold) / "last.pt", weights_only=True)
+        state = json.loads((fold_dir(run, fold) / "model-last" / "tiny-fold{}.json".format(fold)).read_text())
+        assert state["training"]["best_epoch"] == len(state["training"]["history"]) == last["epoch"]
+        (record,) = json.loads((fold_dir(run, fold) / "history.json").read_text())
+        assert "test:jsrt/dice_both" in record and "jsrt/dice_both" not in record  # logged, never validated on
+        assert record["val_score"] == record["other/dice_both"]
     held = summary["evaluations"]["jsrt/held_out"]
     assert held["hd95_unit"] == "mm" and held["images"] == 12 and sorted(summary["assignment"]) == \
         sorted(f"case{i:02d}.png" for i in range(12))
@@ -162,23 +209,33 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
         assert held["across_folds"][metric]["mean"] == pytest.approx(np.mean(fold_means))
         assert held["across_folds"][metric]["sd"] == pytest.approx(np.std(fold_means, ddof=1))
         per_image = [float(r[metric]) for fold in (0, 1) for r in csv.DictReader(
-            open(fold_dir(run, fold) / "eval-best-jsrt-held_out" / "evaluation.csv"))]
+            open(fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv"))]
         assert held["pooled_per_image"][metric]["mean"] == pytest.approx(np.mean(per_image))
         assert held["pooled_per_image"][metric]["sd"] == pytest.approx(np.std(per_image))
     other = summary["evaluations"]["other/val"]
     assert other["hd95_unit"] == "px" and other["images"] == 2  # 1 of 4 per fold model, scored twice
     table = (run / "cv_summary.md").read_text()
     assert "| mean ± sd (folds) | 12 |" in table and "HD95 (mm)" in table and "## other/val" in table
+    assert "Scored, each fold's last.pt" in table and "optimistic" not in table
 
     # a second call trains and scores nothing again
     stamps = {p: p.stat().st_mtime_ns for fold in (0, 1) for p in (
-        fold_dir(run, fold) / "last.pt", fold_dir(run, fold) / "eval-best-jsrt-held_out" / "evaluation.csv")}
+        fold_dir(run, fold) / "last.pt", fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv")}
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("training finished earlier, skipped") == 2 and "scoring" not in out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert json.loads((run / "cv_summary.json").read_text())["evaluations"] == summary["evaluations"]
+
+    # --weights best scores best.pt, selected on the other validation set only, without training again
+    assert main(args + ["--weights", "best"]) == 0
+    best = json.loads((run / "cv_summary.json").read_text())
+    assert (best["weights"], best["checkpoint"], best["selected_on"]) == ("best", "best.pt", ["other-val"])
+    assert best["held_out_used_for_selection"] is False and "other-val" in best["note"]
+    assert best["evaluations"]["jsrt/held_out"]["images"] == 12
+    assert all((fold_dir(run, fold) / "eval-best-jsrt-held_out" / "evaluation.csv").exists() for fold in (0, 1))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name == "last.pt")
 
 
 def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):

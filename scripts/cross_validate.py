@@ -6,7 +6,8 @@ one patient per image. A thin shell over `lungseg.crossval` (see there for what 
         --data-root ../shared/data --also covid-qu-ex:val
 
 Writes RUN/fold-K/ (a training run, its model card and its evaluations) and RUN/cv_summary.json and .md (per fold
-Dice both/right/left, HD95 in mm and images; mean ± sd across folds; pooled per image). Re-running resumes an
+Dice both/right/left, HD95 in mm and images; mean ± sd across folds; pooled per image). Each fold trains the recipe's
+fixed schedule (no early stopping) and its final weights are scored; the held-out fold chooses nothing. Re-running resumes an
 unfinished fold at its exact step and skips finished ones; `--fold K` runs one fold (e.g. one per job).
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="train and score only this fold (0-based)")
     p.add_argument("--also", action="append", default=[], metavar="SET:SPLIT",
                    help="also score each fold's model on this set (e.g. covid-qu-ex:val); repeatable")
-    p.add_argument("--weights", choices=WEIGHTS, default="best",
-                   help="score each fold's best.pt (chosen on validation incl. the held-out fold) or last.pt")
+    p.add_argument("--weights", choices=WEIGHTS, default="last",
+                   help="score each fold's final weights, last.pt (default), or best.pt, selected on the recipe's "
+                        "non-JSRT validation sets (e.g. covid-qu-ex val); the held-out fold selects neither")
     p.add_argument("--set", default="jsrt", help="the set to cross-validate (default jsrt)")
     p.add_argument("--spacing-mm", type=float, help="its pixel size for HD95 in mm (default: 0.7 for jsrt)")
     p.add_argument("--seed", type=int, help="seed of the fold assignment (default: the recipe's, else 0)")

@@ -2,14 +2,14 @@
 
 The folds split the set's `train` and `val` images (JSRT: 196) by `data.fold_assignment`, stratified by splits.csv's
 `group` and never splitting a patient. Fold k's config (`fold_config`) replaces the recipe's training entries of that
-set by fold k's `train` part (keeping their weight), and validates on the `held_out` fold k plus the recipe's other
-validation sets. It trains with the package's `train` into RUN/fold-k, so a re-run resumes an unfinished fold at its
-exact step and skips a finished one. Then the fold's weights are saved as a model with a card and scored by
+set by fold k's `train` part (keeping their weight). As in nnU-Net, the held-out fold k chooses nothing: it is only a
+`data.test` entry (logged per epoch, never used for `best.pt` or early stopping), `data.val` keeps only the recipe's
+other validation sets (the trainer's own bookkeeping, e.g. COVID-QU-Ex val), and early stopping is off, so every
+fold trains the recipe's fixed schedule. It trains with the package's `train` into RUN/fold-k, so a re-run resumes
+an unfinished fold at its exact step and skips a finished one. Then the fold's final weights (`last.pt`; or with
+`weights="best"`, `best.pt`, selected on those other validation sets) are saved as a model with a card and scored by
 `evaluate` on the held-out images, HD95 in mm at the set's pixel size, and on any `also` sets; the scores are kept in
 RUN/fold-k/cv_fold.json and summarised by `cv_report` into RUN/cv_summary.json and RUN/cv_summary.md.
-
-`best.pt` is the epoch with the best validation score, which includes the held-out fold, so its held-out scores are
-slightly optimistic; `weights="last"` scores each fold's final weights, chosen by nothing but the recipe.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from .cv_report import write_report
-from .data import entry_cases
+from .data import entry_cases, selection_tag
 from .errors import LungSegError
 from .files import write_atomic_text
 
@@ -29,7 +29,7 @@ CV_SPLITS = ("train", "val")
 # Pixel size of sets whose PNGs state none: JSRT's 2048² originals are 0.175 mm, here downsampled to 512².
 SPACING_MM = {"jsrt": 0.7}
 KEPT_IN_TRAIN_ENTRY = ("weight", "every")  # what a recipe's training entry keeps when a fold replaces its selection
-WEIGHTS = ("best", "last")
+WEIGHTS = ("last", "best")  # the first is the default
 
 
 def fold_entry(cv_set: str, folds: int, fold: int, part: str, splits=CV_SPLITS, seed: int = 0) -> dict:
@@ -37,7 +37,9 @@ def fold_entry(cv_set: str, folds: int, fold: int, part: str, splits=CV_SPLITS, 
 
 
 def fold_config(recipe: dict, fold: int, folds: int, cv_set: str = "jsrt", splits=CV_SPLITS, seed: int = 0) -> dict:
-    """The recipe's config for fold `fold` of `folds` over `cv_set`."""
+    """The recipe's config for fold `fold` of `folds` over `cv_set`: trains on the fold's `train` part, logs its
+    held-out part as the first `data.test` entry only, validates on the recipe's other sets only, and runs every
+    epoch (no early stopping)."""
     cfg = copy.deepcopy(recipe)
     data = cfg["data"]
     if not any(entry["set"] == cv_set for entry in data["train"]):
@@ -45,12 +47,25 @@ def fold_config(recipe: dict, fold: int, folds: int, cv_set: str = "jsrt", split
     data["train"] = [dict({k: v for k, v in entry.items() if k in KEPT_IN_TRAIN_ENTRY},
                           **fold_entry(cv_set, folds, fold, "train", splits, seed))
                      if entry["set"] == cv_set else entry for entry in data["train"]]
-    data["val"] = [fold_entry(cv_set, folds, fold, "held_out", splits, seed)] + \
-        [entry for entry in data.get("val") or [] if entry["set"] != cv_set]
-    if data.get("test"):  # the set's images are all in the folds now
-        data["test"] = [entry for entry in data["test"] if entry["set"] != cv_set]
+    # the held-out fold selects nothing: not best.pt, not early stopping (the trainer only logs `data.test`)
+    data["val"] = [entry for entry in data.get("val") or [] if entry["set"] != cv_set]
+    if not data["val"]:
+        raise LungSegError(f"config '{recipe['name']}' validates on no set but '{cv_set}', whose images are all in "
+                           "the folds; add another validation set (e.g. covid-qu-ex val) for the trainer's best.pt")
+    # the set's other test entries go too: its images are all in the folds now
+    data["test"] = [fold_entry(cv_set, folds, fold, "held_out", splits, seed)] + \
+        [entry for entry in data.get("test") or [] if entry["set"] != cv_set]
+    cfg["training"].pop("early_stopping_patience", None)  # every fold trains the same fixed schedule
     cfg["name"] = f"{recipe['name']}-fold{fold}"
     return cfg
+
+
+def held_out_entry(cfg: dict) -> dict:
+    """The held-out fold's entry of a fold config (its first test entry)."""
+    entry = (cfg["data"].get("test") or [{}])[0]
+    if entry.get("part") != "held_out":
+        raise LungSegError(f"config '{cfg['name']}' is not a fold config: its first test entry is no held-out fold")
+    return entry
 
 
 def recipe_seed(recipe: dict, cv_set: str) -> int:
@@ -59,8 +74,8 @@ def recipe_seed(recipe: dict, cv_set: str) -> int:
 
 
 def held_out_names(cfg: dict, root: Path) -> list[str]:
-    """Image file names of the held-out fold of a fold config (its first validation entry)."""
-    return [case.image.name for case in entry_cases(root, cfg["data"]["val"][0])]
+    """Image file names of the held-out fold of a fold config."""
+    return [case.image.name for case in entry_cases(root, held_out_entry(cfg))]
 
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:
@@ -88,19 +103,18 @@ def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_
     return run_finished(out, cfg)
 
 
-def fold_model(out: Path, weights: str = "best") -> Path:
-    """The fold's best (or last) weights saved as a model with its card in `out/model-<weights>/`."""
+def fold_model(out: Path, weights: str = "last") -> Path:
+    """The fold's last (or best) weights saved as a model with its card in `out/model-<weights>/`."""
     from .export import build_card
     from .models import save_model
     from .networks import build_network
 
-    best = torch.load(out / "best.pt", weights_only=True, map_location="cpu")
-    state = best if weights == "best" else torch.load(out / "last.pt", weights_only=True, map_location="cpu")
+    state = torch.load(out / f"{weights}.pt", weights_only=True, map_location="cpu")
     history = json.loads((out / "history.json").read_text())
-    config = best["config"]
+    config = yaml.safe_load((out / "config.yaml").read_text())  # what the fold trained (check_run_config)
     model = build_network(config["network"]["name"], **config["network"].get("params", {}))
     model.load_state_dict(state["model"])
-    card = build_card(config, history, best["epoch"] if weights == "best" else len(history) - 1)
+    card = build_card(config, history, state["epoch"] if weights == "best" else len(history) - 1)
     return save_model(model, card, out / f"model-{weights}")
 
 
@@ -111,7 +125,7 @@ def parse_also(spec: str) -> tuple[str, str | None]:
 
 
 def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float | None, also=(),
-               weights: str = "best", device: str = "auto") -> dict:
+               weights: str = "last", device: str = "auto") -> dict:
     """The fold's held-out scores (`<set>/held_out`) and those on each `also` set, kept in out/cv_fold.json;
     scores already there for the same checkpoint are reused."""
     from .evaluate import evaluate
@@ -138,18 +152,20 @@ def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float 
         scores[key] = evaluate(folder / "images", folder / "masks", model=str(card), split=split, names=only,
                                spacing_mm=spacing, device=device,
                                out_dir=out / f"eval-{weights}-{key.replace('/', '-')}")
-    result = {"fold": cfg["data"]["val"][0]["fold"], "name": cfg["name"], "weights": weights, "source_sha256": source,
+    result = {"fold": held_out_entry(cfg)["fold"], "name": cfg["name"], "weights": weights, "source_sha256": source,
               "card": str(card), "held_out": names, "scores": scores}
     write_atomic_text(json.dumps(result, indent=1) + "\n", path)
     return result
 
 
 def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root: str | Path | None = None,
-                   only_fold: int | None = None, also=(), weights: str = "best", cv_set: str = "jsrt",
+                   only_fold: int | None = None, also=(), weights: str = "last", cv_set: str = "jsrt",
                    spacing_mm: float | None = None, seed: int | None = None, device: str = "auto",
                    max_steps: int | None = None) -> dict:
     """Train and score every fold (or only `only_fold`), then summarise the folds scored so far; returns the
-    summary written to run_dir/cv_summary.json. `seed` (of the fold assignment) defaults to the recipe's."""
+    summary written to run_dir/cv_summary.json. `weights`: "last" (each fold's final weights, the default) or
+    "best" (best.pt, selected on the recipe's validation sets other than `cv_set`). `seed` (of the fold
+    assignment) defaults to the recipe's."""
     if weights not in WEIGHTS:
         raise LungSegError(f"weights '{weights}': choose {' or '.join(WEIGHTS)}")
     if only_fold is not None and not 0 <= only_fold < folds:
@@ -171,6 +187,10 @@ def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root:
             kept = json.loads(path.read_text())
             if kept.get("weights") == weights:
                 results[fold] = kept
+    val = fold_config(recipe, 0, folds, cv_set, seed=seed)["data"]["val"]  # the same in every fold
+    selected_on = [f"{entry['set']}-{selection_tag(entry)}" for entry in val]
     settings = {"recipe": recipe["name"], "folds": folds, "cv_set": cv_set, "splits": list(CV_SPLITS),
-                "seed": seed, "weights": weights, "spacing_mm": spacing_mm}
+                "seed": seed, "weights": weights, "checkpoint": f"{weights}.pt", "spacing_mm": spacing_mm,
+                "held_out_used_for_selection": False, "early_stopping": False,
+                "selected_on": selected_on if weights == "best" else None}
     return write_report(run_dir, settings, [results[k] for k in sorted(results)])

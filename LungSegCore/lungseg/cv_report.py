@@ -53,6 +53,16 @@ def pooled(results: list[dict], key: str) -> dict:
     return out
 
 
+def note(settings: dict) -> str:
+    """Which weights were scored and what chose them; the held-out fold chose nothing."""
+    unused = (f"the held-out {settings['cv_set']} fold was not used for training, checkpoint selection or early "
+              "stopping (logged only)")
+    if settings["weights"] == "best":
+        return (f"best.pt, the epoch with the best validation Dice on {', '.join(settings.get('selected_on') or [])} "
+                f"(the recipe's validation sets other than {settings['cv_set']}); {unused}")
+    return f"last.pt, the final weights after the recipe's fixed schedule (no early stopping); {unused}"
+
+
 def summarize_folds(settings: dict, results: list[dict]) -> dict:
     keys = list(dict.fromkeys(key for result in results for key in result["scores"]))
     evaluations = {}
@@ -64,9 +74,7 @@ def summarize_folds(settings: dict, results: list[dict]) -> dict:
                             "pooled_per_image": pooled(results, key)}
     done = [r["fold"] for r in results]
     return {**settings, "folds_done": done, "complete": len(done) == settings["folds"],
-            "note": "best.pt was chosen on a validation score that includes the held-out fold, so its held-out "
-                    "scores are slightly optimistic" if settings["weights"] == "best" else
-                    "the final weights of each fold, chosen by nothing but the recipe",
+            "note": note(settings),
             "evaluations": evaluations,
             "assignment": {name: r["fold"] for r in results for name in r["held_out"]}}
 
@@ -85,8 +93,9 @@ def markdown(summary: dict) -> str:
              f"{'+'.join(summary['splits'])}",
              "",
              f"Folds scored: {len(summary['folds_done'])} of {summary['folds']}"
-             + ("" if summary["complete"] else " (incomplete)") + f"; {summary['weights']} weights of each fold: "
-             f"{summary['note']}. Across folds: mean ± sample sd of the fold means; pooled: mean ± sd over images."]
+             + ("" if summary["complete"] else " (incomplete)") + f". Scored, each fold's "
+             f"{summary['note']}. Across folds: mean ± sample sd of the fold means; pooled: mean ± sd over "
+             "images."]
     for key, ev in summary["evaluations"].items():
         header = [COLUMNS[m] + (f" ({ev['hd95_unit']})" if m.endswith("hd95") else "") for m in REPORTED]
         lines += ["", f"## {key}", "", "| fold | images | " + " | ".join(header) + " |",
