@@ -32,7 +32,7 @@ def _evaluate(args) -> int:
     summary = evaluate(args.images, args.masks, model=resolve_model(args.model, args.definition),
                        out_dir=args.output, split=args.split, masks_right=args.masks_right,
                        masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition,
-                       uncertainty=args.uncertainty)
+                       uncertainty=args.uncertainty, spacing_mm=args.spacing_mm)
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
     return 0
 
@@ -128,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
                    help="best model of this lung definition (default lung-fields)")
     e.add_argument("--truth-definition", choices=list(DEFINITIONS),
                    help="the lung definition the reference masks follow; a warning is printed if the model differs")
+    e.add_argument("--spacing-mm", type=float, metavar="MM",
+                   help="pixel size of images whose file states none (PNG, JPEG), so that HD95 is in mm "
+                        "(JSRT at 512x512: 0.7)")
     e.add_argument("-o", "--output", default="lungseg-evaluation", help="folder for evaluation.csv and summary.json")
     e.add_argument("--uncertainty", action="store_true",
                    help="segment as `lungseg segment --uncertainty` does, and measure that mode's QC")

@@ -8,6 +8,8 @@ correlation of the quality with the Dice. Users can check QC on their own labell
 Right and left lungs are scored when `masks_right/` and `masks_left/` exist beside the masks folder (or are given);
 the merged both-lung mask is always scored. Pixels marked in `masks_ignore/` beside the masks (devices or markup
 over the lung) are left out of every score.
+HD95 is in mm where the image file states its pixel size, otherwise in pixels; `spacing_mm` (`--spacing-mm`) gives the
+pixel size of files that state none (PNG, JPEG), e.g. 0.7 mm for JSRT at 512² (its 2048² originals are 0.175 mm).
 """
 from __future__ import annotations
 
@@ -64,9 +66,11 @@ def case_caption(image: Path, metrics: dict, scored: tuple[str, ...]) -> str:
 def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir: str | Path | None = None,
              split: str | None = None, masks_right: str | Path | None = None, masks_left: str | Path | None = None,
              device: str = "auto", segmenter=None, truth_definition: str | None = None,
-             uncertainty: bool = False) -> dict:
+             uncertainty: bool = False, spacing_mm: float | None = None, names: list[str] | None = None) -> dict:
     """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`).
-    `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured."""
+    `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured. `names`
+    keeps only those image file names (a cross-validation fold); `spacing_mm` is the pixel size of images whose
+    file states none."""
     from tqdm import tqdm
 
     from .inference import Segmenter
@@ -84,10 +88,16 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         if not splits:
             raise LungSegError(f"{images.parent / 'splits.csv'}: needed for --split {split}")
         paths = [p for p in paths if splits.get(p.name) == split]
+    if names is not None:
+        wanted = set(names)
+        paths = [p for p in paths if p.name in wanted]
     pairs = [(p, find_mask(masks, p)) for p in paths]
     pairs = [(p, m) for p, m in pairs if m is not None]
     if not pairs:
-        raise LungSegError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else ""))
+        raise LungSegError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else "")
+                           + (" among the names given" if names is not None else ""))
+    if spacing_mm is not None and not spacing_mm > 0:
+        raise LungSegError(f"--spacing-mm {spacing_mm}: a pixel size must be above 0 mm")
 
     segmenter = segmenter or Segmenter(model, device)
     if truth_definition and truth_definition != segmenter.definition:
@@ -123,11 +133,12 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
             print(f"lungseg: error: {ignore_path}: ignore mask is {ignore.shape[::-1]} but the image is "
                   f"{truth.shape[::-1]}", file=sys.stderr)
             continue
-        metrics = image_metrics(prediction, truth, image.spacing, regions=scored, ignore=ignore)
+        spacing = image.spacing or ((spacing_mm, spacing_mm) if spacing_mm else None)  # the file's own wins
+        metrics = image_metrics(prediction, truth, spacing, regions=scored, ignore=ignore)
         rows.append({"image": str(image_path), "both_dice": metrics["both_dice"],
                      "quality": math.nan if assessment.quality is None else assessment.quality,
                      "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons),
-                     "hd95_unit": "mm" if image.spacing else "px",
+                     "hd95_unit": "mm" if spacing else "px",
                      "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
                      **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
         worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, truth, prediction, scored,
@@ -137,7 +148,8 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
                "definition_truth": truth_definition or "",
                "images_dir": str(images), "masks_dir": str(masks), "split": split or "",
                "regions": list(regions), "hd95_unit": "mm" if rows and all(r["hd95_unit"] == "mm" for r in rows)
-               else "px", **summarize(rows, regions), "qc_accuracy": qc_summary(rows, segmenter, uncertainty)}
+               else "px", "spacing_mm": spacing_mm, **summarize(rows, regions),
+               "qc_accuracy": qc_summary(rows, segmenter, uncertainty)}
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")

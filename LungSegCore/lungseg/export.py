@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .data import entry_cases, selection_tag
 from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from .errors import LungSegError
 from .files import write_atomic_text
@@ -64,9 +65,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_r
     metrics = {}
     for entry in config["data"]["val"]:
         folder = root / entry["set"]
-        summary = evaluate(folder / "images", folder / "masks", model=str(card_path), split=entry.get("split"),
-                           device=device)
-        metrics[f"{entry['set']}/{entry.get('split', 'all')}"] = {
+        # in full (`every` thins validation during training only); a fold or ratio split by its image names
+        selected = "folds" in entry or "ratios" in entry or not isinstance(entry.get("split", ""), str)
+        names = [case.image.name for case in entry_cases(root, entry)] if selected else None
+        summary = evaluate(folder / "images", folder / "masks", model=str(card_path),
+                           split=None if selected else entry.get("split"), names=names, device=device)
+        metrics[f"{entry['set']}/{selection_tag(entry)}"] = {
             k: v for k, v in summary.items() if k not in ("images_dir", "masks_dir", "model")}
     card = json.loads(card_path.read_text())
     card["metrics"] = metrics

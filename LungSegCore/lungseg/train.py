@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .data import ArrayDataset, EpochSamples, list_cases, load_arrays, split_by_ratio
+from .data import ArrayDataset, EpochSamples, entry_cases, load_arrays, selection_tag
 from .errors import LungSegError
 from .files import save_checkpoint, write_atomic_text
 from .losses import build_loss
@@ -50,22 +50,19 @@ def load_config(path: str | Path) -> dict:
 
 
 def data_sources(cfg: dict, root: Path, key: str) -> list[tuple[dict, list]]:
-    """The cases of each entry of `data.<key>`: a `split` of splits.csv, or a seeded `ratios` split."""
-    sources = []
-    for entry in cfg["data"].get(key) or []:
-        if "ratios" in entry:
-            cases = split_by_ratio(list_cases(root / entry["set"]), entry["ratios"], int(entry.get("seed", 0)))
-            cases = cases[entry["split"]]
-        else:
-            cases = list_cases(root / entry["set"], entry.get("split"))
-        sources.append((entry, cases[:: entry.get("every", 1)]))
-    return sources
+    """The cases of each entry of `data.<key>` (a split, a `ratios` split or a fold; see `data.entry_cases`),
+    every `every`-th of them."""
+    return [(entry, entry_cases(root, entry)[:: entry.get("every", 1)]) for entry in cfg["data"].get(key) or []]
+
+
+def entry_tag(entry: dict) -> str:
+    return f"{entry['set']}-{selection_tag(entry)}"
 
 
 def _load_sets(cfg: dict, root: Path, key: str, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     sets = {}
     for entry, cases in data_sources(cfg, root, key):
-        tag = f"{entry['set']}-{entry.get('split', 'all')}-every{entry.get('every', 1)}"
+        tag = f"{entry_tag(entry)}-every{entry.get('every', 1)}"
         sets[entry["set"]] = load_arrays(cases, size, desc=tag)
     return sets
 
@@ -125,6 +122,22 @@ def initial_weights(source: str) -> dict:
     return load_model(source)[0].state_dict()
 
 
+def training_ended(epoch: int, stale: int, tcfg: dict) -> bool:
+    """Whether a run that completed `epoch` epochs, the last `stale` of them without improvement, is over: all its
+    epochs, or early stopping."""
+    epochs = int(tcfg["epochs"])
+    return epoch >= epochs or stale >= int(tcfg.get("early_stopping_patience", epochs))
+
+
+def run_finished(out_dir: str | Path, config: dict) -> bool:
+    """Whether the run folder's `last.pt` is a finished run of `config` (resuming it would train no further)."""
+    last = Path(out_dir) / "last.pt"
+    if not last.exists():
+        return False
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    return training_ended(state["epoch"], state["stale"], config["training"])
+
+
 class Trainer:
     """One training run, in parts with one job each, as MONAI's engine and handlers split it: set-up (processes,
     data, model, optimization), the steps of one epoch, the end of an epoch (validation, best checkpoint, early
@@ -164,7 +177,7 @@ class Trainer:
         and the val and test sets."""
         images, labels, weights = [], [], []
         for entry, cases in data_sources(self.config, self.root, "train"):
-            x, y = load_arrays(cases, self.size, desc=f"{entry['set']}-{entry.get('split', 'all')}")
+            x, y = load_arrays(cases, self.size, desc=entry_tag(entry))
             images.append(x)
             labels.append(y)
             weights.append(torch.full((len(cases),), float(entry.get("weight", 1.0)) / len(cases), dtype=torch.double))
@@ -344,9 +357,8 @@ class Trainer:
         if resume:
             self.resume()
         board = _summary_writer(self.out / "tensorboard") if self.main else None
-        patience = int(self.tcfg.get("early_stopping_patience", self.epochs))
         try:
-            while self.epoch < self.epochs and self.stale < patience:
+            while not training_ended(self.epoch, self.stale, self.tcfg):
                 t0 = time.time()
                 if not self.run_epoch(max_steps):
                     break
@@ -355,7 +367,7 @@ class Trainer:
                     _add_scalars(board, self.history[-1])
                 if max_steps is not None:
                     break
-            if self.main and self.history and (self.epoch >= self.epochs or self.stale >= patience):
+            if self.main and self.history and training_ended(self.epoch, self.stale, self.tcfg):
                 self.report()
         finally:
             if board is not None:

@@ -1,0 +1,250 @@
+"""Cross-validation over JSRT (issue 14): stratified folds from the data layer, fold configs, HD95 in mm for files
+without spacing, and scripts/cross_validate.py end to end on a tiny recipe, resumed and re-run."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from conftest import REPO
+
+from lungseg.crossval import fold_config, fold_dir
+from lungseg.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
+from lungseg.train import load_config, train
+
+torch.set_num_threads(1)
+JSRT_POOL = ["train", "val"]
+
+
+def make_set(folder, n, size=64, seed=0):
+    """Synthetic radiographs: two dark elliptical lungs on a bright body, with both-lung and per-side masks (the
+    patient's right lung on the image's left) and a nodule/non-nodule group in splits.csv."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    for sub in ("images", "masks", "masks_right", "masks_left"):
+        (folder / sub).mkdir(parents=True)
+    rows = ["file,split,group"]
+    for i in range(n):
+        cx = 0.27 + rng.uniform(-0.03, 0.03)
+        right = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
+        left = ((xx - (1 - cx)) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
+        image = 180 - 120 * (right | left) + rng.normal(0, 8, right.shape)
+        name = f"case{i:02d}.png"
+        for sub, pixels in (("images", np.clip(image, 0, 255)), ("masks", (right | left) * 255),
+                            ("masks_right", right * 255), ("masks_left", left * 255)):
+            sitk.WriteImage(sitk.GetImageFromArray(pixels.astype(np.uint8)), str(folder / sub / name))
+        rows.append(f"{name},{'val' if i % 4 == 0 else 'train'},{'nodule' if i % 3 else 'non-nodule'}")
+    (folder / "splits.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_jsrt_folds_are_a_stratified_balanced_deterministic_partition(jsrt):
+    folds = fold_assignment(jsrt, 5, JSRT_POOL)
+    names = {case.image.name for case in list_cases(jsrt, JSRT_POOL)}
+    assert len(names) == 196 and set(folds) == names and set(folds.values()) == set(range(5))
+    sizes = Counter(folds.values())
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    groups = {name: row["group"] for name, row in read_split_table(jsrt).items()}
+    share = sum(groups[n] == "nodule" for n in names) / len(names)
+    for fold, size in sizes.items():
+        nodules = sum(groups[n] == "nodule" for n, f in folds.items() if f == fold)
+        assert abs(nodules - share * size) <= 1, (fold, nodules, size)
+    assert fold_assignment(jsrt, 5, JSRT_POOL) == folds, "the same folds on every call"
+    assert fold_assignment(jsrt, 5, JSRT_POOL, seed=1) != folds, "the seed chooses the folds"
+
+    root = jsrt.parent
+    for fold in range(5):
+        part = {p: {c.image.name for c in entry_cases(root, {"set": "jsrt", "split": JSRT_POOL, "folds": 5,
+                                                              "fold": fold, "part": p})} for p in ("train", "held_out")}
+        assert not part["train"] & part["held_out"] and part["train"] | part["held_out"] == names
+        assert part["held_out"] == {n for n, f in folds.items() if f == fold}
+
+
+def test_a_patient_never_spans_folds_and_each_stratum_is_dealt_evenly():
+    strata = {f"img{i:02d}": "a" if i < 18 else "b" for i in range(30)}
+    patients = {name: f"p{int(name[3:]) // 2}" for name in strata}  # two images per patient
+    folds = assign_folds(strata, 3, seed=4, patients=patients)
+    for patient in set(patients.values()):
+        assert len({folds[n] for n in strata if patients[n] == patient}) == 1
+    for stratum in "ab":
+        counts = Counter(folds[n] for n in strata if strata[n] == stratum)
+        assert max(counts.values()) - min(counts.values()) <= 2  # one patient of two images
+
+
+def test_fold_configs_resolve_to_the_folds_cases(jsrt):
+    root = jsrt.parent
+    folds = fold_assignment(jsrt, 5, JSRT_POOL)
+    for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
+        cfg = fold_config(recipe, 3, 5)
+        assert cfg["name"] == f"{recipe['name']}-fold3"
+        (train_entry,) = [e for e in cfg["data"]["train"] if e["set"] == "jsrt"]
+        assert train_entry["weight"] == 0.3 and "ratios" not in train_entry
+        held_out = cfg["data"]["test"][0]
+        assert held_out["part"] == "held_out" and [e["set"] for e in cfg["data"]["test"]] == ["jsrt"]
+        assert [e["set"] for e in cfg["data"]["val"]] == ["covid-qu-ex"]
+        assert {c.image.name for c in entry_cases(root, held_out)} == {n for n, f in folds.items() if f == 3}
+        assert {c.image.name for c in entry_cases(root, train_entry)} == {n for n, f in folds.items() if f != 3}
+    assert fold_config(load_config("unet-jsrt-cv"), 0, 5) == dict(load_config("unet-jsrt-cv"),
+                                                                  name="unet-jsrt-cv-fold0"), \
+        "the packaged recipe is fold 0 as written"
+
+
+def test_the_held_out_fold_chooses_nothing(jsrt):
+    """nnU-Net style: a fold's held-out images are in neither its training nor its validation selection (which
+    picks best.pt and would drive early stopping), and every fold runs the recipe's fixed schedule."""
+    from lungseg.crossval import held_out_names
+    from lungseg.train import training_ended
+
+    root = jsrt.parent
+    for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
+        for fold in range(5):
+            cfg = fold_config(recipe, fold, 5)
+            held = set(held_out_names(cfg, root))
+            assert len(held) in (39, 40)
+            assert not any(e["set"] == "jsrt" for e in cfg["data"]["val"]), "the held-out fold must not validate"
+            for key in ("train", "val"):
+                chosen = {c.image.name for entry in cfg["data"][key] if entry["set"] == "jsrt"
+                          for c in entry_cases(root, entry)}
+                assert not chosen & held, (key, fold)
+            assert "early_stopping_patience" not in cfg["training"]
+            epochs = cfg["training"]["epochs"]
+            assert not training_ended(epochs - 1, epochs - 1, cfg["training"]), \
+                "no early stopping: a fold that never improved still trains all its epochs"
+
+
+def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
+    from lungseg.errors import LungSegError
+
+    recipe = load_config("unet")
+    recipe["data"]["val"] = [{"set": "jsrt", "split": "val"}]
+    with pytest.raises(LungSegError, match="validates on no set but 'jsrt'"):
+        fold_config(recipe, 0, 5)
+
+
+def test_spacing_override_gives_hd95_in_mm_on_a_jsrt_image(jsrt, segmenter):
+    from lungseg.evaluate import evaluate
+
+    one = [list_cases(jsrt, "val")[0].image.name]
+    px = evaluate(jsrt / "images", jsrt / "masks", names=one, segmenter=segmenter)
+    mm = evaluate(jsrt / "images", jsrt / "masks", names=one, segmenter=segmenter, spacing_mm=0.7)
+    assert (px["images"], px["hd95_unit"], mm["hd95_unit"], mm["spacing_mm"]) == (1, "px", "mm", 0.7)
+    for region in ("both", "right", "left"):
+        assert mm[f"{region}_hd95"]["mean"] == pytest.approx(0.7 * px[f"{region}_hd95"]["mean"], rel=1e-5)
+    assert mm["both_dice"] == px["both_dice"]
+
+
+def test_evaluate_spacing_mm_on_the_command_line(tmp_path):
+    from lungseg.cli import main
+
+    make_set(tmp_path / "set", 2)
+    summaries = {}
+    for option in ([], ["--spacing-mm", "0.7"]):
+        out = tmp_path / f"out{len(option)}"
+        assert main(["evaluate", "--images", str(tmp_path / "set" / "images"), "--masks",
+                     str(tmp_path / "set" / "masks"), "--model", "unet", "--device", "cpu", "-o", str(out),
+                     *option]) == 0
+        summaries[len(option)] = json.loads((out / "summary.json").read_text())
+        rows = list(csv.DictReader(open(out / "evaluation.csv")))
+        assert {r["hd95_unit"] for r in rows} == {"mm" if option else "px"}
+    assert summaries[2]["both_hd95"]["mean"] == pytest.approx(0.7 * summaries[0]["both_hd95"]["mean"], rel=1e-5)
+
+
+def cross_validate_script():
+    spec = importlib.util.spec_from_file_location("cross_validate", REPO / "scripts" / "cross_validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    make_set(data / "jsrt", 12)
+    make_set(data / "other", 4, seed=1)
+    recipe = load_config("unet-jsrt-cv")
+    recipe.update(name="tiny", input_size=64, network={"name": "unet", "params": {"channels": [8, 16, 32],
+                                                                                   "num_res_units": 1}})
+    recipe["data"] = {"root": str(data), "train": [{"set": "jsrt", "split": "train"}],
+                      "val": [{"set": "jsrt", "split": "val"}, {"set": "other", "split": "val"}]}
+    recipe["training"].update(epochs=1, samples_per_epoch=8, batch_size=4, num_workers=0, checkpoint_every_steps=1)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "cv"
+
+    # fold 0 killed after one of its two steps: the script continues it at that step
+    train(fold_config(recipe, 0, 2), data_root=data, out_dir=fold_dir(run, 0), device="cpu", max_steps=1)
+    main = cross_validate_script()
+    args = ["--config", str(tmp_path / "tiny.yaml"), "--folds", "2", "-o", str(run), "--data-root", str(data),
+            "--device", "cpu", "--also", "other:val"]
+    assert main(args) == 0
+    assert "resumed from" in (fold_dir(run, 0) / "train.log").read_text()
+    assert "step 1" in (fold_dir(run, 0) / "train.log").read_text()
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert summary["complete"] and summary["folds_done"] == [0, 1] and summary["spacing_mm"] == 0.7
+    # by default the final weights are scored, and the held-out fold chose nothing
+    assert (summary["weights"], summary["checkpoint"], summary["held_out_used_for_selection"]) == \
+        ("last", "last.pt", False)
+    assert summary["early_stopping"] is False and summary["selected_on"] is None
+    assert "last.pt" in summary["note"] and "not used for training, checkpoint selection" in summary["note"]
+    assert "optimistic" not in summary["note"]
+    for fold in (0, 1):
+        assert json.loads((fold_dir(run, fold) / "cv_fold.json").read_text())["weights"] == "last"
+        last = torch.load(fold_dir(run, fold) / "last.pt", weights_only=True)
+        state = json.loads((fold_dir(run, fold) / "model-last" / "tiny-fold{}.json".format(fold)).read_text())
+        assert state["training"]["best_epoch"] == len(state["training"]["history"]) == last["epoch"]
+        (record,) = json.loads((fold_dir(run, fold) / "history.json").read_text())
+        assert "test:jsrt/dice_both" in record and "jsrt/dice_both" not in record  # logged, never validated on
+        assert record["val_score"] == record["other/dice_both"]
+    held = summary["evaluations"]["jsrt/held_out"]
+    assert held["hd95_unit"] == "mm" and held["images"] == 12 and sorted(summary["assignment"]) == \
+        sorted(f"case{i:02d}.png" for i in range(12))
+    assert [row["images"] for row in held["per_fold"]] == [6, 6]
+    for metric in ("both_dice", "right_dice", "left_dice", "both_hd95"):
+        fold_means = [row[metric] for row in held["per_fold"]]
+        assert held["across_folds"][metric]["mean"] == pytest.approx(np.mean(fold_means))
+        assert held["across_folds"][metric]["sd"] == pytest.approx(np.std(fold_means, ddof=1))
+        per_image = [float(r[metric]) for fold in (0, 1) for r in csv.DictReader(
+            open(fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv"))]
+        assert held["pooled_per_image"][metric]["mean"] == pytest.approx(np.mean(per_image))
+        assert held["pooled_per_image"][metric]["sd"] == pytest.approx(np.std(per_image))
+    other = summary["evaluations"]["other/val"]
+    assert other["hd95_unit"] == "px" and other["images"] == 2  # 1 of 4 per fold model, scored twice
+    table = (run / "cv_summary.md").read_text()
+    assert "| mean ± sd (folds) | 12 |" in table and "HD95 (mm)" in table and "## other/val" in table
+    assert "Scored, each fold's last.pt" in table and "optimistic" not in table
+
+    # a second call trains and scores nothing again
+    stamps = {p: p.stat().st_mtime_ns for fold in (0, 1) for p in (
+        fold_dir(run, fold) / "last.pt", fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv")}
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("training finished earlier, skipped") == 2 and "scoring" not in out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert json.loads((run / "cv_summary.json").read_text())["evaluations"] == summary["evaluations"]
+
+    # --weights best scores best.pt, selected on the other validation set only, without training again
+    assert main(args + ["--weights", "best"]) == 0
+    best = json.loads((run / "cv_summary.json").read_text())
+    assert (best["weights"], best["checkpoint"], best["selected_on"]) == ("best", "best.pt", ["other-val"])
+    assert best["held_out_used_for_selection"] is False and "other-val" in best["note"]
+    assert best["evaluations"]["jsrt/held_out"]["images"] == 12
+    assert all((fold_dir(run, fold) / "eval-best-jsrt-held_out" / "evaluation.csv").exists() for fold in (0, 1))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name == "last.pt")
+
+
+def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):
+    from lungseg.crossval import check_run_config
+    from lungseg.errors import LungSegError
+
+    cfg = fold_config(load_config("unet-jsrt-cv"), 1, 5)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    check_run_config(tmp_path, cfg)
+    with pytest.raises(LungSegError, match="different config"):
+        check_run_config(tmp_path, fold_config(load_config("unet-jsrt-cv"), 1, 4))
+
