@@ -59,8 +59,8 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
     if "uncertainty" in block["modes"]:
         assert tuple(block["modes"]["uncertainty"]["features"]) == FEATURES + UNCERTAINTY_FEATURES
-    measured = block["validation"]["default"]["all"]["qc"]
-    assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] is not None
+    measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
+    assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
 
 
 def make_ood_folder(folder):

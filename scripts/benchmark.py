@@ -122,6 +122,13 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
             "write_labelmap": cpu_ms(lambda: write_labelmap(prediction.label, image.reference,
                                                             scratch / "stage.nrrd")),
         }
+        try:  # the review page's thumbnail, made for every input (issue 12)
+            from lungseg.overlay import thumbnail_base, write_thumbnail
+
+            costs["review_thumbnail"] = cpu_ms(lambda: write_thumbnail(
+                thumbnail_base(x[0].numpy(), image.shape), prediction.label, scratch / "stage.jpg"))
+        except ImportError:
+            pass
     finally:
         torch.set_num_threads(threads)
     return {k: round(v, 2) for k, v in costs.items()}

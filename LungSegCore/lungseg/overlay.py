@@ -86,14 +86,15 @@ def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quali
     padded = np.pad(small, 1, mode="edge")
     edge = ((padded[:-2, 1:-1] != small) | (padded[2:, 1:-1] != small) | (padded[1:-1, :-2] != small)
             | (padded[1:-1, 2:] != small))
-    lut = np.zeros((256, 3), np.float32)  # colour per label value (whole-array arithmetic: no masked copies)
-    alpha = np.zeros(256, np.float32)
+    colours = np.zeros((256, 3), np.uint8)  # colour and opacity per label value, looked up in one pass each
+    fill = np.zeros(256, np.uint8)
     for value, colour in LABEL_COLOURS.items():
-        lut[value], alpha[value] = colour, opacity
-    a = np.where(edge, np.minimum(alpha[small] / opacity, 1.0), alpha[small])[..., None]
-    rgb = base[..., None] * (1 - a) + lut[small] * a
+        colours[value], fill[value] = colour, round(opacity * 255)
+    alpha = np.where(edge & (fill[small] > 0), np.uint8(255), fill[small])
+    picture = Image.composite(Image.fromarray(colours[small]), Image.fromarray(base).convert("RGB"),
+                              Image.fromarray(alpha))  # PIL blends in C: a fraction of numpy's float arithmetic
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb.astype(np.uint8)).save(tmp, format="JPEG", quality=quality)
+        picture.save(tmp, format="JPEG", quality=quality)
 
 
 def _text_line(texts: list[tuple[int, str]], width: int) -> np.ndarray:

@@ -46,12 +46,14 @@ FEATURES = (
     "centre_x",           # mean column of the two lungs' centroids, as a fraction of the width (two-sided)
     "centre_y",           # mean row of the two lungs' centroids, as a fraction of the height (two-sided)
     "height",             # rows spanned by the lungs, as a fraction of the height (two-sided)
+    "solidity",           # the smaller lung's area over its convex hull's: a bite out of a lung (an opacity missed)
+    "height_ratio",       # log of the right/left lung height ratio (two-sided): one lung cut short at its base or apex
 )
 UNCERTAINTY_FEATURES = (
     "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
     "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
 )
-TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height")
+TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
 LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
 PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
 
@@ -70,6 +72,8 @@ FEATURE_TEXT = {
     "centre_x": "lungs off the centre",
     "centre_y": "lungs too high or too low",
     "height": "unusual lung height",
+    "solidity": "a lung with a bite out of it",
+    "height_ratio": "one lung shorter than the other",
     "uncertainty_mean": "high sample spread",
     "uncertain_border": "samples disagree on the outline",
 }
@@ -91,6 +95,25 @@ def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, 
     core = box[1:-1, 1:-1]
     interior = core & box[:-2, 1:-1] & box[2:, 1:-1] & box[1:-1, :-2] & box[1:-1, 2:]
     return area, centre, (r0, r1, c0, c1), area - int(np.count_nonzero(interior))
+
+
+def _solidity(mask: np.ndarray) -> float:
+    """Area over convex-hull area of one lung. The hull of each row's first and last pixel is the hull of the
+    shape, so qhull sees two points per row instead of every pixel; half the hull's perimeter is added because
+    the hull runs through pixel centres."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) < 2:
+        return 0.0
+    inside = mask[rows]
+    first, last = inside.argmax(1), mask.shape[1] - 1 - inside[:, ::-1].argmax(1)
+    points = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]).astype(np.float64)
+    try:
+        hull = ConvexHull(points)
+    except QhullError:  # every point on one line: a sliver
+        return 0.0
+    return min(float(np.count_nonzero(inside)) / (hull.volume + hull.area / 2 + 1), 1.0)
 
 
 def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -150,6 +173,9 @@ def quality_features(prediction, definition: str = DEFAULT_DEFINITION) -> dict[s
         "centre_x": (rx + lx) / 2 / cols if both else 0.0,
         "centre_y": (ry + ly) / 2 / rows if both else 0.0,
         "height": (max(rbox[1], lbox[1]) - min(rbox[0], lbox[0])) / rows if both else 0.0,
+        "solidity": min(_solidity(label == RIGHT_LUNG), _solidity(label == LEFT_LUNG)) if both else 0.0,
+        "height_ratio": float(np.clip(math.log((rbox[1] - rbox[0]) / (lbox[1] - lbox[0])), -LOG_LIMIT, LOG_LIMIT))
+        if both else LOG_LIMIT,
     }
     uncertainty = prediction.model_uncertainty
     if uncertainty is not None:
