@@ -54,13 +54,9 @@ MODES = ("default", "uncertainty")
 
 def read_groups(root: Path) -> dict[str, str]:
     """File -> the unit the halves keep together: the patient where splits.csv names one, else the file."""
-    import csv
+    from lungseg.data import read_split_table
 
-    path = root / "splits.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["file"]: (row.get("patient") or row["file"]) for row in csv.DictReader(f)}
+    return {name: row.get("patient") or name for name, row in read_split_table(root).items()}
 
 
 def half_of(dataset: str, group: str) -> str:
@@ -90,14 +86,10 @@ def cases_for(card: dict, dataset: str, root: Path, limit: int) -> list:
 
 def add_source(run_dir: Path, name: str, sources_dir: Path, checkpoint: str = "last.pt") -> Path:
     """A training run's checkpoint as a model (safetensors and card) in the sources folder."""
+    from lungseg.export import model_from_run
     from lungseg.models import save_model
-    from lungseg.networks import build_network
-    from lungseg.train import load_config
 
-    state = torch.load(run_dir / checkpoint, weights_only=True, map_location="cpu")
-    config = state.get("config") or load_config(run_dir / "config.yaml")
-    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
-    model.load_state_dict(state["model"])
+    model, state, config = model_from_run(run_dir, checkpoint)
     card = {"name": name, "version": "qc-source", "definition": config.get("definition", "lung-fields"),
             "network": config["network"], "input_size": config["input_size"], "data": config["data"],
             "recipe": config, "training": {"checkpoint": checkpoint, "epoch": int(state.get("epoch", 0)),

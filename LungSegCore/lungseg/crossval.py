@@ -17,7 +17,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from .cv_report import write_report
@@ -105,15 +104,11 @@ def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_
 
 def fold_model(out: Path, weights: str = "last") -> Path:
     """The fold's last (or best) weights saved as a model with its card in `out/model-<weights>/`."""
-    from .export import build_card
+    from .export import build_card, model_from_run
     from .models import save_model
-    from .networks import build_network
 
-    state = torch.load(out / f"{weights}.pt", weights_only=True, map_location="cpu")
+    model, state, config = model_from_run(out, f"{weights}.pt")
     history = json.loads((out / "history.json").read_text())
-    config = yaml.safe_load((out / "config.yaml").read_text())  # what the fold trained (check_run_config)
-    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
-    model.load_state_dict(state["model"])
     card = build_card(config, history, state["epoch"] if weights == "best" else len(history) - 1)
     return save_model(model, card, out / f"model-{weights}")
 

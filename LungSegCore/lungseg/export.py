@@ -46,6 +46,19 @@ def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
     }
 
 
+def model_from_run(run_dir: str | Path, checkpoint: str = "best.pt") -> tuple[torch.nn.Module, dict, dict]:
+    """The network of one checkpoint of a training run with its weights loaded, the checkpoint, and the run's config
+    (kept in best.pt; for last.pt, read from the run's config.yaml)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    state = torch.load(run_dir / checkpoint, weights_only=True, map_location="cpu")
+    config = state.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
+    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
+    model.load_state_dict(state["model"])
+    return model, state, config
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
                device: str = "auto") -> Path:
     from .evaluate import evaluate
@@ -53,11 +66,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_r
     run_dir = Path(run_dir)
     if not (run_dir / "best.pt").exists():
         raise LungSegError(f"{run_dir}: no best.pt here; export takes the folder of a training run")
-    best = torch.load(run_dir / "best.pt", weights_only=True, map_location="cpu")
-    config = best["config"]
+    model, best, config = model_from_run(run_dir, "best.pt")
     history = json.loads((run_dir / "history.json").read_text())
-    model = build_network(config["network"]["name"], **config["network"].get("params", {}))
-    model.load_state_dict(best["model"])
     card = build_card(config, history, best["epoch"])
     card_path = save_model(model, card, out_dir)
 
