@@ -27,7 +27,7 @@ from .io import ImageReadError, read_radiograph
 from .labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
 from .overlay import write_case_sheet
-from .quality import DICE_LIMIT, assess, qc_accuracy
+from .quality import DICE_LIMIT, assess, qc_accuracy, quality_model
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
@@ -165,8 +165,6 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
 def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
     """How well QC flagged the images below Dice 0.90 here (see `quality.qc_accuracy`): with every rule and the
     card's threshold (`qc`), and with the predicted quality alone (`quality_only`)."""
-    from .quality import quality_model
-
     fitted, mode = quality_model(segmenter.card, uncertainty)
     dice = [r["both_dice"] for r in rows]
     quality = [r["quality"] for r in rows]

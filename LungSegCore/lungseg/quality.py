@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
+from .definitions import DEFAULT_DEFINITION, LEFT_LUNG, RIGHT_LUNG
+from .qc import quality_flags
 
 EPS = 1e-6
 DICE_LIMIT = 0.90  # the issue's line between a usable and a bad segmentation; flags aim below it
@@ -125,7 +126,7 @@ def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int
     return float(entropy[inside].mean() / math.log(3))
 
 
-def quality_features(prediction, definition: str = DEFAULT_DEFINITION) -> dict[str, float]:
+def quality_features(prediction) -> dict[str, float]:
     """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
     uncertainty features too when the prediction carries an uncertainty map. About 1-2 ms at 256x256."""
     probabilities = np.asarray(prediction.model_probabilities, dtype=np.float32)
@@ -259,37 +260,26 @@ def _card_of(model) -> dict:
     return model if isinstance(model, dict) else getattr(model, "card", {}) or {}
 
 
-def predicted_quality(prediction, model) -> float | None:
-    """The predicted Dice of one segmentation (None when the model's card holds no fitted `qc` block)."""
-    return assess(prediction, model, rules=False).quality
-
-
-def assess(prediction, model, rules: bool = True) -> Assessment:
+def assess(prediction, model) -> Assessment:
     """Quality control of one segmentation: the predicted Dice and every reason to look at it.
 
     Args:
         prediction: a `postprocess.Prediction` (from `Segmenter.segment` or the batch); with an uncertainty map
             (the `--uncertainty` mode) the card's uncertainty regression is used when it has one.
         model: the `inference.Segmenter` that made it, or its model card (a dict).
-        rules: also apply the rule-based checks of `qc.quality_flags` (missing or tiny lung, implausible area or
-            ratio, mirrored image, fragments, high uncertainty).
 
     Returns:
-        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons; its `qc` is
+        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons (those of
+        the rules of `qc.quality_flags` for the card's lung definition, then a low predicted quality); its `qc` is
         "check" when there is any reason.
     """
-    from .qc import quality_flags
-
     card = _card_of(model)
-    definition = card.get("definition") or DEFAULT_DEFINITION
-    if definition not in DEFINITIONS:
-        definition = DEFAULT_DEFINITION
-    reasons = (quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, definition)
-               if rules else [])
+    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty,
+                            card.get("definition") or DEFAULT_DEFINITION)  # an unknown one falls back there
     fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
     if fitted is None or prediction.model_probabilities is None:
         return Assessment(None, None, reasons, mode)
-    values = quality_features(prediction, definition)
+    values = quality_features(prediction)
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"
