@@ -109,6 +109,64 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
 
+def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
+    """Two runs make one model whose probabilities are the mean of its members' own, each member fed at the size it
+    was trained at; its card is measured like any other and records both recipes and the speed. Runs of two lung
+    definitions refuse to ensemble."""
+    import torch.nn.functional as F
+
+    from lungseg.errors import LungSegError
+    from lungseg.evaluate import evaluate
+    from lungseg.export import ensemble_card, model_from_run
+
+    monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
+    config["training"].update(epochs=1, samples_per_epoch=32)
+    run_a = train(config, out_dir=tmp_path / "a", device="cpu")
+    run_b = train(dict(config, input_size=96, training=dict(config["training"], seed=1)), out_dir=tmp_path / "b",
+                  device="cpu")
+    card_path = export_run([run_a, run_b], tmp_path / "models", device="cpu", name="smoke-ensemble")
+    card = json.loads(card_path.read_text())
+    assert card["name"] == "smoke-ensemble" and card["network"]["name"] == "ensemble" and card["input_size"] == 96
+    assert [m["input_size"] for m in card["network"]["params"]["members"]] == [64, 96]
+    assert [c["input_size"] for c in card["recipe"]["ensemble"]] == [64, 96] and len(card["training"]["members"]) == 2
+    assert card["speed"]["forward_ms_per_image"] > 0 and card["speed"]["threads"] == 1
+
+    ensemble, _ = load_model(card_path)
+    a, b = model_from_run(run_a)[0].eval(), model_from_run(run_b)[0].eval()
+    x = torch.rand(1, 1, 96, 96)
+    with torch.no_grad():
+        small = a(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True))
+        expected = (F.interpolate(torch.softmax(small, 1), size=(96, 96), mode="bilinear", align_corners=False)
+                    + torch.softmax(b(x), 1)) / 2
+        assert torch.allclose(torch.softmax(ensemble(x), 1), expected, atol=1e-5)
+        assert not torch.allclose(expected, torch.softmax(b(x), 1), atol=1e-3), "member a changes the mean"
+
+    data = tmp_path / "data" / "synthetic"
+    measured = evaluate(data / "images", data / "masks", model=str(card_path), split="val", device="cpu")
+    assert measured["both_dice"]["mean"] == pytest.approx(card["metrics"]["synthetic/val"]["both_dice"]["mean"],
+                                                          abs=1e-6)
+    history = json.loads((run_a / "history.json").read_text())
+    with pytest.raises(LungSegError, match="different lung definitions"):
+        ensemble_card([(config, history, 0), (dict(config, definition="full-extent"), history, 0)], "mixed")
+
+
+def test_seed_option_trains_another_member_of_the_recipe(tmp_path, config, monkeypatch):
+    """`lungseg train --seed N` keeps the recipe and changes only its seed and name (runs/<name>-seedN), so the two
+    runs differ and export as an ensemble."""
+    import yaml
+
+    from lungseg.cli import main
+
+    monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", "smoke.yaml", "--seed", "3", "--max-steps", "2", "--device", "cpu"]) == 0
+    saved = torch.load(tmp_path / "runs" / "smoke-seed3" / "best.pt", weights_only=True)["config"]
+    assert saved["training"]["seed"] == 3 and saved["name"] == "smoke-seed3"
+    assert {k: v for k, v in saved.items() if k not in ("name", "training")} == \
+        {k: v for k, v in config.items() if k not in ("name", "training")}
+
+
 @pytest.mark.parametrize("name", ["dice_ce", "bce_dice", "bce_iou"])
 def test_losses_from_config_fall_as_the_prediction_improves(name):
     from lungseg.losses import build_loss

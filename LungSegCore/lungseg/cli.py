@@ -40,7 +40,11 @@ def _evaluate(args) -> int:
 def _train(args) -> int:
     from .train import load_config, train
 
-    run = train(load_config(args.config), data_root=args.data_root, out_dir=args.output, device=args.device,
+    config = load_config(args.config)
+    if args.seed is not None:  # another member of an ensemble: same recipe, its own run folder
+        config = dict(config, name=f"{config['name']}-seed{args.seed}",
+                      training=dict(config["training"], seed=args.seed))
+    run = train(config, data_root=args.data_root, out_dir=args.output, device=args.device,
                 max_steps=args.max_steps, resume=not args.no_resume)
     print(f"lungseg: training run in {run}")
     return 0
@@ -49,7 +53,8 @@ def _train(args) -> int:
 def _export(args) -> int:
     from .export import PACKAGE_MODELS, export_run
 
-    card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device)
+    card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
+                      name=args.name)
     print(f"lungseg: exported {card}")
     return 0
 
@@ -64,8 +69,11 @@ def _models(args) -> int:
     for card in cards:
         dice = {k: v.get("both_dice", {}).get("mean") for k, v in card.get("metrics", {}).items()}
         scores = ", ".join(f"{k} Dice {v:.4f}" for k, v in dice.items() if v is not None)
-        print(f"{card['name']:<12} {card.get('definition', ''):<12} {card['network']['name']:<10} "
-              f"{card['input_size']}px  {scores}")
+        speed = card.get("speed", {}).get("forward_ms_per_image")
+        members = card["network"].get("params", {}).get("members")
+        network = f"{card['network']['name']} of {len(members)}" if members else card["network"]["name"]
+        print(f"{card['name']:<12} {card.get('definition', ''):<12} {network:<10} {card['input_size']}px  {scores}"
+              + (f"  {speed:.0f} ms/image (1 CPU thread)" if speed else ""))
         if card.get("definition_text"):
             print(f"{'':<12} {card['definition_text']}")
     return 0
@@ -142,13 +150,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", help="folder holding the data sets named in the config")
     t.add_argument("-o", "--output", help="run folder (default runs/<name>)")
     t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, help="train the recipe with this seed instead (run name <name>-seed<N>), "
+                   "e.g. a second member for `lungseg export RUN RUN`")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
     t.set_defaults(func=_train)
 
-    x = sub.add_parser("export", help="export a run's best checkpoint as a model with a measured model card",
-                       parents=[common])
-    x.add_argument("run", help="training run folder")
+    x = sub.add_parser("export", help="export a run's best checkpoint, or the ensemble of several runs, as a model "
+                       "with a measured model card", parents=[common])
+    x.add_argument("run", nargs="+", help="training run folder; several make an ensemble (probabilities averaged)")
+    x.add_argument("--name", help="the model's name (default: the first run's recipe name)")
     x.add_argument("--out-dir", help="destination (default: the package's models folder)")
     x.add_argument("--data-root")
     x.add_argument("--device", default="auto")

@@ -1,7 +1,8 @@
-"""Turn a training run into a shippable model: `lungseg export RUN_DIR --out-dir DIR`.
+"""Turn a training run into a shippable model: `lungseg export RUN_DIR --out-dir DIR`. Several runs
+(`lungseg export RUN_A RUN_B --name NAME`) make one ensemble model whose members' probabilities are averaged.
 
-Writes `<name>.safetensors` and its model card, then measures the exported weights with `lungseg evaluate` on
-every validation set of the run's config (in full) and records those summaries in the card.
+Writes `<name>.safetensors` and its model card with the network's speed, then measures the exported weights with
+`lungseg evaluate` on every validation set of the run's config (in full) and records those summaries in the card.
 """
 from __future__ import annotations
 
@@ -59,16 +60,78 @@ def model_from_run(run_dir: str | Path, checkpoint: str = "best.pt") -> tuple[to
     return model, state, config
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
-               device: str = "auto") -> Path:
-    from .evaluate import evaluate
+def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> dict:
+    """Median time of one network forward pass (batch 1) on one CPU thread: the card's speed, comparable between
+    models measured on the same machine."""
+    import time
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "best.pt").exists():
-        raise LungSegError(f"{run_dir}: no best.pt here; export takes the folder of a training run")
-    model, best, config = model_from_run(run_dir, "best.pt")
-    history = json.loads((run_dir / "history.json").read_text())
-    card = build_card(config, history, best["epoch"])
+    from .networks import predict_logits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = model.to("cpu").eval()
+        x = torch.rand(1, 1, input_size, input_size)
+        times = []
+        with torch.no_grad():
+            for i in range(repeats + 1):  # the first pass warms up and is not counted
+                start = time.perf_counter()
+                predict_logits(model, x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {"forward_ms_per_image": round(1000 * sorted(times[1:])[repeats // 2], 1), "threads": 1,
+            "hardware": f"{platform.machine()} CPU", "note": "network forward, batch 1, one CPU thread, median"}
+
+
+def ensemble_card(members: list[tuple[dict, list[dict], int]], name: str) -> dict:
+    """The card of an ensemble of trained runs, each given as (config, history, best epoch); they must follow one
+    lung definition and validate on the same data, so that the card's metrics mean what each member's would."""
+    configs = [config for config, _, _ in members]
+    first = configs[0]
+    for config in configs[1:]:
+        if config.get("definition", DEFAULT_DEFINITION) != first.get("definition", DEFAULT_DEFINITION):
+            raise LungSegError(f"cannot ensemble '{first['name']}' ({first.get('definition', DEFAULT_DEFINITION)}) "
+                               f"with '{config['name']}' ({config.get('definition', DEFAULT_DEFINITION)}): "
+                               "they segment different lung definitions")
+        if config["data"]["val"] != first["data"]["val"]:
+            raise LungSegError(f"cannot ensemble '{first['name']}' with '{config['name']}': they validate on "
+                               "different data, so the ensemble's card would have no common measurement")
+    card = build_card(dict(first, name=name), members[0][1], members[0][2])
+    card["network"] = {"name": "ensemble", "params": {"members": [
+        {"name": c["network"]["name"], "params": c["network"].get("params", {}), "input_size": c["input_size"]}
+        for c in configs]}}
+    card["input_size"] = max(c["input_size"] for c in configs)
+    card["recipe"] = {"name": name, "definition": card["definition"], "ensemble": configs,
+                      "note": "softmax probabilities of the members averaged, each member at its own input size"}
+    member_training = [build_card(c, history, best)["training"] for c, history, best in members]
+    card["training"] = {"seconds": round(sum(t["seconds"] for t in member_training), 1), "members": member_training}
+    return card
+
+
+def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
+               device: str = "auto", name: str | None = None) -> Path:
+    """Export one run's best checkpoint, or with several runs their ensemble; `name` overrides the recipe's."""
+    from .evaluate import evaluate
+    from .networks import Ensemble
+
+    runs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    for run_dir in runs:
+        if not (run_dir / "best.pt").exists():
+            raise LungSegError(f"{run_dir}: no best.pt here; export takes the folder of a training run")
+    loaded = [model_from_run(run_dir, "best.pt") for run_dir in runs]
+    histories = [json.loads((run_dir / "history.json").read_text()) for run_dir in runs]
+    if len(runs) == 1:
+        model, best, config = loaded[0]
+        card = build_card(dict(config, name=name or config["name"]), histories[0], best["epoch"])
+    else:
+        card = ensemble_card([(config, history, best["epoch"]) for (_, best, config), history
+                              in zip(loaded, histories)], name or loaded[0][2]["name"])
+        model = Ensemble(card["network"]["params"]["members"])
+        for member, (trained, _, _) in zip(model.members, loaded):
+            member.load_state_dict(trained.state_dict())
+        config = loaded[0][2]
+    card["speed"] = forward_speed(model, card["input_size"])
     card_path = save_model(model, card, out_dir)
 
     root = Path(data_root or config["data"]["root"])

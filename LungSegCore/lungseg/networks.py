@@ -61,3 +61,36 @@ def prob_unet(**params) -> torch.nn.Module:
     from .prob_unet import ProbabilisticUNet
 
     return ProbabilisticUNet(**params)
+
+
+class Ensemble(torch.nn.Module):
+    """Trained networks whose softmax probabilities are averaged, as nnU-Net ensembles its folds. Each member sees
+    the input resized to the size it was trained at. The output is the log of the mean probabilities at the input's
+    size, so a softmax over it gives back that mean."""
+
+    def __init__(self, members: list[dict]):
+        super().__init__()
+        if not members:
+            raise LungSegError("an ensemble needs at least one member network")
+        self.members = torch.nn.ModuleList(build_network(m["name"], **m.get("params", {})) for m in members)
+        self.sizes = [int(m["input_size"]) for m in members]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        size = tuple(x.shape[-2:])
+        total = 0.0
+        for net, s in zip(self.members, self.sizes):
+            xs = x if size == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                                                        antialias=s < size[0])
+            probs = torch.softmax(predict_logits(net, xs).float(), dim=1)
+            if probs.shape[-2:] != size:
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            total = total + probs
+        return torch.log((total / len(self.members)).clamp_min(1e-12))
+
+
+@register("ensemble")
+def ensemble(members: list[dict]) -> torch.nn.Module:
+    """`members`: the `{name, params, input_size}` of each network; `lungseg export RUN RUN ...` writes them."""
+    return Ensemble(members)
