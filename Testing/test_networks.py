@@ -12,10 +12,13 @@ from lungseg.train import training_loss
 SMALL = {"unet": {"channels": [8, 16, 32]},
          "unetpp": {"features": [8, 8, 16, 32, 64, 8]},
          "prob_unet": {"channels": [8, 16, 32], "encoder_channels": [8, 16], "feature_channels": 8}}
+# an ensemble of two of them, one trained at another size (UNet++'s deep supervision: its full-depth output is used)
+SMALL["ensemble"] = {"members": [dict(name="unet", params=SMALL["unet"], input_size=64),
+                                 dict(name="unetpp", params=SMALL["unetpp"], input_size=32)]}
 
 
 def test_registry_builds_every_network_from_parameters():
-    assert set(NETWORKS) == {"unet", "unetpp", "prob_unet"}
+    assert set(NETWORKS) == {"unet", "unetpp", "prob_unet", "ensemble"}
     x = torch.rand(2, 1, 64, 64)
     for name, params in SMALL.items():
         model = build_network(name, **params).eval()
