@@ -20,9 +20,23 @@ from .models import PACKAGE_MODELS, save_model
 from .networks import build_network
 
 
-def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
+def training_record(history: list[dict], best_epoch: int) -> dict:
+    """The card's account of one training run: its epochs, the best one, its time, where and with what it ran."""
     import monai
 
+    return {
+        "epochs_run": len(history),
+        "best_epoch": best_epoch + 1,
+        "seconds": round(sum(h["seconds"] for h in history), 1),
+        "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()}" if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
+        "torch": torch.__version__.split("+")[0],
+        "monai": monai.__version__,
+        "history": history,
+    }
+
+
+def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
     definition = config.get("definition", DEFAULT_DEFINITION)
     return {
         "name": config["name"],
@@ -34,16 +48,7 @@ def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
         "labels": {str(value): text for value, text in LABEL_DESCRIPTIONS.items()},
         "data": {"train": config["data"]["train"], "val": config["data"]["val"]},
         "recipe": config,
-        "training": {
-            "epochs_run": len(history),
-            "best_epoch": best_epoch + 1,
-            "seconds": round(sum(h["seconds"] for h in history), 1),
-            "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()}" if not torch.cuda.is_available()
-            else torch.cuda.get_device_name(0),
-            "torch": torch.__version__.split("+")[0],
-            "monai": monai.__version__,
-            "history": history,
-        },
+        "training": training_record(history, best_epoch),
     }
 
 
@@ -74,7 +79,7 @@ def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> 
         x = torch.rand(1, 1, input_size, input_size)
         times = []
         with torch.no_grad():
-            for i in range(repeats + 1):  # the first pass warms up and is not counted
+            for _ in range(repeats + 1):  # the first pass warms up and is not counted
                 start = time.perf_counter()
                 predict_logits(model, x)
                 times.append(time.perf_counter() - start)
@@ -88,12 +93,12 @@ def ensemble_card(members: list[tuple[dict, list[dict], int]], name: str) -> dic
     """The card of an ensemble of trained runs, each given as (config, history, best epoch); they must follow one
     lung definition and validate on the same data, so that the card's metrics mean what each member's would."""
     configs = [config for config, _, _ in members]
+    definitions = [config.get("definition", DEFAULT_DEFINITION) for config in configs]
     first = configs[0]
-    for config in configs[1:]:
-        if config.get("definition", DEFAULT_DEFINITION) != first.get("definition", DEFAULT_DEFINITION):
-            raise LungSegError(f"cannot ensemble '{first['name']}' ({first.get('definition', DEFAULT_DEFINITION)}) "
-                               f"with '{config['name']}' ({config.get('definition', DEFAULT_DEFINITION)}): "
-                               "they segment different lung definitions")
+    for config, definition in zip(configs[1:], definitions[1:]):
+        if definition != definitions[0]:
+            raise LungSegError(f"cannot ensemble '{first['name']}' ({definitions[0]}) with '{config['name']}' "
+                               f"({definition}): they segment different lung definitions")
         if config["data"]["val"] != first["data"]["val"]:
             raise LungSegError(f"cannot ensemble '{first['name']}' with '{config['name']}': they validate on "
                                "different data, so the ensemble's card would have no common measurement")
@@ -104,7 +109,7 @@ def ensemble_card(members: list[tuple[dict, list[dict], int]], name: str) -> dic
     card["input_size"] = max(c["input_size"] for c in configs)
     card["recipe"] = {"name": name, "definition": card["definition"], "ensemble": configs,
                       "note": "softmax probabilities of the members averaged, each member at its own input size"}
-    member_training = [build_card(c, history, best)["training"] for c, history, best in members]
+    member_training = [training_record(history, best) for _, history, best in members]
     card["training"] = {"seconds": round(sum(t["seconds"] for t in member_training), 1), "members": member_training}
     return card
 

@@ -234,8 +234,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             rightAreaPx=areas["right_area_px"], leftAreaPx=areas["left_area_px"],
             rightAreaMm2=areas["right_area_mm2"] if areas["right_area_mm2"] != "" else None,
             leftAreaMm2=areas["left_area_mm2"] if areas["left_area_mm2"] != "" else None,
-            qcReasons=list(result.qcReasons), quality=result.quality, inverted=result.inverted, inversionSource=result.inversionSource,
-            seconds=result.seconds)
+            qcReasons=list(result.qcReasons), quality=result.quality, inverted=result.inverted,
+            inversionSource=result.inversionSource, seconds=result.seconds)
         return self.lastSummary
 
     @staticmethod
