@@ -127,6 +127,46 @@ def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
         fold_config(recipe, 0, 5)
 
 
+def test_a_staged_recipe_starts_each_fold_from_that_folds_first_stage():
+    from lungseg.errors import LungSegError
+
+    recipe = load_config("unet-jsrt-512-cv")
+    assert "{fold}" in recipe["training"]["init_from"]
+    for fold in range(5):
+        start = fold_config(recipe, fold, 5)["training"]["init_from"]
+        assert start == f"runs/unet-jsrt-cv/fold-{fold}/last.pt"
+    for leaky in ("unet", "runs/unet/best.pt"):  # the shipped unet trained on JSRT images of every fold
+        recipe["training"]["init_from"] = leaky
+        with pytest.raises(LungSegError, match="may have seen the held-out images"):
+            fold_config(recipe, 0, 5)
+
+
+def test_a_missing_first_stage_is_named(tmp_path):
+    from lungseg.errors import LungSegError
+    from lungseg.train import initial_weights
+
+    with pytest.raises(LungSegError, match=r"fold-3/last.pt does not exist \(train the run it names first\)"):
+        initial_weights(str(tmp_path / "fold-3" / "last.pt"))
+
+
+def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
+    """scripts/fit_quality.py --cv-run: a fold model stands in for its recipe on the images it never saw."""
+    from lungseg.crossval import held_out_names
+    from lungseg.models import read_card
+
+    spec = importlib.util.spec_from_file_location("fit_quality", REPO / "scripts" / "fit_quality.py")
+    fit_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_quality)
+    root = jsrt.parent
+    cfg = fold_config(load_config("unet-jsrt-cv"), 2, 5)
+    fold_card = {"name": cfg["name"], "recipe": cfg}
+    chosen = {c.image.name for c in fit_quality.cases_for(fold_card, "jsrt", root, 1000)}
+    assert chosen == set(held_out_names(cfg, root)) and len(chosen) in (39, 40)
+    assert fit_quality.cross_validated(fold_card, "jsrt") and not fit_quality.cross_validated(fold_card, "covid-qu-ex")
+    shipped = {c.image.name for c in fit_quality.cases_for(read_card("unet"), "jsrt", root, 1000)}
+    assert shipped == {c.image.name for c in list_cases(jsrt, "val")}, "the shipped unet trained on JSRT train"
+
+
 def test_spacing_override_gives_hd95_in_mm_on_a_jsrt_image(jsrt, segmenter):
     from lungseg.evaluate import evaluate
 
@@ -236,6 +276,23 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     assert best["evaluations"]["jsrt/held_out"]["images"] == 12
     assert all((fold_dir(run, fold) / "eval-best-jsrt-held_out" / "evaluation.csv").exists() for fold in (0, 1))
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name == "last.pt")
+
+    # a second stage (lr 0: its parameters stay where they start; batch-norm statistics still move) starts each
+    # fold from that fold's first stage
+    stage2 = dict(recipe, name="tiny2")
+    stage2["training"] = dict(recipe["training"], init_from=str(run / "fold-{fold}" / "last.pt"), lr=0.0,
+                              weight_decay=0.0)
+    (tmp_path / "tiny2.yaml").write_text(yaml.safe_dump(stage2))
+    run2 = tmp_path / "cv2"
+    assert main(["--config", str(tmp_path / "tiny2.yaml"), "--folds", "2", "-o", str(run2), "--data-root",
+                 str(data), "--device", "cpu"]) == 0
+    weights = {(r, fold): {k: v for k, v in torch.load(fold_dir(r, fold) / "last.pt", weights_only=True)["model"]
+                           .items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+               for r in (run, run2) for fold in (0, 1)}
+    for fold in (0, 1):
+        same = weights[run, fold]
+        assert all(torch.equal(same[k], v) for k, v in weights[run2, fold].items())
+    assert not all(torch.equal(weights[run, 0][k], v) for k, v in weights[run2, 1].items())
 
 
 def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from conftest import importorskip, require_or_skip
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
-from lungseg.quality import (FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression, qc_accuracy, quality_features,
-                             quality_model)
+from lungseg.quality import (FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression, qc_accuracy,
+                             quality_features, quality_model)
 from lungseg.samples import sample_pngs
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -37,6 +37,30 @@ def test_fit_regression_recovers_a_known_model():
     assert np.abs(shrunk).sum() < np.abs(weights).sum(), "the L2 penalty shrinks the weights"
 
 
+def test_the_ridge_penalty_is_chosen_by_cross_validation_within_the_fit_half():
+    """scripts/fit_quality.py: with one informative feature among noise and few real images, the penalty whose
+    out-of-fold predictions rank the real images best is chosen (ties to the smaller), from the grid."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fit_quality", REPO / "scripts" / "fit_quality.py")
+    fit_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_quality)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(80):
+        dice = float(rng.uniform(0.80, 0.99))
+        features = {n: float(rng.normal()) for n in FEATURES}
+        features["expected_dice"] = dice + float(rng.normal(0, 0.02))
+        rows.append({"group": f"p{i}", "dice": dice, "perturbation": "", "features": features,
+                     "rules": {"lung-fields": []}})
+    l2, scores = fit_quality.choose_l2(rows, "default", "lung-fields", 0.90, 0.3, False)
+    assert set(scores) == set(fit_quality.L2_GRID) and l2 in fit_quality.L2_GRID
+    assert scores[l2] == max(scores.values()) and scores[l2] > 0.5
+    assert l2 == min(k for k, v in scores.items() if v == scores[l2]), "a tie goes to the smaller penalty"
+
+
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     dice = [0.50, 0.85, 0.89, 0.95, 0.97, 0.98]
     flagged = [True, True, False, True, False, False]
@@ -54,11 +78,12 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     block = card["qc"]
     assert 0.5 < block["threshold"] < 1.0 and block["method"] and block["script"].startswith("scripts/fit_quality.py")
     default = block["modes"]["default"]
-    assert tuple(default["features"]) == FEATURES and default["threshold"] == block["threshold"]
-    assert len(default["weights"]) == len(FEATURES) == len(default["mean"]) == len(default["scale"])
+    members = MEMBER_FEATURES if card["network"]["name"] == "ensemble" else ()  # an ensemble's members' spread
+    assert tuple(default["features"]) == FEATURES + members and default["threshold"] == block["threshold"]
+    assert len(default["weights"]) == len(FEATURES + members) == len(default["mean"]) == len(default["scale"])
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
     if "uncertainty" in block["modes"]:
-        assert tuple(block["modes"]["uncertainty"]["features"]) == FEATURES + UNCERTAINTY_FEATURES
+        assert tuple(block["modes"]["uncertainty"]["features"]) == FEATURES + UNCERTAINTY_FEATURES + members
     measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
     assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
 
@@ -225,6 +250,42 @@ def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segme
     unfitted = {k: v for k, v in segmenter.card.items() if k != "qc"}
     bare = assess(prediction, unfitted)
     assert bare.quality is None and bare.threshold is None, "a card without a qc block: the rules alone"
+
+
+def test_an_ensembles_members_give_its_quality_their_spread_at_no_extra_cost():
+    """The shipped full-extent ensemble: every output carries the spread of its members' probabilities (the
+    members' mean is the output itself), in both modes; its quality uses it; a single network has none."""
+    import torch
+
+    from lungseg.inference import Segmenter
+    from lungseg.io import read_radiograph
+    from lungseg.transforms import model_input
+
+    torch.set_num_threads(1)
+    ensemble = Segmenter("unet-full-extent", "cpu")
+    pixels = read_radiograph(sample_pngs()[0]).pixels
+    x = model_input(pixels, ensemble.size)[None]
+    members = ensemble.model.member_probabilities(x)
+    assert members.shape == (2, 1, 3, ensemble.size, ensemble.size)
+    output = ensemble.predict(x)
+    assert torch.allclose(output.probabilities, members.mean(0), atol=1e-6) and output.uncertainty is None
+    assert torch.allclose(output.member_spread, members.std(0).amax(1), atol=1e-6)
+    assert 0 < float(output.member_spread.mean()) < 0.2, "two trained members agree on most pixels, not all"
+    sampled = ensemble.predict(x, uncertainty=True)
+    assert sampled.uncertainty is not None and torch.allclose(sampled.member_spread, output.member_spread, atol=1e-6)
+
+    prediction = ensemble.segment(pixels)
+    values = quality_features(prediction)
+    assert set(values) == set(FEATURES + MEMBER_FEATURES)
+    assert values["member_spread"] == pytest.approx(
+        float(prediction.model_member_spread[prediction.model_label > 0].mean()), rel=1e-6)
+    fitted, _ = quality_model(ensemble.card)
+    agreeing = dict(values, member_spread=0.0, member_disagreement=0.0)
+    assert fitted.predict(agreeing) > fitted.predict(dict(values, member_spread=0.3, member_disagreement=1.0)), \
+        "members that disagree lower the predicted quality"
+    single = Segmenter("unet", "cpu")
+    assert single.predict(model_input(pixels, single.size)[None]).member_spread is None
+    assert not set(MEMBER_FEATURES) & set(quality_features(single.segment(pixels)))
 
 
 def test_evaluate_reports_qc_accuracy_beside_the_dice(tmp_path, jsrt, segmenter):

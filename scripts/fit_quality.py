@@ -64,20 +64,19 @@ def half_of(dataset: str, group: str) -> str:
     return "fit" if int(hashlib.sha1(f"{dataset}/{group}".encode()).hexdigest()[:8], 16) % 2 == 0 else "measure"
 
 
-def trained_on(card: dict) -> set[tuple[str, str]]:
-    """(set, split) pairs a model trained on, from its card; a split of None means the whole set."""
-    entries = (card.get("data") or {}).get("train") or (card.get("recipe") or {}).get("data", {}).get("train") or []
-    return {(e["set"], e.get("split")) for e in entries}
+def training_entries(card: dict) -> list[dict]:
+    """The data entries a model trained on, from its card."""
+    return (card.get("data") or {}).get("train") or (card.get("recipe") or {}).get("data", {}).get("train") or []
 
 
 def cases_for(card: dict, dataset: str, root: Path, limit: int) -> list:
-    """The labelled images of `dataset` outside the model's training splits, at most `limit` (a fixed subset
-    chosen by hash, so that both halves keep their share)."""
-    from lungseg.data import list_cases
+    """The labelled images of `dataset` that the model never trained on (whole splits, or a cross-validation
+    fold's held-out part), at most `limit` (a fixed subset chosen by hash, so that both halves keep their share)."""
+    from lungseg.data import entry_cases, list_cases
 
-    seen = trained_on(card)
-    cases = [c for c in list_cases(root / dataset)
-             if (dataset, None) not in seen and (dataset, c.split) not in seen]
+    seen = {case.image.name for entry in training_entries(card) if entry["set"] == dataset
+            for case in entry_cases(root, entry)}
+    cases = [c for c in list_cases(root / dataset) if c.image.name not in seen]
     if len(cases) > limit:
         cases = sorted(cases, key=lambda c: hashlib.sha1(c.image.name.encode()).hexdigest())[:limit]
         cases.sort(key=lambda c: c.image.name)
@@ -185,22 +184,24 @@ UNCERTAINTY_SCALE = 500.0  # the spread (a std of probabilities, at most 0.5) st
 
 
 def model_outputs(card_path: str, items: list, mode: str, batch_size: int = 8) -> dict[str, tuple]:
-    """The model's softmax (3, S, S) and, in the uncertainty mode, its spread (S, S), as uint8, per item key.
-    The batch quantizes the softmax the same way before resizing it, so nothing that matters is lost."""
+    """The model's softmax (3, S, S), its spread in the uncertainty mode (S, S) and an ensemble's member spread
+    (S, S), as uint8, per item key. The batch quantizes the softmax the same way before resizing it, so nothing
+    that matters is lost."""
     from lungseg.inference import Segmenter
     from lungseg.transforms import model_input
+
+    def u8_spread(maps, k):
+        return None if maps is None else (maps[k] * UNCERTAINTY_SCALE).round().clamp(0, 255).to(torch.uint8).numpy()
 
     segmenter = Segmenter(card_path, "cpu")
     out = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         x = torch.stack([model_input(case_arrays(case, variant)[0], segmenter.size) for case, variant in chunk])
-        probabilities, uncertainty = segmenter.predict(x, uncertainty=mode == "uncertainty")
+        output = segmenter.predict(x, uncertainty=mode == "uncertainty")
         for k, item in enumerate(chunk):
-            u8 = (probabilities[k] * 255).round().to(torch.uint8).numpy()
-            spread = None if uncertainty is None else \
-                (uncertainty[k] * UNCERTAINTY_SCALE).round().clamp(0, 255).to(torch.uint8).numpy()
-            out[item_key(*item)] = (u8, spread)
+            u8 = (output.probabilities[k] * 255).round().to(torch.uint8).numpy()
+            out[item_key(*item)] = (u8, u8_spread(output.uncertainty, k), u8_spread(output.member_spread, k))
     return out
 
 
@@ -208,25 +209,33 @@ def item_key(case, variant: int) -> str:
     return case.image.name + (f"~p{variant}" if variant else "")
 
 
+def is_ensemble(card: dict) -> bool:
+    return card["network"]["name"] == "ensemble"
+
+
 def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: str, cache: Path) -> dict:
     """`model_outputs` through a cache per model weights, data set and mode (a compressed .npz): items that an
     earlier run segmented (with any limit) are not segmented again, and the features can change freely."""
     path = cache / f"{card['name']}-{card['sha256'][:12]}-{dataset}-{mode}.npz"
+    maps = ("probabilities",) + (("spread",) if mode == "uncertainty" else ()) + \
+        (("member_spread",) if is_ensemble(card) else ())
     known = {}
     if path.exists():
         with np.load(path) as data:  # each data[key] decompresses the whole array: once per key
-            names, probabilities = data["names"], data["probabilities"]
-            spreads = data["spread"] if "spread" in data else None
-        for i, name in enumerate(names):
-            known[str(name)] = (probabilities[i], None if spreads is None else spreads[i])
+            if all(m in data for m in maps):  # else written before a map was kept: segment again
+                names, arrays = data["names"], {m: data[m] for m in maps}
+                for i, name in enumerate(names):
+                    known[str(name)] = tuple(arrays[m][i] if m in arrays else None
+                                             for m in ("probabilities", "spread", "member_spread"))
     missing = [it for it in items if item_key(*it) not in known]
     if missing:
         t0 = time.perf_counter()
         known.update(model_outputs(card_path, missing, mode))
         names = sorted(known)
-        arrays = {"names": np.array(names), "probabilities": np.stack([known[n][0] for n in names])}
-        if mode == "uncertainty":
-            arrays["spread"] = np.stack([known[n][1] for n in names])
+        arrays = {"names": np.array(names)}
+        for i, m in enumerate(("probabilities", "spread", "member_spread")):
+            if m in maps:
+                arrays[m] = np.stack([known[n][i] for n in names])
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial.npz")
         np.savez_compressed(tmp, **arrays)
@@ -253,11 +262,11 @@ def scored_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int,
     groups = read_groups(root / dataset)
     rows = []
     for case, variant in items:
-        u8, spread = outputs[item_key(case, variant)]
+        u8, spread, member_spread = (None if m is None else torch.from_numpy(m.astype(np.float32))
+                                     for m in outputs[item_key(case, variant)])
         _, truth, kind = case_arrays(case, variant, need_pixels=False)
-        prediction = postprocess(torch.from_numpy(u8.astype(np.float32) / 255), truth.shape,
-                                 None if spread is None else torch.from_numpy(spread.astype(np.float32)
-                                                                              / UNCERTAINTY_SCALE))
+        prediction = postprocess(u8 / 255, truth.shape, None if spread is None else spread / UNCERTAINTY_SCALE,
+                                 member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE)
         group = groups.get(case.image.name, case.image.name)
         rows.append({"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
                      "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
@@ -269,10 +278,10 @@ def scored_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int,
 
 # -- fitting and measuring ----------------------------------------------------------------------------------
 
-def feature_names(mode: str) -> tuple[str, ...]:
-    from lungseg.quality import FEATURES, UNCERTAINTY_FEATURES
+def feature_names(mode: str, ensemble: bool = False) -> tuple[str, ...]:
+    from lungseg.quality import FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES
 
-    return FEATURES + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ())
+    return FEATURES + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ()) + (MEMBER_FEATURES if ensemble else ())
 
 
 def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: str) -> np.ndarray:
@@ -300,10 +309,10 @@ def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max
 
 
 def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_false_flags: float, limit: float,
-             perturbed_weight: float):
+             perturbed_weight: float, ensemble: bool = False):
     from lungseg.quality import TWO_SIDED, QualityModel, fit_regression, transform
 
-    names = feature_names(mode)
+    names = feature_names(mode, ensemble)
     good = [r for r in fit_rows if r["dice"] >= 0.95 and not r["perturbation"]]
     centre = tuple(float(np.median([r["features"][n] for r in good])) if n in TWO_SIDED else 0.0 for n in names)
     x = np.stack([transform(r["features"], names, centre) for r in fit_rows])
@@ -314,6 +323,31 @@ def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_fa
     quality = np.array([model.predict(r["features"]) for r in fit_rows])
     threshold = choose_threshold(fit_rows, quality, definition, max_false_flags, limit)
     return QualityModel(names, centre, tuple(mean), tuple(scale), tuple(weights), bias, threshold)
+
+
+L2_GRID = (1.0, 3.0, 10.0, 30.0)
+
+
+def choose_l2(fit_rows: list[dict], mode: str, definition: str, limit: float, perturbed_weight: float,
+              ensemble: bool, folds: int = 5) -> tuple[float, dict[float, float]]:
+    """The ridge penalty whose predicted quality ranks the real images of the fit half best (Spearman with their
+    Dice), by `folds`-fold cross-validation within the fit half, the folds keeping each patient (or image) whole;
+    a tie goes to the smaller penalty. Few real images with many features (v7-full) need more shrinkage than the
+    thousands of COVID-QU-Ex rows."""
+    from scipy.stats import spearmanr
+
+    fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
+    scores = {}
+    for l2 in L2_GRID:
+        quality, dice = [], []
+        for k in range(folds):
+            train = [r for r, f in zip(fit_rows, fold) if f != k]
+            model = fit_mode(train, mode, definition, l2, 1.0, limit, perturbed_weight, ensemble)
+            held = [r for r, f in zip(fit_rows, fold) if f == k and not r["perturbation"]]
+            quality += [model.predict(r["features"]) for r in held]
+            dice += [r["dice"] for r in held]
+        scores[l2] = round(float(spearmanr(quality, dice)[0]), 4)
+    return max(L2_GRID, key=lambda l2: (scores[l2], -l2)), scores
 
 
 def measure(model, rows: list[dict], definition: str, limit: float) -> dict:
@@ -329,7 +363,8 @@ def measure(model, rows: list[dict], definition: str, limit: float) -> dict:
 
 def group_measures(model, pool: list[dict], definition: str, limit: float) -> dict:
     """The measure half, by group: `<set>` the card's own model on real images, `<set> (perturbed)` on degraded
-    ones, `<set> / <model>` another model's outputs (peers and failure sources), `<set> (shipped models)` the
+    ones, `<set> (cross-validated)` its recipe's fold models on their held-out folds, `<set> / <model>` another
+    model's outputs (peers and failure sources), `<set> (shipped models)` the
     real images segmented by every shipped model of the definition, `own` and `own+perturbed` the card's own
     model over every data set."""
     held_out = [r for r in pool if r["half"] == "measure"]
@@ -338,26 +373,46 @@ def group_measures(model, pool: list[dict], definition: str, limit: float) -> di
     for r in held_out:
         if r["role"] == "own":
             groups.setdefault(r["dataset"] + (" (perturbed)" if r["perturbation"] else ""), []).append(r)
+        elif r["role"] == "cv":  # every image segmented by its recipe's fold model that never saw it
+            groups.setdefault(f"{r['dataset']} (cross-validated)", []).append(r)
         else:
             groups.setdefault(f"{r['dataset']} / {r['source']}", []).append(r)
         if r["role"] in ("own", "peer") and not r["perturbation"]:  # every shipped model of the definition
             groups.setdefault(f"{r['dataset']} (shipped models)", []).append(r)
-    return {name: measure(model, rows, definition, limit) for name, rows in sorted(groups.items()) if rows}
+    # another model's outputs lack an ensemble's member features: its QC cannot be measured on them
+    usable = {name: [r for r in rows if set(model.features) <= r["features"].keys()] for name, rows in groups.items()}
+    return {name: measure(model, rows, definition, limit) for name, rows in sorted(usable.items()) if rows}
+
+
+def cv_fold_cards(run_dir: Path) -> list[str]:
+    """The fold models (cards) of a `scripts/cross_validate.py` run, each to be scored on its held-out fold."""
+    cards = sorted(str(p) for p in run_dir.glob("fold-*/model-last/*.json") if p.with_suffix(".safetensors").exists())
+    if not cards:
+        raise SystemExit(f"fit_quality: {run_dir} holds no scored fold (fold-K/model-last/); run cross_validate.py")
+    return cards
+
+
+def cross_validated(card: dict, dataset: str) -> bool:
+    return any(e["set"] == dataset and "folds" in e for e in training_entries(card))
 
 
 def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode: str, limits: dict,
-             source_limits: dict[str, int], variants: dict[str, int], cache: Path) -> list[dict]:
-    """Rows of the card's own model (real and perturbed images), its peers and the failure sources on every data
-    set of the card's definition."""
+             source_limits: dict[str, int], variants: dict[str, int], cache: Path,
+             folds: list[str] = ()) -> list[dict]:
+    """Rows of the card's own model (real and perturbed images), its peers, the fold models of its recipe's
+    cross-validation (`folds`, each on its held-out images only) and the failure sources on every data set of the
+    card's definition."""
     from lungseg.models import read_card
 
     pool = []
-    for role, sources in (("own", [card["card_path"]]), ("peer", peers), ("failure", failures)):
+    for role, sources in (("own", [card["card_path"]]), ("peer", peers), ("cv", folds), ("failure", failures)):
         for source in sources:
             source_card = read_card(source)
             for dataset, definition in DATASETS.items():
                 if definition != card["definition"] or not (root / dataset / "images").is_dir():
                     continue
+                if role == "cv" and not cross_validated(source_card, dataset):
+                    continue  # a fold model stands in for the card's own model on its held-out fold only
                 limit = min(limits["failure" if role == "failure" else mode],
                             source_limits.get(source_card["name"], limits[mode]))
                 if not cases_for(source_card, dataset, root, 1):
@@ -415,10 +470,14 @@ def main() -> int:
                         help="fewer images for a slow model (default: unetpp=150, 16x the U-Net's forward cost)")
     parser.add_argument("--perturbations", action="append", default=["jsrt=6", "covid-qu-ex=1", "v7-full=4"],
                         metavar="SET=K", help="perturbed copies of each image of a data set, own model only")
+    parser.add_argument("--cv-run", action="append", default=[], metavar="NAME=RUN",
+                        help="the cross-validation run (scripts/cross_validate.py -o RUN) of model NAME's recipe: "
+                             "its fold models on their held-out images join the fit and are measured apart")
     parser.add_argument("--no-peers", action="store_true", help="fit on the card's own model alone")
     parser.add_argument("--fit-failure-sources", action="store_true", help="also fit on the failure sources")
     parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
-    parser.add_argument("--l2", type=float, default=1.0)
+    parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
+                        f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,
                         help="weight of a perturbed image in the regression (a real one weighs 1)")
     parser.add_argument("--max-false-flags", type=float, default=0.10,
@@ -453,6 +512,7 @@ def main() -> int:
               "failure": args.max_images_failure}
     source_limits = {k: int(v) for k, v in (item.split("=") for item in args.source_limit)}
     variants = {k: int(v) for k, v in (item.split("=") for item in args.perturbations)}
+    cv_runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.cv_run)}
     report = {}
     for name in args.model or shipped:
         card = read_card(name)
@@ -461,15 +521,16 @@ def main() -> int:
                                           if s != name and read_card(s).get("definition") == definition]
         failures = [] if args.no_failure_sources else \
             [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
-        block = {"method": "fractional logistic regression (quasi-binomial GLM, IRLS, L2) of the both-lung Dice "
-                           "on features of the model's own output (lungseg/quality.py); flag below the threshold",
+        block = {"method": "fractional logistic regression (quasi-binomial GLM, IRLS, L2 chosen by cross-validation "
+                           "within the fit half) of the both-lung Dice on features of the model's own output "
+                           "(lungseg/quality.py); flag below the threshold",
                  "target": "both-lung Dice against masks of the card's lung definition",
                  "dice_limit": args.dice_limit, "fitted": date.today().isoformat(),
                  "script": f"scripts/fit_quality.py --model {name} --write", "modes": {}, "validation": {}}
         for mode in args.modes:
             print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
             pool = pool_for(card, peers, failures if mode == "default" else [], root, mode, limits, source_limits,
-                            variants, cache)
+                            variants, cache, cv_fold_cards(cv_runs[name]) if name in cv_runs else [])
             if args.dump_rows:
                 import pickle
 
@@ -478,9 +539,15 @@ def main() -> int:
             if not any(r["dice"] < args.dice_limit for r in fit_rows):
                 print(f"fit_quality: {name}: no segmentation below Dice {args.dice_limit} to fit on", file=sys.stderr)
                 return 1
-            model = fit_mode(fit_rows, mode, definition, args.l2, args.max_false_flags, args.dice_limit,
-                             args.perturbed_weight)
+            if args.l2 == "auto":
+                l2, l2_scores = choose_l2(fit_rows, mode, definition, args.dice_limit, args.perturbed_weight,
+                                          is_ensemble(card))
+            else:
+                l2, l2_scores = float(args.l2), None
+            model = fit_mode(fit_rows, mode, definition, l2, args.max_false_flags, args.dice_limit,
+                             args.perturbed_weight, is_ensemble(card))
             block["modes"][mode] = {**model.to_dict(), "fitted_on": {
+                "l2": l2, "l2_cross_validated_spearman": l2_scores,
                 "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
                 "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
                 "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,

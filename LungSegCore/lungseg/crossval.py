@@ -5,7 +5,8 @@ The folds split the set's `train` and `val` images (JSRT: 196) by `data.fold_ass
 set by fold k's `train` part (keeping their weight). As in nnU-Net, the held-out fold k chooses nothing: it is only a
 `data.test` entry (logged per epoch, never used for `best.pt` or early stopping), `data.val` keeps only the recipe's
 other validation sets (the trainer's own bookkeeping, e.g. COVID-QU-Ex val), and early stopping is off, so every
-fold trains the recipe's fixed schedule. It trains with the package's `train` into RUN/fold-k, so a re-run resumes
+fold trains the recipe's fixed schedule. A second-stage recipe starts each fold from that fold's first-stage weights
+(`init_from: runs/RUN/fold-{fold}/last.pt`), so a fine-tune is cross-validated with no leak. It trains with the package's `train` into RUN/fold-k, so a re-run resumes
 an unfinished fold at its exact step and skips a finished one. Then the fold's final weights (`last.pt`; or with
 `weights="best"`, `best.pt`, selected on those other validation sets) are saved as a model with a card and scored by
 `evaluate` on the held-out images, HD95 in mm at the set's pixel size, and on any `also` sets; the scores are kept in
@@ -55,8 +56,23 @@ def fold_config(recipe: dict, fold: int, folds: int, cv_set: str = "jsrt", split
     data["test"] = [fold_entry(cv_set, folds, fold, "held_out", splits, seed)] + \
         [entry for entry in data.get("test") or [] if entry["set"] != cv_set]
     cfg["training"].pop("early_stopping_patience", None)  # every fold trains the same fixed schedule
+    cfg["training"].update(fold_start(recipe, fold))
     cfg["name"] = f"{recipe['name']}-fold{fold}"
     return cfg
+
+
+def fold_start(recipe: dict, fold: int) -> dict:
+    """A staged recipe's start for one fold: `init_from` must name a per-fold checkpoint through `{fold}` (e.g.
+    runs/unet-jsrt-cv/fold-{fold}/last.pt), since any other weights (a shipped model, one run) may have trained on
+    the held-out images."""
+    start = recipe["training"].get("init_from")
+    if not start:
+        return {}
+    if "{fold}" not in str(start):
+        raise LungSegError(f"config '{recipe['name']}' starts every fold from '{start}', weights that may have "
+                           "seen the held-out images; name each fold's own start with {fold}, e.g. "
+                           "runs/unet-jsrt-cv/fold-{fold}/last.pt")
+    return {"init_from": str(start).replace("{fold}", str(fold))}
 
 
 def held_out_entry(cfg: dict) -> dict:

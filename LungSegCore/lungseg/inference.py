@@ -2,11 +2,14 @@
 
 Uncertainty is the per-pixel standard deviation of the class probabilities across samples, the largest over the
 classes (0 = every sample agrees). The samples are latent draws for the probabilistic U-Net, and test-time
-augmentation without flips (small shifts, zooms and rotations, each undone on the probabilities) otherwise.
+augmentation without flips (small shifts, zooms and rotations, each undone on the probabilities) otherwise. An
+ensemble's members give the same spread for free on every image (`member_spread`), which the predicted quality
+uses.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +39,24 @@ def _affine_matrices(affines, batch: int) -> torch.Tensor:
 def _inverse(theta: torch.Tensor) -> torch.Tensor:
     full = torch.cat([theta, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(len(theta), 1, 3)], dim=1)
     return torch.linalg.inv(full)[:, :2]
+
+
+def sample_spread(samples: torch.Tensor) -> torch.Tensor:
+    """(N, B, 3, S, S) probabilities of N samples -> (B, S, S): their standard deviation, the largest over the
+    classes (0 where every sample agrees)."""
+    return samples.std(0).amax(1)
+
+
+class ModelOutput(NamedTuple):
+    """One batch's model output: probabilities (B, 3, S, S); the sample spread of `--uncertainty` (B, S, S) or
+    None; an ensemble's member spread (B, S, S) or None."""
+    probabilities: torch.Tensor
+    uncertainty: torch.Tensor | None
+    member_spread: torch.Tensor | None
+
+    def item(self, k: int) -> tuple:
+        """Image k's maps, for `postprocess`: probabilities, uncertainty (or None), member spread (or None)."""
+        return tuple(None if t is None else t[k] for t in self)
 
 
 class Segmenter:
@@ -76,12 +97,23 @@ class Segmenter:
                              mode="bilinear", padding_mode="border", align_corners=False)
         return back.reshape(len(TTA_AFFINES), b, *probs.shape[1:])
 
-    def predict(self, batch: torch.Tensor, uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 1, S, S) -> probabilities (B, 3, S, S) and, if asked, uncertainty (B, S, S)."""
+    def predict(self, batch: torch.Tensor, uncertainty: bool = False) -> "ModelOutput":
+        """(B, 1, S, S) -> probabilities (B, 3, S, S), the uncertainty (B, S, S) if asked for, and for an ensemble
+        its members' spread (B, S, S) (free in the default mode, whose output is the members' mean)."""
+        members = self.member_samples(batch)
+        spread = None if members is None else sample_spread(members)
         if not uncertainty:
-            return self.probabilities(batch), None
+            return ModelOutput(self.probabilities(batch) if members is None else members.mean(0), None, spread)
         samples = self.prior_samples(batch) if hasattr(self.model, "sample") else self.tta_samples(batch)
-        return samples.mean(0), samples.std(0).amax(1)
+        return ModelOutput(samples.mean(0), sample_spread(samples), spread)
+
+    @torch.no_grad()
+    def member_samples(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """(M, B, 3, S, S) probabilities of each member of an ensemble; None for a single network."""
+        if not hasattr(self.model, "member_probabilities"):
+            return None
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return self.model.member_probabilities(batch.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def prior_samples(self, batch: torch.Tensor, n: int = 16) -> torch.Tensor:
@@ -94,9 +126,9 @@ class Segmenter:
                 display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
         """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
         standard view the model knows; the maps come back on the stored grid."""
-        probabilities, unc = self.predict(model_input(reorient(pixels, display_flips), self.size)[None], uncertainty)
-        return postprocess(probabilities[0], pixels.shape, None if unc is None else unc[0], keep_probabilities,
-                           display_flips)
+        output = self.predict(model_input(reorient(pixels, display_flips), self.size)[None], uncertainty)
+        probabilities, unc, spread = output.item(0)
+        return postprocess(probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread)
 
     def confidence(self, pixels: np.ndarray) -> float:
         """Mean winning-class probability: low when the image is not what the model was trained on."""

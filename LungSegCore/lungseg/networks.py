@@ -75,19 +75,23 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(build_network(m["name"], **m.get("params", {})) for m in members)
         self.sizes = [int(m["input_size"]) for m in members]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (M, B, 3, H, W): each member's softmax at the input's size."""
         import torch.nn.functional as F
 
         size = tuple(x.shape[-2:])
-        total = 0.0
+        out = []
         for net, s in zip(self.members, self.sizes):
             xs = x if size == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
                                                         antialias=s < size[0])
             probs = torch.softmax(predict_logits(net, xs).float(), dim=1)
             if probs.shape[-2:] != size:
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            total = total + probs
-        return torch.log((total / len(self.members)).clamp_min(1e-12))
+            out.append(probs)
+        return torch.stack(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.member_probabilities(x).mean(0).clamp_min(1e-12))
 
 
 @register("ensemble")

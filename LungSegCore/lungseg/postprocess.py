@@ -28,6 +28,7 @@ class Prediction:
     model_probabilities: np.ndarray | None = None
     model_label: np.ndarray | None = None
     model_uncertainty: np.ndarray | None = None
+    model_member_spread: np.ndarray | None = None  # (S, S) an ensemble's member spread (inference.ModelOutput)
 
     def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
         """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
@@ -62,7 +63,8 @@ def _winning_class(scores: torch.Tensor) -> np.ndarray:
 
 
 def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
-                keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
+                keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False),
+                member_spread: torch.Tensor | None = None) -> Prediction:
     """The cleaned labelmap of one model output, on the stored image's grid.
 
     Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap; each
@@ -76,6 +78,7 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
         keep_probabilities: also return the probabilities resized to `shape`.
         display_flips: (flip rows, flip columns) that brought the stored image to the standard view (see
             `io.display_flips`); the maps are flipped back to the stored grid.
+        member_spread: (S, S) an ensemble's member spread, or None; kept at the model's resolution only.
 
     Returns:
         The Prediction: the labelmap, the probabilities (when kept) and the uncertainty (when given) on the stored
@@ -94,5 +97,6 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
     full = _resize(probabilities, shape).numpy() if keep_probabilities else None
     prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc,
                             model_probabilities=probabilities.numpy(), model_label=clean_small,
-                            model_uncertainty=uncertainty.numpy() if uncertainty is not None else None)
+                            model_uncertainty=uncertainty.numpy() if uncertainty is not None else None,
+                            model_member_spread=member_spread.numpy() if member_spread is not None else None)
     return prediction.reoriented(display_flips)

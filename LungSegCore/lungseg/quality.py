@@ -9,7 +9,8 @@ model's resolution (no second forward pass):
 - how much the clean-up had to change (fragments removed, holes filled);
 - shape and position plausibility for the definition: lung area, right/left ratio, how the lungs fill their
   bounding boxes, the smoothness of their outlines, where they sit and how tall they are;
-- with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs.
+- with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs;
+- for an ensemble, the spread of its members, in every mode (they run anyway).
 
 A fractional logistic regression (a quasi-binomial GLM: sigmoid of a weighted sum of standardized features,
 fitted to the Dice by IRLS) turns them into the predicted Dice. Its parameters, the threshold below which a result
@@ -54,6 +55,11 @@ UNCERTAINTY_FEATURES = (
     "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
     "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
 )
+# An ensemble's members disagree where its result is doubtful; they run anyway, so this costs nothing extra.
+MEMBER_FEATURES = (
+    "member_spread",      # mean member spread (std of the members' probabilities) inside the lungs
+    "member_disagreement",  # pixels near the lungs where the members' spread exceeds 0.2, per lung pixel
+)
 TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
 LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
 PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
@@ -77,6 +83,8 @@ FEATURE_TEXT = {
     "height_ratio": "one lung shorter than the other",
     "uncertainty_mean": "high sample spread",
     "uncertain_border": "samples disagree on the outline",
+    "member_spread": "the ensemble's members disagree inside the lungs",
+    "member_disagreement": "the ensemble's members disagree on the outline",
 }
 
 
@@ -178,12 +186,19 @@ def quality_features(prediction) -> dict[str, float]:
         "height_ratio": float(np.clip(math.log((rbox[1] - rbox[0]) / (lbox[1] - lbox[0])), -LOG_LIMIT, LOG_LIMIT))
         if both else LOG_LIMIT,
     }
-    uncertainty = prediction.model_uncertainty
-    if uncertainty is not None:
-        near = ndimage.binary_dilation(lungs, iterations=3)
-        features["uncertainty_mean"] = float(uncertainty[lungs].mean()) if lungs.any() else 1.0
-        features["uncertain_border"] = min(np.count_nonzero(uncertainty[near] > 0.2) / lung_area, PER_LUNG_LIMIT)
+    for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
+                          (MEMBER_FEATURES, prediction.model_member_spread)):
+        if spread is not None:
+            features.update(zip(names, _spread_features(spread, lungs, lung_area)))
     return features
+
+
+def _spread_features(spread: np.ndarray, lungs: np.ndarray, lung_area: int) -> tuple[float, float]:
+    """Mean spread inside the lungs, and the pixels near them (3 pixels out) with a spread above 0.2 per lung
+    pixel."""
+    near = ndimage.binary_dilation(lungs, iterations=3)
+    mean = float(spread[lungs].mean()) if lungs.any() else 1.0
+    return mean, min(np.count_nonzero(spread[near] > 0.2) / lung_area, PER_LUNG_LIMIT)
 
 
 @dataclass(frozen=True)

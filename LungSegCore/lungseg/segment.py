@@ -172,12 +172,15 @@ def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: di
     return row
 
 
-def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict) -> tuple:
-    """Post-process one model output into its prediction (on the input grid) and its results row, with its QC
-    (`quality.assess`: the rules of the card's lung definition and the predicted quality of its `qc` block)."""
+def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple:
+    """Post-process one model output (`ModelOutput.item`: probabilities, uncertainty, member spread) into its
+    prediction (on the input grid) and its results row, with its QC (`quality.assess`: the rules of the card's
+    lung definition and the predicted quality of its `qc` block)."""
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
-    prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips)
+    probabilities, uncertainty, member_spread = output
+    prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips,
+                             member_spread)
     flip_rows, flip_cols = image.display_flips
     assessment = assess(prediction, card)
     row = {"rows": image.shape[0], "columns": image.shape[1],
@@ -194,10 +197,10 @@ def finish_row(item: dict, probabilities: torch.Tensor, uncertainty, options: Op
     return prediction, row
 
 
-def finish_and_write(item: dict, probabilities: torch.Tensor, uncertainty, options: Options, card: dict,
-                     paths: dict[str, Path], row: dict, record: Path) -> dict:
+def finish_and_write(item: dict, output: tuple, options: Options, card: dict, paths: dict[str, Path], row: dict,
+                     record: Path) -> dict:
     """Post-processing, QC and writing of one input, run in a separate process beside the model."""
-    prediction, stats = finish_row(item, probabilities, uncertainty, options, card)
+    prediction, stats = finish_row(item, output, options, card)
     return write_outputs(prediction, item["image"], paths, {**row, **stats}, record, item.get("thumbnail"))
 
 
@@ -365,16 +368,15 @@ class BatchRun:
         if not good:
             return
         t0 = time.perf_counter()
-        probabilities, uncertainty = self.segmenter.predict(torch.stack([it["input"] for it in good]),
-                                                            self.options.uncertainty)
+        output = self.segmenter.predict(torch.stack([it["input"] for it in good]), self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):
             name = self.names[it["path"]]
             row = {**self.base, "input": str(it["path"]), "status": "ok", "error": "",
                    "inference_ms": round(inference_ms, 1)}
             it.pop("input")
-            future = finisher.submit(finish_and_write, it, probabilities[k].clone(),
-                                     None if uncertainty is None else uncertainty[k].clone(), self.options,
+            future = finisher.submit(finish_and_write, it, tuple(None if t is None else t.clone()
+                                                                 for t in output.item(k)), self.options,
                                      self.qc_card, output_paths(self.out_dir, name, self.options), row,
                                      self.out_dir / RECORDS / f"{name}.json")
             self.pending.append((row, future))

@@ -116,6 +116,8 @@ def initial_weights(source: str) -> dict:
     """State dict to start from: a run's checkpoint (`.pt`, read with weights_only) or a model that `--model`
     accepts (a shipped name, a card or a safetensors file, checksum-verified)."""
     if str(source).endswith(".pt"):
+        if not Path(source).is_file():
+            raise LungSegError(f"init_from: {source} does not exist (train the run it names first)")
         start = torch.load(source, weights_only=True, map_location="cpu")
         return start.get("model", start)
     from .models import load_model
