@@ -6,11 +6,12 @@ set by fold k's `train` part (keeping their weight). As in nnU-Net, the held-out
 `data.test` entry (logged per epoch, never used for `best.pt` or early stopping), `data.val` keeps only the recipe's
 other validation sets (the trainer's own bookkeeping, e.g. COVID-QU-Ex val), and early stopping is off, so every
 fold trains the recipe's fixed schedule. A second-stage recipe starts each fold from that fold's first-stage weights
-(`init_from: runs/RUN/fold-{fold}/last.pt`), so a fine-tune is cross-validated with no leak. It trains with the package's `train` into RUN/fold-k, so a re-run resumes
-an unfinished fold at its exact step and skips a finished one. Then the fold's final weights (`last.pt`; or with
-`weights="best"`, `best.pt`, selected on those other validation sets) are saved as a model with a card and scored by
-`evaluate` on the held-out images, HD95 in mm at the set's pixel size, and on any `also` sets; the scores are kept in
-RUN/fold-k/cv_fold.json and summarised by `cv_report` into RUN/cv_summary.json and RUN/cv_summary.md.
+(`init_from: runs/RUN/fold-{fold}/last.pt`), so a fine-tune is cross-validated with no leak. It trains with the
+package's `train` into RUN/fold-k, so a re-run resumes an unfinished fold at its exact step and skips a finished
+one. Then the fold's final weights (`last.pt`; or with `weights="best"`, `best.pt`, selected on those other
+validation sets) are saved as a model with a card and scored by `evaluate` on the held-out images, HD95 in mm at
+the set's pixel size, and on any `also` sets; the scores are kept in RUN/fold-k/cv_fold.json and summarised by
+`cv_report` into RUN/cv_summary.json and RUN/cv_summary.md.
 """
 from __future__ import annotations
 
