@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from conftest import importorskip, require_or_skip
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
-from lungseg.quality import (FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression, qc_accuracy,
-                             quality_features, quality_model)
+from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
+                             qc_accuracy, quality_features, quality_model)
 from lungseg.samples import sample_pngs
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -37,9 +37,7 @@ def test_fit_regression_recovers_a_known_model():
     assert np.abs(shrunk).sum() < np.abs(weights).sum(), "the L2 penalty shrinks the weights"
 
 
-def test_the_ridge_penalty_is_chosen_by_cross_validation_within_the_fit_half():
-    """scripts/fit_quality.py: with one informative feature among noise and few real images, the penalty whose
-    out-of-fold predictions rank the real images best is chosen (ties to the smaller), from the grid."""
+def load_fit_quality():
     import importlib.util
 
     from conftest import REPO
@@ -47,18 +45,44 @@ def test_the_ridge_penalty_is_chosen_by_cross_validation_within_the_fit_half():
     spec = importlib.util.spec_from_file_location("fit_quality", REPO / "scripts" / "fit_quality.py")
     fit_quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit_quality)
-    rng = np.random.default_rng(1)
+    return fit_quality
+
+
+def synthetic_rows(informative: str, n: int = 80, seed: int = 1) -> list[dict]:
+    """Real images whose Dice only `informative` predicts; every other feature is noise."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(80):
+    for i in range(n):
         dice = float(rng.uniform(0.80, 0.99))
-        features = {n: float(rng.normal()) for n in FEATURES}
-        features["expected_dice"] = dice + float(rng.normal(0, 0.02))
+        features = {name: float(rng.normal()) for name in FEATURES}
+        features[informative] = dice + float(rng.normal(0, 0.02))
         rows.append({"group": f"p{i}", "dice": dice, "perturbation": "", "features": features,
                      "rules": {"lung-fields": []}})
-    l2, scores = fit_quality.choose_l2(rows, "default", "lung-fields", 0.90, 0.3, False)
-    assert set(scores) == set(fit_quality.L2_GRID) and l2 in fit_quality.L2_GRID
-    assert scores[l2] == max(scores.values()) and scores[l2] > 0.5
-    assert l2 == min(k for k, v in scores.items() if v == scores[l2]), "a tie goes to the smaller penalty"
+    return rows
+
+
+@pytest.mark.parametrize("informative, chosen", [("expected_dice", "output"), ("box_fill", "output+shape")])
+def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within_the_fit_half(informative, chosen):
+    """scripts/fit_quality.py: with one informative feature among noise, the feature set and penalty whose
+    out-of-fold predictions rank the real images best are chosen: the output's confidence alone when the shape
+    features are noise (ties go to the smaller set, then the smaller penalty), with the shape when one of them
+    carries the signal."""
+    from lungseg.quality import FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
+
+    fit_quality = load_fit_quality()
+    assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(FEATURE_SETS) == {"output", "output+shape"}
+    feature_set, l2, scores = fit_quality.choose_regression(synthetic_rows(informative), "default", "lung-fields",
+                                                            0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) and all(set(row) == set(fit_quality.L2_GRID) for row in scores.values())
+    assert feature_set == chosen and scores[feature_set][l2] == max(v for row in scores.values() for v in row.values())
+    assert scores[feature_set][l2] > 0.5
+    if chosen == "output":  # noise features can only hurt the ranking out of fold
+        assert scores["output"][l2] >= max(scores["output+shape"].values())
+    assert l2 == min(k for k, v in scores[feature_set].items() if v == scores[feature_set][l2]), \
+        "a tie goes to the smaller penalty"
+    model = fit_quality.fit_mode(synthetic_rows(informative), "default", "lung-fields", l2, 0.1, 0.9, 0.3, False,
+                                 feature_set)
+    assert model.features == FEATURE_SETS[feature_set]
 
 
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
@@ -79,11 +103,17 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert 0.5 < block["threshold"] < 1.0 and block["method"] and block["script"].startswith("scripts/fit_quality.py")
     default = block["modes"]["default"]
     members = MEMBER_FEATURES if card["network"]["name"] == "ensemble" else ()  # an ensemble's members' spread
-    assert tuple(default["features"]) == FEATURES + members and default["threshold"] == block["threshold"]
-    assert len(default["weights"]) == len(FEATURES + members) == len(default["mean"]) == len(default["scale"])
+    chosen = FEATURE_SETS[default["fitted_on"]["feature_set"]]  # chosen by cross-validation in the fit half
+    assert tuple(default["features"]) == chosen + members and default["threshold"] == block["threshold"]
+    assert len(default["weights"]) == len(chosen + members) == len(default["mean"]) == len(default["scale"])
+    cv = default["fitted_on"]["cross_validated_spearman"]
+    assert max(v for row in cv.values() for v in row.values()) == \
+        cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
     if "uncertainty" in block["modes"]:
-        assert tuple(block["modes"]["uncertainty"]["features"]) == FEATURES + UNCERTAINTY_FEATURES + members
+        uncertainty = block["modes"]["uncertainty"]
+        assert tuple(uncertainty["features"]) == \
+            FEATURE_SETS[uncertainty["fitted_on"]["feature_set"]] + UNCERTAINTY_FEATURES + members
     measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
     assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
 
@@ -242,6 +272,9 @@ def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segme
     assert assessment.threshold == read_card("unet")["qc"]["threshold"]
     assert assess(prediction, segmenter.card).quality == assessment.quality, "the card alone is enough"
     assert set(quality_features(prediction)) == set(FEATURES)
+    output_only = quality_features(prediction, shape=False)
+    assert set(output_only) == set(FEATURE_SETS["output"]), "a regression without the shape skips its cost"
+    assert all(output_only[k] == v for k, v in quality_features(prediction).items() if k in output_only)
     sampled = segmenter.segment(image.pixels, uncertainty=True)
     assert set(quality_features(sampled)) == set(FEATURES + UNCERTAINTY_FEATURES)
     fitted, mode = quality_model(segmenter.card, uncertainty=True)

@@ -16,7 +16,9 @@ For each card:
    and perturbation: the regression and its threshold are fitted on the `fit` half only, and every number in the
    card's `validation` is measured on the `measure` half, on images the fit never saw.
 3. Fits the fractional logistic regression of the Dice on the features, per mode (`default`; `uncertainty` with the
-   test-time augmentation or latent samples of `--uncertainty`), chooses the threshold on the fit half (the
+   test-time augmentation or latent samples of `--uncertainty`), with the feature set (the output's confidence
+   alone, or with the shape's plausibility) and the ridge penalty that rank the fit half's real images best under
+   cross-validation within that half, chooses the threshold on the fit half (the
    highest recall of Dice < 0.90 whose false-flag rate, rules included, stays within `--max-false-flags`), and
    writes the `qc` block (only that block: the weights and their SHA-256 are untouched).
 4. Also measures the card's QC on *failure sources* it was not fitted on: the shipped models of the other lung
@@ -278,10 +280,11 @@ def scored_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int,
 
 # -- fitting and measuring ----------------------------------------------------------------------------------
 
-def feature_names(mode: str, ensemble: bool = False) -> tuple[str, ...]:
-    from lungseg.quality import FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES
+def feature_names(mode: str, ensemble: bool = False, feature_set: str = "output+shape") -> tuple[str, ...]:
+    from lungseg.quality import FEATURE_SETS, MEMBER_FEATURES, UNCERTAINTY_FEATURES
 
-    return FEATURES + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ()) + (MEMBER_FEATURES if ensemble else ())
+    return FEATURE_SETS[feature_set] + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ()) + \
+        (MEMBER_FEATURES if ensemble else ())
 
 
 def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: str) -> np.ndarray:
@@ -309,10 +312,10 @@ def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max
 
 
 def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_false_flags: float, limit: float,
-             perturbed_weight: float, ensemble: bool = False):
+             perturbed_weight: float, ensemble: bool = False, feature_set: str = "output+shape"):
     from lungseg.quality import TWO_SIDED, QualityModel, fit_regression, transform
 
-    names = feature_names(mode, ensemble)
+    names = feature_names(mode, ensemble, feature_set)
     good = [r for r in fit_rows if r["dice"] >= 0.95 and not r["perturbation"]]
     centre = tuple(float(np.median([r["features"][n] for r in good])) if n in TWO_SIDED else 0.0 for n in names)
     x = np.stack([transform(r["features"], names, centre) for r in fit_rows])
@@ -328,26 +331,34 @@ def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_fa
 L2_GRID = (1.0, 3.0, 10.0, 30.0)
 
 
-def choose_l2(fit_rows: list[dict], mode: str, definition: str, limit: float, perturbed_weight: float,
-              ensemble: bool, folds: int = 5) -> tuple[float, dict[float, float]]:
-    """The ridge penalty whose predicted quality ranks the real images of the fit half best (Spearman with their
-    Dice), by `folds`-fold cross-validation within the fit half, the folds keeping each patient (or image) whole;
-    a tie goes to the smaller penalty. Few real images with many features (v7-full) need more shrinkage than the
-    thousands of COVID-QU-Ex rows."""
+def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: float, perturbed_weight: float,
+                      ensemble: bool, feature_sets=None, l2_grid=L2_GRID,
+                      folds: int = 5) -> tuple[str, float, dict[str, dict[float, float]]]:
+    """The feature set (quality.FEATURE_SETS) and ridge penalty whose predicted quality ranks the real images of
+    the fit half best (Spearman with their Dice), by `folds`-fold cross-validation within the fit half, the folds
+    keeping each patient (or image) whole. A tie goes to the smaller set, then to the smaller penalty. Few real
+    images with many features (v7-full) need more shrinkage, or fewer features, than thousands of COVID-QU-Ex rows.
+    Returns the set, the penalty and every candidate's score ({set: {penalty: Spearman}})."""
     from scipy.stats import spearmanr
 
+    from lungseg.quality import FEATURE_SETS
+
+    feature_sets = list(feature_sets or FEATURE_SETS)
     fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
     scores = {}
-    for l2 in L2_GRID:
-        quality, dice = [], []
-        for k in range(folds):
-            train = [r for r, f in zip(fit_rows, fold) if f != k]
-            model = fit_mode(train, mode, definition, l2, 1.0, limit, perturbed_weight, ensemble)
-            held = [r for r, f in zip(fit_rows, fold) if f == k and not r["perturbation"]]
-            quality += [model.predict(r["features"]) for r in held]
-            dice += [r["dice"] for r in held]
-        scores[l2] = round(float(spearmanr(quality, dice)[0]), 4)
-    return max(L2_GRID, key=lambda l2: (scores[l2], -l2)), scores
+    for feature_set in feature_sets:
+        for l2 in l2_grid:
+            quality, dice = [], []
+            for k in range(folds):
+                train = [r for r, f in zip(fit_rows, fold) if f != k]
+                model = fit_mode(train, mode, definition, l2, 1.0, limit, perturbed_weight, ensemble, feature_set)
+                held = [r for r, f in zip(fit_rows, fold) if f == k and not r["perturbation"]]
+                quality += [model.predict(r["features"]) for r in held]
+                dice += [r["dice"] for r in held]
+            scores.setdefault(feature_set, {})[l2] = round(float(spearmanr(quality, dice)[0]), 4)
+    candidates = [(s, l2) for s in feature_sets for l2 in l2_grid]
+    best = max(candidates, key=lambda c: (scores[c[0]][c[1]], -len(FEATURE_SETS[c[0]]), -c[1]))
+    return best[0], best[1], scores
 
 
 def measure(model, rows: list[dict], definition: str, limit: float) -> dict:
@@ -478,6 +489,9 @@ def main() -> int:
     parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
     parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
+    parser.add_argument("--features", default="auto", choices=("auto", "output", "output+shape"),
+                        help="feature set of the regression (lungseg.quality.FEATURE_SETS); auto (default): chosen "
+                        "with the penalty by cross-validation within the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,
                         help="weight of a perturbed image in the regression (a real one weighs 1)")
     parser.add_argument("--max-false-flags", type=float, default=0.10,
@@ -521,9 +535,9 @@ def main() -> int:
                                           if s != name and read_card(s).get("definition") == definition]
         failures = [] if args.no_failure_sources else \
             [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
-        block = {"method": "fractional logistic regression (quasi-binomial GLM, IRLS, L2 chosen by cross-validation "
-                           "within the fit half) of the both-lung Dice on features of the model's own output "
-                           "(lungseg/quality.py); flag below the threshold",
+        block = {"method": "fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by "
+                           "cross-validation within the fit half) of the both-lung Dice on features of the model's "
+                           "own output (lungseg/quality.py); flag below the threshold",
                  "target": "both-lung Dice against masks of the card's lung definition",
                  "dice_limit": args.dice_limit, "fitted": date.today().isoformat(),
                  "script": f"scripts/fit_quality.py --model {name} --write", "modes": {}, "validation": {}}
@@ -539,15 +553,15 @@ def main() -> int:
             if not any(r["dice"] < args.dice_limit for r in fit_rows):
                 print(f"fit_quality: {name}: no segmentation below Dice {args.dice_limit} to fit on", file=sys.stderr)
                 return 1
-            if args.l2 == "auto":
-                l2, l2_scores = choose_l2(fit_rows, mode, definition, args.dice_limit, args.perturbed_weight,
-                                          is_ensemble(card))
-            else:
-                l2, l2_scores = float(args.l2), None
+            feature_set, l2, cv_scores = choose_regression(
+                fit_rows, mode, definition, args.dice_limit, args.perturbed_weight, is_ensemble(card),
+                None if args.features == "auto" else [args.features],
+                L2_GRID if args.l2 == "auto" else (float(args.l2),))
             model = fit_mode(fit_rows, mode, definition, l2, args.max_false_flags, args.dice_limit,
-                             args.perturbed_weight, is_ensemble(card))
+                             args.perturbed_weight, is_ensemble(card), feature_set)
             block["modes"][mode] = {**model.to_dict(), "fitted_on": {
-                "l2": l2, "l2_cross_validated_spearman": l2_scores,
+                "feature_set": feature_set, "l2": l2,
+                "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
                 "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
                 "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
                 "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,

@@ -34,13 +34,15 @@ DICE_LIMIT = 0.90  # the issue's line between a usable and a bad segmentation; f
 
 # The features, in a fixed order. Two-sided features enter the regression as their distance from the centre of
 # good segmentations in the fitting data (stored in the card), so that too much and too little both count.
-FEATURES = (
+OUTPUT_FEATURES = (  # how sure the model is of its own output
     "expected_dice",      # the Dice the softmax expects of its own cleaned labelmap, mean of the two lungs
     "uncertain_mass",     # pixels with lung probability in 0.2-0.8, per lung pixel
     "entropy",            # mean normalized entropy of the softmax inside the lungs
     "outside_mass",       # lung probability outside the kept lungs, per lung pixel
     "confidence",         # mean winning-class probability over the whole image
     "cleanup_change",     # pixels that clean-up removed or filled, per lung pixel
+)
+SHAPE_FEATURES = (  # how plausible the lungs' shape and position are
     "lung_fraction",      # log of the lung area as a fraction of the image (two-sided)
     "right_left_ratio",   # log of the right/left area ratio (two-sided)
     "box_fill",           # the smaller lung's area over its bounding box
@@ -51,6 +53,10 @@ FEATURES = (
     "solidity",           # the smaller lung's area over its convex hull's: a bite out of a lung (an opacity missed)
     "height_ratio",       # log of the right/left lung height ratio (two-sided): one lung cut short at its base or apex
 )
+FEATURES = OUTPUT_FEATURES + SHAPE_FEATURES
+# The regressions a fit chooses among (scripts/fit_quality.py, by cross-validation within the fit half). The
+# uncertainty and member features join either set where the mode or the model has them.
+FEATURE_SETS = {"output": OUTPUT_FEATURES, "output+shape": FEATURES}
 UNCERTAINTY_FEATURES = (
     "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
     "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
@@ -134,13 +140,13 @@ def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int
     return float(entropy[inside].mean() / math.log(3))
 
 
-def quality_features(prediction) -> dict[str, float]:
+def quality_features(prediction, shape: bool = True) -> dict[str, float]:
     """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
-    uncertainty features too when the prediction carries an uncertainty map. About 1-2 ms at 256x256."""
+    uncertainty and member features too when the prediction carries those maps. About 1-2 ms at 256x256.
+    `shape=False` leaves out SHAPE_FEATURES, for a regression that does not read them."""
     probabilities = np.asarray(prediction.model_probabilities, dtype=np.float32)
     label = prediction.model_label
     raw = prediction.raw_label
-    size = label.size
     lung_probability = probabilities[RIGHT_LUNG] + probabilities[LEFT_LUNG]
     lungs = label > 0
     lung_area = max(int(np.count_nonzero(lungs)), 1)
@@ -163,9 +169,6 @@ def quality_features(prediction) -> dict[str, float]:
     raw_lungs = raw > 0
     changed = np.count_nonzero(raw_lungs != lungs) + np.count_nonzero((raw != label) & lungs & raw_lungs)
 
-    (right, (ry, rx), rbox, rb), (left, (ly, lx), lbox, lb) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
-    rows, cols = label.shape
-    both = right > 0 and left > 0
     features = {
         "expected_dice": float(np.mean(expected)),
         "uncertain_mass": min(uncertain / lung_area, PER_LUNG_LIMIT),
@@ -174,6 +177,23 @@ def quality_features(prediction) -> dict[str, float]:
                             / lung_area, PER_LUNG_LIMIT),
         "confidence": float(probabilities.max(0).mean()),
         "cleanup_change": min(changed / lung_area, PER_LUNG_LIMIT),
+    }
+    if shape:
+        features.update(_shape_features(label, stats))
+    for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
+                          (MEMBER_FEATURES, prediction.model_member_spread)):
+        if spread is not None:
+            features.update(zip(names, _spread_features(spread, lungs, lung_area)))
+    return features
+
+
+def _shape_features(label: np.ndarray, stats: dict) -> dict[str, float]:
+    """SHAPE_FEATURES of a cleaned labelmap, from each lung's `_lung_stats`."""
+    (right, (ry, rx), rbox, rb), (left, (ly, lx), lbox, lb) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
+    rows, cols = label.shape
+    size = label.size
+    both = right > 0 and left > 0
+    return {
         "lung_fraction": max(math.log(max(right + left, 1) / size), -2 * LOG_LIMIT),
         "right_left_ratio": float(np.clip(math.log(right / left), -LOG_LIMIT, LOG_LIMIT)) if both else LOG_LIMIT,
         "box_fill": min((a / max((b[1] - b[0]) * (b[3] - b[2]), 1) if a else 0.0)
@@ -186,11 +206,6 @@ def quality_features(prediction) -> dict[str, float]:
         "height_ratio": float(np.clip(math.log((rbox[1] - rbox[0]) / (lbox[1] - lbox[0])), -LOG_LIMIT, LOG_LIMIT))
         if both else LOG_LIMIT,
     }
-    for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
-                          (MEMBER_FEATURES, prediction.model_member_spread)):
-        if spread is not None:
-            features.update(zip(names, _spread_features(spread, lungs, lung_area)))
-    return features
 
 
 def _spread_features(spread: np.ndarray, lungs: np.ndarray, lung_area: int) -> tuple[float, float]:
@@ -294,7 +309,7 @@ def assess(prediction, model) -> Assessment:
     fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
     if fitted is None or prediction.model_probabilities is None:
         return Assessment(None, None, reasons, mode)
-    values = quality_features(prediction)
+    values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features))
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"
