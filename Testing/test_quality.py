@@ -85,6 +85,17 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     assert model.features == FEATURE_SETS[feature_set]
 
 
+def test_the_readmes_qc_table_is_the_cards():
+    """README, "Quality control": its table is what `fit_quality.py --table` prints from the shipped cards (default
+    mode), so a refitted card cannot leave stale numbers behind."""
+    from conftest import REPO
+
+    table = load_fit_quality().markdown_table(SHIPPED).splitlines()
+    readme = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+              if line.startswith("| ") and "(threshold " in line]
+    assert readme == [row for row in table if "| default (threshold" in row]
+
+
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     dice = [0.50, 0.85, 0.89, 0.95, 0.97, 0.98]
     flagged = [True, True, False, True, False, False]
