@@ -85,6 +85,29 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     assert model.features == FEATURE_SETS[feature_set]
 
 
+def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_too():
+    """A peer whose good results all get a high quality must not let the threshold rise until the card's own
+    model's good results are flagged more often than `max_false_flags`."""
+    fit_quality = load_fit_quality()
+    rows, quality = [], []
+    for i in range(100):  # the peer: 100 good results, all sure
+        rows.append({"dice": 0.97, "perturbation": "", "role": "peer", "rules": {"lung-fields": []}})
+        quality.append(0.99)
+    for i in range(20):  # the card's own model: 20 good results spread over 0.90-0.99, and 10 failures below 0.95
+        rows.append({"dice": 0.96, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
+        quality.append(0.90 + 0.005 * i)
+    for i in range(10):
+        rows.append({"dice": 0.85, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
+        quality.append(0.90 + 0.005 * i)
+    quality = np.array(quality)
+    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    own_good = quality[100:120]
+    assert (own_good < threshold).mean() <= 0.10 < (own_good < threshold + 0.0051).mean()
+    pooled_only = fit_quality.choose_threshold([dict(r, role="peer") for r in rows], quality, "lung-fields", 0.10, 0.90)
+    assert pooled_only > threshold and (own_good < pooled_only).mean() > 0.10, \
+        "the pooled limit alone lets the peer's sure results hide the own model's false flags"
+
+
 def test_the_readmes_qc_table_is_the_cards():
     """README, "Quality control": its table is what `fit_quality.py --table` prints from the shipped cards (default
     mode), so a refitted card cannot leave stale numbers behind."""

@@ -296,15 +296,19 @@ def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: s
 def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max_false_flags: float,
                      limit: float) -> float:
     """The threshold with the highest recall of Dice < limit on these rows (real and perturbed) whose false-flag
-    rate on the real images, rules included, stays within `max_false_flags`; the lowest such threshold. Perturbed
-    images with a Dice above the limit are degraded all the same, and count as neither right nor wrong flags."""
+    rate on the real images, rules included, stays within `max_false_flags`, both over all of them and over the
+    card's own model's (what its users get; the peers' outputs can be easier to judge); the lowest such threshold.
+    Perturbed images with a Dice above the limit are degraded all the same, and count as neither right nor wrong
+    flags."""
     dice = np.array([r["dice"] for r in rows])
     real = np.array([not r["perturbation"] for r in rows])
+    own = np.array([r.get("role", "own") == "own" for r in rows])
     bad = dice < limit
     best = (-1.0, 0.5)
     for threshold in np.round(np.arange(0.50, 0.995, 0.0025), 4):
         flagged = flags(rows, quality, threshold, definition)
-        false_rate = (flagged & ~bad & real).sum() / max((~bad & real).sum(), 1)
+        false_rate = max((flagged & ~bad & real & mask).sum() / max((~bad & real & mask).sum(), 1)
+                         for mask in (real, own))
         recall = (flagged & bad).sum() / max(bad.sum(), 1)
         if false_rate <= max_false_flags and recall > best[0]:
             best = (recall, float(threshold))
