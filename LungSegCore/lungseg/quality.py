@@ -94,22 +94,29 @@ FEATURE_TEXT = {
 }
 
 
-def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, int, int, int], int]:
-    """Area, centroid (row, column), bounding box (r0, r1, c0, c1) and boundary pixel count of one lung.
-    From the row and column counts, and the boundary as the pixels that a 3x3 cross erosion removes (SciPy's
-    binary_erosion with zero borders), by shifted views: a fraction of the cost of the general routines."""
+def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, int, int, int]]:
+    """Area, centroid (row, column) and bounding box (r0, r1, c0, c1) of one lung, from its row and column counts."""
     per_row, per_col = np.count_nonzero(mask, axis=1), np.count_nonzero(mask, axis=0)
     area = int(per_row.sum())
     if area == 0:
-        return 0, (math.nan, math.nan), (0, 0, 0, 0), 0
+        return 0, (math.nan, math.nan), (0, 0, 0, 0)
     rows, cols = np.flatnonzero(per_row), np.flatnonzero(per_col)
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     centre = (float(per_row @ np.arange(len(per_row))) / area, float(per_col @ np.arange(len(per_col))) / area)
-    box = mask[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
-    box = np.pad(box, ((int(r0 == 0), int(r1 == mask.shape[0])), (int(c0 == 0), int(c1 == mask.shape[1]))))
-    core = box[1:-1, 1:-1]
-    interior = core & box[:-2, 1:-1] & box[2:, 1:-1] & box[1:-1, :-2] & box[1:-1, 2:]
-    return area, centre, (r0, r1, c0, c1), area - int(np.count_nonzero(interior))
+    return area, centre, (r0, r1, c0, c1)
+
+
+def _boundary_pixels(mask: np.ndarray, area: int, box: tuple[int, int, int, int]) -> int:
+    """Pixels of one lung that a 3x3 cross erosion removes (SciPy's binary_erosion with zero borders), by shifted
+    views of its bounding box: a fraction of the cost of the general routine."""
+    if area == 0:
+        return 0
+    r0, r1, c0, c1 = box
+    view = mask[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
+    view = np.pad(view, ((int(r0 == 0), int(r1 == mask.shape[0])), (int(c0 == 0), int(c1 == mask.shape[1]))))
+    core = view[1:-1, 1:-1]
+    interior = core & view[:-2, 1:-1] & view[2:, 1:-1] & view[1:-1, :-2] & view[1:-1, 2:]
+    return area - int(np.count_nonzero(interior))
 
 
 def _solidity(mask: np.ndarray) -> float:
@@ -189,7 +196,9 @@ def quality_features(prediction, shape: bool = True) -> dict[str, float]:
 
 def _shape_features(label: np.ndarray, stats: dict) -> dict[str, float]:
     """SHAPE_FEATURES of a cleaned labelmap, from each lung's `_lung_stats`."""
-    (right, (ry, rx), rbox, rb), (left, (ly, lx), lbox, lb) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
+    (right, (ry, rx), rbox), (left, (ly, lx), lbox) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
+    right_mask, left_mask = label == RIGHT_LUNG, label == LEFT_LUNG
+    rb, lb = _boundary_pixels(right_mask, right, rbox), _boundary_pixels(left_mask, left, lbox)
     rows, cols = label.shape
     size = label.size
     both = right > 0 and left > 0
@@ -202,7 +211,7 @@ def _shape_features(label: np.ndarray, stats: dict) -> dict[str, float]:
         "centre_x": (rx + lx) / 2 / cols if both else 0.0,
         "centre_y": (ry + ly) / 2 / rows if both else 0.0,
         "height": (max(rbox[1], lbox[1]) - min(rbox[0], lbox[0])) / rows if both else 0.0,
-        "solidity": min(_solidity(label == RIGHT_LUNG), _solidity(label == LEFT_LUNG)) if both else 0.0,
+        "solidity": min(_solidity(right_mask), _solidity(left_mask)) if both else 0.0,
         "height_ratio": float(np.clip(math.log((rbox[1] - rbox[0]) / (lbox[1] - lbox[0])), -LOG_LIMIT, LOG_LIMIT))
         if both else LOG_LIMIT,
     }
