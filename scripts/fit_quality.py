@@ -304,11 +304,11 @@ def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max
     real = np.array([not r["perturbation"] for r in rows])
     own = np.array([r.get("role", "own") == "own" for r in rows])
     bad = dice < limit
+    checked = (~bad & real, ~bad & real & own)  # the good real images: all, and the card's own model's
     best = (-1.0, 0.5)
     for threshold in np.round(np.arange(0.50, 0.995, 0.0025), 4):
         flagged = flags(rows, quality, threshold, definition)
-        false_rate = max((flagged & ~bad & real & mask).sum() / max((~bad & real & mask).sum(), 1)
-                         for mask in (real, own))
+        false_rate = max((flagged & subset).sum() / max(subset.sum(), 1) for subset in checked)
         recall = (flagged & bad).sum() / max(bad.sum(), 1)
         if false_rate <= max_false_flags and recall > best[0]:
             best = (recall, float(threshold))
@@ -470,6 +470,8 @@ def markdown_table(names: list[str]) -> str:
 
 
 def main() -> int:
+    from lungseg.quality import FEATURE_SETS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -493,7 +495,7 @@ def main() -> int:
     parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
     parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
-    parser.add_argument("--features", default="auto", choices=("auto", "output", "output+shape"),
+    parser.add_argument("--features", default="auto", choices=("auto", *FEATURE_SETS),
                         help="feature set of the regression (lungseg.quality.FEATURE_SETS); auto (default): chosen "
                         "with the penalty by cross-validation within the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,
