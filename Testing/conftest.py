@@ -43,6 +43,16 @@ def importorskip(modname: str, reason: str | None = None, minversion: str | None
         require_or_skip(str(exc.msg) if hasattr(exc, "msg") else str(exc))
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _fail_skips(report) -> None:
     if data_required() and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

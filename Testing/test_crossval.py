@@ -3,7 +3,6 @@ without spacing, and scripts/cross_validate.py end to end on a tiny recipe, resu
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from collections import Counter
 
@@ -13,7 +12,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import load_script
 
 from lungseg.crossval import fold_config, fold_dir
 from lungseg.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
@@ -154,9 +153,7 @@ def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
     from lungseg.crossval import held_out_names
     from lungseg.models import read_card
 
-    spec = importlib.util.spec_from_file_location("fit_quality", REPO / "scripts" / "fit_quality.py")
-    fit_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fit_quality)
+    fit_quality = load_script("fit_quality")
     root = jsrt.parent
     cfg = fold_config(load_config("unet-jsrt-cv"), 2, 5)
     fold_card = {"name": cfg["name"], "recipe": cfg}
@@ -196,10 +193,7 @@ def test_evaluate_spacing_mm_on_the_command_line(tmp_path):
 
 
 def cross_validate_script():
-    spec = importlib.util.spec_from_file_location("cross_validate", REPO / "scripts" / "cross_validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("cross_validate").main
 
 
 def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkeypatch, capsys):

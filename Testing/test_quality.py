@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import importorskip, require_or_skip
+from conftest import importorskip, load_script, require_or_skip
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
                              qc_accuracy, quality_features, quality_model)
@@ -37,17 +37,6 @@ def test_fit_regression_recovers_a_known_model():
     assert np.abs(shrunk).sum() < np.abs(weights).sum(), "the L2 penalty shrinks the weights"
 
 
-def load_fit_quality():
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("fit_quality", REPO / "scripts" / "fit_quality.py")
-    fit_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fit_quality)
-    return fit_quality
-
-
 def synthetic_rows(informative: str, n: int = 80, seed: int = 1) -> list[dict]:
     """Real images whose Dice only `informative` predicts; every other feature is noise."""
     rng = np.random.default_rng(seed)
@@ -69,7 +58,7 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     carries the signal."""
     from lungseg.quality import FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
 
-    fit_quality = load_fit_quality()
+    fit_quality = load_script("fit_quality")
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(FEATURE_SETS) == {"output", "output+shape"}
     feature_set, l2, scores = fit_quality.choose_regression(synthetic_rows(informative), "default", "lung-fields",
                                                             0.90, 0.3, False)
@@ -88,7 +77,7 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
 def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_too():
     """A peer whose good results all get a high quality must not let the threshold rise until the card's own
     model's good results are flagged more often than `max_false_flags`."""
-    fit_quality = load_fit_quality()
+    fit_quality = load_script("fit_quality")
     rows, quality = [], []
     for i in range(100):  # the peer: 100 good results, all sure
         rows.append({"dice": 0.97, "perturbation": "", "role": "peer", "rules": {"lung-fields": []}})
@@ -113,7 +102,7 @@ def test_the_readmes_qc_table_is_the_cards():
     mode), so a refitted card cannot leave stale numbers behind."""
     from conftest import REPO
 
-    table = load_fit_quality().markdown_table(SHIPPED).splitlines()
+    table = load_script("fit_quality").markdown_table(SHIPPED).splitlines()
     readme = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
               if line.startswith("| ") and "(threshold " in line]
     assert readme == [row for row in table if "| default (threshold" in row]
