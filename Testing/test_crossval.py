@@ -13,8 +13,12 @@ import torch
 import yaml
 
 from conftest import load_script
+from safetensors.torch import load_file
 
+from lungseg.cli import main as cli_main
 from lungseg.crossval import fold_config, fold_dir
+from lungseg.errors import LungSegError
+from lungseg.export import export_run
 from lungseg.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
 from lungseg.train import load_config, train
 
@@ -118,7 +122,6 @@ def test_the_held_out_fold_chooses_nothing(jsrt):
 
 
 def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
-    from lungseg.errors import LungSegError
 
     recipe = load_config("unet")
     recipe["data"]["val"] = [{"set": "jsrt", "split": "val"}]
@@ -127,7 +130,6 @@ def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
 
 
 def test_a_staged_recipe_starts_each_fold_from_that_folds_first_stage():
-    from lungseg.errors import LungSegError
 
     recipe = load_config("unet-jsrt-512-cv")
     assert "{fold}" in recipe["training"]["init_from"]
@@ -141,7 +143,6 @@ def test_a_staged_recipe_starts_each_fold_from_that_folds_first_stage():
 
 
 def test_a_missing_first_stage_is_named(tmp_path):
-    from lungseg.errors import LungSegError
     from lungseg.train import initial_weights
 
     with pytest.raises(LungSegError, match=r"fold-3/last.pt does not exist \(train the run it names first\)"):
@@ -288,10 +289,45 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
         assert all(torch.equal(same[k], v) for k, v in weights[run2, fold].items())
     assert not all(torch.equal(weights[run, 0][k], v) for k, v in weights[run2, 1].items())
 
+    # the recipe trained on all of its data ships its final weights, with its cross-validation in the card
+    final = train(recipe, data_root=data, out_dir=tmp_path / "final", device="cpu")
+    with pytest.raises(LungSegError, match="cross-validates the recipe 'tiny2', not 'tiny'"):
+        export_run(final, tmp_path / "models", device="cpu", weights="last", cross_validation=run2 / "cv_summary.json")
+    with pytest.raises(LungSegError, match="scored each fold's best.pt; the card's weights are last.pt"):
+        export_run(final, tmp_path / "models", device="cpu", weights="last", cross_validation=run / "cv_summary.json")
+    assert main(args) == 0  # the summary of the final weights again (scores kept from the first call)
+    card_path = export_run(final, tmp_path / "models", device="cpu", weights="last",
+                           cross_validation=run / "cv_summary.json")
+    card = json.loads(card_path.read_text())
+    last = torch.load(final / "last.pt", weights_only=True)["model"]
+    exported = load_file(str(card_path.with_suffix(".safetensors")))
+    assert all(torch.equal(exported[k], v) for k, v in last.items()) and set(exported) == set(last)
+    assert card["training"]["best_epoch"] == card["training"]["epochs_run"] == 1
+    recorded = card["cross_validation"]
+    assert (recorded["recipe"], recorded["folds"], recorded["weights"]) == ("tiny", 2, "last")
+    assert recorded["evaluations"]["jsrt/held_out"]["across_folds"] == \
+        json.loads((run / "cv_summary.json").read_text())["evaluations"]["jsrt/held_out"]["across_folds"]
+    monkeypatch.setenv("LUNGSEG_MODELS_PATH", str(tmp_path / "models"))
+    capsys.readouterr()
+    assert cli_main(["models"]) == 0
+    held = recorded["evaluations"]["jsrt/held_out"]["across_folds"]["both_dice"]
+    assert f"recipe's 2-fold cross-validation, jsrt/held_out: Dice {held['mean']:.4f} ± {held['sd']:.4f}" \
+        in capsys.readouterr().out
+
+
+def test_an_unfinished_cross_validation_is_not_recorded_in_a_card(tmp_path):
+    from lungseg.export import cross_validation_record
+
+    (tmp_path / "cv_summary.json").write_text(json.dumps({"recipe": "unet-512", "complete": False, "folds": 5,
+                                                          "folds_done": [0, 1]}))
+    with pytest.raises(LungSegError, match=r"only folds \[0, 1\] of 5 are scored"):
+        cross_validation_record(tmp_path / "cv_summary.json", "unet-512", "last")
+    with pytest.raises(LungSegError, match="no such cross-validation summary"):
+        cross_validation_record(tmp_path / "missing.json", "unet-512", "last")
+
 
 def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):
     from lungseg.crossval import check_run_config
-    from lungseg.errors import LungSegError
 
     cfg = fold_config(load_config("unet-jsrt-cv"), 1, 5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lungseg.export import export_run
+from lungseg.export import build_card, export_run, run_environment
 from lungseg.models import load_model
 from lungseg.train import load_config, train
 
@@ -61,6 +61,8 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert "resumed from" in (run / "train.log").read_text()
+    environment = json.loads((run / "environment.json").read_text())  # one entry per start, for the model card
+    assert [e["from_epoch"] for e in environment] == [1, 2] and environment[0]["hardware"].endswith("CPU x1")
     assert (run / "curves.png").stat().st_size > 10000 and (run / "cases.png").stat().st_size > 10000
     assert {"train/dice", "train/iou", "synthetic/loss", "synthetic/iou", "synthetic/dice_both"} <= set(history[-1])
     weights_changed = any(not torch.equal(a, b) for a, b in zip(
@@ -83,6 +85,11 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     card_path = export_run(run, tmp_path / "models", device="cpu")
     card = json.loads(card_path.read_text())
     assert card["metrics"]["synthetic/val"]["images"] == 2
+    # where it trained, as the run recorded it, not where it was exported
+    assert card["training"]["hardware"] == json.loads((run / "environment.json").read_text())[0]["hardware"]
+    (run / "environment.json").write_text(json.dumps([{"from_epoch": 1, "hardware": "NVIDIA H100 80GB HBM3",
+                                                      "processes": 1, "torch": "2.11.0", "monai": "1.6.1"}]))
+    assert build_card(config, [], 0, run_environment(run))["training"]["hardware"] == "NVIDIA H100 80GB HBM3"
     carded = card["metrics"]["synthetic/val"]["both_dice"]["mean"]
 
     best = torch.load(run / "best.pt", weights_only=True)["model"]
@@ -147,7 +154,8 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
                                                           abs=1e-6)
     history = json.loads((run_a / "history.json").read_text())
     with pytest.raises(LungSegError, match="different lung definitions"):
-        ensemble_card([(config, history, 0), (dict(config, definition="full-extent"), history, 0)], "mixed")
+        ensemble_card([(config, history, 0, None), (dict(config, definition="full-extent"), history, 0, None)],
+                      "mixed")
 
 
 def test_seed_option_trains_another_member_of_the_recipe(tmp_path, config, monkeypatch):

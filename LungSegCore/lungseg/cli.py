@@ -9,6 +9,7 @@ import traceback
 
 from .definitions import DEFINITIONS
 from .errors import LungSegError
+from .files import CHECKPOINTS
 from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from .memory import keep_freed_memory
 
@@ -54,7 +55,7 @@ def _export(args) -> int:
     from .export import PACKAGE_MODELS, export_run
 
     card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
-                      name=args.name)
+                      name=args.name, weights=args.weights, cross_validation=args.cross_validation)
     print(f"lungseg: exported {card}")
     return 0
 
@@ -76,6 +77,11 @@ def _models(args) -> int:
               + (f"  {speed:.0f} ms/image (1 CPU thread)" if speed else ""))
         if card.get("definition_text"):
             print(f"{'':<12} {card['definition_text']}")
+        for key, evaluation in card.get("cross_validation", {}).get("evaluations", {}).items():
+            folds, unit = evaluation["across_folds"], evaluation.get("hd95_unit", "px")
+            print(f"{'':<12} recipe's {len(evaluation['per_fold'])}-fold cross-validation, {key}: Dice "
+                  f"{folds['both_dice']['mean']:.4f} ± {folds['both_dice']['sd']:.4f}, HD95 "
+                  f"{folds['both_hd95']['mean']:.2f} {unit}")
     return 0
 
 
@@ -160,6 +166,11 @@ def parser() -> argparse.ArgumentParser:
                        "with a measured model card", parents=[common])
     x.add_argument("run", nargs="+", help="training run folder; several make an ensemble (probabilities averaged)")
     x.add_argument("--name", help="the model's name (default: the first run's recipe name)")
+    x.add_argument("--weights", choices=CHECKPOINTS, default="best",
+                   help="best.pt (default; the best validation score) or last.pt (the final epoch: a fixed-schedule "
+                        "recipe's weights, as its cross-validation scored them)")
+    x.add_argument("--cross-validation", metavar="CV_SUMMARY", help="the recipe's cv_summary.json "
+                   "(scripts/cross_validate.py), recorded in the card and shown by `lungseg models`")
     x.add_argument("--out-dir", help="destination (default: the package's models folder)")
     x.add_argument("--data-root")
     x.add_argument("--device", default="auto")

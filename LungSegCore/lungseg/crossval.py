@@ -30,7 +30,7 @@ CV_SPLITS = ("train", "val")
 # Pixel size of sets whose PNGs state none: JSRT's 2048² originals are 0.175 mm, here downsampled to 512².
 SPACING_MM = {"jsrt": 0.7}
 KEPT_IN_TRAIN_ENTRY = ("weight", "every")  # what a recipe's training entry keeps when a fold replaces its selection
-WEIGHTS = ("last", "best")  # the first is the default
+WEIGHTS = ("last", "best")  # a fold's checkpoint to score; the first is the default
 
 
 def fold_entry(cv_set: str, folds: int, fold: int, part: str, splits=CV_SPLITS, seed: int = 0) -> dict:
@@ -121,12 +121,12 @@ def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_
 
 def fold_model(out: Path, weights: str = "last") -> Path:
     """The fold's last (or best) weights saved as a model with its card in `out/model-<weights>/`."""
-    from .export import build_card, model_from_run
+    from .export import build_card, checkpoint_epoch, model_from_run, run_environment
     from .models import save_model
 
     model, state, config = model_from_run(out, f"{weights}.pt")
     history = json.loads((out / "history.json").read_text())
-    card = build_card(config, history, state["epoch"] if weights == "best" else len(history) - 1)
+    card = build_card(config, history, checkpoint_epoch(state, history, weights), run_environment(out))
     return save_model(model, card, out / f"model-{weights}")
 
 

@@ -1,5 +1,7 @@
 """Turn a training run into a shippable model: `lungseg export RUN_DIR --out-dir DIR`. Several runs
 (`lungseg export RUN_A RUN_B --name NAME`) make one ensemble model whose members' probabilities are averaged.
+`--weights last` exports the final weights of a fixed-schedule recipe, the ones its cross-validation scored, and
+`--cross-validation RUN/cv_summary.json` (from `scripts/cross_validate.py`) records that recipe's cross-validation.
 
 Writes `<name>.safetensors` and its model card with the network's speed, then measures the exported weights with
 `lungseg evaluate` on every validation set of the run's config (in full) and records those summaries in the card.
@@ -15,28 +17,34 @@ import torch
 from .data import entry_cases, selection_tag
 from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from .errors import LungSegError
-from .files import write_atomic_text
+from .files import CHECKPOINTS, write_atomic_text
 from .models import PACKAGE_MODELS, save_model
 from .networks import build_network
 
 
-def training_record(history: list[dict], best_epoch: int) -> dict:
-    """The card's account of one training run: its epochs, the best one, its time, where and with what it ran."""
-    import monai
+def training_record(history: list[dict], best_epoch: int, environment: list[dict] | None = None) -> dict:
+    """The card's account of one training run: its epochs, the best one, its time, where and with what it ran (the
+    run's `environment.json`; a run from before it was written trained where it is exported)."""
+    from .networks import environment_entry, select_device
 
+    environment = environment or [environment_entry(select_device("auto"))]
     return {
         "epochs_run": len(history),
         "best_epoch": best_epoch + 1,
         "seconds": round(sum(h["seconds"] for h in history), 1),
-        "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()}" if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
-        "torch": torch.__version__.split("+")[0],
-        "monai": monai.__version__,
+        **{key: ", ".join(dict.fromkeys(str(e[key]) for e in environment)) for key in ("hardware", "torch", "monai")},
         "history": history,
     }
 
 
-def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
+def run_environment(run_dir: str | Path) -> list[dict] | None:
+    """A training run's `environment.json` (None for runs from before the trainer wrote it)."""
+    path = Path(run_dir) / "environment.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def build_card(config: dict, history: list[dict], best_epoch: int,
+               environment: list[dict] | None = None) -> dict:
     definition = config.get("definition", DEFAULT_DEFINITION)
     return {
         "name": config["name"],
@@ -48,7 +56,7 @@ def build_card(config: dict, history: list[dict], best_epoch: int) -> dict:
         "labels": {str(value): text for value, text in LABEL_DESCRIPTIONS.items()},
         "data": {"train": config["data"]["train"], "val": config["data"]["val"]},
         "recipe": config,
-        "training": training_record(history, best_epoch),
+        "training": training_record(history, best_epoch, environment),
     }
 
 
@@ -63,6 +71,35 @@ def model_from_run(run_dir: str | Path, checkpoint: str = "best.pt") -> tuple[to
     model = build_network(config["network"]["name"], **config["network"].get("params", {}))
     model.load_state_dict(state["model"])
     return model, state, config
+
+
+def checkpoint_epoch(state: dict, history: list[dict], weights: str) -> int:
+    """The 0-based epoch whose weights a checkpoint holds: best.pt records it; last.pt holds the final one."""
+    return state["epoch"] if weights == "best" else len(history) - 1
+
+
+def cross_validation_record(summary_path: str | Path, recipe: str, weights: str) -> dict:
+    """The card's account of its recipe's cross-validation: a complete `cv_summary.json` of that same recipe that
+    scored the same checkpoint (`weights`) of each fold, its settings and, per evaluated set, the mean ± sd across
+    folds and each fold's scores."""
+    path = Path(summary_path)
+    if not path.is_file():
+        raise LungSegError(f"{path}: no such cross-validation summary (scripts/cross_validate.py writes "
+                           "cv_summary.json)")
+    summary = json.loads(path.read_text())
+    if summary.get("recipe") != recipe:
+        raise LungSegError(f"{path}: cross-validates the recipe '{summary.get('recipe')}', not '{recipe}', the "
+                           "exported run's")
+    if not summary.get("complete"):
+        raise LungSegError(f"{path}: only folds {summary.get('folds_done')} of {summary.get('folds')} are scored; "
+                           "finish the cross-validation first")
+    if summary.get("weights") != weights:
+        raise LungSegError(f"{path}: scored each fold's {summary.get('weights')}.pt; the card's weights are "
+                           f"{weights}.pt (cross_validate.py --weights {weights})")
+    kept = ("recipe", "folds", "cv_set", "seed", "weights", "held_out_used_for_selection", "early_stopping", "note")
+    return dict({k: summary[k] for k in kept}, evaluations={
+        key: {k: value[k] for k in ("images", "hd95_unit", "across_folds", "per_fold")}
+        for key, value in summary["evaluations"].items()})
 
 
 def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> dict:
@@ -89,10 +126,11 @@ def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> 
             "hardware": f"{platform.machine()} CPU", "note": "network forward, batch 1, one CPU thread, median"}
 
 
-def ensemble_card(members: list[tuple[dict, list[dict], int]], name: str) -> dict:
-    """The card of an ensemble of trained runs, each given as (config, history, best epoch); they must follow one
-    lung definition and validate on the same data, so that the card's metrics mean what each member's would."""
-    configs = [config for config, _, _ in members]
+def ensemble_card(members: list[tuple[dict, list[dict], int, list[dict] | None]], name: str) -> dict:
+    """The card of an ensemble of trained runs, each given as (config, history, best epoch, environment); they must
+    follow one lung definition and validate on the same data, so that the card's metrics mean what each member's
+    would."""
+    configs = [config for config, _, _, _ in members]
     definitions = [config.get("definition", DEFAULT_DEFINITION) for config in configs]
     first = configs[0]
     for config, definition in zip(configs[1:], definitions[1:]):
@@ -102,40 +140,49 @@ def ensemble_card(members: list[tuple[dict, list[dict], int]], name: str) -> dic
         if config["data"]["val"] != first["data"]["val"]:
             raise LungSegError(f"cannot ensemble '{first['name']}' with '{config['name']}': they validate on "
                                "different data, so the ensemble's card would have no common measurement")
-    card = build_card(dict(first, name=name), members[0][1], members[0][2])
+    card = build_card(dict(first, name=name), *members[0][1:])
     card["network"] = {"name": "ensemble", "params": {"members": [
         {"name": c["network"]["name"], "params": c["network"].get("params", {}), "input_size": c["input_size"]}
         for c in configs]}}
     card["input_size"] = max(c["input_size"] for c in configs)
     card["recipe"] = {"name": name, "definition": card["definition"], "ensemble": configs,
                       "note": "softmax probabilities of the members averaged, each member at its own input size"}
-    member_training = [training_record(history, best) for _, history, best in members]
+    member_training = [training_record(history, best, environment) for _, history, best, environment in members]
     card["training"] = {"seconds": round(sum(t["seconds"] for t in member_training), 1), "members": member_training}
     return card
 
 
 def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
-               device: str = "auto", name: str | None = None) -> Path:
-    """Export one run's best checkpoint, or with several runs their ensemble; `name` overrides the recipe's."""
+               device: str = "auto", name: str | None = None, weights: str = "best",
+               cross_validation: str | Path | None = None) -> Path:
+    """Export one run's best (or last) checkpoint, or with several runs their ensemble; `name` overrides the
+    recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card."""
     from .evaluate import evaluate
     from .networks import Ensemble
 
+    if weights not in CHECKPOINTS:
+        raise LungSegError(f"weights '{weights}': choose {' or '.join(CHECKPOINTS)}")
     runs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     for run_dir in runs:
-        if not (run_dir / "best.pt").exists():
-            raise LungSegError(f"{run_dir}: no best.pt here; export takes the folder of a training run")
-    loaded = [model_from_run(run_dir, "best.pt") for run_dir in runs]
+        if not (run_dir / f"{weights}.pt").exists():
+            raise LungSegError(f"{run_dir}: no {weights}.pt here; export takes the folder of a training run")
+    loaded = [model_from_run(run_dir, f"{weights}.pt") for run_dir in runs]
     histories = [json.loads((run_dir / "history.json").read_text()) for run_dir in runs]
+    epochs = [checkpoint_epoch(state, history, weights) for (_, state, _), history in zip(loaded, histories)]
     if len(runs) == 1:
-        model, best, config = loaded[0]
-        card = build_card(dict(config, name=name or config["name"]), histories[0], best["epoch"])
+        model, _, config = loaded[0]
+        card = build_card(dict(config, name=name or config["name"]), histories[0], epochs[0], run_environment(runs[0]))
     else:
-        card = ensemble_card([(config, history, best["epoch"]) for (_, best, config), history
-                              in zip(loaded, histories)], name or loaded[0][2]["name"])
+        card = ensemble_card([(config, history, epoch, run_environment(run_dir)) for (_, _, config), history, epoch,
+                              run_dir in zip(loaded, histories, epochs, runs)], name or loaded[0][2]["name"])
         model = Ensemble(card["network"]["params"]["members"])
         for member, (trained, _, _) in zip(model.members, loaded):
             member.load_state_dict(trained.state_dict())
         config = loaded[0][2]
+    if cross_validation is not None:
+        if len(runs) > 1:
+            raise LungSegError("--cross-validation records one recipe's cross-validation; an ensemble has several")
+        card["cross_validation"] = cross_validation_record(cross_validation, config["name"], weights)
     card["speed"] = forward_speed(model, card["input_size"])
     card_path = save_model(model, card, out_dir)
 

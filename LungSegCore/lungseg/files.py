@@ -150,6 +150,9 @@ def write_csv(rows: list[dict], fields: list[str], path: str | Path) -> None:
     write_atomic_text(buffer.getvalue(), path)
 
 
+CHECKPOINTS = ("best", "last")  # a training run's checkpoints, <name>.pt: best validation score, final epoch
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """`torch.save` through `atomic_path`: a run killed while saving keeps the previous checkpoint whole. For the
     training checkpoints and the data caches (read back with `torch.load(..., weights_only=True)`)."""

@@ -1,6 +1,8 @@
 """One registry: a network name maps to a builder that takes the config's parameters."""
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from .definitions import NUM_CLASSES
@@ -22,6 +24,16 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LungSegError(f"device '{name}' requested but CUDA is not available")
     return device
+
+
+def environment_entry(device: torch.device) -> dict:
+    """Where and with what a run trains, for its model card: the GPU's name (or the CPU's architecture and thread
+    count) and the versions of torch and MONAI."""
+    import monai
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    return {"hardware": hardware, "torch": torch.__version__.split("+")[0], "monai": monai.__version__}
 
 
 def predict_logits(model, x: torch.Tensor) -> torch.Tensor:

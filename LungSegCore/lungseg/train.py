@@ -30,7 +30,7 @@ from .errors import LungSegError
 from .files import save_checkpoint, write_atomic_text
 from .losses import build_loss
 from .metrics import evaluate_sets, overlap
-from .networks import build_network, select_device
+from .networks import build_network, environment_entry, select_device
 from .transforms import training_augmentation
 
 log = logging.getLogger("lungseg.train")
@@ -228,6 +228,14 @@ class Trainer:
         save_checkpoint(state, self.out / "last.pt")
         write_atomic_text(json.dumps(self.history, indent=1), self.out / "history.json")
 
+    def record_environment(self) -> None:
+        """`environment.json`: where and with what this run trained, one entry per start (a run resumed on another
+        machine adds one), for the model card."""
+        path = self.out / "environment.json"
+        entries = json.loads(path.read_text()) if path.exists() else []
+        entries.append({"from_epoch": self.epoch + 1, "processes": self.world, **environment_entry(self.device)})
+        write_atomic_text(json.dumps(entries, indent=1) + "\n", path)
+
     def resume(self) -> bool:
         last = self.out / "last.pt"
         if not last.exists():
@@ -358,6 +366,8 @@ class Trainer:
             handlers = self.start_logging()
         if resume:
             self.resume()
+        if self.main and not training_ended(self.epoch, self.stale, self.tcfg):
+            self.record_environment()
         board = _summary_writer(self.out / "tensorboard") if self.main else None
         try:
             while not training_ended(self.epoch, self.stale, self.tcfg):
