@@ -97,6 +97,30 @@ def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_to
         "the pooled limit alone lets the peer's sure results hide the own model's false flags"
 
 
+def test_where_the_rules_alone_exceed_the_false_flag_limit_the_threshold_adds_no_false_flag():
+    """A model out of its domain whose fragments trip a rule on 30 % of its good results: no threshold keeps the
+    false flags within 10 %, so the threshold may not raise them above the rules' own 30 %, and still finds the
+    failures that no rule caught. Within the limit the budget is the limit itself."""
+    fit_quality = load_script("fit_quality")
+    fragments = ["3 large lung components before clean-up"]
+    rows, quality = [], []
+    for i in range(40):  # good results, 12 of them fragmented before clean-up, quality spread over 0.90-0.99
+        rule = fragments if i < 12 else []
+        rows.append({"dice": 0.95, "perturbation": "", "role": "own", "rules": {"lung-fields": rule}})
+        quality.append(0.99 - 0.0025 * i)
+    for i in range(10):  # failures, none caught by a rule, quality 0.80-0.845
+        rows.append({"dice": 0.80, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
+        quality.append(0.80 + 0.005 * i)
+    quality = np.array(quality)
+    assert fit_quality.false_flag_budget(rows, "lung-fields", 0.10, 0.90) == (0.30, 0.30)
+    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = fit_quality.flags(rows, quality, threshold, "lung-fields")
+    assert flagged[:40].mean() == pytest.approx(0.30) and flagged[40:].all(), threshold
+    assert 0.845 < threshold <= 0.8925, "the failures below every good result are flagged, no good one"
+    clean = [dict(r, rules={"lung-fields": []}) for r in rows]
+    assert fit_quality.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == (0.10, 0.0)
+
+
 def test_the_readmes_qc_table_is_the_cards():
     """README, "Quality control": its table is what `fit_quality.py --table` prints from the shipped cards (default
     mode), so a refitted card cannot leave stale numbers behind."""
