@@ -157,6 +157,9 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert max(v for row in cv.values() for v in row.values()) == \
         cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
+    fitted = default["fitted_on"]
+    if "false_flag_budget" in fitted:  # cards fitted since the budget was recorded
+        assert fitted["false_flag_budget"] == max(fitted["max_false_flags_fit"], fitted["rules_alone_false_flags"])
     if "uncertainty" in block["modes"]:
         uncertainty = block["modes"]["uncertainty"]
         assert tuple(uncertainty["features"]) == \

@@ -584,14 +584,14 @@ def main() -> int:
                 L2_GRID if args.l2 == "auto" else (float(args.l2),))
             model = fit_mode(fit_rows, mode, definition, l2, args.max_false_flags, args.dice_limit,
                              args.perturbed_weight, is_ensemble(card), feature_set)
+            budget, rules_alone = false_flag_budget(fit_rows, definition, args.max_false_flags, args.dice_limit)
             block["modes"][mode] = {**model.to_dict(), "fitted_on": {
                 "feature_set": feature_set, "l2": l2,
                 "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
                 "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
                 "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
                 "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,
-                **dict(zip(("false_flag_budget", "rules_alone_false_flags"), (round(v, 4) for v in false_flag_budget(
-                    fit_rows, definition, args.max_false_flags, args.dice_limit)))),
+                "false_flag_budget": round(budget, 4), "rules_alone_false_flags": round(rules_alone, 4),
                 "models": sorted({r["source"] for r in fit_rows}),
                 "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit"}}
             block["validation"][mode] = group_measures(model, pool, definition, args.dice_limit)
