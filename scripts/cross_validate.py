@@ -16,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lungseg.crossval import WEIGHTS, cross_validate
+from lungseg.crossval import cross_validate
 from lungseg.errors import LungSegError
+from lungseg.files import CHECKPOINTS
 from lungseg.train import load_config
 
 
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="train and score only this fold (0-based)")
     p.add_argument("--also", action="append", default=[], metavar="SET:SPLIT",
                    help="also score each fold's model on this set (e.g. covid-qu-ex:val); repeatable")
-    p.add_argument("--weights", choices=WEIGHTS, default="last",
+    p.add_argument("--weights", choices=CHECKPOINTS, default="last",
                    help="score each fold's final weights, last.pt (default), or best.pt, selected on the recipe's "
                         "non-JSRT validation sets (e.g. covid-qu-ex val); the held-out fold selects neither")
     p.add_argument("--set", default="jsrt", help="the set to cross-validate (default jsrt)")

@@ -24,13 +24,12 @@ import yaml
 from .cv_report import write_report
 from .data import entry_cases, selection_tag
 from .errors import LungSegError
-from .files import write_atomic_text
+from .files import checkpoint_file, write_atomic_text
 
 CV_SPLITS = ("train", "val")
 # Pixel size of sets whose PNGs state none: JSRT's 2048² originals are 0.175 mm, here downsampled to 512².
 SPACING_MM = {"jsrt": 0.7}
 KEPT_IN_TRAIN_ENTRY = ("weight", "every")  # what a recipe's training entry keeps when a fold replaces its selection
-WEIGHTS = ("last", "best")  # a fold's checkpoint to score; the first is the default
 
 
 def fold_entry(cv_set: str, folds: int, fold: int, part: str, splits=CV_SPLITS, seed: int = 0) -> dict:
@@ -124,7 +123,7 @@ def fold_model(out: Path, weights: str = "last") -> Path:
     from .export import build_card, checkpoint_epoch, model_from_run, run_environment
     from .models import save_model
 
-    model, state, config = model_from_run(out, f"{weights}.pt")
+    model, state, config = model_from_run(out, checkpoint_file(weights))
     history = json.loads((out / "history.json").read_text())
     card = build_card(config, history, checkpoint_epoch(state, history, weights), run_environment(out))
     return save_model(model, card, out / f"model-{weights}")
@@ -144,7 +143,7 @@ def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float 
     from .models import sha256_of
 
     # the checkpoint's own bytes say whether it changed (a safetensors header's metadata order varies by process)
-    source = sha256_of(out / f"{weights}.pt")
+    source = sha256_of(out / checkpoint_file(weights))
     path = out / "cv_fold.json"
     kept = json.loads(path.read_text()) if path.exists() else {}
     card = out / f"model-{weights}" / f"{cfg['name']}.json"
@@ -178,8 +177,7 @@ def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root:
     summary written to run_dir/cv_summary.json. `weights`: "last" (each fold's final weights, the default) or
     "best" (best.pt, selected on the recipe's validation sets other than `cv_set`). `seed` (of the fold
     assignment) defaults to the recipe's."""
-    if weights not in WEIGHTS:
-        raise LungSegError(f"weights '{weights}': choose {' or '.join(WEIGHTS)}")
+    checkpoint_file(weights)  # best or last, else a clear error before any training
     if only_fold is not None and not 0 <= only_fold < folds:
         raise LungSegError(f"fold {only_fold}: choose 0..{folds - 1}")
     run_dir, root = Path(run_dir), Path(data_root or recipe["data"]["root"])
@@ -202,7 +200,7 @@ def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root:
     val = fold_config(recipe, 0, folds, cv_set, seed=seed)["data"]["val"]  # the same in every fold
     selected_on = [f"{entry['set']}-{selection_tag(entry)}" for entry in val]
     settings = {"recipe": recipe["name"], "folds": folds, "cv_set": cv_set, "splits": list(CV_SPLITS),
-                "seed": seed, "weights": weights, "checkpoint": f"{weights}.pt", "spacing_mm": spacing_mm,
+                "seed": seed, "weights": weights, "checkpoint": checkpoint_file(weights), "spacing_mm": spacing_mm,
                 "held_out_used_for_selection": False, "early_stopping": False,
                 "selected_on": selected_on if weights == "best" else None}
     return write_report(run_dir, settings, [results[k] for k in sorted(results)])

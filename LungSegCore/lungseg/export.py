@@ -17,7 +17,7 @@ import torch
 from .data import entry_cases, selection_tag
 from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from .errors import LungSegError
-from .files import CHECKPOINTS, write_atomic_text
+from .files import checkpoint_file, write_atomic_text
 from .models import PACKAGE_MODELS, save_model
 from .networks import build_network
 
@@ -160,13 +160,12 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
     from .evaluate import evaluate
     from .networks import Ensemble
 
-    if weights not in CHECKPOINTS:
-        raise LungSegError(f"weights '{weights}': choose {' or '.join(CHECKPOINTS)}")
+    checkpoint = checkpoint_file(weights)
     runs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     for run_dir in runs:
-        if not (run_dir / f"{weights}.pt").exists():
-            raise LungSegError(f"{run_dir}: no {weights}.pt here; export takes the folder of a training run")
-    loaded = [model_from_run(run_dir, f"{weights}.pt") for run_dir in runs]
+        if not (run_dir / checkpoint).exists():
+            raise LungSegError(f"{run_dir}: no {checkpoint} here; export takes the folder of a training run")
+    loaded = [model_from_run(run_dir, checkpoint) for run_dir in runs]
     histories = [json.loads((run_dir / "history.json").read_text()) for run_dir in runs]
     epochs = [checkpoint_epoch(state, history, weights) for (_, state, _), history in zip(loaded, histories)]
     if len(runs) == 1:

@@ -153,6 +153,13 @@ def write_csv(rows: list[dict], fields: list[str], path: str | Path) -> None:
 CHECKPOINTS = ("best", "last")  # a training run's checkpoints, <name>.pt: best validation score, final epoch
 
 
+def checkpoint_file(weights: str) -> str:
+    """The file name of a run's checkpoint `weights` (best.pt or last.pt); another name is a clear error."""
+    if weights not in CHECKPOINTS:
+        raise LungSegError(f"weights '{weights}': choose {' or '.join(CHECKPOINTS)}")
+    return f"{weights}.pt"
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """`torch.save` through `atomic_path`: a run killed while saving keeps the previous checkpoint whole. For the
     training checkpoints and the data caches (read back with `torch.load(..., weights_only=True)`)."""
