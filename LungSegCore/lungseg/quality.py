@@ -158,9 +158,9 @@ def quality_features(prediction, shape: bool = True) -> dict[str, float]:
     lungs = label > 0
     lung_area = max(int(np.count_nonzero(lungs)), 1)
 
-    expected, stats = [], {}
+    expected, stats, masks = [], {}, {}
     for value in (RIGHT_LUNG, LEFT_LUNG):
-        mask = label == value
+        mask = masks[value] = label == value
         p = probabilities[value]
         stats[value] = _lung_stats(mask)
         r0, r1, c0, c1 = stats[value][2]
@@ -186,7 +186,7 @@ def quality_features(prediction, shape: bool = True) -> dict[str, float]:
         "cleanup_change": min(changed / lung_area, PER_LUNG_LIMIT),
     }
     if shape:
-        features.update(_shape_features(label, stats))
+        features.update(_shape_features(label, masks, stats))
     for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
                           (MEMBER_FEATURES, prediction.model_member_spread)):
         if spread is not None:
@@ -194,10 +194,10 @@ def quality_features(prediction, shape: bool = True) -> dict[str, float]:
     return features
 
 
-def _shape_features(label: np.ndarray, stats: dict) -> dict[str, float]:
-    """SHAPE_FEATURES of a cleaned labelmap, from each lung's `_lung_stats`."""
+def _shape_features(label: np.ndarray, masks: dict, stats: dict) -> dict[str, float]:
+    """SHAPE_FEATURES of a cleaned labelmap, from each lung's mask and `_lung_stats`."""
     (right, (ry, rx), rbox), (left, (ly, lx), lbox) = stats[RIGHT_LUNG], stats[LEFT_LUNG]
-    right_mask, left_mask = label == RIGHT_LUNG, label == LEFT_LUNG
+    right_mask, left_mask = masks[RIGHT_LUNG], masks[LEFT_LUNG]
     rb, lb = _boundary_pixels(right_mask, right, rbox), _boundary_pixels(left_mask, left, lbox)
     rows, cols = label.shape
     size = label.size
