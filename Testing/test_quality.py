@@ -121,6 +121,36 @@ def test_where_the_rules_alone_exceed_the_false_flag_limit_the_threshold_adds_no
     assert fit_quality.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == (0.10, 0.0)
 
 
+def test_a_peer_out_of_its_domain_is_a_failure_source_there_and_not_fitted_on():
+    """`unet-512` never trained on COVID-QU-Ex: as a peer of `unet` its COVID-era results (a third below Dice 0.90,
+    a third of its good ones fragmented) would train `unet`'s regression and spend its false-flag budget (measured:
+    `unet`'s threshold fell to 0.80 and flagged none of its own 7 failures). There it is a failure source; on JSRT,
+    which it trained on, it stays a peer. Every other lung-field model trained on both sets."""
+    fit_quality = load_script("fit_quality")
+    wide = read_card("unet-512")
+    assert fit_quality.role_on("peer", wide, "covid-qu-ex") == "failure"
+    assert fit_quality.role_on("peer", wide, "jsrt") == "peer"
+    assert fit_quality.role_on("own", wide, "covid-qu-ex") == "own", "the card's own model is always its own"
+    for name in ("unet", "prob_unet", "unetpp"):
+        assert {fit_quality.role_on("peer", read_card(name), s) for s in ("jsrt", "covid-qu-ex")} == {"peer"}, name
+
+
+def test_refitting_one_mode_keeps_the_cards_other_mode():
+    """`fit_quality.py --modes default --write` rewrites the default mode's regression, threshold and measures and
+    keeps the card's uncertainty mode as it was fitted; the block's threshold is the default mode's."""
+    fit_quality = load_script("fit_quality")
+    old = read_card("unet")["qc"]
+    assert set(old["modes"]) == set(old["validation"]) == {"default", "uncertainty"}
+    new = {**old, "modes": {"default": {**old["modes"]["default"], "threshold": 0.9}},
+           "validation": {"default": {"jsrt": {}}}, "threshold": 0.9}
+    merged = fit_quality.merged_qc(old, new)
+    assert list(merged["modes"]) == list(merged["validation"]) == ["default", "uncertainty"]
+    assert merged["modes"]["uncertainty"] == old["modes"]["uncertainty"]
+    assert merged["validation"] == {"default": {"jsrt": {}}, "uncertainty": old["validation"]["uncertainty"]}
+    assert merged["threshold"] == merged["modes"]["default"]["threshold"] == 0.9
+    assert fit_quality.merged_qc(None, new)["modes"].keys() == {"default"}
+
+
 def test_the_readmes_qc_table_is_the_cards():
     """README, "Quality control": its table is what `fit_quality.py --table` prints from the shipped cards (default
     mode), so a refitted card cannot leave stale numbers behind."""

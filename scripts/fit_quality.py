@@ -430,12 +430,21 @@ def cross_validated(card: dict, dataset: str) -> bool:
     return any(e["set"] == dataset and "folds" in e for e in training_entries(card))
 
 
+def role_on(role: str, source_card: dict, dataset: str) -> str:
+    """A peer that never trained on `dataset` is out of its domain there (`unet-512`, trained on JSRT alone, on
+    COVID-era films): like the other definition's models, it is a failure source on that set, measured and not
+    fitted, so that its failures neither train the card's regression nor spend the card's false-flag budget."""
+    if role == "peer" and not any(entry["set"] == dataset for entry in training_entries(source_card)):
+        return "failure"
+    return role
+
+
 def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode: str, limits: dict,
              source_limits: dict[str, int], variants: dict[str, int], cache: Path,
              folds: list[str] = ()) -> list[dict]:
     """Rows of the card's own model (real and perturbed images), its peers, the fold models of its recipe's
-    cross-validation (`folds`, each on its held-out images only) and the failure sources on every data set of the
-    card's definition."""
+    cross-validation (`folds`, each on its held-out images only) and, in the default mode, the failure sources on
+    every data set of the card's definition."""
     from lungseg.models import read_card
 
     pool = []
@@ -445,17 +454,32 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
             for dataset, definition in DATASETS.items():
                 if definition != card["definition"] or not (root / dataset / "images").is_dir():
                     continue
+                role_here = role_on(role, source_card, dataset)
+                if role_here == "failure" and mode != "default":
+                    continue  # the failure sources are measured in the default mode only
                 if role == "cv" and not cross_validated(source_card, dataset):
                     continue  # a fold model stands in for the card's own model on its held-out fold only
-                limit = min(limits["failure" if role == "failure" else mode],
+                limit = min(limits["failure" if role_here == "failure" else mode],
                             source_limits.get(source_card["name"], limits[mode]))
                 if not cases_for(source_card, dataset, root, 1):
                     continue
                 count = variants.get(dataset, 1) if role == "own" else 0
                 for row in scored_rows(source, dataset, root, mode, limit, count, cache):
-                    pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role,
+                    pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role_here,
                                  "source_definition": source_card.get("definition", "")})
     return pool
+
+
+def merged_qc(old: dict | None, new: dict) -> dict:
+    """The card's new qc block: the modes refit now, and the card's other modes as they were (each mode records
+    its own fit in `fitted_on`), so that `--modes default` does not drop the uncertainty mode."""
+    old = old or {}
+    merged = dict(new)
+    for part in ("modes", "validation"):
+        both = {**(old.get(part) or {}), **new[part]}
+        merged[part] = {mode: both[mode] for mode in MODES if mode in both}
+    merged["threshold"] = merged["modes"]["default"]["threshold"] if "default" in merged["modes"] else None
+    return merged
 
 
 def summary_line(name: str, measured: dict) -> str:
@@ -568,7 +592,7 @@ def main() -> int:
                  "script": f"scripts/fit_quality.py --model {name} --write", "modes": {}, "validation": {}}
         for mode in args.modes:
             print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
-            pool = pool_for(card, peers, failures if mode == "default" else [], root, mode, limits, source_limits,
+            pool = pool_for(card, peers, failures, root, mode, limits, source_limits,
                             variants, cache, cv_fold_cards(cv_runs[name]) if name in cv_runs else [])
             if args.dump_rows:
                 import pickle
@@ -593,7 +617,7 @@ def main() -> int:
                 "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,
                 "false_flag_budget": round(budget, 4), "rules_alone_false_flags": round(rules_alone, 4),
                 "models": sorted({r["source"] for r in fit_rows}),
-                "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit"}}
+                "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit", "date": date.today().isoformat()}}
             block["validation"][mode] = group_measures(model, pool, definition, args.dice_limit)
             print(f"  threshold {model.threshold:.4f}\n" + summary_line(name, block["validation"][mode]),
                   file=sys.stderr)
@@ -602,7 +626,7 @@ def main() -> int:
         if args.write:
             path = Path(card["card_path"])
             data = json.loads(path.read_text())
-            data["qc"] = block  # only this block changes; the weights and their checksum stay as they are
+            data["qc"] = merged_qc(data.get("qc"), block)  # only this block changes, never the weights
             write_atomic_text(json.dumps(data, indent=2) + "\n", path)
             print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
     if args.report:
