@@ -55,8 +55,11 @@ SHAPE_FEATURES = (  # how plausible the lungs' shape and position are
 )
 FEATURES = OUTPUT_FEATURES + SHAPE_FEATURES
 # The regressions a fit chooses among (scripts/fit_quality.py, by cross-validation within the fit half). The
-# uncertainty and member features join either set where the mode or the model has them.
-FEATURE_SETS = {"output": OUTPUT_FEATURES, "output+shape": FEATURES}
+# uncertainty and member features join any set where the mode or the model has them.
+# "boundary" leaves out the image-wide confidence and entropy: they differ more between cohorts (JSRT, COVID-era
+# films) than between a good and a bad segmentation of one cohort.
+BOUNDARY_FEATURES = ("expected_dice", "uncertain_mass", "outside_mass", "cleanup_change")
+FEATURE_SETS = {"boundary": BOUNDARY_FEATURES, "output": OUTPUT_FEATURES, "output+shape": FEATURES}
 UNCERTAINTY_FEATURES = (
     "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
     "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
