@@ -280,10 +280,16 @@ def scored_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int,
 
 # -- fitting and measuring ----------------------------------------------------------------------------------
 
+NO_SPREAD = " without sample spread"  # an uncertainty-mode candidate that reads the averaged output alone
+
+
 def feature_names(mode: str, ensemble: bool = False, feature_set: str = "output+shape") -> tuple[str, ...]:
+    """The regression's features: the set's, the samples' spread in the uncertainty mode (unless the set's name
+    ends in NO_SPREAD) and an ensemble's member spread."""
     from lungseg.quality import FEATURE_SETS, MEMBER_FEATURES, UNCERTAINTY_FEATURES
 
-    return FEATURE_SETS[feature_set] + (UNCERTAINTY_FEATURES if mode == "uncertainty" else ()) + \
+    spread = mode == "uncertainty" and not feature_set.endswith(NO_SPREAD)
+    return FEATURE_SETS[feature_set.removesuffix(NO_SPREAD)] + (UNCERTAINTY_FEATURES if spread else ()) + \
         (MEMBER_FEATURES if ensemble else ())
 
 
@@ -293,41 +299,55 @@ def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: s
     return rules | (quality < threshold)
 
 
-SUBSETS = ("all", "own")
+SCOPES = ("all", "own")
+MIN_SUBSET = 20  # good images a data set needs before its false-flag rate is held to the budget on its own
 
 
-def good_real_subsets(rows: list[dict], limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """The good real images whose false flags the threshold answers for (`SUBSETS`): all of them, and the card's own
-    model's (what its users get; the peers' outputs can be easier to judge). Perturbed images with a Dice above the
-    limit are degraded all the same, and count as neither right nor wrong flags."""
+def good_real_subsets(rows: list[dict], limit: float) -> dict[str, np.ndarray]:
+    """The good real images whose false flags the threshold answers for, by name: all of them and the card's own
+    model's (what its users get; the peers' outputs can be easier to judge), each over every data set and over
+    each data set with at least MIN_SUBSET of them (the targets hold per data set: COVID-era films flagged at
+    11 % do not pass because JSRT's are flagged at 2 %). A data set's subset holds the results of models that
+    trained on it: `unet-512`'s own COVID-era results are out of its domain, and flagging its good ones there is
+    no false alarm a user of that model should be spared (they count in the pooled subsets). Perturbed images with
+    a Dice above the limit are degraded all the same, and count as neither right nor wrong flags."""
     dice = np.array([r["dice"] for r in rows])
     real = np.array([not r["perturbation"] for r in rows])
     own = np.array([r.get("role", "own") == "own" for r in rows])
+    dataset = np.array([r.get("dataset", "") for r in rows])
+    in_domain = np.array([r.get("in_domain", True) for r in rows])
     good = (dice >= limit) & real
-    return good, good & own
+    subsets = {}
+    for scope, members in zip(SCOPES, (good, good & own)):
+        subsets[scope] = members
+        for name in sorted(set(dataset[members])):
+            subset = members & in_domain & (dataset == name)
+            if name and subset.sum() >= MIN_SUBSET:
+                subsets[f"{scope}/{name}"] = subset
+    return subsets
 
 
-def false_flag_rates(flagged: np.ndarray, subsets: tuple[np.ndarray, ...]) -> np.ndarray:
-    return np.array([(flagged & subset).sum() / max(subset.sum(), 1) for subset in subsets])
+def false_flag_rates(flagged: np.ndarray, subsets: dict[str, np.ndarray]) -> dict[str, float]:
+    return {name: float((flagged & subset).sum() / max(subset.sum(), 1)) for name, subset in subsets.items()}
 
 
 def false_flag_budget(rows: list[dict], definition: str, max_false_flags: float,
-                      limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """(budgets, rules alone), one per subset (`SUBSETS`): the false-flag rate the threshold may reach is
+                      limit: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(budgets, rules alone), per subset (`good_real_subsets`): the false-flag rate the threshold may reach is
     `max_false_flags`, unless the rules alone (a missing or tiny lung, fragments, an implausible area) already flag
     more of that subset's good images; then the threshold may not raise that rate (a model out of its domain:
     `unet-512`'s own results on COVID-era films). Each subset keeps its own budget: the own model's fragments do not
     let the threshold flag more of the peers' good results."""
     rules_only = flags(rows, np.ones(len(rows)), 0.0, definition)  # no quality is below 0
     rules_alone = false_flag_rates(rules_only, good_real_subsets(rows, limit))
-    return np.maximum(max_false_flags, rules_alone), rules_alone
+    return {name: max(max_false_flags, rate) for name, rate in rules_alone.items()}, rules_alone
 
 
 def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max_false_flags: float,
                      limit: float) -> float:
     """The threshold with the highest recall of Dice < limit on these rows (real and perturbed) whose false-flag
-    rate on the good real images, rules included, stays within its budget (`false_flag_budget`), both over all of
-    them and over the card's own model's; the lowest such threshold."""
+    rate on the good real images, rules included, stays within its budget in every subset (`false_flag_budget`:
+    all of them and the card's own model's, each pooled and per data set); the lowest such threshold."""
     bad = np.array([r["dice"] < limit for r in rows])
     checked = good_real_subsets(rows, limit)
     budgets, _ = false_flag_budget(rows, definition, max_false_flags, limit)
@@ -335,7 +355,8 @@ def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max
     for threshold in np.round(np.arange(0.50, 0.995, 0.0025), 4):
         flagged = flags(rows, quality, threshold, definition)
         recall = (flagged & bad).sum() / max(bad.sum(), 1)
-        if (false_flag_rates(flagged, checked) <= budgets).all() and recall > best[0]:
+        rates = false_flag_rates(flagged, checked)
+        if all(rates[name] <= budgets[name] for name in budgets) and recall > best[0]:
             best = (recall, float(threshold))
     return best[1]
 
@@ -364,29 +385,39 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
                       ensemble: bool, feature_sets=None, l2_grid=L2_GRID,
                       folds: int = 5) -> tuple[str, float, dict[str, dict[float, float]]]:
     """The feature set (quality.FEATURE_SETS) and ridge penalty whose predicted quality ranks the real images of
-    the fit half best (Spearman with their Dice), by `folds`-fold cross-validation within the fit half, the folds
-    keeping each patient (or image) whole. A tie goes to the smaller set, then to the smaller penalty. Few real
+    the fit half best within each data set (the mean over the data sets with at least MIN_SUBSET of them of the
+    Spearman with their Dice: the targets hold per data set, and a pooled Spearman also rewards telling JSRT from
+    COVID-era films apart), by `folds`-fold cross-validation within the fit half, the folds keeping each patient
+    (or image) whole. In the uncertainty mode each set is tried with and without the samples' spread (NO_SPREAD).
+    A tie goes to the smaller set, then to the smaller penalty. Few real
     images with many features (v7-full) need more shrinkage, or fewer features, than thousands of COVID-QU-Ex rows.
     Returns the set, the penalty and every candidate's score ({set: {penalty: Spearman}})."""
     from scipy.stats import spearmanr
 
     from lungseg.quality import FEATURE_SETS
 
-    feature_sets = list(feature_sets or FEATURE_SETS)
+    if feature_sets is None:  # in the uncertainty mode, the samples' spread has to earn its place too
+        feature_sets = [*FEATURE_SETS, *((s + NO_SPREAD for s in FEATURE_SETS) if mode == "uncertainty" else ())]
+    feature_sets = list(feature_sets)
     fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
     scores = {}
     for feature_set in feature_sets:
         for l2 in l2_grid:
-            quality, dice = [], []
+            quality, dice, dataset = [], [], []
             for k in range(folds):
                 train = [r for r, f in zip(fit_rows, fold) if f != k]
                 model = fit_mode(train, mode, definition, l2, 1.0, limit, perturbed_weight, ensemble, feature_set)
                 held = [r for r, f in zip(fit_rows, fold) if f == k and not r["perturbation"]]
                 quality += [model.predict(r["features"]) for r in held]
                 dice += [r["dice"] for r in held]
-            scores.setdefault(feature_set, {})[l2] = round(float(spearmanr(quality, dice)[0]), 4)
+                dataset += [r.get("dataset", "") for r in held]
+            quality, dice, dataset = np.array(quality), np.array(dice), np.array(dataset)
+            per_set = [spearmanr(quality[dataset == d], dice[dataset == d])[0] for d in sorted(set(dataset))
+                       if (dataset == d).sum() >= MIN_SUBSET]
+            score = np.mean(per_set) if per_set else spearmanr(quality, dice)[0]
+            scores.setdefault(feature_set, {})[l2] = round(float(score), 4)
     candidates = [(s, l2) for s in feature_sets for l2 in l2_grid]
-    best = max(candidates, key=lambda c: (scores[c[0]][c[1]], -len(FEATURE_SETS[c[0]]), -c[1]))
+    best = max(candidates, key=lambda c: (scores[c[0]][c[1]], -len(feature_names(mode, ensemble, c[0])), -c[1]))
     return best[0], best[1], scores
 
 
@@ -472,7 +503,8 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
                 count = variants.get(dataset, 1) if role == "own" else 0
                 for row in scored_rows(source, dataset, root, mode, limit, count, cache):
                     pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role_here,
-                                 "source_definition": source_card.get("definition", "")})
+                                 "source_definition": source_card.get("definition", ""),
+                                 "in_domain": any(e["set"] == dataset for e in training_entries(source_card))})
     return pool
 
 
@@ -518,6 +550,34 @@ def markdown_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def dataset_table(names: list[str]) -> str:
+    """What users get, per data set and mode: each shipped model that trained on the set judged by its own card,
+    on the real images of the measure half (and, where a card has them, its recipe's cross-validated fold models
+    on the images they never saw), recall and false flags pooled over the models (counts from the cards'
+    `validation` blocks), and each model's Spearman."""
+    from lungseg.models import read_card
+
+    lines = ["| data set | mode | models (own card each) | images | Dice < 0.90 | flagged (recall) | false flags | "
+             "Spearman per model |", "|---|---|---|---|---|---|---|---|"]
+    cards = {name: read_card(name) for name in names}
+    for dataset, group in ((d, d + suffix) for d in DATASETS for suffix in ("", " (cross-validated)")):
+        for mode in MODES:
+            measured = {name: card["qc"]["validation"][mode][group]["qc"] for name, card in cards.items()
+                        if dataset in {e["set"] for e in training_entries(card)}
+                        and group in ((card.get("qc") or {}).get("validation") or {}).get(mode, {})}
+            if not measured:
+                continue
+            total = {k: sum(qc[k] for qc in measured.values())
+                     for k in ("images", "below", "flagged_below", "at_or_above", "flagged_at_or_above")}
+            recall = f"{total['flagged_below']} ({total['flagged_below'] / total['below']:.2f})" \
+                if total["below"] else "-"
+            rhos = [qc["spearman"] for qc in measured.values() if qc.get("spearman") is not None]
+            rho = f"{min(rhos):.2f}–{max(rhos):.2f}" if len(rhos) > 1 else (f"{rhos[0]:.2f}" if rhos else "-")
+            lines.append(f"| {group} | {mode} | {', '.join(measured)} | {total['images']} | {total['below']} | "
+                         f"{recall} | {total['flagged_at_or_above'] / max(total['at_or_above'], 1):.1%} | {rho} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     from lungseg.quality import FEATURE_SETS
 
@@ -544,9 +604,11 @@ def main() -> int:
     parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
     parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
-    parser.add_argument("--features", default="auto", choices=("auto", *FEATURE_SETS),
-                        help="feature set of the regression (lungseg.quality.FEATURE_SETS); auto (default): chosen "
-                        "with the penalty by cross-validation within the fit half")
+    parser.add_argument("--features", default="auto",
+                        choices=("auto", *FEATURE_SETS, *(f + NO_SPREAD for f in FEATURE_SETS)),
+                        help="feature set of the regression (lungseg.quality.FEATURE_SETS; in the uncertainty mode "
+                        f"with the samples' spread unless it ends in '{NO_SPREAD}'); auto (default): chosen with the "
+                        "penalty by cross-validation within the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,
                         help="weight of a perturbed image in the regression (a real one weighs 1)")
     parser.add_argument("--max-false-flags", type=float, default=0.10,
@@ -568,7 +630,8 @@ def main() -> int:
 
     sources_dir = Path(args.sources_dir)
     if args.table:
-        print(markdown_table(args.model or sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))))
+        names = args.model or sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
+        print(markdown_table(names) + "\n\n" + dataset_table(names))
         return 0
     if args.add_source:
         print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
@@ -621,8 +684,8 @@ def main() -> int:
                 "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
                 "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
                 "perturbed_weight": args.perturbed_weight, "max_false_flags_fit": args.max_false_flags,
-                "false_flag_budget": dict(zip(SUBSETS, np.round(budget, 4).tolist())),
-                "rules_alone_false_flags": dict(zip(SUBSETS, np.round(rules_alone, 4).tolist())),
+                "false_flag_budget": {k: round(v, 4) for k, v in budget.items()},
+                "rules_alone_false_flags": {k: round(v, 4) for k, v in rules_alone.items()},
                 "models": sorted({r["source"] for r in fit_rows}),
                 "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit", "date": date.today().isoformat()}}
             block["validation"][mode] = group_measures(model, pool, definition, args.dice_limit)
