@@ -16,11 +16,12 @@ For each card:
    and perturbation: the regression and its threshold are fitted on the `fit` half only, and every number in the
    card's `validation` is measured on the `measure` half, on images the fit never saw.
 3. Fits the fractional logistic regression of the Dice on the features, per mode (`default`; `uncertainty` with the
-   test-time augmentation or latent samples of `--uncertainty`), with the feature set (the output's confidence
-   alone, or with the shape's plausibility) and the ridge penalty that rank the fit half's real images best under
-   cross-validation within that half, chooses the threshold on the fit half (the
-   highest recall of Dice < 0.90 whose false-flag rate, rules included, stays within `--max-false-flags`), and
-   writes the `qc` block (only that block: the weights and their SHA-256 are untouched).
+   test-time augmentation or latent samples of `--uncertainty`), with the feature set (the boundary's
+   uncertainty, the output's whole confidence, or with the shape's plausibility; in the uncertainty mode, each
+   with or without the samples' spread) and the ridge penalty that rank the fit half's real images best within
+   each data set under cross-validation within that half, chooses the threshold on the fit half (the highest
+   recall of Dice < 0.90 whose false-flag rate, rules included, stays within `--max-false-flags`, pooled and per
+   data set), and writes the `qc` block (only that block: the weights and their SHA-256 are untouched).
 4. Also measures the card's QC on *failure sources* it was not fitted on: the shipped models of the other lung
    definition, and the weaker models in `--sources-dir` (a U-Net trained on JSRT alone and its early checkpoints,
    made with `scripts/quality-source-jsrt-only.yaml` and `--add-source`). `--fit-failure-sources` also fits on them;
