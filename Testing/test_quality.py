@@ -286,12 +286,12 @@ def test_the_readmes_qc_table_is_the_cards():
     card, default mode; per data set, both modes), so a refitted card cannot leave stale numbers behind."""
     from conftest import REPO
 
-    table = load_script("fit_quality").markdown_table(SHIPPED).splitlines()
-    readme = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-              if line.startswith("| ") and "(threshold " in line]
-    assert readme == [row for row in table if "| default (threshold" in row]
-    per_set = load_script("fit_quality").dataset_table(SHIPPED).splitlines()[2:]  # each model under its own card
-    assert per_set and all(row in (REPO / "README.md").read_text(encoding="utf-8").splitlines() for row in per_set)
+    fit_quality = load_script("fit_quality")
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    readme = [line for line in lines if line.startswith("| ") and "(threshold " in line]
+    assert readme == [row for row in fit_quality.markdown_table(SHIPPED).splitlines() if "| default (threshold" in row]
+    per_set = fit_quality.dataset_table(SHIPPED).splitlines()[2:]  # each model under its own card
+    assert per_set and all(row in lines for row in per_set)
 
 
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
@@ -327,9 +327,9 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     if "uncertainty" in block["modes"]:
         uncertainty = block["modes"]["uncertainty"]
         chosen = uncertainty["fitted_on"]["feature_set"]  # with the samples' spread, or without when CV said so
-        spread = () if chosen.endswith(load_script("fit_quality").NO_SPREAD) else UNCERTAINTY_FEATURES
-        assert tuple(uncertainty["features"]) == \
-            FEATURE_SETS[chosen.removesuffix(load_script("fit_quality").NO_SPREAD)] + spread + members
+        no_spread = load_script("fit_quality").NO_SPREAD
+        spread = () if chosen.endswith(no_spread) else UNCERTAINTY_FEATURES
+        assert tuple(uncertainty["features"]) == FEATURE_SETS[chosen.removesuffix(no_spread)] + spread + members
     measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
     assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
 

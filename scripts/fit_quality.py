@@ -72,6 +72,11 @@ def training_entries(card: dict) -> list[dict]:
     return (card.get("data") or {}).get("train") or (card.get("recipe") or {}).get("data", {}).get("train") or []
 
 
+def trained_on(card: dict, dataset: str) -> bool:
+    """Whether the model trained on (part of) `dataset`: the data set is in its domain."""
+    return any(entry["set"] == dataset for entry in training_entries(card))
+
+
 def cases_for(card: dict, dataset: str, root: Path, limit: int) -> list:
     """The labelled images of `dataset` that the model never trained on (whole splits, or a cross-validation
     fold's held-out part), at most `limit` (a fixed subset chosen by hash, so that both halves keep their share)."""
@@ -472,7 +477,7 @@ def role_on(role: str, source_card: dict, dataset: str) -> str:
     """A peer that never trained on `dataset` is out of its domain there (`unet-512`, trained on JSRT alone, on
     COVID-era films): like the other definition's models, it is a failure source on that set, measured and not
     fitted, so that its failures neither train the card's regression nor spend the card's false-flag budget."""
-    if role == "peer" and not any(entry["set"] == dataset for entry in training_entries(source_card)):
+    if role == "peer" and not trained_on(source_card, dataset):
         return "failure"
     return role
 
@@ -505,7 +510,7 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
                 for row in scored_rows(source, dataset, root, mode, limit, count, cache):
                     pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role_here,
                                  "source_definition": source_card.get("definition", ""),
-                                 "in_domain": any(e["set"] == dataset for e in training_entries(source_card))})
+                                 "in_domain": trained_on(source_card, dataset)})
     return pool
 
 
@@ -564,7 +569,7 @@ def dataset_table(names: list[str]) -> str:
     for dataset, group in ((d, d + suffix) for d in DATASETS for suffix in ("", " (cross-validated)")):
         for mode in MODES:
             measured = {name: card["qc"]["validation"][mode][group]["qc"] for name, card in cards.items()
-                        if dataset in {e["set"] for e in training_entries(card)}
+                        if trained_on(card, dataset)
                         and group in ((card.get("qc") or {}).get("validation") or {}).get(mode, {})}
             if not measured:
                 continue
