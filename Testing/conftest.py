@@ -43,6 +43,19 @@ def importorskip(modname: str, reason: str | None = None, minversion: str | None
         require_or_skip(str(exc.msg) if hasattr(exc, "msg") else str(exc))
 
 
+def pydicom_data_file(name: str) -> str:
+    """The path of one of pydicom-data's test files (e.g. RG1_UNCR.dcm, a real chest CR), or a skip naming it."""
+    from pydicom.data import get_testdata_file
+
+    try:
+        path = get_testdata_file(name)
+    except Exception:  # pydicom-data absent
+        path = None
+    if not path:
+        require_or_skip(f"pydicom-data ({name}) is not installed")
+    return path
+
+
 def load_script(name: str):
     """scripts/<name>.py as a module (the scripts are not a package)."""
     import importlib.util

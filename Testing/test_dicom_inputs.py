@@ -16,21 +16,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (BasicTextSRStorage, ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage,
                          generate_uid)
 
-from conftest import importorskip, require_or_skip
+from conftest import importorskip, pydicom_data_file
 from lungseg.files import list_inputs
 from lungseg.io import ImageReadError, NotAnImageError, non_image_object, read_radiograph
-
-
-def pydicom_data_file(name):
-    from pydicom.data import get_testdata_file
-
-    try:
-        path = get_testdata_file(name)
-    except Exception:  # pydicom-data absent
-        path = None
-    if not path:
-        require_or_skip(f"pydicom-data ({name}) is not installed")
-    return path
 
 
 def jpeg_lossless_copy(source, path):

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import importorskip, require_or_skip
+from conftest import importorskip, pydicom_data_file, require_or_skip
 from lungseg.definitions import LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, RIGHT_LUNG
 from lungseg.samples import sample_pngs
 
@@ -38,18 +38,6 @@ def run_cli(*args):
 def rows_of(out):
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         return {os.path.basename(r["input"]): r for r in csv.DictReader(f)}
-
-
-def pydicom_data_file(name):
-    from pydicom.data import get_testdata_file
-
-    try:
-        path = get_testdata_file(name)
-    except Exception:  # pydicom-data absent
-        path = None
-    if not path:
-        require_or_skip(f"pydicom-data ({name}) is not installed")
-    return path
 
 
 def dx_copy(source, path, mirrored=False, oriented=False):

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import require_or_skip
+from conftest import pydicom_data_file, require_or_skip
 from lungseg.io import DEFAULT_MAX_PIXELS, ImageReadError, read_radiograph
 from lungseg.samples import sample_pngs
 
@@ -54,15 +54,7 @@ def test_the_bomb_png_is_a_valid_png():
 
 
 def chest_cr():
-    from pydicom.data import get_testdata_file
-
-    try:
-        path = get_testdata_file("RG1_UNCR.dcm")
-    except Exception:  # pydicom-data absent
-        path = None
-    if not path:
-        require_or_skip("pydicom-data (RG1_UNCR.dcm) is not installed")
-    return path
+    return pydicom_data_file("RG1_UNCR.dcm")
 
 
 def big_radiograph(path):

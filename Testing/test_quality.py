@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import importorskip, load_script, require_or_skip
+from conftest import importorskip, load_script, pydicom_data_file
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
                              qc_accuracy, quality_features, quality_model)
@@ -338,7 +338,6 @@ def make_ood_folder(folder):
     """Inputs that are not usable chest radiographs, from what is installed: photos bundled with scikit-image; MR,
     ultrasound and extremity DICOMs from pydicom-data; and a radiograph rotated 90 and 180 degrees, inverted, with
     one lung cropped away, and pure noise."""
-    from pydicom.data import get_testdata_file
     from skimage import data
 
     importorskip("data_store", reason="pydicom-data holds the MR, ultrasound and extremity DICOMs")
@@ -349,10 +348,7 @@ def make_ood_folder(folder):
             image = (image / image.max() * 255).astype(np.uint8)
         sitk.WriteImage(sitk.GetImageFromArray(image, isVector=image.ndim == 3), str(folder / f"photo_{name}.png"))
     for name in ("MR_small.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "US1_J2KR.dcm", "RG3_UNCR.dcm"):
-        path = get_testdata_file(name)
-        if path is None:
-            require_or_skip(f"pydicom-data lacks {name}")
-        shutil.copy(path, folder / f"dicom_{name}")
+        shutil.copy(pydicom_data_file(name), folder / f"dicom_{name}")
     chest = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
     variants = {"rotated90": np.rot90(chest), "rotated180": np.rot90(chest, 2), "inverted": 255 - chest,
                 "one_lung_cropped": chest[:, : chest.shape[1] * 11 // 20],

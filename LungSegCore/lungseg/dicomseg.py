@@ -32,7 +32,7 @@ from .definitions import DEFINITIONS, LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY,
     RIGHT_LUNG
 from .errors import LungSegError
 from .files import atomic_path, is_dicom
-from .io import ImageReadError, NotAnImageError, dicom_pixel_spacing, non_image_object
+from .io import ImageReadError, dicom_pixel_spacing, image_dicom_header
 
 SERIES_NUMBER = 9901  # a new series in the source's study; high, so that it sorts after the acquired series
 # A projection radiograph has no slice, but highdicom's and dcmqi's readers need a Slice Thickness beside the spacing:
@@ -53,19 +53,11 @@ def require_highdicom() -> None:
 def check_source(path: Path | str) -> None:
     """ImageReadError unless `path` is a DICOM file whose header has what a SEG must reference (header only);
     NotAnImageError for a DICOM object without an image (a DICOMDIR has no study), which a batch skips."""
-    import pydicom
-
     path = Path(path)
     if not is_dicom(path):
         raise ImageReadError(path, "is not a DICOM file; --format dicom-seg writes a DICOM Segmentation, which must "
                                    "reference a DICOM source image (use nrrd, nii.gz, mha or png for other inputs)")
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-    except Exception as exc:  # pydicom raises many types for broken headers
-        raise ImageReadError(path, f"not a readable DICOM file ({exc})") from exc
-    kind = non_image_object(ds)
-    if kind:
-        raise NotAnImageError(path, f"not an image: a DICOM {kind} object")
+    ds = image_dicom_header(path)
     missing = [k for k in REQUIRED_UIDS if not ds.get(k)]
     if missing:
         raise ImageReadError(path, f"lacks {', '.join(missing)}, which a DICOM Segmentation must reference")

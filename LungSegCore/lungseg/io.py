@@ -157,10 +157,9 @@ def check_pixel_count(path: Path | str, columns: int, rows: int, frames: int = 1
                                    "radiograph; raise --max-pixels if it is a real image)")
 
 
-def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float, float] | None, str,
-                                                                     tuple[bool, bool]]:
-    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; NotAnImageError for an object that
-    holds no image, ImageReadError for a file that is no readable DICOM image or declares more than `max_pixels`."""
+def image_dicom_header(path: Path | str):
+    """The header (no pixels) of a DICOM file that holds an image; NotAnImageError for a DICOM object that holds
+    none (a report, a DICOMDIR, a SEG), which a batch skips, and ImageReadError for an unreadable file."""
     import pydicom
 
     try:
@@ -170,6 +169,16 @@ def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float
     kind = non_image_object(ds)
     if kind:
         raise NotAnImageError(path, f"not an image: a DICOM {kind} object")
+    return ds
+
+
+def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float, float] | None, str,
+                                                                     tuple[bool, bool]]:
+    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; NotAnImageError for an object that
+    holds no image, ImageReadError for a file that is no readable DICOM image or declares more than `max_pixels`."""
+    import pydicom
+
+    ds = image_dicom_header(path)
     try:
         rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
