@@ -294,6 +294,34 @@ def test_the_readmes_qc_table_is_the_cards():
     assert per_set and all(row in lines for row in per_set)
 
 
+def test_swapping_the_halves_fits_on_the_measure_half_and_never_writes_a_card(monkeypatch):
+    """`--swap-halves` is the second direction of a two-fold cross-fitting: every row changes half, so the fit reads
+    what the card was measured on and the measurement reads what it was fitted on. A card's qc block is always
+    the fit half's, so `--write` is refused before anything runs."""
+    fit_quality = load_script("fit_quality")
+    rows = [{"half": "fit", "name": "a"}, {"half": "measure", "name": "b"}]
+    assert [r["half"] for r in fit_quality.swap_halves(rows)] == ["measure", "fit"]
+    assert fit_quality.swap_halves(fit_quality.swap_halves(rows)) == rows
+    monkeypatch.setattr("sys.argv", ["fit_quality.py", "--model", "unet", "--swap-halves", "--write"])
+    with pytest.raises(SystemExit) as refused:
+        fit_quality.main()
+    assert refused.value.code == 2
+
+
+def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
+    """`--table --swapped`: both directions' counts add up per data set (every image held out once), so the rates
+    are those of the summed counts and the models are named once."""
+    fit_quality = load_script("fit_quality")
+    own = {name: read_card(name)["qc"]["validation"] for name in SHIPPED}
+    once = [row.split(" | ") for row in fit_quality.dataset_table(SHIPPED, [own]).splitlines()[2:]]
+    twice = [row.split(" | ") for row in fit_quality.dataset_table(SHIPPED, [own, own]).splitlines()[2:]]
+    assert fit_quality.dataset_table(SHIPPED, [own]) == fit_quality.dataset_table(SHIPPED)
+    assert len(once) == len(twice) > 0
+    for a, b in zip(once, twice):
+        assert b[:3] == a[:3] and b[6:] == a[6:], "the same models, rates and Spearman range"
+        assert (int(b[3]), int(b[4])) == (2 * int(a[3]), 2 * int(a[4])), "twice the images and the failures"
+
+
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     dice = [0.50, 0.85, 0.89, 0.95, 0.97, 0.98]
     flagged = [True, True, False, True, False, False]
@@ -319,6 +347,8 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert max(v for row in cv.values() for v in row.values()) == \
         cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
+    for mode in block["modes"].values():  # the command that made each mode's fit, to reproduce it
+        assert mode["fitted_on"]["command"].startswith(f"scripts/fit_quality.py --model {name} ")
     fitted = default["fitted_on"]
     budget, rules_alone = fitted["false_flag_budget"], fitted["rules_alone_false_flags"]  # per subset
     assert set(budget) == set(rules_alone) >= {"all", "own"}

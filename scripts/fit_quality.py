@@ -27,6 +27,9 @@ For each card:
    made with `scripts/quality-source-jsrt-only.yaml` and `--add-source`). `--fit-failure-sources` also fits on them;
    measured here, that hurt the shipped models' QC (README, "Quality control").
 
+`--swap-halves` runs the same fit with the halves exchanged and writes no card: the second direction of a two-fold
+cross-fitting, so that every image is held out once (`--table --swapped REPORT...` adds both directions up).
+
 Model outputs are cached per model weights, data set, perturbation and mode under `--cache` (compressed uint8
 softmax), so refitting after a card was retrained segments only with that model, and the features can change
 without segmenting again.
@@ -37,6 +40,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from datetime import date
@@ -65,6 +69,13 @@ def read_groups(root: Path) -> dict[str, str]:
 def half_of(dataset: str, group: str) -> str:
     """"fit" or "measure", by a hash of the data set and the group: fixed, and the same for every model."""
     return "fit" if int(hashlib.sha1(f"{dataset}/{group}".encode()).hexdigest()[:8], 16) % 2 == 0 else "measure"
+
+
+def swap_halves(rows: list[dict]) -> list[dict]:
+    """The rows with the halves exchanged: the same procedure fitted on the measure half and measured on the fit
+    half, a second held-out estimate over as many other images (two-fold cross-fitting)."""
+    other = {"fit": "measure", "measure": "fit"}
+    return [{**r, "half": other[r["half"]]} for r in rows]
 
 
 def training_entries(card: dict) -> list[dict]:
@@ -556,32 +567,48 @@ def markdown_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def dataset_table(names: list[str]) -> str:
+def dataset_table(names: list[str], validations: list[dict] | None = None) -> str:
     """What users get, per data set and mode: each shipped model that trained on the set judged by its own card,
     on the real images of the measure half (and, where a card has them, its recipe's cross-validated fold models
     on the images they never saw), recall and false flags pooled over the models (counts from the cards'
-    `validation` blocks), and each model's Spearman."""
+    `validation` blocks), and each model's Spearman. `validations` ({name: validation block} each, default the
+    cards' own) adds up the counts of several measurements: both directions of `--swap-halves`."""
     from lungseg.models import read_card
 
     lines = ["| data set | mode | models (own card each) | images | Dice < 0.90 | flagged (recall) | false flags | "
              "Spearman per model |", "|---|---|---|---|---|---|---|---|"]
     cards = {name: read_card(name) for name in names}
+    if validations is None:
+        validations = [{name: (card.get("qc") or {}).get("validation") or {} for name, card in cards.items()}]
     for dataset, group in ((d, d + suffix) for d in DATASETS for suffix in ("", " (cross-validated)")):
         for mode in MODES:
-            measured = {name: card["qc"]["validation"][mode][group]["qc"] for name, card in cards.items()
-                        if trained_on(card, dataset)
-                        and group in ((card.get("qc") or {}).get("validation") or {}).get(mode, {})}
+            measured = [(name, validation[name][mode][group]["qc"]) for validation in validations
+                        for name, card in cards.items()
+                        if trained_on(card, dataset) and group in validation.get(name, {}).get(mode, {})]
             if not measured:
                 continue
-            total = {k: sum(qc[k] for qc in measured.values())
+            total = {k: sum(qc[k] for _, qc in measured)
                      for k in ("images", "below", "flagged_below", "at_or_above", "flagged_at_or_above")}
             recall = f"{total['flagged_below']} ({total['flagged_below'] / total['below']:.2f})" \
                 if total["below"] else "-"
-            rhos = [qc["spearman"] for qc in measured.values() if qc.get("spearman") is not None]
-            rho = f"{min(rhos):.2f}–{max(rhos):.2f}" if len(rhos) > 1 else (f"{rhos[0]:.2f}" if rhos else "-")
-            lines.append(f"| {group} | {mode} | {', '.join(measured)} | {total['images']} | {total['below']} | "
+            rhos = [qc["spearman"] for _, qc in measured if qc.get("spearman") is not None]
+            low, high = (f"{min(rhos):.2f}", f"{max(rhos):.2f}") if rhos else ("-", "-")
+            rho = low if low == high else f"{low}–{high}"
+            models = ", ".join(dict.fromkeys(name for name, _ in measured))
+            lines.append(f"| {group} | {mode} | {models} | {total['images']} | {total['below']} | "
                          f"{recall} | {total['flagged_at_or_above'] / max(total['at_or_above'], 1):.1%} | {rho} |")
     return "\n".join(lines)
+
+
+def swapped_tables(swapped: dict[str, dict]) -> str:
+    """The per-data-set tables of `--swap-halves` fits ({name: validation block}): alone, and with the cards' own
+    measurements added (both directions: every image held out once)."""
+    from lungseg.models import read_card
+
+    names = list(swapped)
+    own = {name: read_card(name)["qc"]["validation"] for name in names}
+    return ("Fitted on the measure half, measured on the fit half:\n" + dataset_table(names, [swapped])
+            + "\n\nBoth directions (the cards' own measurements added):\n" + dataset_table(names, [own, swapped]))
 
 
 def main() -> int:
@@ -627,6 +654,12 @@ def main() -> int:
     parser.add_argument("--dump-rows", help="also save every scored row (features, rules, Dice) to this pickle, "
                         "for studying the method offline")
     parser.add_argument("--table", action="store_true", help="only print the README's QC table from the cards")
+    parser.add_argument("--swap-halves", action="store_true",
+                        help="fit on the measure half and measure on the fit half (no --write): print the per-data-"
+                        "set table of that fit, and of both directions with the cards' own measurements added")
+    parser.add_argument("--swapped", nargs="+", metavar="REPORT",
+                        help="with --table: also the tables of these --swap-halves --report files, alone and added "
+                        "to the cards' own measurements")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -638,10 +671,16 @@ def main() -> int:
     if args.table:
         names = args.model or sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
         print(markdown_table(names) + "\n\n" + dataset_table(names))
+        if args.swapped:
+            reports = [json.loads(Path(path).read_text()) for path in args.swapped]
+            print("\n" + swapped_tables({name: block["validation"] for report in reports
+                                         for name, block in report.items()}))
         return 0
     if args.add_source:
         print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
         return 0
+    if args.swap_halves and args.write:
+        parser.error("--swap-halves fits on the measure half, which a card's qc block must not be: drop --write")
     root, cache = Path(args.data_root), Path(args.cache)
     shipped = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json") if p.with_suffix(".safetensors").exists())
     extra = sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists()) \
@@ -669,6 +708,8 @@ def main() -> int:
             print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
             pool = pool_for(card, peers, failures, root, mode, limits, source_limits,
                             variants, cache, cv_fold_cards(cv_runs[name]) if name in cv_runs else [])
+            if args.swap_halves:
+                pool = swap_halves(pool)
             if args.dump_rows:
                 import pickle
 
@@ -685,6 +726,7 @@ def main() -> int:
                              args.perturbed_weight, is_ensemble(card), feature_set)
             budget, rules_alone = false_flag_budget(fit_rows, definition, args.max_false_flags, args.dice_limit)
             block["modes"][mode] = {**model.to_dict(), "fitted_on": {
+                "command": shlex.join(["scripts/fit_quality.py", *sys.argv[1:]]),  # the options of this fit
                 "feature_set": feature_set, "l2": l2,
                 "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
                 "images": len(fit_rows), "below_limit": int(sum(r["dice"] < args.dice_limit for r in fit_rows)),
@@ -707,6 +749,8 @@ def main() -> int:
             print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    if args.swap_halves:
+        print(swapped_tables({name: block["validation"] for name, block in report.items()}))
     return 0
 
 
