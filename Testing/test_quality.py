@@ -292,20 +292,25 @@ def test_the_readmes_qc_table_is_the_cards():
     assert readme == [row for row in fit_quality.markdown_table(SHIPPED).splitlines() if "| default (threshold" in row]
     per_set = fit_quality.dataset_table(SHIPPED).splitlines()[2:]  # each model under its own card
     assert per_set and all(row in lines for row in per_set)
+    both = fit_quality.both_directions_table(SHIPPED).splitlines()[2:]  # and with the halves swapped added
+    assert both and all(row in lines for row in both)
 
 
-def test_swapping_the_halves_fits_on_the_measure_half_and_never_writes_a_card(monkeypatch):
+def test_swapping_the_halves_fits_on_the_measure_half_and_a_refit_drops_that_measurement():
     """`--swap-halves` is the second direction of a two-fold cross-fitting: every row changes half, so the fit reads
-    what the card was measured on and the measurement reads what it was fitted on. A card's qc block is always
-    the fit half's, so `--write` is refused before anything runs."""
+    what the card was measured on and the measurement reads what it was fitted on. It is kept in the card's
+    `qc.swapped` beside the regression users get, and a mode refit later drops its stale swapped measurement."""
     fit_quality = load_script("fit_quality")
     rows = [{"half": "fit", "name": "a"}, {"half": "measure", "name": "b"}]
     assert [r["half"] for r in fit_quality.swap_halves(rows)] == ["measure", "fit"]
     assert fit_quality.swap_halves(fit_quality.swap_halves(rows)) == rows
-    monkeypatch.setattr("sys.argv", ["fit_quality.py", "--model", "unet", "--swap-halves", "--write"])
-    with pytest.raises(SystemExit) as refused:
-        fit_quality.main()
-    assert refused.value.code == 2
+    old = read_card("unet")["qc"]
+    assert set(old["swapped"]["modes"]) == set(old["swapped"]["validation"]) == set(old["modes"])
+    new = {**old, "modes": {"default": old["modes"]["default"]}, "validation": {"default": {}}}
+    merged = fit_quality.merged_qc(old, new)
+    assert list(merged["swapped"]["modes"]) == list(merged["swapped"]["validation"]) == ["uncertainty"]
+    both = {**old, "validation": {mode: {} for mode in old["modes"]}}
+    assert "swapped" not in fit_quality.merged_qc(old, both), "every mode refit: no swapped measurement is left"
 
 
 def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
@@ -332,6 +337,21 @@ def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     assert qc_accuracy([0.97, 0.98], [False, False])["recall"] is None, "no bad image: recall is undefined"
 
 
+def fit_options(command: str) -> list[str]:
+    """The options of a fit_quality.py command that shape the fit, sorted (not where it writes, nor the half)."""
+    import shlex
+
+    words, options = shlex.split(command)[1:], []
+    while words:
+        word = words.pop(0)
+        if word == "--report":
+            words.pop(0)
+        elif word not in ("--write", "--swap-halves"):
+            options.append(word if not word.startswith("--") or not words or words[0].startswith("--")
+                           else f"{word} {words.pop(0)}")
+    return sorted(options)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     card = read_card(name)
@@ -349,6 +369,10 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
     for mode in block["modes"].values():  # the command that made each mode's fit, to reproduce it
         assert mode["fitted_on"]["command"].startswith(f"scripts/fit_quality.py --model {name} ")
+        assert "--swap-halves" not in mode["fitted_on"]["command"] and mode["fitted_on"]["half"] == "fit"
+    for mode, swapped in block["swapped"]["modes"].items():  # the same options, the halves exchanged
+        assert "--swap-halves" in swapped["command"]
+        assert fit_options(swapped["command"]) == fit_options(block["modes"][mode]["fitted_on"]["command"])
     fitted = default["fitted_on"]
     budget, rules_alone = fitted["false_flag_budget"], fitted["rules_alone_false_flags"]  # per subset
     assert set(budget) == set(rules_alone) >= {"all", "own"}

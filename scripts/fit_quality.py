@@ -27,8 +27,9 @@ For each card:
    made with `scripts/quality-source-jsrt-only.yaml` and `--add-source`). `--fit-failure-sources` also fits on them;
    measured here, that hurt the shipped models' QC (README, "Quality control").
 
-`--swap-halves` runs the same fit with the halves exchanged and writes no card: the second direction of a two-fold
-cross-fitting, so that every image is held out once (`--table --swapped REPORT...` adds both directions up).
+`--swap-halves` runs the same fit with the halves exchanged, the second direction of a two-fold cross-fitting, so
+that every image is held out once; with `--write` it writes only the card's `qc.swapped` (what that fit measured on
+the fit half), never the regression users get, and `--table` adds both directions up.
 
 Model outputs are cached per model weights, data set, perturbation and mode under `--cache` (compressed uint8
 softmax), so refitting after a card was retrained segments only with that model, and the features can change
@@ -525,15 +526,29 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
     return pool
 
 
-def merged_qc(old: dict | None, new: dict) -> dict:
-    """The card's new qc block: the modes refit now, and the card's other modes as they were (each mode records
-    its own fit in `fitted_on`), so that `--modes default` does not drop the uncertainty mode."""
+def merged_modes(old: dict | None, new: dict) -> dict:
+    """`new`'s modes, and `old`'s other modes as they were, in each part (`modes`, `validation`)."""
     old = old or {}
     merged = dict(new)
     for part in ("modes", "validation"):
         both = {**(old.get(part) or {}), **new[part]}
         merged[part] = {mode: both[mode] for mode in MODES if mode in both}
+    return merged
+
+
+def merged_qc(old: dict | None, new: dict) -> dict:
+    """The card's new qc block: the modes refit now, and the card's other modes as they were (each mode records
+    its own fit in `fitted_on`), so that `--modes default` does not drop the uncertainty mode. A mode refit now
+    drops its `swapped` measurement, which measured the fit it replaces: run `--swap-halves --write` again."""
+    merged = merged_modes(old, new)
     merged["threshold"] = merged["modes"]["default"]["threshold"] if "default" in merged["modes"] else None
+    merged.pop("swapped", None)
+    swapped = (old or {}).get("swapped")
+    if swapped:
+        kept = {part: {m: v for m, v in swapped[part].items() if m not in new["modes"]}
+                for part in ("modes", "validation")}
+        if kept["modes"]:
+            merged["swapped"] = kept
     return merged
 
 
@@ -600,15 +615,16 @@ def dataset_table(names: list[str], validations: list[dict] | None = None) -> st
     return "\n".join(lines)
 
 
-def swapped_tables(swapped: dict[str, dict]) -> str:
-    """The per-data-set tables of `--swap-halves` fits ({name: validation block}): alone, and with the cards' own
-    measurements added (both directions: every image held out once)."""
+def both_directions_table(names: list[str]) -> str:
+    """The per-data-set table over both directions of the two-fold cross-fitting: the cards' own measurements on
+    the measure half plus their `swapped` ones (fitted on the measure half, measured on the fit half), so that
+    every image is held out once."""
     from lungseg.models import read_card
 
-    names = list(swapped)
-    own = {name: read_card(name)["qc"]["validation"] for name in names}
-    return ("Fitted on the measure half, measured on the fit half:\n" + dataset_table(names, [swapped])
-            + "\n\nBoth directions (the cards' own measurements added):\n" + dataset_table(names, [own, swapped]))
+    qc = {name: read_card(name).get("qc") or {} for name in names}
+    return dataset_table(names, [{name: block.get("validation") or {} for name, block in qc.items()},
+                                 {name: (block.get("swapped") or {}).get("validation") or {}
+                                  for name, block in qc.items()}])
 
 
 def main() -> int:
@@ -655,11 +671,8 @@ def main() -> int:
                         "for studying the method offline")
     parser.add_argument("--table", action="store_true", help="only print the README's QC table from the cards")
     parser.add_argument("--swap-halves", action="store_true",
-                        help="fit on the measure half and measure on the fit half (no --write): print the per-data-"
-                        "set table of that fit, and of both directions with the cards' own measurements added")
-    parser.add_argument("--swapped", nargs="+", metavar="REPORT",
-                        help="with --table: also the tables of these --swap-halves --report files, alone and added "
-                        "to the cards' own measurements")
+                        help="fit on the measure half and measure on the fit half; --write then writes only the "
+                        "card's qc.swapped, for the both-directions table of --table")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -670,17 +683,11 @@ def main() -> int:
     sources_dir = Path(args.sources_dir)
     if args.table:
         names = args.model or sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
-        print(markdown_table(names) + "\n\n" + dataset_table(names))
-        if args.swapped:
-            reports = [json.loads(Path(path).read_text()) for path in args.swapped]
-            print("\n" + swapped_tables({name: block["validation"] for report in reports
-                                         for name, block in report.items()}))
+        print(markdown_table(names) + "\n\n" + dataset_table(names) + "\n\n" + both_directions_table(names))
         return 0
     if args.add_source:
         print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
         return 0
-    if args.swap_halves and args.write:
-        parser.error("--swap-halves fits on the measure half, which a card's qc block must not be: drop --write")
     root, cache = Path(args.data_root), Path(args.cache)
     shipped = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json") if p.with_suffix(".safetensors").exists())
     extra = sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists()) \
@@ -735,7 +742,8 @@ def main() -> int:
                 "false_flag_budget": {k: round(v, 4) for k, v in budget.items()},
                 "rules_alone_false_flags": {k: round(v, 4) for k, v in rules_alone.items()},
                 "models": sorted({r["source"] for r in fit_rows}),
-                "datasets": sorted({r["dataset"] for r in fit_rows}), "half": "fit", "date": date.today().isoformat()}}
+                "datasets": sorted({r["dataset"] for r in fit_rows}),
+                "half": "measure" if args.swap_halves else "fit", "date": date.today().isoformat()}}
             block["validation"][mode] = group_measures(model, pool, definition, args.dice_limit)
             print(f"  threshold {model.threshold:.4f}\n" + summary_line(name, block["validation"][mode]),
                   file=sys.stderr)
@@ -744,13 +752,17 @@ def main() -> int:
         if args.write:
             path = Path(card["card_path"])
             data = json.loads(path.read_text())
-            data["qc"] = merged_qc(data.get("qc"), block)  # only this block changes, never the weights
+            if args.swap_halves:  # only the other direction's measurements, never the regression users get
+                swapped = {"modes": {mode: {**{k: fit["fitted_on"][k] for k in ("command", "feature_set", "l2")},
+                                            "threshold": fit["threshold"]} for mode, fit in block["modes"].items()},
+                           "validation": block["validation"]}
+                data["qc"]["swapped"] = merged_modes(data["qc"].get("swapped"), swapped)
+            else:
+                data["qc"] = merged_qc(data.get("qc"), block)  # only this block changes, never the weights
             write_atomic_text(json.dumps(data, indent=2) + "\n", path)
             print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-    if args.swap_halves:
-        print(swapped_tables({name: block["validation"] for name, block in report.items()}))
     return 0
 
 
