@@ -314,7 +314,7 @@ def test_swapping_the_halves_fits_on_the_measure_half_and_a_refit_drops_that_mea
 
 
 def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
-    """`--table --swapped`: both directions' counts add up per data set (every image held out once), so the rates
+    """`--table`'s both-directions table: the counts add up per data set (every image held out once), so the rates
     are those of the summed counts and the models are named once."""
     fit_quality = load_script("fit_quality")
     own = {name: read_card(name)["qc"]["validation"] for name in SHIPPED}
@@ -337,19 +337,13 @@ def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     assert qc_accuracy([0.97, 0.98], [False, False])["recall"] is None, "no bad image: recall is undefined"
 
 
-def fit_options(command: str) -> list[str]:
-    """The options of a fit_quality.py command that shape the fit, sorted (not where it writes, nor the half)."""
+def fit_options(command: str) -> dict:
+    """The options of a fit_quality.py command as its own parser reads them, less those that say where it writes
+    and which half it fits on."""
     import shlex
 
-    words, options = shlex.split(command)[1:], []
-    while words:
-        word = words.pop(0)
-        if word == "--report":
-            words.pop(0)
-        elif word not in ("--write", "--swap-halves"):
-            options.append(word if not word.startswith("--") or not words or words[0].startswith("--")
-                           else f"{word} {words.pop(0)}")
-    return sorted(options)
+    options = vars(load_script("fit_quality").build_parser().parse_args(shlex.split(command)[1:]))
+    return {k: v for k, v in options.items() if k not in ("write", "report", "swap_halves")}
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -627,7 +627,7 @@ def both_directions_table(names: list[str]) -> str:
                                   for name, block in qc.items()}])
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     from lungseg.quality import FEATURE_SETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -674,7 +674,11 @@ def main() -> int:
                         help="fit on the measure half and measure on the fit half; --write then writes only the "
                         "card's qc.swapped, for the both-directions table of --table")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
 
     from lungseg.files import write_atomic_text
