@@ -171,3 +171,24 @@ def test_a_pipe_closed_early_ends_quietly():
                                capture_output=True, text=True, env=ENV, timeout=300)
         assert piped.returncode == 0 and "Traceback" not in piped.stderr and piped.stderr == "", piped.stderr
         assert piped.stdout.strip() == "["
+
+
+def test_a_users_model_named_like_a_shipped_one_is_never_chosen_silently(tmp_path):
+    """`lungseg export runs/unet --out-dir my-models` writes my-models/unet.json: with LUNGSEG_MODELS_PATH naming
+    that folder, `--model unet` would have segmented with the shipped `unet` and ignored the user's. It is one
+    line naming both cards and the way out; the card's path picks the user's model."""
+    from lungseg.models import read_card
+
+    card = read_card("unet")
+    shutil.copy(card["weights_path"], tmp_path / "unet.safetensors")
+    shutil.copy(card["card_path"], tmp_path / "unet.json")
+    env = dict(ENV, LUNGSEG_MODELS_PATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "lungseg", "segment", sample_pngs()[0], "-o", tmp_path / "out",
+                             "--model", "unet"], capture_output=True, text=True, env=env, timeout=900)
+    one_line_error(result, "model 'unet' is in more than one models folder")
+    assert card["card_path"] in result.stderr and f"--model {tmp_path / 'unet.json'}" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.nrrd"))
+    by_path = subprocess.run([sys.executable, "-m", "lungseg", "segment", sample_pngs()[0], "-o", tmp_path / "out",
+                              "--model", tmp_path / "unet.json"], capture_output=True, text=True, env=env, timeout=900)
+    assert by_path.returncode == 0, by_path.stderr
+    assert len(list((tmp_path / "out").glob("*.nrrd"))) == 1

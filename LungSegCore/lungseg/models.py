@@ -3,8 +3,9 @@
 A model is `<name>.safetensors` with `<name>.json` beside it. The card records the network and its parameters, the
 input size, the lung definition, the data, the recipe, the training time, the measured metrics and the SHA-256 of
 the weights, which is verified before loading. Reading cards needs no torch (the Slicer module lists models
-before torch is installed). Models are looked up in the package's `models/` folder, then in the
-folders of `LUNGSEG_MODELS_PATH`; `--model` also takes the path of a card or weights file (offline import).
+before torch is installed). Models are looked up by name in the package's `models/` folder and in the
+folders of `LUNGSEG_MODELS_PATH`; a name found in two of them is an error, not a silent choice. `--model` also
+takes the path of a card or weights file (offline import).
 """
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def find_card(name_or_path: str | Path) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix in (".json", ".safetensors") and candidate.exists():
         return candidate.with_suffix(".json")
-    for folder in model_dirs():
-        card = folder / f"{name_or_path}.json"
-        if card.exists():
-            return card
+    cards = (folder / f"{name_or_path}.json" for folder in model_dirs())
+    found = list({card.resolve(): card for card in cards if card.exists()}.values())  # a folder named twice: once
+    if len(found) > 1:  # a user's model named like a shipped one: never pick one of them silently
+        raise LungSegError(f"model '{name_or_path}' is in more than one models folder ({', '.join(map(str, found))}); "
+                           f"give the card's path (--model {found[-1]}), or export it under another name "
+                           "(lungseg export --name)")
+    if found:
+        return found[0]
     known = ", ".join(sorted(c["name"] for c in list_models())) or "none"
     raise LungSegError(f"unknown model '{name_or_path}'; available: {known}")
 
