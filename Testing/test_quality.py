@@ -6,13 +6,17 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from conftest import importorskip, load_script, pydicom_data_file
+from lungseg import quality_fit
+from lungseg.errors import LungSegError
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
                              qc_accuracy, quality_features, quality_model)
@@ -59,19 +63,18 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     image-wide confidence carries the signal, with the shape when a shape feature does."""
     from lungseg.quality import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
 
-    fit_quality = load_script("fit_quality")
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(BOUNDARY_FEATURES) < set(OUTPUT_FEATURES)
     assert set(FEATURE_SETS) == {"boundary", "output", "output+shape"}
-    feature_set, l2, scores = fit_quality.choose_regression(synthetic_rows(informative), "default", "lung-fields",
+    feature_set, l2, scores = quality_fit.choose_regression(synthetic_rows(informative), "default", "lung-fields",
                                                             0.90, 0.3, False)
-    assert set(scores) == set(FEATURE_SETS) and all(set(row) == set(fit_quality.L2_GRID) for row in scores.values())
+    assert set(scores) == set(FEATURE_SETS) and all(set(row) == set(quality_fit.L2_GRID) for row in scores.values())
     assert feature_set == chosen and scores[feature_set][l2] == max(v for row in scores.values() for v in row.values())
     assert scores[feature_set][l2] > 0.5
     if chosen != "output+shape":  # noise features can only hurt the ranking out of fold
         assert scores[chosen][l2] >= max(scores["output+shape"].values())
     assert l2 == min(k for k, v in scores[feature_set].items() if v == scores[feature_set][l2]), \
         "a tie goes to the smaller penalty"
-    model = fit_quality.fit_mode(synthetic_rows(informative), "default", "lung-fields", l2, 0.1, 0.9, 0.3, False,
+    model = quality_fit.fit_mode(synthetic_rows(informative), "default", "lung-fields", l2, 0.1, 0.9, 0.3, False,
                                  feature_set)
     assert model.features == FEATURE_SETS[feature_set]
 
@@ -83,19 +86,18 @@ def test_the_uncertainty_modes_regression_reads_the_sample_spread_only_where_it_
     so the slower mode is never ranked worse by features that only add noise."""
     from lungseg.quality import UNCERTAINTY_FEATURES
 
-    fit_quality = load_script("fit_quality")
     rows = synthetic_rows(informative, n=120)
     rng = np.random.default_rng(5)
     for row in rows:
         row["features"].update({name: float(rng.normal()) for name in UNCERTAINTY_FEATURES})
         if informative in UNCERTAINTY_FEATURES:
             row["features"][informative] = -row["dice"] + float(rng.normal(0, 0.02))
-    feature_set, _, scores = fit_quality.choose_regression(rows, "uncertainty", "lung-fields", 0.90, 0.3, False)
-    assert set(scores) == set(FEATURE_SETS) | {s + fit_quality.NO_SPREAD for s in FEATURE_SETS}
-    assert feature_set.endswith(fit_quality.NO_SPREAD) != spread, (feature_set, scores)
-    names = fit_quality.feature_names("uncertainty", False, feature_set)
+    feature_set, _, scores = quality_fit.choose_regression(rows, "uncertainty", "lung-fields", 0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) | {s + quality_fit.NO_SPREAD for s in FEATURE_SETS}
+    assert feature_set.endswith(quality_fit.NO_SPREAD) != spread, (feature_set, scores)
+    names = quality_fit.feature_names("uncertainty", False, feature_set)
     assert (set(UNCERTAINTY_FEATURES) <= set(names)) == spread
-    assert fit_quality.feature_names("default", False, "boundary") == FEATURE_SETS["boundary"]
+    assert quality_fit.feature_names("default", False, "boundary") == FEATURE_SETS["boundary"]
 
 
 def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
@@ -105,7 +107,6 @@ def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
     Spearman chooses the boundary's features, which the per-data-set targets need."""
     from scipy.stats import spearmanr
 
-    fit_quality = load_script("fit_quality")
     rng = np.random.default_rng(2)
     rows = []
     for i in range(160):
@@ -116,13 +117,13 @@ def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
         features["confidence"] = float(cohort == "jsrt") + float(rng.normal(0, 0.3))
         rows.append({"group": f"p{i}", "dice": dice, "perturbation": "", "features": features, "dataset": cohort,
                      "rules": {"lung-fields": []}})
-    feature_set, _, scores = fit_quality.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
+    feature_set, _, scores = quality_fit.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
     assert feature_set == "boundary" and max(scores["boundary"].values()) > max(scores["output"].values())
     pooled = {}
     for candidate in ("boundary", "output"):  # what the pooled criterion saw, out of fold
         quality, dice = [], []
         for k in range(5):
-            model = fit_quality.fit_mode([r for i, r in enumerate(rows) if i % 5 != k], "default", "lung-fields",
+            model = quality_fit.fit_mode([r for i, r in enumerate(rows) if i % 5 != k], "default", "lung-fields",
                                          1.0, 1.0, 0.90, 0.3, False, candidate)
             held = [r for i, r in enumerate(rows) if i % 5 == k]
             quality += [model.predict(r["features"]) for r in held]
@@ -134,7 +135,6 @@ def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
 def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_too():
     """A peer whose good results all get a high quality must not let the threshold rise until the card's own
     model's good results are flagged more often than `max_false_flags`."""
-    fit_quality = load_script("fit_quality")
     rows, quality = [], []
     for i in range(100):  # the peer: 100 good results, all sure
         rows.append({"dice": 0.97, "perturbation": "", "role": "peer", "rules": {"lung-fields": []}})
@@ -146,10 +146,10 @@ def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_to
         rows.append({"dice": 0.85, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.90 + 0.005 * i)
     quality = np.array(quality)
-    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
     own_good = quality[100:120]
     assert (own_good < threshold).mean() <= 0.10 < (own_good < threshold + 0.0051).mean()
-    pooled_only = fit_quality.choose_threshold([dict(r, role="peer") for r in rows], quality, "lung-fields", 0.10, 0.90)
+    pooled_only = quality_fit.choose_threshold([dict(r, role="peer") for r in rows], quality, "lung-fields", 0.10, 0.90)
     assert pooled_only > threshold and (own_good < pooled_only).mean() > 0.10, \
         "the pooled limit alone lets the peer's sure results hide the own model's false flags"
 
@@ -158,7 +158,6 @@ def test_where_the_rules_alone_exceed_the_false_flag_limit_the_threshold_adds_no
     """A model out of its domain whose fragments trip a rule on 30 % of its good results: no threshold keeps the
     false flags within 10 %, so the threshold may not raise them above the rules' own 30 %, and still finds the
     failures that no rule caught. Within the limit the budget is the limit itself."""
-    fit_quality = load_script("fit_quality")
     fragments = ["3 large lung components before clean-up"]
     rows, quality = [], []
     for i in range(40):  # good results, 12 of them fragmented before clean-up, quality spread over 0.90-0.99
@@ -169,13 +168,13 @@ def test_where_the_rules_alone_exceed_the_false_flag_limit_the_threshold_adds_no
         rows.append({"dice": 0.80, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.80 + 0.005 * i)
     quality = np.array(quality)
-    assert fit_quality.false_flag_budget(rows, "lung-fields", 0.10, 0.90) == ({"all": 0.3, "own": 0.3},) * 2
-    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = fit_quality.flags(rows, quality, threshold, "lung-fields")
+    assert quality_fit.false_flag_budget(rows, "lung-fields", 0.10, 0.90) == ({"all": 0.3, "own": 0.3},) * 2
+    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
     assert flagged[:40].mean() == pytest.approx(0.30) and flagged[40:].all(), threshold
     assert 0.845 < threshold <= 0.8925, "the failures below every good result are flagged, no good one"
     clean = [dict(r, rules={"lung-fields": []}) for r in rows]
-    assert fit_quality.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == \
+    assert quality_fit.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == \
         ({"all": 0.1, "own": 0.1}, {"all": 0.0, "own": 0.0})
 
 
@@ -185,7 +184,6 @@ def test_the_own_models_rule_flags_do_not_let_the_threshold_flag_more_of_the_pee
     what the rules flag there (13 %), so the threshold cannot rise into the peers' good results. With one budget
     for both, the pooled false flags under `unet-512`'s card went from 10.1 % to 12.7 % as its threshold rose from
     0.8975 to 0.9325."""
-    fit_quality = load_script("fit_quality")
     fragments = ["4 large lung components before clean-up"]
     rows, quality = [], []
     for i in range(50):  # own: good results, 20 of them fragmented, quality 0.90-0.95
@@ -199,18 +197,18 @@ def test_the_own_models_rule_flags_do_not_let_the_threshold_flag_more_of_the_pee
         rows.append({"dice": 0.80, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.85 + 0.009 * i)
     quality = np.array(quality)
-    budgets, rules_alone = fit_quality.false_flag_budget(rows, "lung-fields", 0.10, 0.90)
+    budgets, rules_alone = quality_fit.false_flag_budget(rows, "lung-fields", 0.10, 0.90)
     assert rules_alone == pytest.approx({"all": 20 / 150, "own": 0.4}) == budgets
-    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = fit_quality.flags(rows, quality, threshold, "lung-fields")
+    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
     assert not flagged[50:150].any(), "no good result of the peers is flagged: the rules flag none of them"
     assert flagged[150:].sum() == 6, "the failures below every good result's quality are still found"
     # the old rule, one budget (the largest) for both subsets, allowed a threshold that flags 22 of the peers
     allowed = [t for t in np.round(np.arange(0.5, 0.995, 0.0025), 4)
-               if max(fit_quality.false_flag_rates(fit_quality.flags(rows, quality, t, "lung-fields"),
-                                                   fit_quality.good_real_subsets(rows, 0.90)).values())
+               if max(quality_fit.false_flag_rates(quality_fit.flags(rows, quality, t, "lung-fields"),
+                                                   quality_fit.good_real_subsets(rows, 0.90)).values())
                <= max(budgets.values())]
-    assert fit_quality.flags(rows, quality, max(allowed), "lung-fields")[50:150].sum() > 10
+    assert quality_fit.flags(rows, quality, max(allowed), "lung-fields")[50:150].sum() > 10
 
 
 def test_the_false_flag_budget_holds_per_data_set():
@@ -218,7 +216,6 @@ def test_the_false_flag_budget_holds_per_data_set():
     (10.8 %) while the budget, over its own results of both sets, read 9.0 %: its 15 JSRT ones, none flagged,
     diluted the rate. Now each data set with at least MIN_SUBSET good images keeps the budget on its own; a smaller
     one counts only in the pooled rate (one false flag in 15 would be 6.7 % at once)."""
-    fit_quality = load_script("fit_quality")
     rows, quality = [], []
 
     def add(dice, dataset, value):
@@ -234,21 +231,21 @@ def test_the_false_flag_budget_holds_per_data_set():
     for i in range(5):  # a small third set: below MIN_SUBSET, held only to the pooled rate
         add(0.96, "v7-full", 0.93)
     quality = np.array(quality)
-    subsets = fit_quality.good_real_subsets(rows, 0.90)
+    subsets = quality_fit.good_real_subsets(rows, 0.90)
     assert set(subsets) == {"all", "own", "all/covid-qu-ex", "own/covid-qu-ex", "all/jsrt", "own/jsrt"}
-    threshold = fit_quality.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = fit_quality.flags(rows, quality, threshold, "lung-fields")
+    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
     assert flagged[:40].sum() == 4, "at most 10 % of the COVID-era good results"
     good = [*range(100), *range(110, 115)]
     pooled_only = max(t for t in np.round(np.arange(0.5, 0.995, 0.0025), 4)
-                      if fit_quality.flags(rows, quality, t, "lung-fields")[good].mean() <= 0.10)
-    assert fit_quality.flags(rows, quality, pooled_only, "lung-fields")[:40].sum() > 4, \
+                      if quality_fit.flags(rows, quality, t, "lung-fields")[good].mean() <= 0.10)
+    assert quality_fit.flags(rows, quality, pooled_only, "lung-fields")[:40].sum() > 4, \
         "the pooled rate alone would let JSRT's sure results hide COVID-era false flags"
     # `unet-512` on COVID-era films: its own results there are out of its domain, fragmented (the rules flag 40 %
     # of its good ones) and held only to the pooled budget; per data set, no threshold could add a flag there
     outside = [dict(r, in_domain=False, rules={"lung-fields": ["fragments"] if i % 5 < 2 else []})
                for i, r in enumerate(rows[:40])]
-    assert set(fit_quality.good_real_subsets(outside + rows[40:], 0.90)) == {"all", "own", "all/jsrt", "own/jsrt"}
+    assert set(quality_fit.good_real_subsets(outside + rows[40:], 0.90)) == {"all", "own", "all/jsrt", "own/jsrt"}
 
 
 def test_a_peer_out_of_its_domain_is_a_failure_source_there_and_not_fitted_on():
@@ -268,17 +265,16 @@ def test_a_peer_out_of_its_domain_is_a_failure_source_there_and_not_fitted_on():
 def test_refitting_one_mode_keeps_the_cards_other_mode():
     """`fit_quality.py --modes default --write` rewrites the default mode's regression, threshold and measures and
     keeps the card's uncertainty mode as it was fitted; the block's threshold is the default mode's."""
-    fit_quality = load_script("fit_quality")
     old = read_card("unet")["qc"]
     assert set(old["modes"]) == set(old["validation"]) == {"default", "uncertainty"}
     new = {**old, "modes": {"default": {**old["modes"]["default"], "threshold": 0.9}},
            "validation": {"default": {"jsrt": {}}}, "threshold": 0.9}
-    merged = fit_quality.merged_qc(old, new)
+    merged = quality_fit.merged_qc(old, new)
     assert list(merged["modes"]) == list(merged["validation"]) == ["default", "uncertainty"]
     assert merged["modes"]["uncertainty"] == old["modes"]["uncertainty"]
     assert merged["validation"] == {"default": {"jsrt": {}}, "uncertainty": old["validation"]["uncertainty"]}
     assert merged["threshold"] == merged["modes"]["default"]["threshold"] == 0.9
-    assert fit_quality.merged_qc(None, new)["modes"].keys() == {"default"}
+    assert quality_fit.merged_qc(None, new)["modes"].keys() == {"default"}
 
 
 def test_the_readmes_qc_table_is_the_cards():
@@ -307,10 +303,10 @@ def test_swapping_the_halves_fits_on_the_measure_half_and_a_refit_drops_that_mea
     old = read_card("unet")["qc"]
     assert set(old["swapped"]["modes"]) == set(old["swapped"]["validation"]) == set(old["modes"])
     new = {**old, "modes": {"default": old["modes"]["default"]}, "validation": {"default": {}}}
-    merged = fit_quality.merged_qc(old, new)
+    merged = quality_fit.merged_qc(old, new)
     assert list(merged["swapped"]["modes"]) == list(merged["swapped"]["validation"]) == ["uncertainty"]
     both = {**old, "validation": {mode: {} for mode in old["modes"]}}
-    assert "swapped" not in fit_quality.merged_qc(old, both), "every mode refit: no swapped measurement is left"
+    assert "swapped" not in quality_fit.merged_qc(old, both), "every mode refit: no swapped measurement is left"
 
 
 def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
@@ -606,3 +602,88 @@ def test_evaluate_reports_qc_accuracy_beside_the_dice(tmp_path, jsrt, segmenter)
     assert acc["threshold"] == read_card("unet")["qc"]["threshold"] and acc["mode"] == "default"
     assert "QC (threshold" in summary_line(summary) and "flagged" in summary_line(summary)
     assert not math.isnan(float(rows[0]["quality"]))
+
+
+def users_model(tmp_path, name: str = "my-unet") -> Path:
+    """The shipped `unet` as a user's own model: its weights and its card without a qc block (what `lungseg
+    export` writes) in a models folder of their own."""
+    card = read_card("unet")
+    folder = tmp_path / "my-models"
+    folder.mkdir()
+    shutil.copy(card["weights_path"], folder / f"{name}.safetensors")
+    stored = json.loads(Path(card["card_path"]).read_text())
+    del stored["qc"]
+    stored["name"] = name
+    (folder / f"{name}.json").write_text(json.dumps(stored, indent=2))
+    return folder / f"{name}.json"
+
+
+def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_the_other_half(
+        tmp_path, jsrt, monkeypatch, capsys):
+    """`lungseg fit-qc --write`: the model's QC is fitted on one half of the labelled images it never trained on
+    (JSRT val: the card names JSRT train as its training data) and their degraded copies, measured on the other
+    half, and stored in its card, whose weights stay as they were; the batch then uses it. A second `--write`
+    would replace it, so it is refused before any segmenting unless `--overwrite` says so."""
+    from lungseg.cli import main
+    from lungseg.data import list_cases
+    from lungseg.inference import Segmenter
+
+    card_path = users_model(tmp_path)
+    weights = sha256_of(card_path.with_suffix(".safetensors"))
+    monkeypatch.setenv("LUNGSEG_MODELS_PATH", str(card_path.parent))
+    assert main(["models"]) == 0
+    listed = {entry.split()[0]: entry for entry in re.split(r"\n(?=\S)", capsys.readouterr().out.strip())}
+    assert "QC: rules only" in listed["my-unet"], "a model fresh from export has no predicted quality, and says so"
+    assert all("QC: predicted quality fitted" in listed[name] for name in SHIPPED)
+    report = tmp_path / "qc.json"
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--perturbations", "2", "--uncertainty",
+                 "--write", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    stored = json.loads(card_path.read_text())
+    block = stored["qc"]
+    assert block == json.loads(report.read_text()) and stored["sha256"] == weights == sha256_of(
+        card_path.with_suffix(".safetensors")), "only the qc block was added"
+    assert list(block["modes"]) == list(block["validation"]) == ["default", "uncertainty"]
+    assert 0.5 <= block["threshold"] == block["modes"]["default"]["threshold"] < 1
+    val = [c.image.name for c in list_cases(jsrt, "val")]
+    groups = quality_fit.read_groups(jsrt)
+    held_out = [n for n in val if quality_fit.half_of("jsrt", groups.get(n, n)) == "measure"]
+    assert 0 < len(held_out) < len(val) == 22
+    for mode in ("default", "uncertainty"):
+        fitted, measured = block["modes"][mode]["fitted_on"], block["validation"][mode]
+        assert fitted["command"].startswith("lungseg fit-qc --model ") and fitted["below_limit"] > 0
+        assert measured["jsrt"]["qc"]["images"] == len(held_out), "measured on the held-out half of JSRT val only"
+        assert measured["jsrt (perturbed)"]["qc"]["images"] == 2 * len(held_out)
+        assert fitted["images"] == 3 * (len(val) - len(held_out))
+        assert fitted["perturbed"] == 2 * (len(val) - len(held_out))
+        assert f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} " \
+               "results)" in out
+    assert "wrote the QC" in out
+
+    segmenter = Segmenter(str(card_path), "cpu")
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(jsrt / "images" / val[0]), sitk.sitkFloat32))
+    for uncertainty, mode in ((False, "default"), (True, "uncertainty")):
+        assessment = assess(segmenter.segment(image, uncertainty=uncertainty), segmenter)
+        assert assessment.quality is not None and assessment.mode == mode
+        assert assessment.threshold == block["modes"][mode]["threshold"]
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert f"QC: predicted quality fitted {block['fitted']} (default, uncertainty modes), threshold " \
+           f"{block['threshold']:.3f}" in listed
+    assert "QC: rules only" not in listed
+
+    before = card_path.read_text()
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--write"]) == 2
+    err = capsys.readouterr().err
+    assert str(card_path) in err and "--overwrite" in err and "segmenting" not in err
+    assert card_path.read_text() == before
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--split", "train"]) == 2
+    assert "every labelled image of split 'train' is in a split that model 'my-unet' trained on" in \
+        capsys.readouterr().err, "a fit on the images the model learned would flag nothing it gets wrong elsewhere"
+
+
+def test_fit_qc_without_a_failure_to_learn_from_is_a_clear_error():
+    rows = [dict(r, dice=max(r["dice"], 0.95), half="fit", role="own", source="m", dataset="d", in_domain=True)
+            for r in synthetic_rows("expected_dice")]
+    with pytest.raises(LungSegError, match=r"no segmentation below Dice 0.9 among the 80 .*--perturbations"):
+        quality_fit.fit_qc_mode(rows, "default", "lung-fields")

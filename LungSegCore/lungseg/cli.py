@@ -1,9 +1,10 @@
-"""The `lungseg` command: segment, evaluate, train, export and models."""
+"""The `lungseg` command: segment, evaluate, fit-qc, train, export and models."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 
@@ -35,6 +36,24 @@ def _evaluate(args) -> int:
                        masks_left=args.masks_left, device=args.device, truth_definition=args.truth_definition,
                        uncertainty=args.uncertainty, spacing_mm=args.spacing_mm)
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
+    return 0
+
+
+def _fit_qc(args) -> int:
+    from .files import write_atomic_text
+    from .models import resolve_model
+    from .quality_fit import fit_card_qc, fit_summary
+
+    model = resolve_model(args.model, args.definition)
+    block = fit_card_qc(model, args.data, split=args.split, perturbations=args.perturbations,
+                        uncertainty=args.uncertainty, device=args.device, write=args.write, overwrite=args.overwrite,
+                        max_false_flags=args.max_false_flags, command=shlex.join(["lungseg", *args.argv]))
+    for line in fit_summary(block):
+        print(f"lungseg: {line}")
+    if args.report:
+        write_atomic_text(json.dumps(block, indent=1) + "\n", args.report)
+    print(f"lungseg: wrote the QC of model '{model}' into its card" if args.write else
+          "lungseg: measured only; --write stores this QC in the model's card")
     return 0
 
 
@@ -77,12 +96,24 @@ def _models(args) -> int:
               + (f"  {speed:.0f} ms/image (1 CPU thread)" if speed else ""))
         if card.get("definition_text"):
             print(f"{'':<12} {card['definition_text']}")
+        print(f"{'':<12} {qc_status(card)}")
         for key, evaluation in card.get("cross_validation", {}).get("evaluations", {}).items():
             folds, unit = evaluation["across_folds"], evaluation.get("hd95_unit", "px")
             print(f"{'':<12} recipe's {len(evaluation['per_fold'])}-fold cross-validation, {key}: Dice "
                   f"{folds['both_dice']['mean']:.4f} ± {folds['both_dice']['sd']:.4f}, HD95 "
                   f"{folds['both_hd95']['mean']:.2f} {unit}")
     return 0
+
+
+def qc_status(card: dict) -> str:
+    """`QC: predicted quality fitted 2026-11-24 (default, uncertainty modes), threshold 0.953`, or what is missing."""
+    block = card.get("qc") or {}
+    modes = list(block.get("modes") or {})
+    if not modes:
+        return "QC: rules only, no predicted quality (`lungseg fit-qc --model NAME --data DIR --write` fits one)"
+    threshold = block.get("threshold")
+    return (f"QC: predicted quality fitted {block.get('fitted', '')} ({', '.join(modes)} mode"
+            f"{'s' if len(modes) > 1 else ''})" + (f", threshold {threshold:.3f}" if threshold is not None else ""))
 
 
 def _pixel_count(text: str) -> int:
@@ -151,6 +182,29 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_evaluate)
 
+    q = sub.add_parser("fit-qc", help="fit a model's quality control (predicted Dice and threshold) on labelled "
+                       "images, measured on the half it was not fitted on", parents=[common])
+    q.add_argument("--data", required=True, help="a data set folder: images/, masks/ (0/255, both lungs), optionally "
+                   "masks_right/, masks_left/, masks_ignore/ and splits.csv (a patient column keeps a patient's "
+                   "images in one half); images of the splits the model trained on are left out")
+    q.add_argument("--split", help="only the images of this split of splits.csv")
+    q.add_argument("--model", help="model name or card path (overrides --definition)")
+    q.add_argument("--definition", choices=list(DEFINITIONS),
+                   help="best model of this lung definition (default lung-fields)")
+    q.add_argument("--perturbations", type=int, default=4, metavar="K",
+                   help="degraded copies of each image (an opacity or occluder over a lung, rotation, zoom-out, "
+                        "crop, gamma, noise, blur): the failures a good model's own results lack (default 4)")
+    q.add_argument("--uncertainty", action="store_true", help="also fit the --uncertainty mode's QC")
+    q.add_argument("--max-false-flags", type=float, default=0.10, metavar="RATE",
+                   help="the highest share of good results (Dice >= 0.90) the threshold may flag on the fit half "
+                        "(default 0.10)")
+    q.add_argument("--write", action="store_true", help="store the fitted QC in the model's card (only its qc block "
+                   "changes, never the weights)")
+    q.add_argument("--overwrite", action="store_true", help="with --write, replace the card's fitted QC")
+    q.add_argument("--report", metavar="FILE", help="also write the fitted block and its measurements (JSON) here")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=_fit_qc)
+
     t = sub.add_parser("train", help="train a network from a YAML config", parents=[common])
     t.add_argument("--config", required=True, help="YAML file, or the name of a packaged config (e.g. unet)")
     t.add_argument("--data-root", help="folder holding the data sets named in the config")
@@ -184,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # as given, for the record of a fit
     keep_freed_memory()  # this process is ours alone: a faster forward pass (see memory.py)
     try:
         status = args.func(args)
