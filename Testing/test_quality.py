@@ -618,12 +618,31 @@ def users_model(tmp_path, name: str = "my-unet") -> Path:
     return folder / f"{name}.json"
 
 
+def with_two_unusable_images(jsrt, tmp_path) -> Path:
+    """JSRT as a folder of the user's (links), whose val split also holds a truncated PNG and an image whose mask
+    has another size."""
+    data = tmp_path / "jsrt"
+    for sub in ("images", "masks", "masks_right", "masks_left"):
+        (data / sub).mkdir(parents=True)
+        for path in (jsrt / sub).iterdir():
+            os.symlink(path, data / sub / path.name)
+    image = sorted((jsrt / "images").iterdir())[0]
+    (data / "images" / "broken.png").write_bytes(image.read_bytes()[:300])
+    os.symlink(jsrt / "masks" / image.name, data / "masks" / "broken.png")
+    os.symlink(image, data / "images" / "small-mask.png")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((100, 100), np.uint8)), str(data / "masks" / "small-mask.png"))
+    rows = (jsrt / "splits.csv").read_text().rstrip("\n") + "\nbroken.png,val,nodule\nsmall-mask.png,val,nodule\n"
+    (data / "splits.csv").write_text(rows)
+    return data
+
+
 def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_the_other_half(
         tmp_path, jsrt, monkeypatch, capsys):
     """`lungseg fit-qc --write`: the model's QC is fitted on one half of the labelled images it never trained on
     (JSRT val: the card names JSRT train as its training data) and their degraded copies, measured on the other
     half, and stored in its card, whose weights stay as they were; the batch then uses it. A second `--write`
-    would replace it, so it is refused before any segmenting unless `--overwrite` says so."""
+    would replace it, so it is refused before any segmenting unless `--overwrite` says so. Images that cannot be
+    used are named with their problem and left out, and the exit status says so."""
     from lungseg.cli import main
     from lungseg.data import list_cases
     from lungseg.inference import Segmenter
@@ -636,9 +655,14 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert "QC: rules only" in listed["my-unet"], "a model fresh from export has no predicted quality, and says so"
     assert all("QC: predicted quality fitted" in listed[name] for name in SHIPPED)
     report = tmp_path / "qc.json"
-    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--perturbations", "2", "--uncertainty",
-                 "--write", "--report", str(report)]) == 0
-    out = capsys.readouterr().out
+    data = with_two_unusable_images(jsrt, tmp_path)
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(data), "--perturbations", "2", "--uncertainty",
+                 "--write", "--report", str(report)]) == 1
+    out, err = capsys.readouterr()
+    assert f"lungseg: error: {data / 'images' / 'broken.png'}: cannot be read as an image" in err
+    assert f"lungseg: error: {data / 'masks' / 'small-mask.png'}: the reference is 100x100 pixels but the image " \
+           "small-mask.png is 512x512" in err
+    assert "2 labelled image(s) could not be used and were left out" in err
     stored = json.loads(card_path.read_text())
     block = stored["qc"]
     assert block == json.loads(report.read_text()) and stored["sha256"] == weights == sha256_of(
@@ -673,7 +697,7 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert "QC: rules only" not in listed
 
     before = card_path.read_text()
-    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--write"]) == 2
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(data), "--write"]) == 2
     err = capsys.readouterr().err
     assert str(card_path) in err and "--overwrite" in err and "segmenting" not in err
     assert card_path.read_text() == before

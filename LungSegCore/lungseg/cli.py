@@ -45,16 +45,20 @@ def _fit_qc(args) -> int:
     from .quality_fit import fit_card_qc, fit_summary
 
     model = resolve_model(args.model, args.definition)
-    block = fit_card_qc(model, args.data, split=args.split, perturbations=args.perturbations,
-                        uncertainty=args.uncertainty, device=args.device, write=args.write, overwrite=args.overwrite,
-                        max_false_flags=args.max_false_flags, command=shlex.join(["lungseg", *args.argv]))
+    block, problems = fit_card_qc(model, args.data, split=args.split, perturbations=args.perturbations,
+                                  uncertainty=args.uncertainty, device=args.device, write=args.write,
+                                  overwrite=args.overwrite, max_false_flags=args.max_false_flags,
+                                  command=shlex.join(["lungseg", *args.argv]))
     for line in fit_summary(block):
         print(f"lungseg: {line}")
     if args.report:
         write_atomic_text(json.dumps(block, indent=1) + "\n", args.report)
     print(f"lungseg: wrote the QC of model '{model}' into its card" if args.write else
           "lungseg: measured only; --write stores this QC in the model's card")
-    return 0
+    if problems:  # fitted on the others, like a batch that finishes around a bad file; the status says so
+        print(f"lungseg: {len(problems)} labelled image(s) could not be used and were left out (listed above)",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _train(args) -> int:

@@ -17,6 +17,7 @@ models, failure sources, cross-validation folds) and a cache. Both go through th
 from __future__ import annotations
 
 import hashlib
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -69,6 +70,27 @@ def cases_for(card: dict, dataset: str, root: Path, limit: int | None = None) ->
         cases = sorted(cases, key=lambda c: hashlib.sha1(c.image.name.encode()).hexdigest())[:limit]
         cases.sort(key=lambda c: c.image.name)
     return cases
+
+
+def usable_cases(cases: list) -> tuple[list, list[str]]:
+    """The cases whose image and reference masks can be read and have one size, and for each other case a message
+    naming the file and the problem: one bad file does not stop a fit."""
+    usable, problems = [], []
+    for case in cases:
+        try:
+            pixels, truth, _ = case_arrays(case, 0)
+        except LungSegError as exc:  # the image: io names the file and the problem
+            problems.append(str(exc))
+            continue
+        except RuntimeError as exc:  # a mask SimpleITK cannot read; its message names the file
+            problems.append(f"{case.image.name}: a reference mask cannot be read ({' '.join(str(exc).split())})")
+            continue
+        if pixels.shape != truth.shape:
+            problems.append(f"{case.mask}: the reference is {truth.shape[1]}x{truth.shape[0]} pixels but the image "
+                            f"{case.image.name} is {pixels.shape[1]}x{pixels.shape[0]}")
+            continue
+        usable.append(case)
+    return usable, problems
 
 
 # -- segmenting them: features, rules and the true Dice per image ----------------------------------------------
@@ -475,7 +497,9 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
             card already has is replaced only with `overwrite`.
 
     Returns:
-        The qc block: each mode's regression, threshold and `fitted_on`, and its `validation` on the held-out half.
+        The qc block (each mode's regression, threshold and `fitted_on`, and its `validation` on the held-out half)
+        and the images left out because they or their masks could not be used (`usable_cases`), each named with
+        its problem (also printed).
     """
     import json
 
@@ -498,6 +522,11 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
     if not cases:
         raise LungSegError(f"{data}: every labelled image" + (f" of split '{split}'" if split else "")
                            + f" is in a split that model '{card['name']}' trained on, or there is none")
+    cases, problems = usable_cases(cases)
+    for problem in problems:
+        print(f"lungseg: error: {problem}", file=sys.stderr)
+    if not cases:
+        raise LungSegError(f"{data}: none of its labelled images can be used (above)")
     items = [(case, variant) for case in cases for variant in range(perturbations + 1)]
     groups = read_groups(data)
     block = empty_qc_block(DICE_LIMIT, command)
@@ -515,7 +544,7 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
         stored = json.loads(path.read_text())
         stored["qc"] = merged_qc(stored.get("qc"), block)
         write_atomic_text(json.dumps(stored, indent=2) + "\n", path)
-    return block
+    return block, problems
 
 
 def fit_summary(block: dict) -> list[str]:
