@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from lungseg.errors import LungSegError
 from lungseg.export import build_card, export_run, run_environment
 from lungseg.models import load_model
 from lungseg.train import load_config, train
@@ -115,6 +116,19 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     assert loaded["sha256"] == card["sha256"]
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
+    # exporting again would replace the model, its measured card and any fitted QC: only when asked to
+    stored = card_path.read_text()
+    with pytest.raises(LungSegError, match=f"{card_path}: a model named '{card['name']}' is already there; "
+                                           "--overwrite replaces it"):
+        export_run(run, tmp_path / "models", device="cpu")
+    assert card_path.read_text() == stored
+    assert export_run(run, tmp_path / "models", device="cpu", overwrite=True) == card_path
+    # a shipped model's name would leave `--model unet` two models to choose from
+    with pytest.raises(LungSegError, match="a model named 'unet' is already in .*lungseg/models; export this one "
+                                           "under another name"):
+        export_run(run, tmp_path / "elsewhere", device="cpu", name="unet")
+    assert not (tmp_path / "elsewhere").exists()
+
 
 def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     """Two runs make one model whose probabilities are the mean of its members' own, each member fed at the size it
@@ -122,7 +136,6 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     definitions refuse to ensemble."""
     import torch.nn.functional as F
 
-    from lungseg.errors import LungSegError
     from lungseg.evaluate import evaluate
     from lungseg.export import ensemble_card, model_from_run
 

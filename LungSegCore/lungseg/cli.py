@@ -78,7 +78,8 @@ def _export(args) -> int:
     from .export import PACKAGE_MODELS, export_run
 
     card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
-                      name=args.name, weights=args.weights, cross_validation=args.cross_validation)
+                      name=args.name, weights=args.weights, cross_validation=args.cross_validation,
+                      overwrite=args.overwrite)
     print(f"lungseg: exported {card}")
     return 0
 
@@ -230,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--cross-validation", metavar="CV_SUMMARY", help="the recipe's cv_summary.json "
                    "(scripts/cross_validate.py), recorded in the card and shown by `lungseg models`")
     x.add_argument("--out-dir", help="destination (default: the package's models folder)")
+    x.add_argument("--overwrite", action="store_true", help="replace a model of the same name in --out-dir")
     x.add_argument("--data-root")
     x.add_argument("--device", default="auto")
     x.set_defaults(func=_export)

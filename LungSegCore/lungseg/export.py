@@ -18,7 +18,7 @@ from .data import entry_cases, selection_tag
 from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from .errors import LungSegError
 from .files import checkpoint_file, write_atomic_text
-from .models import PACKAGE_MODELS, save_model
+from .models import PACKAGE_MODELS, model_dirs, save_model
 from .networks import build_network
 
 
@@ -152,11 +152,27 @@ def ensemble_card(members: list[tuple[dict, list[dict], int, list[dict] | None]]
     return card
 
 
+def check_destination(name: str, out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a model in `out_dir` unless `overwrite` (its card, measured metrics and fitted QC would go
+    too: a shipped model, when out_dir is the package's folder), and a name that another models folder already
+    holds (`--model NAME` could not tell the two apart)."""
+    here = [path for path in (out_dir / f"{name}.json", out_dir / f"{name}.safetensors") if path.exists()]
+    if here and not overwrite:
+        raise LungSegError(f"{here[0]}: a model named '{name}' is already there; --overwrite replaces it (its card "
+                           "and any fitted QC with it), or --name exports this one under another name")
+    elsewhere = [folder for folder in model_dirs()
+                 if (folder / f"{name}.json").exists() and folder.resolve() != out_dir.resolve()]
+    if elsewhere:
+        raise LungSegError(f"a model named '{name}' is already in {elsewhere[0]}; export this one under another name "
+                           "(--name), so that --model can tell the two apart")
+
+
 def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
                device: str = "auto", name: str | None = None, weights: str = "best",
-               cross_validation: str | Path | None = None) -> Path:
+               cross_validation: str | Path | None = None, overwrite: bool = False) -> Path:
     """Export one run's best (or last) checkpoint, or with several runs their ensemble; `name` overrides the
-    recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card."""
+    recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card. A model of that name
+    already in `out_dir` is replaced only with `overwrite` (`check_destination`)."""
     from .evaluate import evaluate
     from .networks import Ensemble
 
@@ -166,6 +182,7 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
         if not (run_dir / checkpoint).exists():
             raise LungSegError(f"{run_dir}: no {checkpoint} here; export takes the folder of a training run")
     loaded = [model_from_run(run_dir, checkpoint) for run_dir in runs]
+    check_destination(name or loaded[0][2]["name"], Path(out_dir), overwrite)
     histories = [json.loads((run_dir / "history.json").read_text()) for run_dir in runs]
     epochs = [checkpoint_epoch(state, history, weights) for (_, state, _), history in zip(loaded, histories)]
     if len(runs) == 1:
