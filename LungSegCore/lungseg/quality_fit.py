@@ -481,7 +481,7 @@ DEFAULT_PERTURBATIONS = 4  # degraded copies of each image: the failures a good 
 def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
                 perturbations: int = DEFAULT_PERTURBATIONS, uncertainty: bool = False, device: str = "auto",
                 write: bool = False, overwrite: bool = False, max_false_flags: float = 0.10,
-                command: str = "lungseg fit-qc") -> dict:
+                command: str = "lungseg fit-qc") -> tuple[dict, list[str]]:
     """Fit a model's QC on a labelled data set and measure it on the half it was not fitted on (`lungseg fit-qc`).
 
     Args:
