@@ -192,3 +192,17 @@ def test_a_users_model_named_like_a_shipped_one_is_never_chosen_silently(tmp_pat
                               "--model", tmp_path / "unet.json"], capture_output=True, text=True, env=env, timeout=900)
     assert by_path.returncode == 0, by_path.stderr
     assert len(list((tmp_path / "out").glob("*.nrrd"))) == 1
+
+
+@pytest.mark.parametrize("command, option, value, message", [
+    ("segment", "--batch-size", "0", "argument --batch-size: 0: give 1 or more"),
+    ("segment", "--workers", "-1", "argument --workers: -1: give 0 or more"),
+    ("segment", "--batch-size", "four", "argument --batch-size: 'four' is not a whole number"),
+    ("fit-qc", "--perturbations", "-1", "argument --perturbations: -1: give 0 or more")])
+def test_a_count_out_of_range_is_a_usage_error_not_a_traceback(tmp_path, command, option, value, message):
+    """`--batch-size 0` and `--workers -1` reached torch's DataLoader and ended in its traceback."""
+    inputs = [sample_pngs()[0], "-o", tmp_path / "out"] if command == "segment" else ["--data", tmp_path]
+    result = run_cli(command, *inputs, option, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"lungseg {command}: error: {message}"
+    assert not (tmp_path / "out").exists()

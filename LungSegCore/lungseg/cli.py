@@ -48,7 +48,7 @@ def _fit_qc(args) -> int:
     block, problems = fit_card_qc(model, args.data, split=args.split, perturbations=args.perturbations,
                                   uncertainty=args.uncertainty, device=args.device, write=args.write,
                                   overwrite=args.overwrite, max_false_flags=args.max_false_flags,
-                                  command=shlex.join(["lungseg", *args.argv]))
+                                  batch_size=args.batch_size, command=shlex.join(["lungseg", *args.argv]))
     for line in fit_summary(block):
         print(f"lungseg: {line}")
     if args.report:
@@ -131,6 +131,20 @@ def _pixel_count(text: str) -> int:
     return value
 
 
+def _at_least(minimum: int):
+    """An argparse type: a whole number of at least `minimum` (a batch of 0 images, or -1 workers, is a usage error
+    here, not a traceback from the data loader)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: give {minimum} or more")
+        return value
+    return count
+
+
 def parser() -> argparse.ArgumentParser:
     # --debug is accepted before and after the command; SUPPRESS keeps a subcommand from resetting it
     common = argparse.ArgumentParser(add_help=False)
@@ -160,8 +174,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--recursive", action="store_true", help="search folders recursively")
     s.add_argument("--overwrite", action="store_true", help="redo inputs that an earlier run completed")
     s.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. for a SLURM array")
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--workers", type=int, help="DataLoader workers that read and preprocess (default: cores - 1)")
+    s.add_argument("--batch-size", type=_at_least(1), default=4)
+    s.add_argument("--workers", type=_at_least(0), help="DataLoader workers that read and preprocess (default: cores - 1)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--progress-lines", action="store_true",
                    help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar")
@@ -196,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="model name or card path (overrides --definition)")
     q.add_argument("--definition", choices=list(DEFINITIONS),
                    help="best model of this lung definition (default lung-fields)")
-    q.add_argument("--perturbations", type=int, default=4, metavar="K",
+    q.add_argument("--perturbations", type=_at_least(0), default=4, metavar="K",
                    help="degraded copies of each image (an opacity or occluder over a lung, rotation, zoom-out, "
                         "crop, gamma, noise, blur): the failures a good model's own results lack (default 4)")
     q.add_argument("--uncertainty", action="store_true", help="also fit the --uncertainty mode's QC")
@@ -207,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
                    "changes, never the weights)")
     q.add_argument("--overwrite", action="store_true", help="with --write, replace the card's fitted QC")
     q.add_argument("--report", metavar="FILE", help="also write the fitted block and its measurements (JSON) here")
+    q.add_argument("--batch-size", type=_at_least(1), default=4)
     q.add_argument("--device", default="auto")
     q.set_defaults(func=_fit_qc)
 
@@ -217,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, help="train the recipe with this seed instead (run name <name>-seed<N>), "
                    "e.g. a second member for `lungseg export RUN RUN`")
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    t.add_argument("--max-steps", type=_at_least(1), help="stop after this many optimizer steps (smoke runs)")
     t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
     t.set_defaults(func=_train)
 

@@ -480,7 +480,7 @@ DEFAULT_PERTURBATIONS = 4  # degraded copies of each image: the failures a good 
 
 def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
                 perturbations: int = DEFAULT_PERTURBATIONS, uncertainty: bool = False, device: str = "auto",
-                write: bool = False, overwrite: bool = False, max_false_flags: float = 0.10,
+                write: bool = False, overwrite: bool = False, max_false_flags: float = 0.10, batch_size: int = 4,
                 command: str = "lungseg fit-qc") -> tuple[dict, list[str]]:
     """Fit a model's QC on a labelled data set and measure it on the half it was not fitted on (`lungseg fit-qc`).
 
@@ -495,6 +495,8 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
         uncertainty: also fit the `--uncertainty` mode (its test-time augmentation or latent samples).
         write: write the block into the model's card (only its `qc` block changes, never the weights); a mode the
             card already has is replaced only with `overwrite`.
+        batch_size: images per forward pass, as `lungseg segment --batch-size` (the uncertainty mode runs each
+            image's samples in the same pass).
 
     Returns:
         The qc block (each mode's regression, threshold and `fitted_on`, and its `validation` on the held-out half)
@@ -531,8 +533,8 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
     groups = read_groups(data)
     block = empty_qc_block(DICE_LIMIT, command)
     for mode in modes:  # row by row: the model's maps of thousands of images need not stay in memory
-        outputs = tqdm(iter_outputs(segmenter, items, mode), total=len(items), desc=f"segmenting ({mode} mode)",
-                       unit="image")
+        outputs = tqdm(iter_outputs(segmenter, items, mode, batch_size), total=len(items),
+                       desc=f"segmenting ({mode} mode)", unit="image")
         pool = [{**scored_row(case, variant, maps, data.name, groups), "dataset": data.name, "source": card["name"],
                  "role": "own", "in_domain": True} for (case, variant), maps in outputs]
         block["modes"][mode], block["validation"][mode] = fit_qc_mode(
