@@ -704,6 +704,8 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--split", "train"]) == 2
     assert "every labelled image of split 'train' is in a split that model 'my-unet' trained on" in \
         capsys.readouterr().err, "a fit on the images the model learned would flag nothing it gets wrong elsewhere"
+    assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--split", "tset"]) == 2
+    assert "no labelled image is in split 'tset' (splits.csv names train, val)" in capsys.readouterr().err
 
 
 def test_fit_qc_without_a_failure_to_learn_from_is_a_clear_error():

@@ -520,10 +520,15 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
                            f"mode ({(card['qc'] or {}).get('fitted', 'date unknown')}); --overwrite replaces it")
     if perturbations < 0:
         raise LungSegError(f"--perturbations {perturbations}: give 0 or more degraded copies per image")
-    cases = [case for case in cases_for(card, data.name, data.parent) if split is None or case.split == split]
+    unseen = cases_for(card, data.name, data.parent)
+    cases = [case for case in unseen if split is None or case.split == split]
     if not cases:
+        known = sorted({case.split for case in list_cases(data)} - {""})
+        if split and split not in known:
+            raise LungSegError(f"{data}: no labelled image is in split '{split}' (splits.csv names "
+                               f"{', '.join(known) or 'none'})")
         raise LungSegError(f"{data}: every labelled image" + (f" of split '{split}'" if split else "")
-                           + f" is in a split that model '{card['name']}' trained on, or there is none")
+                           + f" is in a split that model '{card['name']}' trained on")
     cases, problems = usable_cases(cases)
     for problem in problems:
         print(f"lungseg: error: {problem}", file=sys.stderr)
