@@ -101,7 +101,7 @@ def _models(args) -> int:
               + (f"  {speed:.0f} ms/image (1 CPU thread)" if speed else ""))
         if card.get("definition_text"):
             print(f"{'':<12} {card['definition_text']}")
-        print(f"{'':<12} {qc_status(card)}")
+        print(f"{'':<12} {_qc_status(card)}")
         for key, evaluation in card.get("cross_validation", {}).get("evaluations", {}).items():
             folds, unit = evaluation["across_folds"], evaluation.get("hd95_unit", "px")
             print(f"{'':<12} recipe's {len(evaluation['per_fold'])}-fold cross-validation, {key}: Dice "
@@ -110,7 +110,7 @@ def _models(args) -> int:
     return 0
 
 
-def qc_status(card: dict) -> str:
+def _qc_status(card: dict) -> str:
     """`QC: predicted quality fitted 2026-11-24 (default, uncertainty modes), threshold 0.953`, or what is missing."""
     block = card.get("qc") or {}
     modes = list(block.get("modes") or {})
@@ -175,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="redo inputs that an earlier run completed")
     s.add_argument("--shard", metavar="I/N", help="process only shard I of N (1-based), e.g. for a SLURM array")
     s.add_argument("--batch-size", type=_at_least(1), default=4)
-    s.add_argument("--workers", type=_at_least(0), help="DataLoader workers that read and preprocess (default: cores - 1)")
+    s.add_argument("--workers", type=_at_least(0),
+                   help="DataLoader workers that read and preprocess (default: cores - 1)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--progress-lines", action="store_true",
                    help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar")

@@ -520,6 +520,8 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
                            f"mode ({(card['qc'] or {}).get('fitted', 'date unknown')}); --overwrite replaces it")
     if perturbations < 0:
         raise LungSegError(f"--perturbations {perturbations}: give 0 or more degraded copies per image")
+    if not 0 <= max_false_flags < 1:
+        raise LungSegError(f"--max-false-flags {max_false_flags}: give a share of the good results, from 0 to below 1")
     unseen = cases_for(card, data.name, data.parent)
     cases = [case for case in unseen if split is None or case.split == split]
     if not cases:
