@@ -57,10 +57,11 @@ def synthetic_rows(informative: str, n: int = 80, seed: int = 1) -> list[dict]:
 @pytest.mark.parametrize("informative, chosen", [("expected_dice", "boundary"), ("confidence", "output"),
                                                   ("box_fill", "output+shape")])
 def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within_the_fit_half(informative, chosen):
-    """scripts/fit_quality.py: with one informative feature among noise, the feature set and penalty whose
-    out-of-fold predictions rank the real images best are chosen: the boundary's features alone when the others
-    are noise (ties go to the smaller set, then the smaller penalty), the output's whole confidence when the
-    image-wide confidence carries the signal, with the shape when a shape feature does."""
+    """quality_fit (scripts/fit_quality.py and lungseg fit-qc): with one informative feature among noise, the
+    feature set and penalty whose out-of-fold predictions rank the real images best are chosen: the boundary's
+    features alone when the others are noise (ties go to the smaller set, then the smaller penalty), the output's
+    whole confidence when the image-wide confidence carries the signal, with the shape when a shape feature
+    does."""
     from lungseg.quality import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
 
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(BOUNDARY_FEATURES) < set(OUTPUT_FEATURES)
