@@ -18,7 +18,7 @@ from .data import entry_cases, selection_tag
 from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from .errors import LungSegError
 from .files import checkpoint_file, write_atomic_text
-from .models import PACKAGE_MODELS, model_dirs, save_model
+from .models import PACKAGE_MODELS, cards_named, save_model
 from .networks import build_network
 
 
@@ -160,8 +160,7 @@ def check_destination(name: str, out_dir: Path, overwrite: bool = False) -> None
     if here and not overwrite:
         raise LungSegError(f"{here[0]}: a model named '{name}' is already there; --overwrite replaces it (its card "
                            "and any fitted QC with it), or --name exports this one under another name")
-    elsewhere = [folder for folder in model_dirs()
-                 if (folder / f"{name}.json").exists() and folder.resolve() != out_dir.resolve()]
+    elsewhere = [card.parent for card in cards_named(name) if card.parent.resolve() != out_dir.resolve()]
     if elsewhere:
         raise LungSegError(f"a model named '{name}' is already in {elsewhere[0]}; export this one under another name "
                            "(--name), so that --model can tell the two apart")

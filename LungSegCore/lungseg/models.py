@@ -35,13 +35,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cards_named(name: str) -> list[Path]:
+    """The cards of the models called `name` in the models folders (a folder named twice counts once)."""
+    cards = (folder / f"{name}.json" for folder in model_dirs())
+    return list({card.resolve(): card for card in cards if card.exists()}.values())
+
+
 def find_card(name_or_path: str | Path) -> Path:
     """Card path for a model name, a card path or a weights path."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".json", ".safetensors") and candidate.exists():
         return candidate.with_suffix(".json")
-    cards = (folder / f"{name_or_path}.json" for folder in model_dirs())
-    found = list({card.resolve(): card for card in cards if card.exists()}.values())  # a folder named twice: once
+    found = cards_named(str(name_or_path))
     if len(found) > 1:  # a user's model named like a shipped one: never pick one of them silently
         raise LungSegError(f"model '{name_or_path}' is in more than one models folder ({', '.join(map(str, found))}); "
                            f"give the card's path (--model {found[-1]}), or export it under another name "
