@@ -27,7 +27,7 @@ from .io import ImageReadError, read_radiograph
 from .labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
 from .overlay import write_case_sheet
-from .quality import DICE_LIMIT, assess, qc_accuracy, quality_model
+from .quality import DICE_LIMIT, assess, qc_accuracy, qc_accuracy_text, quality_model
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
@@ -178,19 +178,12 @@ def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
 
 
 def qc_line(summary: dict) -> str:
-    """`QC: 7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390), Spearman 0.71`."""
+    """`QC (threshold 0.953): 7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390), ...`."""
     acc = summary.get("qc_accuracy")
     if not acc:
         return ""
-    qc = acc["qc"]
-    parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {acc['dice_limit']:.2f} flagged"
-             + (f" (recall {qc['recall']:.2f})" if qc["recall"] is not None else "")]
-    if qc["false_flag_rate"] is not None:
-        parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
-    if qc.get("spearman") is not None:
-        parts.append(f"Spearman(quality, Dice) {qc['spearman']:.2f}")
     threshold = f"threshold {acc['threshold']:.3f}" if acc["threshold"] is not None else "no fitted quality"
-    return f"QC ({threshold}): " + ", ".join(parts)
+    return f"QC ({threshold}): {qc_accuracy_text(acc['qc'])}"
 
 
 def summary_line(summary: dict) -> str:

@@ -424,3 +424,15 @@ def qc_accuracy(dice, flagged, quality=None, limit: float = DICE_LIMIT, severe: 
         out["spearman"] = None if math.isnan(rho) else round(rho, 4)
         out["mean_abs_error"] = round(float(np.abs(quality - dice).mean()), 4) if dice.size else None
     return out
+
+
+def qc_accuracy_text(qc: dict) -> str:
+    """`qc_accuracy`'s result in words: `7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390),
+    Spearman(quality, Dice) 0.71` (a part without its numbers left out)."""
+    parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged"
+             + (f" (recall {qc['recall']:.2f})" if qc["recall"] is not None else "")]
+    if qc["false_flag_rate"] is not None:
+        parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
+    if qc.get("spearman") is not None:
+        parts.append(f"Spearman(quality, Dice) {qc['spearman']:.2f}")
+    return ", ".join(parts)

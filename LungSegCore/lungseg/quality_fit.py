@@ -29,7 +29,7 @@ from .errors import LungSegError
 from .io import read_radiograph
 from .qc import quality_flags
 from .quality import (DICE_LIMIT, FEATURE_SETS, MEMBER_FEATURES, TWO_SIDED, UNCERTAINTY_FEATURES, QualityModel,
-                      fit_regression, qc_accuracy, quality_features, transform)
+                      fit_regression, qc_accuracy, qc_accuracy_text, quality_features, transform)
 
 MODES = ("default", "uncertainty")
 METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
@@ -564,12 +564,6 @@ def fit_summary(block: dict) -> list[str]:
         for group, measured in groups.items():
             if group in ("own", "own+perturbed") or " (shipped models)" in group:
                 continue  # the same images as the data set's own group here
-            qc = measured["qc"]
-            recall = f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged" + \
-                (f" (recall {qc['recall']:.2f})" if qc["recall"] is not None else "")
-            false_flags = "no good result" if qc["false_flag_rate"] is None else \
-                f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})"
-            rho = "" if qc.get("spearman") is None else f", Spearman(quality, Dice) {qc['spearman']:.2f}"
-            lines.append(f"{mode} mode, threshold {threshold:.3f}, held-out {group} ({qc['images']} results): "
-                         f"{recall}, {false_flags}{rho}")
+            lines.append(f"{mode} mode, threshold {threshold:.3f}, held-out {group} ({measured['qc']['images']} "
+                         f"results): {qc_accuracy_text(measured['qc'])}")
     return lines
