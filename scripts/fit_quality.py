@@ -191,11 +191,9 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
 
 
 def summary_line(name: str, measured: dict) -> str:
-    parts = []
-    for group in [g for g in measured if " / " not in g]:
-        qc = measured[group]["qc"]
-        parts.append(f"{group}: {qc['flagged_below']}/{qc['below']} flagged, false flags {qc['false_flag_rate']}, "
-                     f"Spearman {qc['spearman']}")
+    from lungseg.quality import qc_accuracy_text
+
+    parts = [f"{group}: {qc_accuracy_text(measured[group]['qc'])}" for group in measured if " / " not in group]
     return f"  {name}: " + "\n  ".join(parts)
 
 
