@@ -117,8 +117,10 @@ def _qc_status(card: dict) -> str:
     if not modes:
         return "QC: rules only, no predicted quality (`lungseg fit-qc --model NAME --data DIR --write` fits one)"
     threshold = block.get("threshold")
+    off = [mode for mode, fit in block["modes"].items() if not fit.get("fragments_rule", True)]
     return (f"QC: predicted quality fitted {block.get('fitted', '')} ({', '.join(modes)} mode"
-            f"{'s' if len(modes) > 1 else ''})" + (f", threshold {threshold:.3f}" if threshold is not None else ""))
+            f"{'s' if len(modes) > 1 else ''})" + (f", threshold {threshold:.3f}" if threshold is not None else "")
+            + (f"; fragments rule off in the {' and '.join(off)} mode{'s' if len(off) > 1 else ''}" if off else ""))
 
 
 def _pixel_count(text: str) -> int:

@@ -238,17 +238,21 @@ class QualityModel:
     weights: tuple[float, ...]
     bias: float
     threshold: float             # quality below this: check
+    # whether the fragments rule (qc.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
+    # of the model's good results (quality_fit.keeps_fragments_rule); cards fitted before it was a choice keep it
+    fragments_rule: bool = True
 
     @classmethod
     def from_dict(cls, block: dict) -> "QualityModel":
         return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
-                   tuple(block["weights"]), float(block["bias"]), float(block["threshold"]))
+                   tuple(block["weights"]), float(block["bias"]), float(block["threshold"]),
+                   bool(block.get("fragments_rule", True)))
 
     def to_dict(self) -> dict:
         return {"features": list(self.features), "centre": [round(v, 6) for v in self.centre],
                 "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
                 "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
-                "threshold": round(self.threshold, 4)}
+                "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule}
 
     def standardized(self, values: dict[str, float]) -> np.ndarray:
         return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
@@ -316,10 +320,12 @@ def assess(prediction, model) -> Assessment:
         "check" when there is any reason.
     """
     card = _card_of(model)
-    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty,
-                            card.get("definition") or DEFAULT_DEFINITION)  # an unknown one falls back there
     fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
-    if fitted is None or prediction.model_probabilities is None:
+    predicted = fitted is not None and prediction.model_probabilities is not None
+    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty,
+                            card.get("definition") or DEFAULT_DEFINITION,  # an unknown one falls back there
+                            fragments=not predicted or fitted.fragments_rule)  # off only where quality stands in
+    if not predicted:
         return Assessment(None, None, reasons, mode)
     values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features))
     quality = fitted.predict(values)
