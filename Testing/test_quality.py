@@ -19,7 +19,7 @@ from lungseg import quality_fit
 from lungseg.errors import LungSegError
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
-                             qc_accuracy, quality_features, quality_model)
+                             qc_accuracy, qc_accuracy_text, quality_features, quality_model)
 from lungseg.samples import sample_pngs
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -407,7 +407,13 @@ def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     assert (acc["below"], acc["flagged_below"], acc["recall"]) == (3, 2, round(2 / 3, 4))
     assert (acc["at_or_above"], acc["flagged_at_or_above"], acc["false_flag_rate"]) == (3, 1, round(1 / 3, 4))
     assert acc["spearman"] == 1.0
+    assert (acc["below_severe"], acc["flagged_below_severe"]) == (1, 1), "the clear failures, below 0.80"
+    assert qc_accuracy_text(acc) == "2 of 3 below Dice 0.90 flagged (recall 0.67; 1 of 1 below 0.80), false flags " \
+        "33.3% (1 of 3), Spearman(quality, Dice) 1.00"
     assert qc_accuracy([0.97, 0.98], [False, False])["recall"] is None, "no bad image: recall is undefined"
+    assert qc_accuracy_text(qc_accuracy([0.85, 0.97], [True, False])).startswith("1 of 1 below Dice 0.90 flagged "
+                                                                                  "(recall 1.00), false"), \
+        "no clear failure: nothing said of them"
 
 
 def fit_options(command: str) -> dict:

@@ -178,7 +178,8 @@ def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
 
 
 def qc_line(summary: dict) -> str:
-    """`QC (threshold 0.953): 7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390), ...`."""
+    """`QC (threshold 0.953): 7 of 8 below Dice 0.90 flagged (recall 0.88; 3 of 3 below 0.80), false flags 3.1%
+    (12 of 390), ...`."""
     acc = summary.get("qc_accuracy")
     if not acc:
         return ""

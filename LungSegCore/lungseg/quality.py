@@ -433,10 +433,13 @@ def qc_accuracy(dice, flagged, quality=None, limit: float = DICE_LIMIT, severe: 
 
 
 def qc_accuracy_text(qc: dict) -> str:
-    """`qc_accuracy`'s result in words: `7 of 8 below Dice 0.90 flagged (recall 0.88), false flags 3.1% (12 of 390),
-    Spearman(quality, Dice) 0.71` (a part without its numbers left out)."""
+    """`qc_accuracy`'s result in words: `7 of 8 below Dice 0.90 flagged (recall 0.88; 3 of 3 below 0.80), false
+    flags 3.1% (12 of 390), Spearman(quality, Dice) 0.71` (a part without its numbers left out). The clear failures
+    are counted apart: most of a weak model's results below 0.90 lie just under it."""
+    severe = f"; {qc['flagged_below_severe']} of {qc['below_severe']} below {qc['severe_limit']:.2f}" \
+        if qc.get("below_severe") else ""
     parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged"
-             + (f" (recall {qc['recall']:.2f})" if qc["recall"] is not None else "")]
+             + (f" (recall {qc['recall']:.2f}{severe})" if qc["recall"] is not None else "")]
     if qc["false_flag_rate"] is not None:
         parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
     if qc.get("spearman") is not None:
