@@ -9,8 +9,9 @@ models, failure sources, cross-validation folds) and a cache. Both go through th
    failures that good validation images lack;
 2. split them in two halves by a hash of the image (of the patient where `splits.csv` names one);
 3. on the `fit` half, keep or turn off the fragments rule (`keeps_fragments_rule`), choose the feature set and
-   ridge penalty by cross-validation (`choose_regression`), fit the regression and choose the threshold (`fit_mode`: the highest recall of Dice < 0.90 whose false-flag rate on
-   real images, rules included, stays within the budget);
+   ridge penalty by cross-validation (`choose_regression`), fit the regression and choose the threshold
+   (`fit_mode`: the highest recall of Dice < 0.90 whose false-flag rate on real images, rules included, stays
+   within the budget);
 4. measure it on the `measure` half (`group_measures`): every number a card's `validation` holds is from images
    the fit never saw.
 """
@@ -303,15 +304,18 @@ def fragments_false_flags(rows: list[dict], definition: str, limit: float) -> tu
     return flagged / max(len(good), 1), len(good)
 
 
-def keeps_fragments_rule(rows: list[dict], definition: str, max_false_flags: float, limit: float) -> bool:
-    """Whether the fragments rule stays a flag of its own for this model. A weakly trained model leaves stray lung
-    fragments that the clean-up removes from results that are good after all; the rule then flags them past the
-    false-flag budget and its budget rises with it (`false_flag_budget`): measured, 16 of 33 good held-out JSRT
-    results of a U-Net after 64 steps. It is turned off when it alone flags more than `max_false_flags` of at
-    least MIN_SUBSET good results of the model's own, in its domain (fragments out of its domain are a warning
-    worth keeping); the clean-up's change stays a feature of the predicted quality."""
+def keeps_fragments_rule(rows: list[dict], definition: str, max_false_flags: float,
+                         limit: float) -> tuple[bool, float]:
+    """Whether the fragments rule stays a flag of its own for this model, and the share it flags
+    (`fragments_false_flags`).
+
+    A weakly trained model leaves stray lung fragments that the clean-up removes from results that are good after
+    all; the rule then flags them past the false-flag budget, and the budget rises with it (`false_flag_budget`):
+    measured, 16 of 33 good held-out JSRT results of a U-Net after 64 steps. It is turned off when it alone flags
+    more than `max_false_flags` of at least MIN_SUBSET good results of the model's own, in its domain (fragments
+    out of its domain are a warning worth keeping); the clean-up's change stays a feature of the quality."""
     rate, count = fragments_false_flags(rows, definition, limit)
-    return count < MIN_SUBSET or rate <= max_false_flags
+    return count < MIN_SUBSET or rate <= max_false_flags, rate
 
 
 def without_fragments_rule(rows: list[dict], definition: str) -> list[dict]:
@@ -486,8 +490,7 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
         raise LungSegError(f"no segmentation below Dice {dice_limit} among the {len(fit_rows)} results of the fit "
                            "half, so there is nothing to learn what a failure looks like from: add degraded "
                            "copies (--perturbations) or more images")
-    fragments_rate = fragments_false_flags(fit_rows, definition, dice_limit)[0]
-    fragments_rule = keeps_fragments_rule(fit_rows, definition, max_false_flags, dice_limit)
+    fragments_rule, fragments_rate = keeps_fragments_rule(fit_rows, definition, max_false_flags, dice_limit)
     if not fragments_rule:  # fitted and measured as users will get it: without that rule
         pool, fit_rows = without_fragments_rule(pool, definition), without_fragments_rule(fit_rows, definition)
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
