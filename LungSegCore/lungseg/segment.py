@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -197,14 +198,20 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
     return prediction, row
 
 
+# Held by a finisher while it works on an input: one whose batch process died exits between inputs, never within one.
+_WORKING = threading.Lock()
+
+
 def finish_and_write(item: dict, output: tuple, options: Options, card: dict, paths: dict[str, Path], row: dict,
                      record: Path) -> dict:
     """Post-processing, QC and writing of one input, run in a separate process beside the model."""
-    prediction, stats = finish_row(item, output, options, card)
-    return write_outputs(prediction, item["image"], paths, {**row, **stats}, record, item.get("thumbnail"))
+    with _WORKING:
+        prediction, stats = finish_row(item, output, options, card)
+        return write_outputs(prediction, item["image"], paths, {**row, **stats}, record, item.get("thumbnail"))
 
 
 HELPER_NICENESS = 10
+PARENT_POLL_S = 1.0
 
 
 def _helper_process(*_) -> None:
@@ -214,6 +221,24 @@ def _helper_process(*_) -> None:
     torch.set_num_threads(1)
     if hasattr(os, "nice"):  # POSIX; Windows keeps equal priorities
         os.nice(HELPER_NICENESS)
+
+
+def _finisher_process() -> None:
+    """Start of a finisher process: a helper that also leaves when its batch process dies (killed, or out of memory).
+    A pool worker waits for work on a pipe whose write end it holds too, so it never sees its parent go: each
+    killed batch left one waiting forever. The reader processes are torch's DataLoader workers, which watch their
+    parent themselves."""
+    _helper_process()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Once the parent is gone (the process is handed to another), finish the input at hand (written whole, and
+    skipped when the batch is run again), then exit."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    _WORKING.acquire()
+    os._exit(1)
 
 
 def collect_results(out_dir: Path) -> list[dict]:
@@ -341,7 +366,7 @@ class BatchRun:
                                              prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
         t_start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_helper_process) as finisher:
+                                 initializer=_finisher_process) as finisher:
             for items in loader:
                 self.submit(items, finisher)
                 # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
