@@ -217,24 +217,21 @@ PARENT_POLL_S = 1.0
 def _helper_process(*_) -> None:
     """Start of a reader or finisher process: one thread, at a lower priority than the model. The model's threads
     then take every core whenever they can run, and the helpers fill the gaps; giving the model only the cores
-    left over by the helpers capped it at its one-thread forward rate."""
+    left over by the helpers capped it at its one-thread forward rate.
+
+    A helper also leaves when its batch process dies (killed, or out of memory): neither kind saw it go. A
+    finisher (a process pool's worker) waits for work on a pipe whose write end it holds too. A reader (torch's
+    DataLoader worker) notices, but then waits forever at exit to flush an image into a pipe no one reads. Each
+    killed batch left them behind, holding their memory."""
     torch.set_num_threads(1)
     if hasattr(os, "nice"):  # POSIX; Windows keeps equal priorities
         os.nice(HELPER_NICENESS)
-
-
-def _finisher_process() -> None:
-    """Start of a finisher process: a helper that also leaves when its batch process dies (killed, or out of memory).
-    A pool worker waits for work on a pipe whose write end it holds too, so it never sees its parent go: each
-    killed batch left one waiting forever. The reader processes are torch's DataLoader workers, which watch their
-    parent themselves."""
-    _helper_process()
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Once the parent is gone (the process is handed to another), finish the input at hand (written whole, and
-    skipped when the batch is run again), then exit."""
+    """Once the parent is gone (the process is handed to another), finish the input at hand (a finisher writes it
+    whole, and the batch skips it when run again), then exit at once, without waiting on the pipes."""
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
     _WORKING.acquire()
@@ -366,7 +363,7 @@ class BatchRun:
                                              prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
         t_start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_finisher_process) as finisher:
+                                 initializer=_helper_process) as finisher:
             for items in loader:
                 self.submit(items, finisher)
                 # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
