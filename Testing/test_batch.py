@@ -311,6 +311,49 @@ def test_quality_flags_name_their_reason():
     assert any("high uncertainty" in r for r in quality_flags(label, uncertainty=np.full(label.shape, 0.3)))
 
 
+@pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="finds the reader process through Linux's /proc")
+def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radiograph):
+    """A reader (a DataLoader worker) killed for memory, or by a decoder that crashes, used to leave the batch
+    waiting forever on an image half sent, and torch's report of it was taken for the failure of whichever input was
+    being written. The batch now records the inputs that reader may have held as errors that say why, reads the rest
+    with new readers, exits with status 1, and a rerun completes those inputs."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    big = sitk.Resample(sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0),
+                        [0.25, 0.25])
+    for i in range(24):
+        sitk.WriteImage(sitk.Cast(big, sitk.sitkUInt8), str(inputs / f"case{i:02d}.png"))
+    out = tmp_path / "out"
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--batch-size",
+                             "1", "--workers", "1", "--progress-lines"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()
+    assert first.startswith("lungseg-progress 1/24 ok"), first
+    readers = [pid for pid in live_children(proc.pid)
+               if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker"]
+    assert len(readers) == 1, readers
+    os.kill(readers[0], signal.SIGKILL)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the batch hung after its reader process died") from None
+    assert proc.returncode == 1 and (out / "results.csv").exists(), stderr
+    rows = results(out)
+    failed = {name: row for name, row in rows.items() if row["status"] != "ok"}
+    assert len(rows) == 24 and 1 <= len(failed) <= 2, failed  # 2 = the batches a reader reads ahead, of 1 image
+    for row in failed.values():
+        assert row["error"].startswith("not segmented: a reader process died") and "a rerun retries it" in row["error"]
+        assert "(DataLoader worker (pid" in row["error"] or "could not be received" in row["error"], row["error"]
+    assert "post-processing or writing failed" not in stderr, "torch's report is not an input's failure"
+    assert f"{24 - len(failed)} of 24 segmented, {len(failed)} failed" in stdout.strip().splitlines()[-1]
+    again = run_cli("segment", inputs, "-o", out)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(failed)} of {len(failed)} segmented" in again.stdout
+    assert all(row["status"] == "ok" for row in results(out).values())
+
+
 MALLOC_PROBE = """
 import ctypes, json, runpy, sys
 import torch

@@ -211,6 +211,16 @@ def finish_and_write(item: dict, output: tuple, options: Options, card: dict, pa
 
 
 HELPER_NICENESS = 10
+READER_PREFETCH = 2  # batches each reader process reads ahead
+
+
+class ReaderDied(RuntimeError):
+    """A batch from the reader processes could not be received: an image half sent, or shared by one now dead."""
+
+
+def _reader_died(exc: BaseException) -> bool:
+    """Whether `exc` says a reader process (a DataLoader worker) died: torch's report, or a batch it left behind."""
+    return isinstance(exc, ReaderDied) or isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
 PARENT_POLL_S = 1.0
 
 
@@ -348,6 +358,7 @@ class BatchRun:
         self.batch_size, self.progress_lines = batch_size, progress_lines
         self.done = self.failed = self.not_images = 0
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
+        self.handed: set[Path] = set()  # inputs settled or submitted
         self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
                      "definition": segmenter.definition, "device": str(segmenter.device)}
         # what QC needs of the card, small enough to hand to the finishers with every input
@@ -356,19 +367,12 @@ class BatchRun:
 
     def run(self, workers: int) -> RunSummary:
         """Segment every input of `todo` with `workers` reader and finisher processes; then the results table."""
-        reader = InputReader(self.todo, self.segmenter.size, self.options.overlays, self.options.max_pixels,
-                             dicom_seg=self.options.fmt == "dicom-seg")
-        loader = torch.utils.data.DataLoader(reader,
-                                             batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
-                                             prefetch_factor=2 if workers else None, worker_init_fn=_helper_process)
         t_start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
                                  initializer=_helper_process) as finisher:
-            for items in loader:
-                self.submit(items, finisher)
-                # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
-                while self.pending and (self.pending[0][1].done() or len(self.pending) > 4 * self.batch_size):
-                    self.settle(*self.pending.pop(0))
+            remaining = self.todo
+            while remaining:  # another round only after a reader process died
+                remaining = self.read_and_segment(remaining, workers, finisher)
             while self.pending:
                 self.settle(*self.pending.pop(0))
         self.bar.close()
@@ -379,6 +383,47 @@ class BatchRun:
         return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
                           not_images=self.not_images)
 
+    def read_and_segment(self, inputs: list[Path], workers: int, finisher: ProcessPoolExecutor) -> list[Path]:
+        """Read `inputs` in `workers` reader processes and segment them. A reader process that dies (killed for
+        memory, or a decoder that crashed) would leave the batch waiting forever on an image half sent: the inputs
+        it may have held become errors (a rerun retries them) and the inputs never read are returned, for a new
+        round with new readers. Returns [] when every input was read."""
+        reader = InputReader(inputs, self.segmenter.size, self.options.overlays, self.options.max_pixels,
+                             dicom_seg=self.options.fmt == "dicom-seg")
+        loader = torch.utils.data.DataLoader(reader,
+                                             batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
+                                             prefetch_factor=READER_PREFETCH if workers else None,
+                                             worker_init_fn=_helper_process)
+        batches, read = iter(loader), 0
+        try:
+            while True:
+                try:
+                    items = next(batches)
+                except StopIteration:
+                    return []
+                except (OSError, EOFError) as exc:  # an image half sent, or shared through a reader now dead
+                    raise ReaderDied(f"a batch from the readers could not be received: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+                read += len(items)
+                self.submit(items, finisher)
+                # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
+                while self.pending and (self.pending[0][1].done() or len(self.pending) > 4 * self.batch_size):
+                    self.settle(*self.pending.pop(0))
+        except RuntimeError as exc:
+            if not _reader_died(exc):
+                raise
+            died = str(exc).strip().rstrip(".")
+        del batches  # shuts its readers down now, and takes the dead one off torch's watch of its workers
+        held = READER_PREFETCH * self.batch_size * workers  # what the readers may have been reading
+        suspects = inputs[read:read + held]
+        for path in suspects:
+            self.settle({**self.base, "input": str(path), "status": "error",
+                         "error": f"not segmented: a reader process died while this input was among the "
+                                  f"{len(suspects)} being read ({died}; too little memory, or a crash decoding one "
+                                  "of them); a rerun retries it"})
+        # read, but not yet handed to the model when the news came: read again with the rest
+        return [path for path in inputs[:read] if path not in self.handed] + inputs[read + held:]
+
     def submit(self, items: list[dict], finisher: ProcessPoolExecutor) -> None:
         """Settle the unreadable inputs of a batch at once; run the model on the others and hand each output to
         the finisher."""
@@ -387,6 +432,7 @@ class BatchRun:
             if "error" in it:
                 self.settle({**self.base, "input": str(it["path"]), "status": it.get("status", "error"),
                              "error": it["error"]})
+                self.handed.add(it["path"])
         if not good:
             return
         t0 = time.perf_counter()
@@ -402,6 +448,7 @@ class BatchRun:
                                      self.qc_card, output_paths(self.out_dir, name, self.options), row,
                                      self.out_dir / RECORDS / f"{name}.json")
             self.pending.append((row, future))
+            self.handed.add(it["path"])
 
     def settle(self, row: dict, future: Future | None = None) -> None:
         """Count one input's outcome (the finisher's row, when it was submitted), record a failure, show progress."""
@@ -411,6 +458,9 @@ class BatchRun:
             except Exception as exc:  # this input failed, the batch goes on
                 if isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS:
                     raise  # a full disk or a read-only folder fails every input: stop (run_segment says why)
+                if _reader_died(exc):  # torch raises it wherever this process is when a reader dies
+                    self.pending.insert(0, (row, future))
+                    raise
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")
         if row["status"] != "ok":  # an error, or a skipped non-image object: its row in results.csv
             write_atomic_text(json.dumps(row), self.out_dir / RECORDS / f"{self.names[Path(row['input'])]}.json")
