@@ -484,7 +484,10 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
         The mode's block for the card (the regression, its threshold and `fitted_on`: what it was fitted on and
         how it was chosen) and its measurements on the measure half (`group_measures`).
     """
-    fit_rows = [r for r in pool if r["half"] == "fit" and (r["role"] != "failure" or fit_failure_sources)]
+    def fit_half(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r["half"] == "fit" and (r["role"] != "failure" or fit_failure_sources)]
+
+    fit_rows = fit_half(pool)
     below = int(sum(r["dice"] < dice_limit for r in fit_rows))
     if not below:
         raise LungSegError(f"no segmentation below Dice {dice_limit} among the {len(fit_rows)} results of the fit "
@@ -492,7 +495,8 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
                            "copies (--perturbations) or more images")
     fragments_rule, fragments_rate = keeps_fragments_rule(fit_rows, definition, max_false_flags, dice_limit)
     if not fragments_rule:  # fitted and measured as users will get it: without that rule
-        pool, fit_rows = without_fragments_rule(pool, definition), without_fragments_rule(fit_rows, definition)
+        pool = without_fragments_rule(pool, definition)
+        fit_rows = fit_half(pool)
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
                                                    ensemble, feature_sets, l2_grid)
     model = dataclasses.replace(fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit,

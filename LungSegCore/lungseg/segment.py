@@ -211,6 +211,7 @@ def finish_and_write(item: dict, output: tuple, options: Options, card: dict, pa
 
 
 HELPER_NICENESS = 10
+PARENT_POLL_S = 1.0  # how often a helper looks whether its batch process is still there
 READER_PREFETCH = 2  # batches each reader process reads ahead
 
 
@@ -220,8 +221,8 @@ class ReaderDied(RuntimeError):
 
 def _reader_died(exc: BaseException) -> bool:
     """Whether `exc` says a reader process (a DataLoader worker) died: torch's report, or a batch it left behind."""
-    return isinstance(exc, ReaderDied) or isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
-PARENT_POLL_S = 1.0
+    return isinstance(exc, ReaderDied) or \
+        isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
 
 
 def _helper_process(*_) -> None:
