@@ -312,33 +312,40 @@ def test_quality_flags_name_their_reason():
 
 
 @pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="finds the reader process through Linux's /proc")
-def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radiograph):
-    """A reader (a DataLoader worker) killed for memory, or by a decoder that crashes, used to leave the batch
-    waiting forever on an image half sent, and torch's report of it was taken for the failure of whichever input was
-    being written. The batch now records the inputs that reader may have held as errors that say why, reads the rest
-    with new readers, exits with status 1, and a rerun completes those inputs."""
-    inputs = tmp_path / "in"
+def kill_a_helper_mid_batch(image, inputs: Path, out: Path, helper: str):
+    """Segment 24 copies of `image`, one at a time with one reader and one finisher, and kill the `helper` ("reader"
+    or "finisher") once the first input is done. The run's stdout, stderr and process; a hang is a failure."""
     inputs.mkdir()
-    big = sitk.Resample(sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0),
-                        [0.25, 0.25])
     for i in range(24):
-        sitk.WriteImage(sitk.Cast(big, sitk.sitkUInt8), str(inputs / f"case{i:02d}.png"))
-    out = tmp_path / "out"
+        sitk.WriteImage(image, str(inputs / f"case{i:02d}.png"))
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--batch-size",
                              "1", "--workers", "1", "--progress-lines"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline()
     assert first.startswith("lungseg-progress 1/24 ok"), first
-    readers = [pid for pid in live_children(proc.pid)
-               if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker"]
-    assert len(readers) == 1, readers
-    os.kill(readers[0], signal.SIGKILL)
+    kind = {pid: "reader" if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker" else "finisher"
+            for pid in live_children(proc.pid)}
+    chosen = [pid for pid, name in kind.items() if name == helper]
+    assert len(chosen) == 1, kind
+    os.kill(chosen[0], signal.SIGKILL)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the batch hung after its reader process died") from None
+        raise AssertionError(f"the batch hung after its {helper} process died") from None
+    return stdout, stderr, proc
+
+
+def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radiograph):
+    """A reader (a DataLoader worker) killed for memory, or by a decoder that crashes, used to leave the batch
+    waiting forever on an image half sent, and torch's report of it was taken for the failure of whichever input was
+    being written. The batch now records the inputs that reader may have held as errors that say why, reads the rest
+    with new readers, exits with status 1, and a rerun completes those inputs."""
+    big = sitk.Resample(sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0),
+                        [0.25, 0.25])
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.Cast(big, sitk.sitkUInt8), inputs, out, "reader")
     assert proc.returncode == 1 and (out / "results.csv").exists(), stderr
     rows = results(out)
     failed = {name: row for name, row in rows.items() if row["status"] != "ok"}
@@ -352,6 +359,57 @@ def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radi
     assert again.returncode == 0, again.stderr
     assert f"{len(failed)} of {len(failed)} segmented" in again.stdout
     assert all(row["status"] == "ok" for row in results(out).values())
+
+
+def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph):
+    """A finisher (a process pool worker) killed for memory used to hang the batch for good: the broken pool's
+    shutdown waited on a pipe the reader processes also held. The inputs the pool held are now segmented again
+    with new readers and finishers, and the batch completes them all."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.GetImageFromArray(radiograph), inputs, out, "finisher")
+    assert proc.returncode == 0, stderr
+    assert "a finisher process died" in stderr and "they are segmented again" in stderr, stderr
+    rows = results(out)
+    assert len(rows) == 24 and all(row["status"] == "ok" for row in rows.values()), rows
+    assert all(Path(row["output"]).exists() for row in rows.values())
+    assert not [p for p in out.rglob("*") if "partial" in p.name], "no half-written file is left"
+
+
+CRASHING_FINISHER = """
+import os, sys
+from pathlib import Path
+from lungseg import segment
+finish = segment.finish_and_write
+def crash_on(item, *args):  # a native crash (or the kernel's OOM killer) on this one input, every time
+    if Path(item["path"]).name == sys.argv[1]:
+        os._exit(-11)
+    return finish(item, *args)
+segment.finish_and_write = crash_on  # the finishers are forked, so they run this too
+sys.exit(segment.run_segment([sys.argv[2]], sys.argv[3], batch_size=2, workers=1))
+"""
+
+
+def test_an_input_that_kills_its_finisher_every_time_becomes_an_error(tmp_path, radiograph):
+    """An input that kills its finisher every time is tried again alone, then recorded as an error that says why;
+    the inputs held with it are segmented again, one at a time, and the batch exits with status 1."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(10):
+        sitk.WriteImage(sitk.GetImageFromArray(radiograph), str(inputs / f"case{i:02d}.png"))
+    out = tmp_path / "out"
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", CRASHING_FINISHER, "case04.png", str(inputs), str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("they are segmented again, each finished alone") == 1, run.stderr
+    rows = results(out)
+    failed = {name for name, row in rows.items() if row["status"] != "ok"}
+    assert len(rows) == 10 and failed == {"case04.png"}, rows
+    assert rows["case04.png"]["error"].startswith("not finished: a finisher process died while it held this input "
+                                                  "alone"), rows["case04.png"]
+    assert "a rerun retries it" in rows["case04.png"]["error"]
+    assert "9 of 10 segmented, 1 failed" in run.stdout
+    assert not [p for p in out.rglob("*") if "partial" in p.name], "no half-written file is left"
 
 
 MALLOC_PROBE = """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import glob
 import io
 import os
 import tempfile
@@ -78,6 +79,9 @@ def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]
     return found
 
 
+PARTIAL = ".partial"
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary name beside `path` (same suffix, so writers pick the same format); rename it to `path`
@@ -85,7 +89,7 @@ def atomic_path(path: str | Path):
     `fclose`, so on a full disk it can end a file short, even at 0 bytes, without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix_of(path)}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL}{suffix_of(path)}")
     try:
         yield tmp
         if free_bytes(tmp.parent) == 0:
@@ -94,6 +98,14 @@ def atomic_path(path: str | Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_partial_files(path: str | Path) -> None:
+    """Remove what a writer of `path` killed within `atomic_path` left: only that path's own temporary names, so a
+    writer of another file in the folder (another shard's) is left alone."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL}*"):
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_output_folder(folder: str | Path) -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from .errors import LungSegError
-from .files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, stem_of, write_atomic_text, \
-    write_csv
+from .files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, remove_partial_files, \
+    stem_of, write_atomic_text, write_csv
 from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageError, Radiograph, read_radiograph, \
     reorient, write_float_map, write_labelmap
 from .labels import lung_areas
@@ -360,6 +361,7 @@ class BatchRun:
         self.done = self.failed = self.not_images = 0
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.handed: set[Path] = set()  # inputs settled or submitted
+        self.suspects: set[Path] = set()  # held by finishers when one died: each is finished alone
         self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
                      "definition": segmenter.definition, "device": str(segmenter.device)}
         # what QC needs of the card, small enough to hand to the finishers with every input
@@ -369,13 +371,9 @@ class BatchRun:
     def run(self, workers: int) -> RunSummary:
         """Segment every input of `todo` with `workers` reader and finisher processes; then the results table."""
         t_start = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_helper_process) as finisher:
-            remaining = self.todo
-            while remaining:  # another round only after a reader process died
-                remaining = self.read_and_segment(remaining, workers, finisher)
-            while self.pending:
-                self.settle(*self.pending.pop(0))
+        remaining = self.todo
+        while remaining:  # another round only after a reader or a finisher process died
+            remaining = self.run_round(remaining, workers)
         self.bar.close()
         elapsed = time.perf_counter() - t_start
         rows = collect_results(self.out_dir)
@@ -384,11 +382,57 @@ class BatchRun:
         return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
                           not_images=self.not_images)
 
-    def read_and_segment(self, inputs: list[Path], workers: int, finisher: ProcessPoolExecutor) -> list[Path]:
+    def run_round(self, inputs: list[Path], workers: int) -> list[Path]:
+        """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for
+        another round when one of those processes died."""
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_helper_process) as finisher:
+            try:
+                self.read_and_segment(inputs, workers, finisher)
+                self.settle_all()
+            except BrokenProcessPool:
+                # the readers are gone by now: they held the pool's pipe, and leaving it blocked the pool's shutdown
+                interrupted = self.after_finisher_died()
+            else:
+                interrupted = []
+        for path in interrupted:  # the pool's finishers are gone now: what they were writing is no one's
+            name = self.names[path]
+            for output in [*output_paths(self.out_dir, name, self.options).values(),
+                           self.out_dir / RECORDS / f"{name}.json"]:
+                remove_partial_files(output)
+        return [path for path in inputs if path not in self.handed]
+
+    def after_finisher_died(self) -> list[Path]:
+        """A finisher process died (killed for memory, or a crash): the pool failed every input it held, which are
+        returned. They are segmented again in the next round, each finished alone; one whose finisher dies then is
+        the cause, and becomes an error."""
+        waiting, self.pending = self.pending, []
+        interrupted = []
+        for row, future in waiting:
+            if not isinstance(future.exception(), BrokenProcessPool):
+                self.settle(row, future)
+                continue
+            path = Path(row["input"])
+            interrupted.append(path)
+            if path not in self.suspects:
+                self.suspects.add(path)
+                self.handed.discard(path)
+            else:
+                self.settle({**row, "status": "error",
+                             "error": "not finished: a finisher process died while it held this input alone, after "
+                                      "one died with it among others (too little memory, or a crash post-processing "
+                                      "or writing it); a rerun retries it"})
+        retried = sum(path not in self.handed for path in interrupted)
+        if retried:  # else the one input it held has its error line
+            tqdm.write(f"lungseg: a finisher process died (too little memory, or a crash) holding {retried} input(s): "
+                       "they are segmented again, each finished alone", file=sys.stderr)
+        return interrupted
+
+    def read_and_segment(self, inputs: list[Path], workers: int, finisher: ProcessPoolExecutor) -> None:
         """Read `inputs` in `workers` reader processes and segment them. A reader process that dies (killed for
         memory, or a decoder that crashed) would leave the batch waiting forever on an image half sent: the inputs
-        it may have held become errors (a rerun retries them) and the inputs never read are returned, for a new
-        round with new readers. Returns [] when every input was read."""
+        it may have held become errors (a rerun retries them), and the inputs never read are left unhanded, for a
+        new round with new readers. A finisher that dies raises BrokenProcessPool once the readers are gone."""
         reader = InputReader(inputs, self.segmenter.size, self.options.overlays, self.options.max_pixels,
                              dicom_seg=self.options.fmt == "dicom-seg")
         loader = torch.utils.data.DataLoader(reader,
@@ -396,12 +440,13 @@ class BatchRun:
                                              prefetch_factor=READER_PREFETCH if workers else None,
                                              worker_init_fn=_helper_process)
         batches, read = iter(loader), 0
+        reader_died = finisher_died = None
         try:
             while True:
                 try:
                     items = next(batches)
                 except StopIteration:
-                    return []
+                    break
                 except (OSError, EOFError) as exc:  # an image half sent, or shared through a reader now dead
                     raise ReaderDied(f"a batch from the readers could not be received: {type(exc).__name__}: "
                                      f"{exc}") from exc
@@ -410,20 +455,25 @@ class BatchRun:
                 # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
                 while self.pending and (self.pending[0][1].done() or len(self.pending) > 4 * self.batch_size):
                     self.settle(*self.pending.pop(0))
+        except BrokenProcessPool as exc:
+            finisher_died = exc
         except RuntimeError as exc:
             if not _reader_died(exc):
                 raise
-            died = str(exc).strip().rstrip(".")
-        del batches  # shuts its readers down now, and takes the dead one off torch's watch of its workers
+            reader_died = str(exc).strip().rstrip(".")
+        del batches  # shuts its readers down now, and takes a dead one off torch's watch of its workers
+        if finisher_died is not None:
+            raise finisher_died
+        if reader_died is None:
+            return
         held = READER_PREFETCH * self.batch_size * workers  # what the readers may have been reading
-        suspects = inputs[read:read + held]
+        suspects = [path for path in inputs[read:read + held] if path not in self.handed]
         for path in suspects:
+            self.handed.add(path)
             self.settle({**self.base, "input": str(path), "status": "error",
                          "error": f"not segmented: a reader process died while this input was among the "
-                                  f"{len(suspects)} being read ({died}; too little memory, or a crash decoding one "
-                                  "of them); a rerun retries it"})
-        # read, but not yet handed to the model when the news came: read again with the rest
-        return [path for path in inputs[:read] if path not in self.handed] + inputs[read + held:]
+                                  f"{len(suspects)} being read ({reader_died}; too little memory, or a crash "
+                                  "decoding one of them); a rerun retries it"})
 
     def submit(self, items: list[dict], finisher: ProcessPoolExecutor) -> None:
         """Settle the unreadable inputs of a batch at once; run the model on the others and hand each output to
@@ -440,6 +490,9 @@ class BatchRun:
         output = self.segmenter.predict(torch.stack([it["input"] for it in good]), self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):
+            alone = it["path"] in self.suspects  # finished with nothing else in flight, to tell a cause from its company
+            if alone:
+                self.settle_all()
             name = self.names[it["path"]]
             row = {**self.base, "input": str(it["path"]), "status": "ok", "error": "",
                    "inference_ms": round(inference_ms, 1)}
@@ -450,6 +503,12 @@ class BatchRun:
                                      self.out_dir / RECORDS / f"{name}.json")
             self.pending.append((row, future))
             self.handed.add(it["path"])
+            if alone:
+                self.settle_all()
+
+    def settle_all(self) -> None:
+        while self.pending:
+            self.settle(*self.pending.pop(0))
 
     def settle(self, row: dict, future: Future | None = None) -> None:
         """Count one input's outcome (the finisher's row, when it was submitted), record a failure, show progress."""
@@ -459,7 +518,7 @@ class BatchRun:
             except Exception as exc:  # this input failed, the batch goes on
                 if isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS:
                     raise  # a full disk or a read-only folder fails every input: stop (run_segment says why)
-                if _reader_died(exc):  # torch raises it wherever this process is when a reader dies
+                if _reader_died(exc) or isinstance(exc, BrokenProcessPool):  # a helper died: not this input's fault
                     self.pending.insert(0, (row, future))
                     raise
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")
