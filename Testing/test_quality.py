@@ -235,7 +235,8 @@ def test_a_fragments_rule_that_flags_the_models_good_results_is_turned_off_by_it
     assert validation["jsrt"]["rules_only"]["flagged_at_or_above"] == 0
     assert quality_model({"qc": {"modes": {"default": block}}})[0].fragments_rule is False
     summary = quality_fit.fit_summary({"modes": {"default": block}, "validation": {"default": validation}})
-    assert summary[0].startswith("default mode: the fragments rule is off, for it alone flagged 2")
+    assert summary[0].startswith(f"default mode: features '{block['fitted_on']['feature_set']}'")
+    assert summary[1].startswith("default mode: the fragments rule is off, for it alone flagged 2")
     from lungseg.cli import _qc_status  # what `lungseg models` prints
     assert _qc_status({"qc": {"modes": {"default": block}, "threshold": block["threshold"], "fitted": "today"}}) \
         .endswith("; fragments rule off in the default mode")
@@ -247,6 +248,67 @@ def test_a_fragments_rule_that_flags_the_models_good_results_is_turned_off_by_it
     few = [r for r in fragmented_pool(0.3) if r["dice"] < 0.90 or r["group"] < "p3"]  # too few good results
     assert quality_fit.fragments_false_flags([r for r in few if r["half"] == "fit"], "lung-fields", 0.90)[1] < 20
     assert quality_fit.fit_qc_mode(few, "default", "lung-fields")[0]["fragments_rule"] is True
+
+
+def bitten(label: np.ndarray) -> np.ndarray:
+    """The reference with the lower lateral corner of the left lung gone (a consolidated base the model missed);
+    the lung keeps its bounding box."""
+    from lungseg.definitions import LEFT_LUNG
+
+    rows, cols = np.nonzero(label == LEFT_LUNG)
+    out = label.copy()
+    corner = out[(rows.min() + rows.max()) // 2:, (2 * cols.min() + cols.max()) // 3:]
+    corner[corner == LEFT_LUNG] = 0
+    return out
+
+
+def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_reads_it_where_it_ranks_best(
+        jsrt, segmenter):
+    """The shape prior: the principal modes of the reference lungs' shapes (each scaled to its box) that the fit
+    half holds. A held-out reference lies close to them, the same lung with its base bitten off further, and a lost
+    lung furthest. Where that distance is what tells the failures apart, the fit reads it (a WITH_PRIOR set), the
+    card's mode stores the prior, and `assess` computes the distance as the fit did."""
+    from lungseg.data import case_label, list_cases
+    from lungseg.definitions import LEFT_LUNG
+    from lungseg.quality import PRIOR_FEATURE, QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
+
+    labels = [case_label(case) for case in list_cases(jsrt, "train")[:120]]
+    prior = fit_shape_prior(np.stack([lung_shapes(label) for label in labels[:60]]))
+    assert prior["images"] == 60 and np.shape(prior["components"]) == (2, 6, 24 * 16)
+    for label in labels[60:80]:
+        normal = shape_prior_distance(lung_shapes(label), prior)
+        lost = label.copy()
+        lost[lost == LEFT_LUNG] = 0
+        assert normal < shape_prior_distance(lung_shapes(bitten(label)), prior) < \
+            shape_prior_distance(lung_shapes(lost), prior)
+
+    rng = np.random.default_rng(0)
+    pool = []
+    for i, label in enumerate(labels):
+        prediction = bitten(label) if i % 3 == 0 else label  # the failures differ from the good results in shape
+        pool.append({"image": f"i{i}.png", "group": f"p{i}", "half": "fit" if i < 60 else "measure", "role": "own",
+                     "source": "m", "dataset": "jsrt", "in_domain": True, "perturbation": "",
+                     "dice": quality_fit.dice_both(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
+                     "features": {name: float(rng.normal()) for name in FEATURES},  # noise
+                     "rules": {"lung-fields": []}, "shapes": lung_shapes(prediction).astype(np.float16),
+                     "reference_shapes": lung_shapes(label).astype(np.float16)})
+    block, validation = quality_fit.fit_qc_mode(pool, "default", "lung-fields")
+    assert block["fitted_on"]["feature_set"].endswith(quality_fit.WITH_PRIOR), block["fitted_on"]
+    assert block["fitted_on"]["shape_prior_references"] == 60 and PRIOR_FEATURE in block["features"]
+    measured = validation["jsrt"]["qc"]  # the measure half: 20 bitten lungs among 40 good results
+    assert measured["below"] == 20 and measured["flagged_below"] >= 18 and measured["flagged_at_or_above"] <= 4
+    assert measured["spearman"] > 0.6
+    no_prior = [{k: v for k, v in r.items() if k not in ("shapes", "reference_shapes")} for r in pool]
+    assert PRIOR_FEATURE not in quality_fit.fit_qc_mode(no_prior, "default", "lung-fields")[0]["features"]
+
+    stored = json.loads(json.dumps(block))  # as the card holds it
+    prediction = segmenter.segment(sitk.GetArrayFromImage(sitk.ReadImage(str(list_cases(jsrt, "val")[0].image),
+                                                                         sitk.sitkFloat32)))
+    assessment = assess(prediction, {"definition": "lung-fields", "qc": {"modes": {"default": stored}}})
+    fitted = QualityModel.from_dict(stored)
+    values = quality_features(prediction, prior=fitted.shape_prior)
+    assert assessment.quality == round(fitted.predict(values), 4)
+    assert values[PRIOR_FEATURE] == shape_prior_distance(lung_shapes(prediction.model_label), stored["shape_prior"])
 
 
 def test_a_model_without_a_result_at_dice_0_95_still_gets_a_finite_fit():
@@ -766,6 +828,7 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
         assert f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} " \
                "results)" in out
     assert "wrote the QC" in out
+    assert "too few reference masks in the fit half for a shape prior" in out  # 11 of JSRT val's 22; 20 are needed
 
     segmenter = Segmenter(str(card_path), "cpu")
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(jsrt / "images" / val[0]), sitk.sitkFloat32))

@@ -53,9 +53,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.quality_fit import (L2_GRID, MODES, NO_SPREAD, cases_for, empty_qc_block, fit_qc_mode,  # noqa: E402
-                                 is_ensemble, item_key, merged_modes, merged_qc, model_outputs, read_groups,
-                                 scored_rows, trained_on, training_entries)
+from lungseg.quality_fit import (L2_GRID, MODES, NO_SPREAD, WITH_PRIOR, candidate_sets, cases_for,  # noqa: E402
+                                 empty_qc_block, fit_qc_mode, is_ensemble, item_key, merged_modes, merged_qc,
+                                 model_outputs, read_groups, scored_rows, trained_on, training_entries)
 
 REPO = Path(__file__).resolve().parent.parent
 # the lung definition each labelled set's masks follow
@@ -264,8 +264,6 @@ def both_directions_table(names: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lungseg.quality import FEATURE_SETS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -290,10 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--features", default="auto",
-                        choices=("auto", *FEATURE_SETS, *(f + NO_SPREAD for f in FEATURE_SETS)),
-                        help="feature set of the regression (lungseg.quality.FEATURE_SETS; in the uncertainty mode "
-                        f"with the samples' spread unless it ends in '{NO_SPREAD}'); auto (default): chosen with the "
-                        "penalty by cross-validation within the fit half")
+                        choices=("auto", *candidate_sets("uncertainty", with_prior=True)),
+                        help="feature set of the regression (lungseg.quality.FEATURE_SETS; with the shape prior "
+                        f"where it ends in '{WITH_PRIOR}'; in the uncertainty mode with the samples' spread unless it "
+                        f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
+                        "the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,
                         help="weight of a perturbed image in the regression (a real one weighs 1)")
     parser.add_argument("--max-false-flags", type=float, default=0.10,

@@ -9,6 +9,8 @@ model's resolution (no second forward pass):
 - how much the clean-up had to change (fragments removed, holes filled);
 - shape and position plausibility for the definition: lung area, right/left ratio, how the lungs fill their
   bounding boxes, the smoothness of their outlines, where they sit and how tall they are;
+- how far each lung's outline, scaled to its bounding box, lies from the shapes of the reference lungs the fit saw
+  (a statistical shape model: the principal modes of those shapes, stored in the card);
 - with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs;
 - for an ensemble, the spread of its members, in every mode (they run anyway).
 
@@ -69,6 +71,11 @@ MEMBER_FEATURES = (
     "member_spread",      # mean member spread (std of the members' probabilities) inside the lungs
     "member_disagreement",  # pixels near the lungs where the members' spread exceeds 0.2, per lung pixel
 )
+# How far each lung's shape lies from the reference lungs' (`shape_prior_distance`). It needs a shape model fitted
+# on reference masks (`fit_shape_prior`), so a fit offers each set with it too, where it has the references.
+PRIOR_FEATURE = "shape_prior"
+SHAPE_GRID = (24, 16)  # rows, columns of a lung scaled to its bounding box
+SHAPE_MODES = 6        # principal modes of the reference shapes; what they cannot express is the distance
 TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
 LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
 PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
@@ -90,6 +97,7 @@ FEATURE_TEXT = {
     "height": "unusual lung height",
     "solidity": "a lung with a bite out of it",
     "height_ratio": "one lung shorter than the other",
+    PRIOR_FEATURE: "a lung shaped unlike the reference lungs",
     "uncertainty_mean": "high sample spread",
     "uncertain_border": "samples disagree on the outline",
     "member_spread": "the ensemble's members disagree inside the lungs",
@@ -150,10 +158,50 @@ def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int
     return float(entropy[inside].mean() / math.log(3))
 
 
-def quality_features(prediction, shape: bool = True) -> dict[str, float]:
+def lung_shapes(label: np.ndarray) -> np.ndarray:
+    """Each lung (right, left) scaled to its bounding box on SHAPE_GRID by area averaging, flattened: (2, rows *
+    columns) in [0, 1]. A missing lung is all zeros. Position and size are other features; this is the outline."""
+    import torch
+
+    shapes = np.zeros((2, SHAPE_GRID[0] * SHAPE_GRID[1]), dtype=np.float32)
+    for k, value in enumerate((RIGHT_LUNG, LEFT_LUNG)):
+        mask = label == value
+        area, _, (r0, r1, c0, c1) = _lung_stats(mask)
+        if area:
+            crop = torch.from_numpy(np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.float32))[None, None]
+            shapes[k] = torch.nn.functional.adaptive_avg_pool2d(crop, SHAPE_GRID).reshape(-1).numpy()
+    return shapes
+
+
+def fit_shape_prior(shapes: np.ndarray, modes: int = SHAPE_MODES) -> dict:
+    """A statistical shape model of reference lungs (`lung_shapes` of n masks, (n, 2, P)): per lung the mean shape
+    and its first `modes` principal components, as the card stores it."""
+    shapes = np.asarray(shapes, dtype=np.float64)
+    means, components = [], []
+    for k in range(2):
+        mean = shapes[:, k].mean(0)
+        components.append(np.linalg.svd(shapes[:, k] - mean, full_matrices=False)[2][:modes])
+        means.append(mean)
+    return {"grid": list(SHAPE_GRID), "images": len(shapes),
+            "mean": np.round(means, 4).tolist(), "components": np.round(components, 4).tolist()}
+
+
+def shape_prior_distance(shapes: np.ndarray, prior: dict) -> float:
+    """How far the lungs' shapes (`lung_shapes`) lie from the prior's shape space: the root mean square of what
+    its modes cannot express, averaged over the two lungs (0: a shape the references span; a lost lung is far)."""
+    distance = 0.0
+    for k in range(2):
+        x = shapes[k] - np.asarray(prior["mean"][k])
+        basis = np.asarray(prior["components"][k])
+        distance += float(np.sqrt(np.mean((x - basis.T @ (basis @ x)) ** 2)))
+    return distance / 2
+
+
+def quality_features(prediction, shape: bool = True, prior: dict | None = None) -> dict[str, float]:
     """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
-    uncertainty and member features too when the prediction carries those maps. About 1-2 ms at 256x256.
-    `shape=False` leaves out SHAPE_FEATURES, for a regression that does not read them."""
+    uncertainty and member features too when the prediction carries those maps, and PRIOR_FEATURE with a shape
+    model (`fit_shape_prior`). About 1-2 ms at 256x256. `shape=False` leaves out SHAPE_FEATURES, for a regression
+    that does not read them."""
     probabilities = np.asarray(prediction.model_probabilities, dtype=np.float32)
     label = prediction.model_label
     raw = prediction.raw_label
@@ -190,6 +238,8 @@ def quality_features(prediction, shape: bool = True) -> dict[str, float]:
     }
     if shape:
         features.update(_shape_features(label, masks, stats))
+    if prior is not None:
+        features[PRIOR_FEATURE] = shape_prior_distance(lung_shapes(label), prior)
     for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
                           (MEMBER_FEATURES, prediction.model_member_spread)):
         if spread is not None:
@@ -241,18 +291,20 @@ class QualityModel:
     # whether the fragments rule (qc.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
     # of the model's good results (quality_fit.keeps_fragments_rule); cards fitted before it was a choice keep it
     fragments_rule: bool = True
+    shape_prior: dict | None = field(default=None, compare=False)  # for PRIOR_FEATURE (`fit_shape_prior`)
 
     @classmethod
     def from_dict(cls, block: dict) -> "QualityModel":
         return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
                    tuple(block["weights"]), float(block["bias"]), float(block["threshold"]),
-                   bool(block.get("fragments_rule", True)))
+                   bool(block.get("fragments_rule", True)), block.get("shape_prior"))
 
     def to_dict(self) -> dict:
         return {"features": list(self.features), "centre": [round(v, 6) for v in self.centre],
                 "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
                 "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
-                "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule}
+                "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule,
+                **({"shape_prior": self.shape_prior} if PRIOR_FEATURE in self.features else {})}
 
     def standardized(self, values: dict[str, float]) -> np.ndarray:
         return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
@@ -327,7 +379,8 @@ def assess(prediction, model) -> Assessment:
                             fragments=not predicted or fitted.fragments_rule)  # off only where quality stands in
     if not predicted:
         return Assessment(None, None, reasons, mode)
-    values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features))
+    values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features),
+                              prior=fitted.shape_prior if PRIOR_FEATURE in fitted.features else None)
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"

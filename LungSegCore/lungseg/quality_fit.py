@@ -30,8 +30,9 @@ from .definitions import DEFINITIONS, IGNORE
 from .errors import LungSegError
 from .io import read_radiograph
 from .qc import FRAGMENTS, quality_flags
-from .quality import (DICE_LIMIT, FEATURE_SETS, MEMBER_FEATURES, TWO_SIDED, UNCERTAINTY_FEATURES, QualityModel,
-                      fit_regression, qc_accuracy, qc_accuracy_text, quality_features, transform)
+from .quality import (DICE_LIMIT, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED, UNCERTAINTY_FEATURES,
+                      QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy, qc_accuracy_text,
+                      quality_features, shape_prior_distance, transform)
 
 MODES = ("default", "uncertainty")
 METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
@@ -215,6 +216,9 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
     return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
             "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
             "features": quality_features(prediction),
+            # for PRIOR_FEATURE: the shape model is fitted on the fit half's references, once the halves are known
+            "shapes": lung_shapes(prediction.model_label).astype(np.float16),
+            "reference_shapes": lung_shapes(truth).astype(np.float16),
             "rules": {d: quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, d)
                       for d in DEFINITIONS}}
 
@@ -235,14 +239,43 @@ def is_ensemble(card: dict) -> bool:
 # -- fitting and measuring -------------------------------------------------------------------------------------
 
 NO_SPREAD = " without sample spread"  # an uncertainty-mode candidate that reads the averaged output alone
+WITH_PRIOR = " with shape prior"  # a candidate that also reads PRIOR_FEATURE
 
 
 def feature_names(mode: str, ensemble: bool = False, feature_set: str = "output+shape") -> tuple[str, ...]:
-    """The regression's features: the set's, the samples' spread in the uncertainty mode (unless the set's name
-    ends in NO_SPREAD) and an ensemble's member spread."""
+    """The regression's features: the set's, PRIOR_FEATURE where the name says WITH_PRIOR, the samples' spread in
+    the uncertainty mode (unless the name ends in NO_SPREAD) and an ensemble's member spread."""
     spread = mode == "uncertainty" and not feature_set.endswith(NO_SPREAD)
-    return FEATURE_SETS[feature_set.removesuffix(NO_SPREAD)] + (UNCERTAINTY_FEATURES if spread else ()) + \
-        (MEMBER_FEATURES if ensemble else ())
+    base = feature_set.removesuffix(NO_SPREAD)
+    prior = base.endswith(WITH_PRIOR)
+    return FEATURE_SETS[base.removesuffix(WITH_PRIOR)] + ((PRIOR_FEATURE,) if prior else ()) + \
+        (UNCERTAINTY_FEATURES if spread else ()) + (MEMBER_FEATURES if ensemble else ())
+
+
+def candidate_sets(mode: str, with_prior: bool) -> list[str]:
+    """What `choose_regression` tries: every FEATURE_SETS set, each also with the shape prior where the rows have
+    it, and in the uncertainty mode each of those also without the samples' spread (it has to earn its place)."""
+    sets = [*FEATURE_SETS, *((s + WITH_PRIOR for s in FEATURE_SETS) if with_prior else ())]
+    return [*sets, *((s + NO_SPREAD for s in sets) if mode == "uncertainty" else ())]
+
+
+def reference_shape_prior(rows: list[dict], minimum: int = 20) -> dict | None:
+    """The shape model (`quality.fit_shape_prior`) of the references of the real images among `rows` (the fit
+    half), each image once; None with fewer than `minimum` of them or rows scored without their shapes."""
+    references = {}
+    for r in rows:
+        if "reference_shapes" not in r:
+            return None
+        if not r["perturbation"]:
+            references[(r.get("dataset", ""), r["image"])] = r["reference_shapes"]
+    return fit_shape_prior(np.stack(list(references.values()))) if len(references) >= minimum else None
+
+
+def with_prior_feature(rows: list[dict], prior: dict) -> list[dict]:
+    """The rows, each with PRIOR_FEATURE computed from its predicted lungs' shapes under `prior`."""
+    return [{**r, "features": {**r["features"],
+                               PRIOR_FEATURE: shape_prior_distance(r["shapes"].astype(np.float32), prior)}}
+            for r in rows]
 
 
 def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: str) -> np.ndarray:
@@ -369,14 +402,15 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
     the fit half best within each data set (the mean over the data sets with at least MIN_SUBSET of them of the
     Spearman with their Dice: the targets hold per data set, and a pooled Spearman also rewards telling JSRT from
     COVID-era films apart), by `folds`-fold cross-validation within the fit half, the folds keeping each patient
-    (or image) whole. In the uncertainty mode each set is tried with and without the samples' spread (NO_SPREAD).
-    A tie goes to the smaller set, then to the smaller penalty. Few real
-    images with many features (v7-full) need more shrinkage, or fewer features, than thousands of COVID-QU-Ex rows.
+    (or image) whole. Each set is tried with and without the shape prior where the rows have it, and in the
+    uncertainty mode with and without the samples' spread (`candidate_sets`). A tie goes to the smaller set, then
+    to the smaller penalty. Few real images with many features (v7-full) need more shrinkage, or fewer features,
+    than thousands of COVID-QU-Ex rows.
     Returns the set, the penalty and every candidate's score ({set: {penalty: Spearman}})."""
     from scipy.stats import spearmanr
 
-    if feature_sets is None:  # in the uncertainty mode, the samples' spread has to earn its place too
-        feature_sets = [*FEATURE_SETS, *((s + NO_SPREAD for s in FEATURE_SETS) if mode == "uncertainty" else ())]
+    if feature_sets is None:
+        feature_sets = candidate_sets(mode, all(PRIOR_FEATURE in r["features"] for r in fit_rows))
     feature_sets = list(feature_sets)
     fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
     scores = {}
@@ -497,14 +531,20 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
     if not fragments_rule:  # fitted and measured as users will get it: without that rule
         pool = without_fragments_rule(pool, definition)
         fit_rows = fit_half(pool)
+    prior = reference_shape_prior(fit_rows, MIN_SUBSET)
+    if prior is not None:
+        pool = with_prior_feature(pool, prior)
+        fit_rows = fit_half(pool)
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
                                                    ensemble, feature_sets, l2_grid)
     model = dataclasses.replace(fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit,
-                                         perturbed_weight, ensemble, feature_set), fragments_rule=fragments_rule)
+                                         perturbed_weight, ensemble, feature_set), fragments_rule=fragments_rule,
+                                shape_prior=prior)
     budget, rules_alone = false_flag_budget(fit_rows, definition, max_false_flags, dice_limit)
     block = {**model.to_dict(), "fitted_on": {
         "command": command, "feature_set": feature_set, "l2": l2,
         "fragments_rule_false_flags": round(fragments_rate, 4),
+        "shape_prior_references": prior["images"] if prior else 0,
         "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
         "images": len(fit_rows), "below_limit": below,
         "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
@@ -599,10 +639,16 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
 
 def fit_summary(block: dict) -> list[str]:
     """One line per mode and measured group of the held-out half: threshold, recall, false flags, Spearman; and a
-    line for each mode whose fit turned the fragments rule off (`keeps_fragments_rule`)."""
+    line for each mode: the features it chose, and whether its fit turned the fragments rule off
+    (`keeps_fragments_rule`)."""
     lines = []
     for mode, groups in block["validation"].items():
         threshold = block["modes"][mode]["threshold"]
+        fitted = block["modes"][mode]["fitted_on"]
+        references = fitted.get("shape_prior_references", 0)
+        lines.append(f"{mode} mode: features '{fitted['feature_set']}' (chosen by cross-validation within the fit "
+                     "half; " + (f"the shape prior from {references} reference masks was a candidate)" if references
+                                 else "too few reference masks in the fit half for a shape prior)"))
         if not block["modes"][mode].get("fragments_rule", True):
             rate = block["modes"][mode]["fitted_on"]["fragments_rule_false_flags"]
             lines.append(f"{mode} mode: the fragments rule is off, for it alone flagged {rate:.1%} of the model's "

@@ -490,7 +490,7 @@ class BatchRun:
         output = self.segmenter.predict(torch.stack([it["input"] for it in good]), self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):
-            alone = it["path"] in self.suspects  # finished with nothing else in flight, to tell a cause from its company
+            alone = it["path"] in self.suspects  # with nothing else in flight: tells a cause from its company
             if alone:
                 self.settle_all()
             name = self.names[it["path"]]
