@@ -300,6 +300,8 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     assert measured["spearman"] > 0.6
     no_prior = [{k: v for k, v in r.items() if k not in ("shapes", "reference_shapes")} for r in pool]
     assert PRIOR_FEATURE not in quality_fit.fit_qc_mode(no_prior, "default", "lung-fields")[0]["features"]
+    with pytest.raises(LungSegError, match="with shape prior needs the reference masks of at least 20 real images"):
+        quality_fit.fit_qc_mode(no_prior, "default", "lung-fields", feature_sets=["boundary with shape prior"])
 
     stored = json.loads(json.dumps(block))  # as the card holds it
     prediction = segmenter.segment(sitk.GetArrayFromImage(sitk.ReadImage(str(list_cases(jsrt, "val")[0].image),

@@ -535,6 +535,9 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
     if prior is not None:
         pool = with_prior_feature(pool, prior)
         fit_rows = fit_half(pool)
+    elif any(WITH_PRIOR in s for s in feature_sets or ()):
+        raise LungSegError(f"a feature set{WITH_PRIOR} needs the reference masks of at least {MIN_SUBSET} real "
+                           "images in the fit half, to fit the shape model on; this fit half has fewer")
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
                                                    ensemble, feature_sets, l2_grid)
     model = dataclasses.replace(fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit,
