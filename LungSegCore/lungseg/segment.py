@@ -88,6 +88,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def record_path(out_dir: Path, name: str) -> Path:
+    """The input's record, written last: it marks the input complete."""
+    return out_dir / RECORDS / f"{name}.json"
+
+
 def output_paths(out_dir: Path, name: str, options: Options) -> dict[str, Path]:
     float_ext = ".nrrd" if options.fmt in ("png", "dicom-seg") else OUTPUT_FORMATS[options.fmt]  # those hold no floats
     paths = {"output": out_dir / f"{name}{OUTPUT_FORMATS[options.fmt]}"}
@@ -335,7 +340,7 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     prepare_output_folder(out_dir)  # a folder that cannot be created or written is one line, before any work
     (out_dir / RECORDS).mkdir(exist_ok=True)
 
-    todo = [p for p in paths if options.overwrite or not is_complete(out_dir / RECORDS / f"{names[p]}.json",
+    todo = [p for p in paths if options.overwrite or not is_complete(record_path(out_dir, names[p]),
                                                                       output_paths(out_dir, names[p], options))]
 
     segmenter = Segmenter(model, device)
@@ -398,7 +403,7 @@ class BatchRun:
         for path in interrupted:  # the pool's finishers are gone now: what they were writing is no one's
             name = self.names[path]
             for output in [*output_paths(self.out_dir, name, self.options).values(),
-                           self.out_dir / RECORDS / f"{name}.json"]:
+                           record_path(self.out_dir, name)]:
                 remove_partial_files(output)
         return [path for path in inputs if path not in self.handed]
 
@@ -500,7 +505,7 @@ class BatchRun:
             future = finisher.submit(finish_and_write, it, tuple(None if t is None else t.clone()
                                                                  for t in output.item(k)), self.options,
                                      self.qc_card, output_paths(self.out_dir, name, self.options), row,
-                                     self.out_dir / RECORDS / f"{name}.json")
+                                     record_path(self.out_dir, name))
             self.pending.append((row, future))
             self.handed.add(it["path"])
             if alone:
@@ -523,7 +528,7 @@ class BatchRun:
                     raise
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")
         if row["status"] != "ok":  # an error, or a skipped non-image object: its row in results.csv
-            write_atomic_text(json.dumps(row), self.out_dir / RECORDS / f"{self.names[Path(row['input'])]}.json")
+            write_atomic_text(json.dumps(row), record_path(self.out_dir, self.names[Path(row["input"])]))
         if row["status"] == "error":
             self.failed += 1
             tqdm.write(f"lungseg: error: {row['input']}: {row['error']}", file=sys.stderr)
