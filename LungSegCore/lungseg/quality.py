@@ -161,14 +161,19 @@ def _entropy_inside(probabilities: np.ndarray, lungs: np.ndarray, box: tuple[int
 def lung_shapes(label: np.ndarray) -> np.ndarray:
     """Each lung (right, left) scaled to its bounding box on SHAPE_GRID by area averaging, flattened: (2, rows *
     columns) in [0, 1]. A missing lung is all zeros. Position and size are other features; this is the outline."""
+    masks = {value: label == value for value in (RIGHT_LUNG, LEFT_LUNG)}
+    return _box_shapes(masks, {value: _lung_stats(mask) for value, mask in masks.items()})
+
+
+def _box_shapes(masks: dict, stats: dict) -> np.ndarray:
+    """`lung_shapes` from each lung's mask and `_lung_stats`, which `quality_features` has at hand."""
     import torch
 
     shapes = np.zeros((2, SHAPE_GRID[0] * SHAPE_GRID[1]), dtype=np.float32)
     for k, value in enumerate((RIGHT_LUNG, LEFT_LUNG)):
-        mask = label == value
-        area, _, (r0, r1, c0, c1) = _lung_stats(mask)
+        area, _, (r0, r1, c0, c1) = stats[value]
         if area:
-            crop = torch.from_numpy(np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.float32))[None, None]
+            crop = torch.from_numpy(np.ascontiguousarray(masks[value][r0:r1, c0:c1], dtype=np.float32))[None, None]
             shapes[k] = torch.nn.functional.adaptive_avg_pool2d(crop, SHAPE_GRID).reshape(-1).numpy()
     return shapes
 
@@ -186,15 +191,19 @@ def fit_shape_prior(shapes: np.ndarray, modes: int = SHAPE_MODES) -> dict:
             "mean": np.round(means, 4).tolist(), "components": np.round(components, 4).tolist()}
 
 
+def shape_prior_distances(shapes: np.ndarray, prior: dict) -> np.ndarray:
+    """How far each result's lungs (`lung_shapes` of n results, (n, 2, P)) lie from the prior's shape space: the
+    root mean square of what its modes cannot express, averaged over the two lungs (0: a shape the references
+    span; a lost lung is far). (n,); the prior's lists are read once for all n."""
+    x = np.asarray(shapes, dtype=np.float64) - np.asarray(prior["mean"])  # (n, 2, P)
+    basis = np.asarray(prior["components"])  # (2, modes, P)
+    residual = x - np.einsum("nkm,kmp->nkp", np.einsum("nkp,kmp->nkm", x, basis), basis)
+    return np.sqrt((residual ** 2).mean(2)).mean(1)
+
+
 def shape_prior_distance(shapes: np.ndarray, prior: dict) -> float:
-    """How far the lungs' shapes (`lung_shapes`) lie from the prior's shape space: the root mean square of what
-    its modes cannot express, averaged over the two lungs (0: a shape the references span; a lost lung is far)."""
-    distance = 0.0
-    for k in range(2):
-        x = shapes[k] - np.asarray(prior["mean"][k])
-        basis = np.asarray(prior["components"][k])
-        distance += float(np.sqrt(np.mean((x - basis.T @ (basis @ x)) ** 2)))
-    return distance / 2
+    """`shape_prior_distances` of one result's lungs (2, P)."""
+    return float(shape_prior_distances(shapes[None], prior)[0])
 
 
 def quality_features(prediction, shape: bool = True, prior: dict | None = None) -> dict[str, float]:
@@ -239,7 +248,7 @@ def quality_features(prediction, shape: bool = True, prior: dict | None = None) 
     if shape:
         features.update(_shape_features(label, masks, stats))
     if prior is not None:
-        features[PRIOR_FEATURE] = shape_prior_distance(lung_shapes(label), prior)
+        features[PRIOR_FEATURE] = shape_prior_distance(_box_shapes(masks, stats), prior)
     for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
                           (MEMBER_FEATURES, prediction.model_member_spread)):
         if spread is not None:
@@ -291,7 +300,8 @@ class QualityModel:
     # whether the fragments rule (qc.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
     # of the model's good results (quality_fit.keeps_fragments_rule); cards fitted before it was a choice keep it
     fragments_rule: bool = True
-    shape_prior: dict | None = field(default=None, compare=False)  # for PRIOR_FEATURE (`fit_shape_prior`)
+    # the shape model (`fit_shape_prior`) of a regression that reads PRIOR_FEATURE, else None
+    shape_prior: dict | None = field(default=None, compare=False)
 
     @classmethod
     def from_dict(cls, block: dict) -> "QualityModel":
@@ -304,7 +314,7 @@ class QualityModel:
                 "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
                 "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
                 "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule,
-                **({"shape_prior": self.shape_prior} if PRIOR_FEATURE in self.features else {})}
+                **({"shape_prior": self.shape_prior} if self.shape_prior is not None else {})}
 
     def standardized(self, values: dict[str, float]) -> np.ndarray:
         return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
@@ -380,7 +390,7 @@ def assess(prediction, model) -> Assessment:
     if not predicted:
         return Assessment(None, None, reasons, mode)
     values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features),
-                              prior=fitted.shape_prior if PRIOR_FEATURE in fitted.features else None)
+                              prior=fitted.shape_prior)
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"

@@ -32,7 +32,7 @@ from .io import read_radiograph
 from .qc import FRAGMENTS, quality_flags
 from .quality import (DICE_LIMIT, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED, UNCERTAINTY_FEATURES,
                       QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy, qc_accuracy_text,
-                      quality_features, shape_prior_distance, transform)
+                      quality_features, shape_prior_distances, transform)
 
 MODES = ("default", "uncertainty")
 METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
@@ -216,9 +216,10 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
     return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
             "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
             "features": quality_features(prediction),
-            # for PRIOR_FEATURE: the shape model is fitted on the fit half's references, once the halves are known
+            # for PRIOR_FEATURE: the shape model is fitted on the fit half's real references, once the halves are
+            # known (a degraded copy's reference is moved alike, no shape to learn)
             "shapes": lung_shapes(prediction.model_label).astype(np.float16),
-            "reference_shapes": lung_shapes(truth).astype(np.float16),
+            "reference_shapes": None if kind else lung_shapes(truth).astype(np.float16),
             "rules": {d: quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, d)
                       for d in DEFINITIONS}}
 
@@ -259,23 +260,19 @@ def candidate_sets(mode: str, with_prior: bool) -> list[str]:
     return [*sets, *((s + NO_SPREAD for s in sets) if mode == "uncertainty" else ())]
 
 
-def reference_shape_prior(rows: list[dict], minimum: int = 20) -> dict | None:
+def reference_shape_prior(rows: list[dict], minimum: int) -> dict | None:
     """The shape model (`quality.fit_shape_prior`) of the references of the real images among `rows` (the fit
     half), each image once; None with fewer than `minimum` of them or rows scored without their shapes."""
-    references = {}
-    for r in rows:
-        if "reference_shapes" not in r:
-            return None
-        if not r["perturbation"]:
-            references[(r.get("dataset", ""), r["image"])] = r["reference_shapes"]
+    if not all("shapes" in r for r in rows):
+        return None
+    references = {(r.get("dataset", ""), r["image"]): r["reference_shapes"] for r in rows if not r["perturbation"]}
     return fit_shape_prior(np.stack(list(references.values()))) if len(references) >= minimum else None
 
 
 def with_prior_feature(rows: list[dict], prior: dict) -> list[dict]:
     """The rows, each with PRIOR_FEATURE computed from its predicted lungs' shapes under `prior`."""
-    return [{**r, "features": {**r["features"],
-                               PRIOR_FEATURE: shape_prior_distance(r["shapes"].astype(np.float32), prior)}}
-            for r in rows]
+    distances = shape_prior_distances(np.stack([r["shapes"] for r in rows]), prior) if rows else []
+    return [{**r, "features": {**r["features"], PRIOR_FEATURE: float(d)}} for r, d in zip(rows, distances)]
 
 
 def flags(rows: list[dict], quality: np.ndarray, threshold: float, definition: str) -> np.ndarray:
@@ -540,9 +537,10 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
                            "images in the fit half, to fit the shape model on; this fit half has fewer")
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
                                                    ensemble, feature_sets, l2_grid)
-    model = dataclasses.replace(fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit,
-                                         perturbed_weight, ensemble, feature_set), fragments_rule=fragments_rule,
-                                shape_prior=prior)
+    model = fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit, perturbed_weight, ensemble,
+                     feature_set)
+    model = dataclasses.replace(model, fragments_rule=fragments_rule,
+                                shape_prior=prior if PRIOR_FEATURE in model.features else None)
     budget, rules_alone = false_flag_budget(fit_rows, definition, max_false_flags, dice_limit)
     block = {**model.to_dict(), "fitted_on": {
         "command": command, "feature_set": feature_set, "l2": l2,
@@ -653,7 +651,7 @@ def fit_summary(block: dict) -> list[str]:
                      "half; " + (f"the shape prior from {references} reference masks was a candidate)" if references
                                  else "too few reference masks in the fit half for a shape prior)"))
         if not block["modes"][mode].get("fragments_rule", True):
-            rate = block["modes"][mode]["fitted_on"]["fragments_rule_false_flags"]
+            rate = fitted["fragments_rule_false_flags"]
             lines.append(f"{mode} mode: the fragments rule is off, for it alone flagged {rate:.1%} of the model's "
                          "good results in the fit half; the clean-up's change still counts in the quality")
         for group, measured in groups.items():
