@@ -18,8 +18,8 @@ from conftest import importorskip, load_script, pydicom_data_file
 from lungseg import quality_fit
 from lungseg.errors import LungSegError
 from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
-from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, UNCERTAINTY_FEATURES, assess, fit_regression,
-                             qc_accuracy, qc_accuracy_text, quality_features, quality_model)
+from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES, assess,
+                             fit_regression, qc_accuracy, qc_accuracy_text, quality_features, quality_model)
 from lungseg.samples import sample_pngs
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -270,7 +270,7 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
     from lungseg.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
-    from lungseg.quality import PRIOR_FEATURE, QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
+    from lungseg.quality import QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
 
     labels = [case_label(case) for case in list_cases(jsrt, "train")[:120]]
     prior = fit_shape_prior(np.stack([lung_shapes(label) for label in labels[:60]]))
@@ -418,19 +418,23 @@ def test_refitting_one_mode_keeps_the_cards_other_mode():
     assert quality_fit.merged_qc(None, new)["modes"].keys() == {"default"}
 
 
-def test_the_readmes_qc_table_is_the_cards():
-    """README, "Quality control": its tables are what `fit_quality.py --table` prints from the shipped cards (per
-    card, default mode; per data set, both modes), so a refitted card cannot leave stale numbers behind."""
+def test_the_qc_tables_in_the_readme_and_the_qc_record_are_the_cards():
+    """The QC tables are what `fit_quality.py --table` prints from the shipped cards, so a refitted card cannot leave
+    stale numbers behind: the README's per data set with both directions added, and the QC record's
+    (`LungSegCore/docs/quality-control.md`) per card in the default mode, per data set on the held-out half, and
+    both directions again."""
     from conftest import REPO
 
     fit_quality = load_script("fit_quality")
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    readme = [line for line in lines if line.startswith("| ") and "(threshold " in line]
-    assert readme == [row for row in fit_quality.markdown_table(SHIPPED).splitlines() if "| default (threshold" in row]
+    readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    record = (REPO / "LungSegCore" / "docs" / "quality-control.md").read_text(encoding="utf-8").splitlines()
+    per_card = [line for line in record if line.startswith("| ") and "(threshold " in line]
+    printed = fit_quality.markdown_table(SHIPPED).splitlines()
+    assert per_card == [row for row in printed if "| default (threshold" in row]
     per_set = fit_quality.dataset_table(SHIPPED).splitlines()[2:]  # each model under its own card
-    assert per_set and all(row in lines for row in per_set)
+    assert per_set and all(row in record for row in per_set)
     both = fit_quality.both_directions_table(SHIPPED).splitlines()[2:]  # and with the halves swapped added
-    assert both and all(row in lines for row in both)
+    assert both and all(row in readme for row in both) and all(row in record for row in both)
 
 
 def test_swapping_the_halves_fits_on_the_measure_half_and_a_refit_drops_that_measurement():
@@ -497,9 +501,22 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert 0.5 < block["threshold"] < 1.0 and block["method"] and block["script"].startswith("scripts/fit_quality.py")
     default = block["modes"]["default"]
     members = MEMBER_FEATURES if card["network"]["name"] == "ensemble" else ()  # an ensemble's members' spread
-    chosen = FEATURE_SETS[default["fitted_on"]["feature_set"]]  # chosen by cross-validation in the fit half
-    assert tuple(default["features"]) == chosen + members and default["threshold"] == block["threshold"]
-    assert len(default["weights"]) == len(chosen + members) == len(default["mean"]) == len(default["scale"])
+
+    def read_by(mode: dict, spread: tuple = ()) -> tuple:
+        """The features a mode's chosen set names: the set's, the shape prior where it says so (with the prior
+        itself, fitted on enough references), the samples' spread unless it says without, and the members'."""
+        name = mode["fitted_on"]["feature_set"]  # chosen by cross-validation in the fit half
+        spread = () if name.endswith(quality_fit.NO_SPREAD) else spread
+        name = name.removesuffix(quality_fit.NO_SPREAD)
+        prior = (PRIOR_FEATURE,) if name.endswith(quality_fit.WITH_PRIOR) else ()
+        assert ("shape_prior" in mode) == bool(prior), "a mode carries the shape model exactly when it reads it"
+        if prior:
+            assert mode["fitted_on"]["shape_prior_references"] >= quality_fit.MIN_SUBSET
+            assert mode["shape_prior"]["images"] == mode["fitted_on"]["shape_prior_references"]
+        return FEATURE_SETS[name.removesuffix(quality_fit.WITH_PRIOR)] + prior + spread + members
+
+    assert tuple(default["features"]) == read_by(default) and default["threshold"] == block["threshold"]
+    assert len(default["weights"]) == len(default["features"]) == len(default["mean"]) == len(default["scale"])
     cv = default["fitted_on"]["cross_validated_spearman"]
     assert max(v for row in cv.values() for v in row.values()) == \
         cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
@@ -516,11 +533,9 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert {s.split("/")[1] for s in budget if "/" in s} <= set(fitted["datasets"]), "per data set, by name"
     assert all(budget[s] == max(fitted["max_false_flags_fit"], rules_alone[s]) for s in budget)
     if "uncertainty" in block["modes"]:
-        uncertainty = block["modes"]["uncertainty"]
-        chosen = uncertainty["fitted_on"]["feature_set"]  # with the samples' spread, or without when CV said so
-        no_spread = load_script("fit_quality").NO_SPREAD
-        spread = () if chosen.endswith(no_spread) else UNCERTAINTY_FEATURES
-        assert tuple(uncertainty["features"]) == FEATURE_SETS[chosen.removesuffix(no_spread)] + spread + members
+        uncertainty = block["modes"]["uncertainty"]  # with the samples' spread, or without when CV said so
+        assert tuple(uncertainty["features"]) == read_by(uncertainty, UNCERTAINTY_FEATURES)
+        assert len(uncertainty["weights"]) == len(uncertainty["features"])
     measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
     assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
 

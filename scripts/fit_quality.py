@@ -29,7 +29,7 @@ For each card:
 4. Also measures the card's QC on *failure sources* it was not fitted on: the shipped models of the other lung
    definition, and the weaker models in `--sources-dir` (a U-Net trained on JSRT alone and its early checkpoints,
    made with `scripts/quality-source-jsrt-only.yaml` and `--add-source`). `--fit-failure-sources` also fits on them;
-   measured here, that hurt the shipped models' QC (README, "Quality control").
+   measured here, that hurt the shipped models' QC (`LungSegCore/docs/quality-control.md`).
 
 `--swap-halves` runs the same fit with the halves exchanged, the second direction of a two-fold cross-fitting, so
 that every image is held out once; with `--write` it writes only the card's `qc.swapped` (what that fit measured on
@@ -198,7 +198,8 @@ def summary_line(name: str, measured: dict) -> str:
 
 
 def markdown_table(names: list[str]) -> str:
-    """The README's QC table, from the cards' `validation` blocks (the measure half): per card, mode and group."""
+    """The QC record's per-card table (`LungSegCore/docs/quality-control.md`), from the cards' `validation` blocks
+    (the measure half): per card, mode and group."""
     from lungseg.models import read_card
 
     lines = ["| model | mode | measured on (held-out half) | images | Dice < 0.90 | flagged (recall) | false flags | "
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only turn RUN_DIR/last.pt into a failure-source model NAME in --sources-dir")
     parser.add_argument("--dump-rows", help="also save every scored row (features, rules, Dice) to this pickle, "
                         "for studying the method offline")
-    parser.add_argument("--table", action="store_true", help="only print the README's QC table from the cards")
+    parser.add_argument("--table", action="store_true", help="only print the QC tables of the README and "
+                        "LungSegCore/docs/quality-control.md from the cards")
     parser.add_argument("--swap-halves", action="store_true",
                         help="fit on the measure half and measure on the fit half; --write then writes only the "
                         "card's qc.swapped, for the both-directions table of --table")
