@@ -53,8 +53,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.quality_fit import (L2_GRID, MODES, NO_SPREAD, WITH_PRIOR, candidate_sets, cases_for,  # noqa: E402
-                                 empty_qc_block, fit_qc_mode, is_ensemble, item_key, merged_modes, merged_qc,
+from lungseg.quality_fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_PRIOR, candidate_sets,  # noqa: E402
+                                 cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key, merged_modes, merged_qc,
                                  model_outputs, read_groups, scored_rows, trained_on, training_entries)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,8 +223,9 @@ def dataset_table(names: list[str], validations: list[dict] | None = None) -> st
     """What users get, per data set and mode: each shipped model that trained on the set judged by its own card,
     on the real images of the measure half (and, where a card has them, its recipe's cross-validated fold models
     on the images they never saw), recall and false flags pooled over the models (counts from the cards'
-    `validation` blocks), and each model's Spearman. `validations` ({name: validation block} each, default the
-    cards' own) adds up the counts of several measurements: both directions of `--swap-halves`."""
+    `validation` blocks), and each model's Spearman where it was measured on at least MIN_SUBSET images (a rank
+    correlation of 7 images says nothing). `validations` ({name: validation block} each, default the cards' own)
+    adds up the counts of several measurements: both directions of `--swap-halves`."""
     from lungseg.models import read_card
 
     lines = ["| data set | mode | models (own card each) | images | Dice < 0.90 | flagged (recall) | false flags | "
@@ -243,7 +244,8 @@ def dataset_table(names: list[str], validations: list[dict] | None = None) -> st
                      for k in ("images", "below", "flagged_below", "at_or_above", "flagged_at_or_above")}
             recall = f"{total['flagged_below']} ({total['flagged_below'] / total['below']:.2f})" \
                 if total["below"] else "-"
-            rhos = [qc["spearman"] for _, qc in measured if qc.get("spearman") is not None]
+            rhos = [qc["spearman"] for _, qc in measured
+                    if qc.get("spearman") is not None and qc["images"] >= MIN_SUBSET]
             low, high = (f"{min(rhos):.2f}", f"{max(rhos):.2f}") if rhos else ("-", "-")
             rho = low if low == high else f"{low}–{high}"
             models = ", ".join(dict.fromkeys(name for name, _ in measured))
