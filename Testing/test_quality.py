@@ -508,22 +508,19 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     block = card["qc"]
     assert 0.5 < block["threshold"] < 1.0 and block["method"] and block["script"].startswith("scripts/fit_quality.py")
     default = block["modes"]["default"]
-    members = MEMBER_FEATURES if card["network"]["name"] == "ensemble" else ()  # an ensemble's members' spread
+    ensemble = card["network"]["name"] == "ensemble"  # its members' spread joins every set
 
-    def read_by(mode: dict, spread: tuple = ()) -> tuple:
-        """The features a mode's chosen set names: the set's, the shape prior where it says so (with the prior
-        itself, fitted on enough references), the samples' spread unless it says without, and the members'."""
-        name = mode["fitted_on"]["feature_set"]  # chosen by cross-validation in the fit half
-        spread = () if name.endswith(quality_fit.NO_SPREAD) else spread
-        name = name.removesuffix(quality_fit.NO_SPREAD)
-        prior = (PRIOR_FEATURE,) if name.endswith(quality_fit.WITH_PRIOR) else ()
-        assert ("shape_prior" in mode) == bool(prior), "a mode carries the shape model exactly when it reads it"
-        if prior:
+    def read_by(mode: dict, name: str) -> tuple:
+        """The features that the mode's chosen set names (`quality_fit.feature_names`); a mode that reads the shape
+        prior carries the shape model, fitted on enough references, and only such a mode does."""
+        chosen = quality_fit.feature_names(name, ensemble, mode["fitted_on"]["feature_set"])  # chosen by CV
+        assert ("shape_prior" in mode) == (PRIOR_FEATURE in chosen), "the shape model exactly where it is read"
+        if PRIOR_FEATURE in chosen:
             assert mode["fitted_on"]["shape_prior_references"] >= quality_fit.MIN_SUBSET
             assert mode["shape_prior"]["images"] == mode["fitted_on"]["shape_prior_references"]
-        return FEATURE_SETS[name.removesuffix(quality_fit.WITH_PRIOR)] + prior + spread + members
+        return chosen
 
-    assert tuple(default["features"]) == read_by(default) and default["threshold"] == block["threshold"]
+    assert tuple(default["features"]) == read_by(default, "default") and default["threshold"] == block["threshold"]
     assert len(default["weights"]) == len(default["features"]) == len(default["mean"]) == len(default["scale"])
     cv = default["fitted_on"]["cross_validated_spearman"]
     assert max(v for row in cv.values() for v in row.values()) == \
@@ -542,7 +539,7 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert all(budget[s] == max(fitted["max_false_flags_fit"], rules_alone[s]) for s in budget)
     if "uncertainty" in block["modes"]:
         uncertainty = block["modes"]["uncertainty"]  # with the samples' spread, or without when CV said so
-        assert tuple(uncertainty["features"]) == read_by(uncertainty, UNCERTAINTY_FEATURES)
+        assert tuple(uncertainty["features"]) == read_by(uncertainty, "uncertainty")
         assert len(uncertainty["weights"]) == len(uncertainty["features"])
     measured = block["validation"]["default"]["own+perturbed"]["qc"]  # the held-out half, never fitted on
     assert measured["images"] > 0 and measured["below"] > 0 and measured["spearman"] > 0.5
