@@ -313,6 +313,89 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     assert values[PRIOR_FEATURE] == shape_prior_distance(lung_shapes(prediction.model_label), stored["shape_prior"])
 
 
+def soft_labels(label: np.ndarray) -> np.ndarray:
+    """A softmax (3, S, S) whose lungs fade over a few pixels at the label's outline, as a network's do."""
+    from scipy import ndimage
+
+    from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
+
+    soft = np.stack([ndimage.gaussian_filter((label == v).astype(np.float32), 2.0) for v in (0, RIGHT_LUNG, LEFT_LUNG)])
+    return soft / soft.sum(0)
+
+
+def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it_and_the_batch_reads_them(
+        tmp_path, jsrt, monkeypatch):
+    """EDGE_FEATURE (`edge_support`): on real radiographs the reference lungs' outline lies on the image's lung
+    edge, and the same lungs shrunk, grown or moved down by 6 pixels do not. A fit reads it where it tells the
+    failures apart (a WITH_EDGES set). A card whose regression reads it gets the network's input in the batch's
+    finisher processes, and the batch's quality is the one `assess` gives the single-image path (the Slicer
+    module's); a prediction without that input cannot be judged by such a card, and the error says why."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from lungseg.data import case_label, list_cases
+    from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
+    from lungseg.inference import Segmenter
+    from lungseg.io import read_radiograph
+    from lungseg.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, edge_support, reads_image
+    from lungseg.segment import segment_inputs
+    from lungseg.transforms import model_input
+
+    def per_lung(label, change):
+        out = np.zeros_like(label)
+        for value in (RIGHT_LUNG, LEFT_LUNG):
+            out[change(label == value) & (out == 0)] = value
+        return out
+
+    for case in list_cases(jsrt, "val")[:8]:
+        image = model_input(read_radiograph(case.image).pixels, 256)[0].numpy()
+        label = case_label(case)[::2, ::2].copy()  # JSRT's 512 x 512 at the model's 256 x 256
+        label[label > LEFT_LUNG] = 0
+        on_edge = edge_support(image, label, soft_labels(label))
+        for off in (per_lung(label, lambda m: ndimage.binary_erosion(m, iterations=6)),
+                    per_lung(label, lambda m: ndimage.binary_dilation(m, iterations=6)), np.roll(label, 6, axis=0)):
+            assert edge_support(image, off, soft_labels(off)) < on_edge - 0.05, case.image.name
+    assert edge_support(image, np.zeros_like(label), soft_labels(label)) == 0.0, "no lung: no edge"
+
+    rows = synthetic_rows("expected_dice")
+    rng = np.random.default_rng(3)
+    for row in rows:  # now the edges alone know the Dice
+        row["features"]["expected_dice"] = float(rng.normal())
+        row["features"][EDGE_FEATURE] = row["dice"] + float(rng.normal(0, 0.02))
+    feature_set, _, scores = quality_fit.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) | {s + quality_fit.WITH_EDGES for s in FEATURE_SETS}
+    assert feature_set == "boundary" + quality_fit.WITH_EDGES, scores
+    assert quality_fit.feature_names("uncertainty", False, "boundary with shape prior with image edges without "
+                                     "sample spread") == BOUNDARY_FEATURES + (PRIOR_FEATURE, EDGE_FEATURE)
+
+    card_path = users_model(tmp_path, "edge-unet")  # `unet` whose default regression also reads the edges
+    stored = json.loads(card_path.read_text())
+    default = read_card("unet")["qc"]["modes"]["default"]
+    block = {**default, **{k: default[k] + [v] for k, v in
+                           (("features", EDGE_FEATURE), ("centre", 0.0), ("mean", 0.8), ("scale", 0.1),
+                            ("weights", 0.5))}}
+    stored["qc"] = {"modes": {"default": block}, "threshold": block["threshold"]}
+    card_path.write_text(json.dumps(stored))
+    monkeypatch.setenv("LUNGSEG_MODELS_PATH", str(card_path.parent))
+    edge_unet = Segmenter("edge-unet", "cpu")
+    assert reads_image(edge_unet.card) and not reads_image(read_card("unet"))
+    png = sample_pngs()[0]
+    summary = segment_inputs([str(png)], tmp_path / "out", model="edge-unet", workers=1)
+    assert (summary.done, summary.failed) == (1, 0)
+    row = results_rows(tmp_path / "out")[png.name]
+    assert row["status"] == "ok", row["error"]
+    prediction = edge_unet.segment(read_radiograph(png).pixels)
+    assessment = assess(prediction, edge_unet)
+    assert abs(assessment.quality - float(row["quality"])) < 2e-3 and assessment.qc == row["qc"]
+    values = quality_features(prediction, edges=True)
+    assert assessment.quality == round(QualityModel.from_dict(block).predict(values), 4)
+    assert abs(assessment.quality - assess(prediction, read_card("unet")).quality) > 1e-3, \
+        "the edges count"
+    with pytest.raises(ValueError, match="reads the network's input"):
+        assess(dataclasses.replace(prediction, model_image=None), edge_unet)
+
+
 def test_a_model_without_a_result_at_dice_0_95_still_gets_a_finite_fit():
     """The two-sided shape features are measured from the centre of the fit's good results, those at Dice 0.95 or
     more. A barely trained model may have none: the centre was the median of nothing (NaN), every quality NaN,
@@ -847,10 +930,13 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
         assert measured["jsrt (perturbed)"]["qc"]["images"] == 2 * len(held_out)
         assert fitted["images"] == 3 * (len(val) - len(held_out))
         assert fitted["perturbed"] == 2 * (len(val) - len(held_out))
+        assert f"boundary{quality_fit.WITH_EDGES}" in fitted["cross_validated_spearman"], \
+            "the rows carry the image's edges, so the fit tries them"
         assert f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} " \
                "results)" in out
     assert "wrote the QC" in out
     assert "too few reference masks in the fit half for a shape prior" in out  # 11 of JSRT val's 22; 20 are needed
+    assert "the image's edges were a candidate" in out
 
     segmenter = Segmenter(str(card_path), "cpu")
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(jsrt / "images" / val[0]), sitk.sitkFloat32))

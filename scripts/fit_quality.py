@@ -21,8 +21,9 @@ For each card:
    card's `validation` is measured on the `measure` half, on images the fit never saw.
 3. Fits the fractional logistic regression of the Dice on the features, per mode (`default`; `uncertainty` with the
    test-time augmentation or latent samples of `--uncertainty`), with the feature set (the boundary's
-   uncertainty, the output's whole confidence, or with the shape's plausibility; in the uncertainty mode, each
-   with or without the samples' spread) and the ridge penalty that rank the fit half's real images best within
+   uncertainty, the output's whole confidence, or with the shape's plausibility; each also with the shape prior
+   and with the image's edges; in the uncertainty mode, each with or without the samples' spread) and the ridge
+   penalty that rank the fit half's real images best within
    each data set under cross-validation within that half, chooses the threshold on the fit half (the highest
    recall of Dice < 0.90 whose false-flag rate, rules included, stays within `--max-false-flags`, pooled and per
    data set), and writes the `qc` block (only that block: the weights and their SHA-256 are untouched).
@@ -53,9 +54,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.quality_fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_PRIOR, candidate_sets,  # noqa: E402
-                                 cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key, merged_modes, merged_qc,
-                                 model_outputs, read_groups, scored_rows, trained_on, training_entries)
+from lungseg.quality_fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_EDGES, WITH_PRIOR,  # noqa: E402
+                                 candidate_sets, cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key,
+                                 merged_modes, merged_qc, model_outputs, read_groups, scored_rows, trained_on,
+                                 training_entries)
 
 REPO = Path(__file__).resolve().parent.parent
 # the lung definition each labelled set's masks follow
@@ -291,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--features", default="auto",
-                        choices=("auto", *candidate_sets("uncertainty", with_prior=True)),
+                        choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
                         help="feature set of the regression (lungseg.quality.FEATURE_SETS; with the shape prior "
-                        f"where it ends in '{WITH_PRIOR}'; in the uncertainty mode with the samples' spread unless it "
+                        f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
+                        f"uncertainty mode with the samples' spread unless it "
                         f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
                         "the fit half")
     parser.add_argument("--perturbed-weight", type=float, default=0.3,

@@ -126,9 +126,9 @@ class Segmenter:
                 display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
         """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
         standard view the model knows; the maps come back on the stored grid."""
-        output = self.predict(model_input(reorient(pixels, display_flips), self.size)[None], uncertainty)
-        probabilities, unc, spread = output.item(0)
-        return postprocess(probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread)
+        x = model_input(reorient(pixels, display_flips), self.size)
+        probabilities, unc, spread = self.predict(x[None], uncertainty).item(0)
+        return postprocess(probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread, x[0])
 
     def confidence(self, pixels: np.ndarray) -> float:
         """Mean winning-class probability: low when the image is not what the model was trained on."""

@@ -29,6 +29,7 @@ class Prediction:
     model_label: np.ndarray | None = None
     model_uncertainty: np.ndarray | None = None
     model_member_spread: np.ndarray | None = None  # (S, S) an ensemble's member spread (inference.ModelOutput)
+    model_image: np.ndarray | None = None  # (S, S) the network's input, for a quality that reads the image's edges
 
     def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
         """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
@@ -64,7 +65,7 @@ def _winning_class(scores: torch.Tensor) -> np.ndarray:
 
 def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
                 keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False),
-                member_spread: torch.Tensor | None = None) -> Prediction:
+                member_spread: torch.Tensor | None = None, model_image: torch.Tensor | None = None) -> Prediction:
     """The cleaned labelmap of one model output, on the stored image's grid.
 
     Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap; each
@@ -79,6 +80,8 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
         display_flips: (flip rows, flip columns) that brought the stored image to the standard view (see
             `io.display_flips`); the maps are flipped back to the stored grid.
         member_spread: (S, S) an ensemble's member spread, or None; kept at the model's resolution only.
+        model_image: (S, S) the network's input (`transforms.model_input`), or None; kept as it is, for the
+            predicted quality of a card that reads the image (`quality.reads_image`).
 
     Returns:
         The Prediction: the labelmap, the probabilities (when kept) and the uncertainty (when given) on the stored
@@ -98,5 +101,6 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
     prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc,
                             model_probabilities=probabilities.numpy(), model_label=clean_small,
                             model_uncertainty=uncertainty.numpy() if uncertainty is not None else None,
-                            model_member_spread=member_spread.numpy() if member_spread is not None else None)
+                            model_member_spread=member_spread.numpy() if member_spread is not None else None,
+                            model_image=np.asarray(model_image) if model_image is not None else None)
     return prediction.reoriented(display_flips)

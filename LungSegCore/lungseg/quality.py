@@ -11,6 +11,8 @@ model's resolution (no second forward pass):
   bounding boxes, the smoothness of their outlines, where they sit and how tall they are;
 - how far each lung's outline, scaled to its bounding box, lies from the shapes of the reference lungs the fit saw
   (a statistical shape model: the principal modes of those shapes, stored in the card);
+- whether each lung's outline lies on its edge in the image (the network's input): a lung is darker than the ribs,
+  heart, diaphragm and soft tissue that bound it, so an outline on that edge sees the image brighten outward;
 - with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs;
 - for an ensemble, the spread of its members, in every mode (they run anyway).
 
@@ -74,6 +76,11 @@ MEMBER_FEATURES = (
 # How far each lung's shape lies from the reference lungs' (`shape_prior_distance`). It needs a shape model fitted
 # on reference masks (`fit_shape_prior`), so a fit offers each set with it too, where it has the references.
 PRIOR_FEATURE = "shape_prior"
+# Whether the outline follows the image's lung edge (`edge_support`). It reads the network's input, which the batch
+# hands to the QC only for a regression that reads it, so a fit offers each set with it too.
+EDGE_FEATURE = "edge_support"
+EDGE_SIGMA = 1.5   # pixels at the model's resolution: the image is smoothed this much before its gradient is taken
+EDGE_MARGIN = 8    # pixels around the lungs' bounding box whose gradients set the scale of the image's edges
 SHAPE_GRID = (24, 16)  # rows, columns of a lung scaled to its bounding box
 SHAPE_MODES = 6        # principal modes of the reference shapes; what they cannot express is the distance
 TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
@@ -98,6 +105,7 @@ FEATURE_TEXT = {
     "solidity": "a lung with a bite out of it",
     "height_ratio": "one lung shorter than the other",
     PRIOR_FEATURE: "a lung shaped unlike the reference lungs",
+    EDGE_FEATURE: "an outline off the lung's edge in the image",
     "uncertainty_mean": "high sample spread",
     "uncertain_border": "samples disagree on the outline",
     "member_spread": "the ensemble's members disagree inside the lungs",
@@ -118,16 +126,19 @@ def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, 
 
 
 def _boundary_pixels(mask: np.ndarray, area: int, box: tuple[int, int, int, int]) -> int:
-    """Pixels of one lung that a 3x3 cross erosion removes (SciPy's binary_erosion with zero borders), by shifted
-    views of its bounding box: a fraction of the cost of the general routine."""
+    """Pixels of one lung that a 3x3 cross erosion removes (SciPy's binary_erosion with zero borders), within its
+    bounding box (every pixel of the lung lies in it): a fraction of the cost of the general routine."""
     if area == 0:
         return 0
     r0, r1, c0, c1 = box
-    view = mask[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
-    view = np.pad(view, ((int(r0 == 0), int(r1 == mask.shape[0])), (int(c0 == 0), int(c1 == mask.shape[1]))))
-    core = view[1:-1, 1:-1]
-    interior = core & view[:-2, 1:-1] & view[2:, 1:-1] & view[1:-1, :-2] & view[1:-1, 2:]
-    return area - int(np.count_nonzero(interior))
+    return int(np.count_nonzero(_outline(mask[r0:r1, c0:c1])))
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a mask that a 3x3 cross erosion removes (zero beyond its borders), by shifted views."""
+    padded = np.pad(mask, 1)
+    interior = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
 
 
 def _solidity(mask: np.ndarray) -> float:
@@ -206,11 +217,48 @@ def shape_prior_distance(shapes: np.ndarray, prior: dict) -> float:
     return float(shape_prior_distances(shapes[None], prior)[0])
 
 
-def quality_features(prediction, shape: bool = True, prior: dict | None = None) -> dict[str, float]:
+def edge_support(image: np.ndarray, label: np.ndarray, probabilities: np.ndarray) -> float:
+    """How well the lungs' outline follows their edge in the image, the weaker lung's: along its outline, the
+    mean rise of the smoothed image outward (across the outline, the normal pointing down the lung's probability),
+    over the 90th percentile of the gradient's size around the lungs. High where the outline lies on the edge of
+    a dark lung; near 0 or below where it cuts through the lung or strays beyond it. 0 for a lost lung.
+
+    Args:
+        image: (S, S) the network's input (`transforms.model_input`), in the standard view.
+        label: (S, S) the cleaned labelmap at the model's resolution.
+        probabilities: (3, S, S) the softmax.
+    """
+    lungs = label > 0
+    if not lungs.any():
+        return 0.0
+    rows, cols = np.flatnonzero(lungs.any(1)), np.flatnonzero(lungs.any(0))
+    r0, r1 = max(rows[0] - EDGE_MARGIN, 0), min(rows[-1] + 1 + EDGE_MARGIN, label.shape[0])
+    c0, c1 = max(cols[0] - EDGE_MARGIN, 0), min(cols[-1] + 1 + EDGE_MARGIN, label.shape[1])
+    smooth = ndimage.gaussian_filter(np.asarray(image[r0:r1, c0:c1], dtype=np.float32), EDGE_SIGMA)
+    gy, gx = np.gradient(smooth)
+    scale = float(np.percentile(np.hypot(gx, gy), 90)) + EPS
+    rises = []
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        mask = label[r0:r1, c0:c1] == value
+        if not mask.any():
+            return 0.0
+        rr, cc = np.nonzero(_outline(mask))
+        py, px = np.gradient(np.asarray(probabilities[value, r0:r1, c0:c1], dtype=np.float32))
+        ny, nx = -py[rr, cc], -px[rr, cc]  # outward: down the lung's probability
+        norm = np.hypot(ny, nx)
+        across = norm > EPS
+        rise = (gy[rr, cc] * ny + gx[rr, cc] * nx)[across] / norm[across]
+        rises.append(float(rise.mean()) / scale if across.any() else 0.0)
+    return min(rises)
+
+
+def quality_features(prediction, shape: bool = True, prior: dict | None = None,
+                     edges: bool = False) -> dict[str, float]:
     """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
-    uncertainty and member features too when the prediction carries those maps, and PRIOR_FEATURE with a shape
-    model (`fit_shape_prior`). About 1-2 ms at 256x256. `shape=False` leaves out SHAPE_FEATURES, for a regression
-    that does not read them."""
+    uncertainty and member features too when the prediction carries those maps, PRIOR_FEATURE with a shape
+    model (`fit_shape_prior`), and EDGE_FEATURE with `edges` (the prediction must carry the network's input).
+    About 1-2 ms at 256x256, and 1 ms more with the edges. `shape=False` leaves out SHAPE_FEATURES, for a
+    regression that does not read them."""
     probabilities = np.asarray(prediction.model_probabilities, dtype=np.float32)
     label = prediction.model_label
     raw = prediction.raw_label
@@ -249,6 +297,10 @@ def quality_features(prediction, shape: bool = True, prior: dict | None = None) 
         features.update(_shape_features(label, masks, stats))
     if prior is not None:
         features[PRIOR_FEATURE] = shape_prior_distance(_box_shapes(masks, stats), prior)
+    if edges:
+        if prediction.model_image is None:
+            raise ValueError(f"{EDGE_FEATURE} reads the network's input: give postprocess its model_image")
+        features[EDGE_FEATURE] = edge_support(prediction.model_image, label, probabilities)
     for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
                           (MEMBER_FEATURES, prediction.model_member_spread)):
         if spread is not None:
@@ -363,6 +415,12 @@ def quality_model(card: dict, uncertainty: bool = False) -> tuple[QualityModel |
     return None, "default"
 
 
+def reads_image(card: dict, uncertainty: bool = False) -> bool:
+    """Whether the card's regression for this mode reads the network's input (EDGE_FEATURE)."""
+    fitted, _ = quality_model(card, uncertainty)
+    return fitted is not None and EDGE_FEATURE in fitted.features
+
+
 def _card_of(model) -> dict:
     """A Segmenter, or its card (a dict)."""
     return model if isinstance(model, dict) else getattr(model, "card", {}) or {}
@@ -390,7 +448,7 @@ def assess(prediction, model) -> Assessment:
     if not predicted:
         return Assessment(None, None, reasons, mode)
     values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features),
-                              prior=fitted.shape_prior)
+                              prior=fitted.shape_prior, edges=EDGE_FEATURE in fitted.features)
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"

@@ -30,9 +30,9 @@ from .definitions import DEFINITIONS, IGNORE
 from .errors import LungSegError
 from .io import read_radiograph
 from .qc import FRAGMENTS, quality_flags
-from .quality import (DICE_LIMIT, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED, UNCERTAINTY_FEATURES,
-                      QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy, qc_accuracy_text,
-                      quality_features, shape_prior_distances, transform)
+from .quality import (DICE_LIMIT, EDGE_FEATURE, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED,
+                      UNCERTAINTY_FEATURES, QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy,
+                      qc_accuracy_text, quality_features, shape_prior_distances, transform)
 
 MODES = ("default", "uncertainty")
 METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
@@ -162,13 +162,12 @@ def perturb(pixels: np.ndarray, truth: np.ndarray, seed: int) -> tuple[np.ndarra
     return np.ascontiguousarray(pixels, dtype=np.float32), np.ascontiguousarray(truth), kind
 
 
-def case_arrays(case, variant: int, need_pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray, str]:
+def case_arrays(case, variant: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Pixels (stored view; the data sets hold no display flips), reference labels and the perturbation of one
     image: variant 0 is the image itself, variant k > 0 its k-th perturbation."""
-    truth = case_label(case)
+    truth, pixels = case_label(case), read_radiograph(case.image).pixels
     if variant == 0:
-        return (read_radiograph(case.image).pixels if need_pixels else None), truth, ""
-    pixels = read_radiograph(case.image).pixels
+        return pixels, truth, ""
     seed = int(hashlib.sha1(f"{case.image.name}/{variant}".encode()).hexdigest()[:8], 16)
     return perturb(pixels, truth, seed)
 
@@ -202,20 +201,23 @@ def model_outputs(segmenter, items: list, mode: str, batch_size: int = 8) -> dic
 
 
 def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, str]) -> dict:
-    """One item's row from the model's maps (`iter_outputs`): the features, the rule flags of each lung definition
-    and the true Dice, with its perturbation, group (`read_groups`) and half."""
+    """One item's row from the model's maps (`iter_outputs`): the features (EDGE_FEATURE too, from the network's
+    input, made again from the image as the model saw it), the rule flags of each lung definition and the true Dice,
+    with its perturbation, group (`read_groups`) and half."""
     import torch
 
     from .postprocess import postprocess
+    from .transforms import model_input
 
     u8, spread, member_spread = (None if m is None else torch.from_numpy(m.astype(np.float32)) for m in maps)
-    _, truth, kind = case_arrays(case, variant, need_pixels=False)
+    pixels, truth, kind = case_arrays(case, variant)
     prediction = postprocess(u8 / 255, truth.shape, None if spread is None else spread / UNCERTAINTY_SCALE,
-                             member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE)
+                             member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE,
+                             model_image=model_input(pixels, u8.shape[-1])[0])
     group = groups.get(case.image.name, case.image.name)
     return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
             "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
-            "features": quality_features(prediction),
+            "features": quality_features(prediction, edges=True),
             # for PRIOR_FEATURE: the shape model is fitted on the fit half's real references, once the halves are
             # known (a degraded copy's reference is moved alike, no shape to learn)
             "shapes": lung_shapes(prediction.model_label).astype(np.float16),
@@ -241,22 +243,29 @@ def is_ensemble(card: dict) -> bool:
 
 NO_SPREAD = " without sample spread"  # an uncertainty-mode candidate that reads the averaged output alone
 WITH_PRIOR = " with shape prior"  # a candidate that also reads PRIOR_FEATURE
+WITH_EDGES = " with image edges"  # a candidate that also reads EDGE_FEATURE
 
 
 def feature_names(mode: str, ensemble: bool = False, feature_set: str = "output+shape") -> tuple[str, ...]:
-    """The regression's features: the set's, PRIOR_FEATURE where the name says WITH_PRIOR, the samples' spread in
-    the uncertainty mode (unless the name ends in NO_SPREAD) and an ensemble's member spread."""
+    """The regression's features: the set's, PRIOR_FEATURE where the name says WITH_PRIOR, EDGE_FEATURE where it
+    says WITH_EDGES, the samples' spread in the uncertainty mode (unless the name ends in NO_SPREAD) and an
+    ensemble's member spread."""
     spread = mode == "uncertainty" and not feature_set.endswith(NO_SPREAD)
     base = feature_set.removesuffix(NO_SPREAD)
+    edges = base.endswith(WITH_EDGES)
+    base = base.removesuffix(WITH_EDGES)
     prior = base.endswith(WITH_PRIOR)
     return FEATURE_SETS[base.removesuffix(WITH_PRIOR)] + ((PRIOR_FEATURE,) if prior else ()) + \
-        (UNCERTAINTY_FEATURES if spread else ()) + (MEMBER_FEATURES if ensemble else ())
+        ((EDGE_FEATURE,) if edges else ()) + (UNCERTAINTY_FEATURES if spread else ()) + \
+        (MEMBER_FEATURES if ensemble else ())
 
 
-def candidate_sets(mode: str, with_prior: bool) -> list[str]:
+def candidate_sets(mode: str, with_prior: bool, with_edges: bool = False) -> list[str]:
     """What `choose_regression` tries: every FEATURE_SETS set, each also with the shape prior where the rows have
-    it, and in the uncertainty mode each of those also without the samples' spread (it has to earn its place)."""
+    it, each of those also with the image's edges where the rows have them, and in the uncertainty mode each of
+    those also without the samples' spread (it has to earn its place)."""
     sets = [*FEATURE_SETS, *((s + WITH_PRIOR for s in FEATURE_SETS) if with_prior else ())]
+    sets += [s + WITH_EDGES for s in sets] if with_edges else []
     return [*sets, *((s + NO_SPREAD for s in sets) if mode == "uncertainty" else ())]
 
 
@@ -399,15 +408,16 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
     the fit half best within each data set (the mean over the data sets with at least MIN_SUBSET of them of the
     Spearman with their Dice: the targets hold per data set, and a pooled Spearman also rewards telling JSRT from
     COVID-era films apart), by `folds`-fold cross-validation within the fit half, the folds keeping each patient
-    (or image) whole. Each set is tried with and without the shape prior where the rows have it, and in the
-    uncertainty mode with and without the samples' spread (`candidate_sets`). A tie goes to the smaller set, then
+    (or image) whole. Each set is tried with and without the shape prior and the image's edges where the rows have
+    them, and in the uncertainty mode with and without the samples' spread (`candidate_sets`). A tie goes to the smaller set, then
     to the smaller penalty. Few real images with many features (v7-full) need more shrinkage, or fewer features,
     than thousands of COVID-QU-Ex rows.
     Returns the set, the penalty and every candidate's score ({set: {penalty: Spearman}})."""
     from scipy.stats import spearmanr
 
     if feature_sets is None:
-        feature_sets = candidate_sets(mode, all(PRIOR_FEATURE in r["features"] for r in fit_rows))
+        feature_sets = candidate_sets(mode, all(PRIOR_FEATURE in r["features"] for r in fit_rows),
+                                      all(EDGE_FEATURE in r["features"] for r in fit_rows))
     feature_sets = list(feature_sets)
     fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
     scores = {}
@@ -535,6 +545,9 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
     elif any(WITH_PRIOR in s for s in feature_sets or ()):
         raise LungSegError(f"a feature set{WITH_PRIOR} needs the reference masks of at least {MIN_SUBSET} real "
                            "images in the fit half, to fit the shape model on; this fit half has fewer")
+    if any(WITH_EDGES in s for s in feature_sets or ()) and not all(EDGE_FEATURE in r["features"] for r in pool):
+        raise LungSegError(f"a feature set{WITH_EDGES} needs {EDGE_FEATURE} in every row: rows scored from the "
+                           "network's input (`scored_row`)")
     feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
                                                    ensemble, feature_sets, l2_grid)
     model = fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit, perturbed_weight, ensemble,
@@ -647,9 +660,11 @@ def fit_summary(block: dict) -> list[str]:
         threshold = block["modes"][mode]["threshold"]
         fitted = block["modes"][mode]["fitted_on"]
         references = fitted.get("shape_prior_references", 0)
+        edges = any(WITH_EDGES in name for name in fitted.get("cross_validated_spearman", {}))
         lines.append(f"{mode} mode: features '{fitted['feature_set']}' (chosen by cross-validation within the fit "
-                     "half; " + (f"the shape prior from {references} reference masks was a candidate)" if references
-                                 else "too few reference masks in the fit half for a shape prior)"))
+                     "half; " + ("the image's edges were a candidate; " if edges else "")
+                     + (f"the shape prior from {references} reference masks was a candidate)" if references
+                        else "too few reference masks in the fit half for a shape prior)"))
         if not block["modes"][mode].get("fragments_rule", True):
             rate = fitted["fragments_rule_false_flags"]
             lines.append(f"{mode} mode: the fragments rule is off, for it alone flagged {rate:.1%} of the model's "

@@ -32,7 +32,7 @@ from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageEr
 from .labels import lung_areas
 from .overlay import thumbnail_base, write_overlay, write_thumbnail
 from .postprocess import postprocess
-from .quality import assess
+from .quality import assess, reads_image
 from .review import write_review
 
 RESULT_FIELDS = [
@@ -187,7 +187,7 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
     image: Radiograph = item["image"]
     probabilities, uncertainty, member_spread = output
     prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips,
-                             member_spread)
+                             member_spread, item.get("model_image"))
     flip_rows, flip_cols = image.display_flips
     assessment = assess(prediction, card)
     row = {"rows": image.shape[0], "columns": image.shape[1],
@@ -371,6 +371,7 @@ class BatchRun:
                      "definition": segmenter.definition, "device": str(segmenter.device)}
         # what QC needs of the card, small enough to hand to the finishers with every input
         self.qc_card = {"definition": segmenter.definition, "qc": segmenter.card.get("qc")}
+        self.qc_reads_image = reads_image(self.qc_card, self.options.uncertainty)  # else the input stays here
         self.bar = tqdm(total=len(todo), desc="segmenting", unit="image", disable=progress_lines or None)
 
     def run(self, workers: int) -> RunSummary:
@@ -501,7 +502,9 @@ class BatchRun:
             name = self.names[it["path"]]
             row = {**self.base, "input": str(it["path"]), "status": "ok", "error": "",
                    "inference_ms": round(inference_ms, 1)}
-            it.pop("input")
+            model_image = it.pop("input")[0]
+            if self.qc_reads_image:
+                it["model_image"] = model_image
             future = finisher.submit(finish_and_write, it, tuple(None if t is None else t.clone()
                                                                  for t in output.item(k)), self.options,
                                      self.qc_card, output_paths(self.out_dir, name, self.options), row,
