@@ -112,7 +112,10 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
         x = model_input(image.pixels, segmenter.size)
         batch = x[None].repeat(4, 1, 1, 1)
         probabilities = segmenter.probabilities(x[None])[0]
-        prediction = postprocess(probabilities, image.shape)
+        try:  # a card's quality may read the image's edges, from the network's input
+            prediction = postprocess(probabilities, image.shape, model_image=x[0])
+        except TypeError:  # an older lungseg
+            prediction = postprocess(probabilities, image.shape)
         costs = {
             "read_and_decode": cpu_ms(lambda: read_radiograph(path)),
             "preprocess": cpu_ms(lambda: model_input(image.pixels, segmenter.size)),
