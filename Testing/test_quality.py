@@ -323,23 +323,15 @@ def soft_labels(label: np.ndarray) -> np.ndarray:
     return soft / soft.sum(0)
 
 
-def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it_and_the_batch_reads_them(
-        tmp_path, jsrt, monkeypatch):
+def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     """EDGE_FEATURE (`edge_support`): on real radiographs the reference lungs' outline lies on the image's lung
-    edge, and the same lungs shrunk, grown or moved down by 6 pixels do not. A fit reads it where it tells the
-    failures apart (a WITH_EDGES set). A card whose regression reads it gets the network's input in the batch's
-    finisher processes, and the batch's quality is the one `assess` gives the single-image path (the Slicer
-    module's); a prediction without that input cannot be judged by such a card, and the error says why."""
-    import dataclasses
-
+    edge, and the same lungs shrunk, grown or moved down by 6 pixels do not."""
     from scipy import ndimage
 
     from lungseg.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
-    from lungseg.inference import Segmenter
     from lungseg.io import read_radiograph
-    from lungseg.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, edge_support, reads_image
-    from lungseg.segment import segment_inputs
+    from lungseg.quality import edge_support
     from lungseg.transforms import model_input
 
     def per_lung(label, change):
@@ -357,6 +349,20 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it_and_th
                     per_lung(label, lambda m: ndimage.binary_dilation(m, iterations=6)), np.roll(label, 6, axis=0)):
             assert edge_support(image, off, soft_labels(off)) < on_edge - 0.05, case.image.name
     assert edge_support(image, np.zeros_like(label), soft_labels(label)) == 0.0, "no lung: no edge"
+
+
+def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_them_the_network_input(
+        tmp_path, monkeypatch):
+    """A fit reads EDGE_FEATURE where it tells the failures apart (a WITH_EDGES set). A card whose regression reads
+    it gets the network's input in the batch's finisher processes, and the batch's quality is the one `assess`
+    gives the single-image path (the Slicer module's); a prediction without that input cannot be judged by such a
+    card, and the error says why."""
+    import dataclasses
+
+    from lungseg.inference import Segmenter
+    from lungseg.io import read_radiograph
+    from lungseg.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, reads_image
+    from lungseg.segment import segment_inputs
 
     rows = synthetic_rows("expected_dice")
     rng = np.random.default_rng(3)
