@@ -176,9 +176,11 @@ UNCERTAINTY_SCALE = 500.0  # the spread (a std of probabilities, at most 0.5) st
 
 
 def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
-    """Yields each item (case, variant) and the model's maps for it, as uint8: the softmax (3, S, S), its spread
-    in the uncertainty mode (S, S) and an ensemble's member spread (S, S), from an `inference.Segmenter`. The
-    batch quantizes the softmax the same way before resizing it, so nothing that matters is lost."""
+    """Yields each item (case, variant), the model's maps for it, as uint8: the softmax (3, S, S), its spread in the
+    uncertainty mode (S, S) and an ensemble's member spread (S, S), from an `inference.Segmenter`; and what the
+    model saw (`seen`: the network input (S, S), the reference labels and the perturbation), so that `scored_row`
+    need not read and degrade the image again. The batch quantizes the softmax the same way before resizing it,
+    so nothing that matters is lost."""
     import torch
 
     from .transforms import model_input
@@ -188,32 +190,40 @@ def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
 
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        x = torch.stack([model_input(case_arrays(case, variant)[0], segmenter.size) for case, variant in chunk])
-        output = segmenter.predict(x, uncertainty=mode == "uncertainty")
+        seen = []
+        for case, variant in chunk:
+            pixels, truth, kind = case_arrays(case, variant)
+            seen.append((model_input(pixels, segmenter.size)[0], truth, kind))
+        output = segmenter.predict(torch.stack([x[None] for x, _, _ in seen]), uncertainty=mode == "uncertainty")
         for k, item in enumerate(chunk):
             u8 = (output.probabilities[k] * 255).round().to(torch.uint8).numpy()
-            yield item, (u8, u8_spread(output.uncertainty, k), u8_spread(output.member_spread, k))
+            yield item, (u8, u8_spread(output.uncertainty, k), u8_spread(output.member_spread, k)), seen[k]
 
 
 def model_outputs(segmenter, items: list, mode: str, batch_size: int = 8) -> dict[str, tuple]:
     """`iter_outputs` by item key (`item_key`), for a cache."""
-    return {item_key(*item): maps for item, maps in iter_outputs(segmenter, items, mode, batch_size)}
+    return {item_key(*item): maps for item, maps, _ in iter_outputs(segmenter, items, mode, batch_size)}
 
 
-def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, str]) -> dict:
+def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, str],
+               seen: tuple | None = None) -> dict:
     """One item's row from the model's maps (`iter_outputs`): the features (EDGE_FEATURE too, from the network's
-    input, made again from the image as the model saw it), the rule flags of each lung definition and the true Dice,
-    with its perturbation, group (`read_groups`) and half."""
+    input), the rule flags of each lung definition and the true Dice, with its perturbation, group (`read_groups`)
+    and half. `seen` is what `iter_outputs` gave the model; without it (maps from a cache) the image is read and
+    degraded again as the model saw it."""
     import torch
 
     from .postprocess import postprocess
     from .transforms import model_input
 
     u8, spread, member_spread = (None if m is None else torch.from_numpy(m.astype(np.float32)) for m in maps)
-    pixels, truth, kind = case_arrays(case, variant)
+    if seen is None:
+        pixels, truth, kind = case_arrays(case, variant)
+        seen = model_input(pixels, u8.shape[-1])[0], truth, kind
+    model_image, truth, kind = seen
     prediction = postprocess(u8 / 255, truth.shape, None if spread is None else spread / UNCERTAINTY_SCALE,
                              member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE,
-                             model_image=model_input(pixels, u8.shape[-1])[0])
+                             model_image=model_image)
     group = groups.get(case.image.name, case.image.name)
     return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
             "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
@@ -409,9 +419,9 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
     Spearman with their Dice: the targets hold per data set, and a pooled Spearman also rewards telling JSRT from
     COVID-era films apart), by `folds`-fold cross-validation within the fit half, the folds keeping each patient
     (or image) whole. Each set is tried with and without the shape prior and the image's edges where the rows have
-    them, and in the uncertainty mode with and without the samples' spread (`candidate_sets`). A tie goes to the smaller set, then
-    to the smaller penalty. Few real images with many features (v7-full) need more shrinkage, or fewer features,
-    than thousands of COVID-QU-Ex rows.
+    them, and in the uncertainty mode with and without the samples' spread (`candidate_sets`). A tie goes to the
+    smaller set, then to the smaller penalty. Few real images with many features (v7-full) need more shrinkage, or
+    fewer features, than thousands of COVID-QU-Ex rows.
     Returns the set, the penalty and every candidate's score ({set: {penalty: Spearman}})."""
     from scipy.stats import spearmanr
 
@@ -637,8 +647,8 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
     for mode in modes:  # row by row: the model's maps of thousands of images need not stay in memory
         outputs = tqdm(iter_outputs(segmenter, items, mode, batch_size), total=len(items),
                        desc=f"segmenting ({mode} mode)", unit="image")
-        pool = [{**scored_row(case, variant, maps, data.name, groups), "dataset": data.name, "source": card["name"],
-                 "role": "own", "in_domain": True} for (case, variant), maps in outputs]
+        pool = [{**scored_row(case, variant, maps, data.name, groups, seen), "dataset": data.name,
+                 "source": card["name"], "role": "own", "in_domain": True} for (case, variant), maps, seen in outputs]
         block["modes"][mode], block["validation"][mode] = fit_qc_mode(
             pool, mode, segmenter.definition, ensemble=is_ensemble(card), max_false_flags=max_false_flags,
             command=command)
