@@ -83,7 +83,8 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     one_lung = np.ascontiguousarray(radiograph[:, :radiograph.shape[1] // 2])
     sitk.WriteImage(sitk.GetImageFromArray(one_lung), str(tmp_path / "odd" / "one lung.png"))
     out = tmp_path / "out"
-    result = run_cli("segment", good, tmp_path / "bad", tmp_path / "odd", "-o", out, "--batch-size", "3")
+    result = run_cli("segment", good, tmp_path / "bad", tmp_path / "odd", "-o", out, "--batch-size", "3",
+                     "--progress-lines")
     assert result.returncode == 1, result.stderr
     rows = results(out)
 
@@ -107,6 +108,11 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
     summary = result.stdout.strip().splitlines()[-1]
     assert f"{len(valid) + 1} of {len(valid) + len(bad) + 1} segmented, {len(bad)} failed" in summary
+    assert ", 1 flagged by QC to check," in summary and summary.endswith(f"review page {out / 'review.html'}")
+    progress = {line.split(" ", 3)[3]: line.split(" ", 3)[2] for line in result.stdout.splitlines()
+                if line.startswith("lungseg-progress ")}  # input: ok, check (flagged by QC) or error
+    assert progress == {**{r["input"]: "ok" for n, r in rows.items() if n in valid},
+                        **{rows[name]["input"]: "error" for name in bad}, odd["input"]: "check"}, progress
     assert len(json.loads((out / "results.json").read_text(encoding="utf-8"))) == len(valid) + len(bad) + 1
 
 

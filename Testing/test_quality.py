@@ -673,6 +673,7 @@ def test_ood_inputs_are_all_flagged_and_none_stops_the_batch(tmp_path):
         assert 0.0 <= float(row["quality"]) <= 1.0, name
     quality = [float(r["quality"]) for r in rows.values() if r["status"] == "ok"]
     assert len(quality) >= len(names) - 2, "the readers refuse at most the odd ultrasound codec"
+    assert summary.to_check == len(quality), "the run's summary counts every flagged result"
 
 
 class PageParser:

@@ -389,13 +389,14 @@ def test_batch_process_parses_progress_lines(tmp_path):
               "print('lungseg-progress 1/4 ok /data/a.png', flush=True)\n"
               "print('lungseg: error: /data/b b.png: corrupt', flush=True)\n"
               "print('lungseg-progress 2/4 error /data/b b.png', flush=True)\n"
-              "print('lungseg-progress 3/4 ok /data/c.png', flush=True)\n"
+              "print('lungseg-progress 3/4 check /data/c.png', flush=True)\n"
               "print('lungseg-progress 4/4 skipped /data/DICOMDIR', flush=True)\n"
               "raise SystemExit(1)\n")
     batch = BatchProcess([sys.executable, "-c", script], outputDir=tmp_path)
     batch.start()
     assert batch.wait(timeout=60) == 1
     assert batch.progress() == (4, 4, 1, "/data/DICOMDIR") and batch.skipped == 1  # skipped is no failure
+    assert batch.toCheck == 1  # segmented and flagged by QC: no failure either
     assert batch.log[0] == "loading model" and len(batch.log) == 6
 
 

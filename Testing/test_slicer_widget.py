@@ -175,7 +175,7 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
 
     def processFolder(inputDir, outputDir, **options):
         calls.append((inputDir, outputDir, options))
-        return fake_batch([f"lungseg-progress {i}/3 {'error' if i == 2 else 'ok'} /in/{i}.png" for i in (1, 2, 3)])
+        return fake_batch([f"lungseg-progress {i}/3 {('check', 'error', 'ok')[i - 1]} /in/{i}.png" for i in (1, 2, 3)])
 
     monkeypatch.setattr(panel.logic, "processFolder", processFolder)
     # CTK's directory buttons show "." until a folder is picked: that is no choice
@@ -190,7 +190,8 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     assert calls == [(str(tmp_path), str(tmp_path / "out"), {"model": "unet", "device": "auto", "overlays": True})]
     spin(lambda: panel._batch is None, timeout=60)
     assert (ui.batchProgressBar.value(), ui.batchProgressBar.maximum()) == (3, 3)
-    assert ui.batchStatusLabel.text().startswith("2 of 3 segmented, 1 failed")
+    text = ui.batchStatusLabel.text()
+    assert text.startswith("2 of 3 segmented, 1 failed, 1 flagged by QC to check; see review.html"), text
 
     monkeypatch.setattr(panel.logic, "processFolder", lambda *a, **k: fake_batch(
         ["lungseg-progress 1/3 ok /in/1.png", "lungseg-progress 2/3 ok /in/2.png"], pause=30))

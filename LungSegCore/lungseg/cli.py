@@ -181,7 +181,8 @@ def parser() -> argparse.ArgumentParser:
                    help="DataLoader workers that read and preprocess (default: cores - 1)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--progress-lines", action="store_true",
-                   help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar")
+                   help="print 'lungseg-progress I/N STATUS PATH' per input instead of a progress bar; STATUS is "
+                        "ok, check (segmented, flagged by QC), error or skipped (a DICOM object with no image)")
     s.set_defaults(func=_segment)
 
     e = sub.add_parser("evaluate", help="score a model against reference masks", parents=[common])

@@ -33,7 +33,7 @@ from .labels import lung_areas
 from .overlay import thumbnail_base, write_overlay, write_thumbnail
 from .postprocess import postprocess
 from .quality import assess, reads_image
-from .review import write_review
+from .review import REVIEW_PAGE, write_review
 
 RESULT_FIELDS = [
     "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "thumbnail", "model",
@@ -281,6 +281,7 @@ class RunSummary:
     skipped: int = 0     # completed by an earlier run
     seconds: float = 0.0  # from the model being loaded to the last output written
     not_images: int = 0  # DICOM objects that hold no image (reports, presentation states, DICOMDIR): in `done`, skipped
+    to_check: int = 0    # segmented, and flagged by QC (qc=check)
 
     @property
     def images_per_second(self) -> float:
@@ -302,8 +303,9 @@ def run_segment(inputs: list[str], out_dir: str | Path, **kwargs) -> int:
     print(f"lungseg: {images - summary.failed} of {images} segmented, {summary.failed} failed"
           + (f", {summary.not_images} non-image DICOM objects skipped" if summary.not_images else "")
           + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
+          + f", {summary.to_check} flagged by QC to check"
           + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
-          f"results in {Path(out_dir) / 'results.csv'}")
+          f"results in {Path(out_dir) / 'results.csv'}, review page {Path(out_dir) / REVIEW_PAGE}")
     return 1 if summary.failed else 0
 
 
@@ -363,7 +365,7 @@ class BatchRun:
         self.segmenter, self.todo, self.names, self.out_dir, self.options = segmenter, todo, names, out_dir, options
         self.total, self.skipped = total, total - len(todo)
         self.batch_size, self.progress_lines = batch_size, progress_lines
-        self.done = self.failed = self.not_images = 0
+        self.done = self.failed = self.not_images = self.to_check = 0
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.handed: set[Path] = set()  # inputs settled or submitted
         self.suspects: set[Path] = set()  # held by finishers when one died: each is finished alone
@@ -386,7 +388,7 @@ class BatchRun:
         write_results(rows, self.out_dir)
         write_review(rows, self.out_dir)  # every finished input in the folder: earlier runs and other shards too
         return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
-                          not_images=self.not_images)
+                          not_images=self.not_images, to_check=self.to_check)
 
     def run_round(self, inputs: list[Path], workers: int) -> list[Path]:
         """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for
@@ -537,8 +539,11 @@ class BatchRun:
             tqdm.write(f"lungseg: error: {row['input']}: {row['error']}", file=sys.stderr)
         elif row["status"] == "skipped":
             self.not_images += 1
+        flagged = row["status"] == "ok" and row.get("qc") == "check"
+        self.to_check += flagged
         self.done += 1
         self.bar.update(1)
         if self.progress_lines:  # for callers that track progress (the Slicer module), one flushed line per input
-            print(f"lungseg-progress {self.done + self.skipped}/{self.total} {row['status']} {row['input']}",
+            status = "check" if flagged else row["status"]  # ok, check (segmented, flagged by QC), error, skipped
+            print(f"lungseg-progress {self.done + self.skipped}/{self.total} {status} {row['input']}",
                   flush=True)

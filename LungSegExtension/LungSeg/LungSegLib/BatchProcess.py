@@ -23,7 +23,7 @@ class BatchProcess:
         self.args = [str(a) for a in args]
         self.environment = environment
         self.outputDir = Path(outputDir) if outputDir else None
-        self.done = self.total = self.failed = self.skipped = 0
+        self.done = self.total = self.failed = self.skipped = self.toCheck = 0
         self.lastInput = ""
         self.log: list[str] = []
         self.returnCode: int | None = None
@@ -60,6 +60,7 @@ class BatchProcess:
                 self.done, self.total = int(match.group(1)), int(match.group(2))
                 self.failed += match.group(3) == "error"
                 self.skipped += match.group(3) == "skipped"  # a non-image DICOM object: not a failure
+                self.toCheck += match.group(3) == "check"  # segmented, and flagged by QC
                 self.lastInput = match.group(4)
 
     @property

@@ -278,8 +278,9 @@ class Widget(VTKObservationMixin):
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
                 done=done, total=total or "?")
         elif batch.returnCode in (0, 1):
-            text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
-                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
+            text = _("{ok} of {total} segmented, {failed} failed, {check} flagged by QC to check; see review.html "
+                     "and results.csv in {folder}").format(ok=done - failed - batch.skipped, total=total,
+                                                          failed=failed, check=batch.toCheck, folder=batch.outputDir)
             if batch.skipped:
                 text += " " + _("({skipped} non-image DICOM objects skipped)").format(skipped=batch.skipped)
         else:
