@@ -108,7 +108,8 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
     summary = result.stdout.strip().splitlines()[-1]
     assert f"{len(valid) + 1} of {len(valid) + len(bad) + 1} segmented, {len(bad)} failed" in summary
-    assert ", 1 flagged by QC to check," in summary and summary.endswith(f"review page {out / 'review.html'}")
+    assert summary.endswith(f"; 1 of the folder's {len(valid) + 1} results flagged by QC to check, review page "
+                            f"{out / 'review.html'}"), summary
     progress = {line.split(" ", 3)[3]: line.split(" ", 3)[2] for line in result.stdout.splitlines()
                 if line.startswith("lungseg-progress ")}  # input: ok, check (flagged by QC) or error
     assert progress == {**{r["input"]: "ok" for n, r in rows.items() if n in valid},
@@ -183,6 +184,8 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
     os.remove(rows["case03.png"]["overlay"])  # an incomplete input is redone, the rest skipped
     again = run_cli("segment", inputs, "-o", out, "--overlays")
     assert "1 of 1 segmented" in again.stdout and "9 already done" in again.stdout
+    flagged = sum(r["qc"] == "check" for r in rows.values())  # the folder's, as the review page shows them
+    assert f"; {flagged} of the folder's 10 results flagged by QC to check, review page" in again.stdout
     forced = run_cli("segment", inputs, "-o", out, "--overlays", "--overwrite")
     assert "10 of 10 segmented" in forced.stdout
 

@@ -324,12 +324,16 @@ def test_process_folder_reports_progress_and_failures(tmp_path):
     for sample in sample_pngs()[:2]:
         shutil.copy(sample, inputs)
     (inputs / "broken.png").write_bytes(b"not a png")
+    pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))  # only the patient's right half: flagged
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels[:, :pixels.shape[1] // 2])),
+                    str(inputs / "one lung.png"))
     batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
     assert batch.wait(timeout=300) == 1  # one input failed, the others were segmented
     done, total, failed, last = batch.progress()
-    assert (done, total, failed) == (3, 3, 1)
+    assert (done, total, failed) == (4, 4, 1)
     results = (tmp_path / "out" / "results.csv").read_text().splitlines()
-    assert len(results) == 4 and sum(",ok," in row for row in results) == 2
+    assert len(results) == 5 and sum(",ok," in row for row in results) == 3
+    assert batch.toCheck == 1 and batch.flaggedInFolder() == (1, 3)  # the half radiograph, as results.csv says
     for sample in sample_pngs()[:2]:
         stem = sample.stem
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{stem}.nrrd")))
@@ -393,6 +397,7 @@ def test_batch_process_parses_progress_lines(tmp_path):
               "print('lungseg-progress 4/4 skipped /data/DICOMDIR', flush=True)\n"
               "raise SystemExit(1)\n")
     batch = BatchProcess([sys.executable, "-c", script], outputDir=tmp_path)
+    assert batch.flaggedInFolder() is None  # no results.csv yet
     batch.start()
     assert batch.wait(timeout=60) == 1
     assert batch.progress() == (4, 4, 1, "/data/DICOMDIR") and batch.skipped == 1  # skipped is no failure

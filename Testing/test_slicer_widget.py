@@ -191,7 +191,8 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     spin(lambda: panel._batch is None, timeout=60)
     assert (ui.batchProgressBar.value(), ui.batchProgressBar.maximum()) == (3, 3)
     text = ui.batchStatusLabel.text()
-    assert text.startswith("2 of 3 segmented, 1 failed, 1 flagged by QC to check; see review.html"), text
+    assert text.startswith("2 of 3 segmented, 1 failed; see results.csv") and text.endswith(
+        "1 of the folder's 2 results flagged by QC to check: open review.html there."), text  # no results.csv: counted
 
     monkeypatch.setattr(panel.logic, "processFolder", lambda *a, **k: fake_batch(
         ["lungseg-progress 1/3 ok /in/1.png", "lungseg-progress 2/3 ok /in/2.png"], pause=30))

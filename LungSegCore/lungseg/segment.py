@@ -281,7 +281,9 @@ class RunSummary:
     skipped: int = 0     # completed by an earlier run
     seconds: float = 0.0  # from the model being loaded to the last output written
     not_images: int = 0  # DICOM objects that hold no image (reports, presentation states, DICOMDIR): in `done`, skipped
-    to_check: int = 0    # segmented, and flagged by QC (qc=check)
+    to_check: int = 0    # segmented in this run, and flagged by QC (qc=check)
+    folder_results: int = 0    # segmented results in the output folder: this run's, earlier runs' and other shards'
+    folder_to_check: int = 0   # of those, flagged by QC: what the review page puts first
 
     @property
     def images_per_second(self) -> float:
@@ -303,9 +305,9 @@ def run_segment(inputs: list[str], out_dir: str | Path, **kwargs) -> int:
     print(f"lungseg: {images - summary.failed} of {images} segmented, {summary.failed} failed"
           + (f", {summary.not_images} non-image DICOM objects skipped" if summary.not_images else "")
           + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
-          + f", {summary.to_check} flagged by QC to check"
           + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
-          f"results in {Path(out_dir) / 'results.csv'}, review page {Path(out_dir) / REVIEW_PAGE}")
+          f"results in {Path(out_dir) / 'results.csv'}; {summary.folder_to_check} of the folder's "
+          f"{summary.folder_results} results flagged by QC to check, review page {Path(out_dir) / REVIEW_PAGE}")
     return 1 if summary.failed else 0
 
 
@@ -387,8 +389,10 @@ class BatchRun:
         rows = collect_results(self.out_dir)
         write_results(rows, self.out_dir)
         write_review(rows, self.out_dir)  # every finished input in the folder: earlier runs and other shards too
+        segmented = [r for r in rows if r.get("status") == "ok"]
         return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=elapsed,
-                          not_images=self.not_images, to_check=self.to_check)
+                          not_images=self.not_images, to_check=self.to_check, folder_results=len(segmented),
+                          folder_to_check=sum(r.get("qc") == "check" for r in segmented))
 
     def run_round(self, inputs: list[Path], workers: int) -> list[Path]:
         """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for

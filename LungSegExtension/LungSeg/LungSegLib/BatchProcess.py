@@ -7,6 +7,7 @@ into place), so no half-written output remains; a killed run's temporary file is
 """
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -77,6 +78,17 @@ class BatchProcess:
         self._process.wait(timeout)
         self._reader.join(timeout)
         return self.returnCode
+
+    def flaggedInFolder(self) -> tuple[int, int] | None:
+        """(results flagged by QC, results segmented) over the output folder's `results.csv`, which the core
+        rewrites at the end of a run from every finished input there (earlier runs too), as its review page does;
+        None before there is one."""
+        table = self.outputDir / "results.csv" if self.outputDir else None
+        if table is None or not table.is_file():
+            return None
+        with open(table, newline="", encoding="utf-8") as f:
+            segmented = [row for row in csv.DictReader(f) if row.get("status") == "ok"]
+        return sum(row.get("qc") == "check" for row in segmented), len(segmented)
 
     def cancel(self) -> None:
         """Stop the run; returns at once (`wait()` for the end)."""

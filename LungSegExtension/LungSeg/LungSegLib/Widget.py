@@ -278,11 +278,13 @@ class Widget(VTKObservationMixin):
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
                 done=done, total=total or "?")
         elif batch.returnCode in (0, 1):
-            text = _("{ok} of {total} segmented, {failed} failed, {check} flagged by QC to check; see review.html "
-                     "and results.csv in {folder}").format(ok=done - failed - batch.skipped, total=total,
-                                                          failed=failed, check=batch.toCheck, folder=batch.outputDir)
+            text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
+                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
             if batch.skipped:
                 text += " " + _("({skipped} non-image DICOM objects skipped)").format(skipped=batch.skipped)
+            flagged, segmented = batch.flaggedInFolder() or (batch.toCheck, done - failed - batch.skipped)
+            text += " " + _("{flagged} of the folder's {segmented} results flagged by QC to check: open review.html "
+                            "there.").format(flagged=flagged, segmented=segmented)
         else:
             text = _("Failed: {reason}").format(reason=batch.log[-1] if batch.log else batch.returnCode)
         self.ui.batchStatusLabel.setText(text)
