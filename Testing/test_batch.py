@@ -19,11 +19,24 @@ from conftest import require_or_skip
 from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.qc import quality_flags
 from lungseg.samples import sample_pngs
+from lungseg.errors import LungSegError
+from lungseg.segment import START_METHOD_VARIABLE, start_method
 from test_io import _bad_inputs
 
 
-def run_cli(*args, **kwargs):
+# Every way the batch starts its reader and finisher processes: fork (Linux) and spawn (Windows, macOS), forced here
+START_METHODS = ["fork", "spawn"]
+
+
+def cli_env(method: str | None = None) -> dict:
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    if method:
+        env[START_METHOD_VARIABLE] = method
+    return env
+
+
+def run_cli(*args, method=None, **kwargs):
+    env = cli_env(method)
     return subprocess.run([sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=900, **kwargs)
 
@@ -130,6 +143,12 @@ def live_children(pid: int) -> set[int]:
     return children
 
 
+def batch_helpers(pid: int) -> set[int]:
+    """The batch's reader and finisher processes: its children, less the resource tracker that spawn starts."""
+    return {child for child in live_children(pid)
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()}
+
+
 def running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -137,7 +156,8 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
+@pytest.mark.parametrize("method", START_METHODS)
+def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph, method):
     inputs = tmp_path / "in"
     inputs.mkdir()
     gray = sitk.GetImageFromArray(radiograph)
@@ -147,11 +167,10 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--overlays",
             "--batch-size", "1", "--workers", "1", "--progress-lines"]  # a reader and a finisher
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=cli_env(method))
     first = proc.stdout.readline()
     assert first.startswith("lungseg-progress 1/10 ok"), first
-    helpers = live_children(proc.pid) if Path("/proc/self/stat").exists() else set()
+    helpers = batch_helpers(proc.pid) if Path("/proc/self/stat").exists() else set()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -172,7 +191,7 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
         time.sleep(0.5)
     assert not [pid for pid in helpers if running(pid)], "a helper of the killed batch is still running"
 
-    result = run_cli("segment", inputs, "-o", out, "--overlays")
+    result = run_cli("segment", inputs, "-o", out, "--overlays", method=method)
     assert result.returncode == 0, result.stderr
     assert f"{len(finished_before)} already done (skipped)" in result.stdout
     rows = results(out)
@@ -182,7 +201,7 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph):
         assert sitk.ReadImage(row["output"]).GetSize() == (1024, 1024)
 
     os.remove(rows["case03.png"]["overlay"])  # an incomplete input is redone, the rest skipped
-    again = run_cli("segment", inputs, "-o", out, "--overlays")
+    again = run_cli("segment", inputs, "-o", out, "--overlays", method=method)
     assert "1 of 1 segmented" in again.stdout and "9 already done" in again.stdout
     flagged = sum(r["qc"] == "check" for r in rows.values())  # the folder's, as the review page shows them
     assert f"; {flagged} of the folder's 10 results flagged by QC to check, review page" in again.stdout
@@ -321,20 +340,19 @@ def test_quality_flags_name_their_reason():
 
 
 @pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="finds the reader process through Linux's /proc")
-def kill_a_helper_mid_batch(image, inputs: Path, out: Path, helper: str):
+def kill_a_helper_mid_batch(image, inputs: Path, out: Path, helper: str, method: str):
     """Segment 24 copies of `image`, one at a time with one reader and one finisher, and kill the `helper` ("reader"
     or "finisher") once the first input is done. The run's stdout, stderr and process; a hang is a failure."""
     inputs.mkdir()
     for i in range(24):
         sitk.WriteImage(image, str(inputs / f"case{i:02d}.png"))
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--batch-size",
                              "1", "--workers", "1", "--progress-lines"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=cli_env(method))
     first = proc.stdout.readline()
     assert first.startswith("lungseg-progress 1/24 ok"), first
     kind = {pid: "reader" if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker" else "finisher"
-            for pid in live_children(proc.pid)}
+            for pid in batch_helpers(proc.pid)}
     chosen = [pid for pid, name in kind.items() if name == helper]
     assert len(chosen) == 1, kind
     os.kill(chosen[0], signal.SIGKILL)
@@ -346,7 +364,8 @@ def kill_a_helper_mid_batch(image, inputs: Path, out: Path, helper: str):
     return stdout, stderr, proc
 
 
-def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radiograph):
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radiograph, method):
     """A reader (a DataLoader worker) killed for memory, or by a decoder that crashes, used to leave the batch
     waiting forever on an image half sent, and torch's report of it was taken for the failure of whichever input was
     being written. The batch now records the inputs that reader may have held as errors that say why, reads the rest
@@ -354,7 +373,7 @@ def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radi
     big = sitk.Resample(sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0),
                         [0.25, 0.25])
     inputs, out = tmp_path / "in", tmp_path / "out"
-    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.Cast(big, sitk.sitkUInt8), inputs, out, "reader")
+    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.Cast(big, sitk.sitkUInt8), inputs, out, "reader", method)
     assert proc.returncode == 1 and (out / "results.csv").exists(), stderr
     rows = results(out)
     failed = {name: row for name, row in rows.items() if row["status"] != "ok"}
@@ -364,18 +383,20 @@ def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radi
         assert "(DataLoader worker (pid" in row["error"] or "could not be received" in row["error"], row["error"]
     assert "post-processing or writing failed" not in stderr, "torch's report is not an input's failure"
     assert f"{24 - len(failed)} of 24 segmented, {len(failed)} failed" in stdout.strip().splitlines()[-1]
-    again = run_cli("segment", inputs, "-o", out)
+    again = run_cli("segment", inputs, "-o", out, method=method)
     assert again.returncode == 0, again.stderr
     assert f"{len(failed)} of {len(failed)} segmented" in again.stdout
     assert all(row["status"] == "ok" for row in results(out).values())
 
 
-def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph):
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph, method):
     """A finisher (a process pool worker) killed for memory used to hang the batch for good: the broken pool's
     shutdown waited on a pipe the reader processes also held. The inputs the pool held are now segmented again
     with new readers and finishers, and the batch completes them all."""
     inputs, out = tmp_path / "in", tmp_path / "out"
-    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.GetImageFromArray(radiograph), inputs, out, "finisher")
+    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.GetImageFromArray(radiograph), inputs, out, "finisher",
+                                                   method)
     assert proc.returncode == 0, stderr
     assert "a finisher process died" in stderr and "they are segmented again" in stderr, stderr
     rows = results(out)
@@ -464,3 +485,103 @@ def test_command_line_keeps_freed_memory_for_the_next_forward_pass():
     assert probes["default"]["mapped_mib"] >= 64 > probes["default"]["free_mib"], probes
     for mode in ("keep_freed_memory()", "python -m lungseg"):
         assert probes[mode]["mapped_mib"] < 64 <= probes[mode]["free_mib"], (mode, probes)
+
+
+def test_outputs_are_identical_whether_helpers_are_forked_or_spawned(tmp_path, chest_dicom):
+    """The same batch, with a reader and a finisher, started the Linux way (fork) and the Windows and macOS way
+    (spawn): every output file is the same, byte for byte, and so is every row but its timings."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sample_pngs()[:2]:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    (inputs / "cr.dcm").write_bytes(Path(chest_dicom).read_bytes())
+    outputs = {}
+    for method in START_METHODS:
+        out = tmp_path / method
+        result = run_cli("segment", inputs, "-o", out, "--overlays", "--uncertainty", "--batch-size", "2",
+                         "--workers", "1", method=method)
+        assert result.returncode == 0, result.stderr
+        files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
+                 and p.parent.name != ".lungseg" and p.name not in ("results.csv", "results.json", "review.html")}
+        rows = {name: {k: v for k, v in row.items() if not k.endswith("_ms") and k not in
+                       ("output", "overlay", "uncertainty_map", "thumbnail")} for name, row in results(out).items()}
+        outputs[method] = files, rows
+    (fork_files, fork_rows), (spawn_files, spawn_rows) = outputs["fork"], outputs["spawn"]
+    assert len(fork_files) == 3 * 4, sorted(fork_files)  # labelmap, overlay, uncertainty map and thumbnail each
+    assert fork_files.keys() == spawn_files.keys()
+    assert [name for name in fork_files if fork_files[name] != spawn_files[name]] == []
+    assert fork_rows == spawn_rows and all(row["status"] == "ok" for row in fork_rows.values())
+
+
+SPAWN_ONLY_PLATFORM = """
+import multiprocessing.context, sys
+from lungseg import segment
+for method in ("fork", "forkserver"):  # as on Windows, where multiprocessing has only spawn
+    multiprocessing.context._concrete_contexts.pop(method, None)
+class WindowsSys:  # what lungseg sees of `sys` says Windows; multiprocessing's own stays the real platform's
+    platform = "win32"
+    def __getattr__(self, name):
+        return getattr(sys, name)
+segment.sys = WindowsSys()
+sys.exit(segment.run_segment([sys.argv[1]], sys.argv[2], batch_size=1, workers=1))
+"""
+
+
+def test_batch_runs_where_only_spawn_exists(tmp_path):
+    """On Windows `multiprocessing` has no fork: the batch used to fail at once with "cannot find context for
+    'fork'" and write nothing. Emulated here as the Slicer review did, with a reader and a finisher."""
+    env = cli_env()
+    env.pop(START_METHOD_VARIABLE, None)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", SPAWN_ONLY_PLATFORM, str(sample_pngs()[0].parent), str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = results(out)
+    assert len(rows) == 3 and all(row["status"] == "ok" for row in rows.values()), rows
+
+
+def test_start_method_follows_the_platform_and_can_be_forced(monkeypatch):
+    monkeypatch.delenv(START_METHOD_VARIABLE, raising=False)
+    for platform, method in (("linux", "fork"), ("win32", "spawn"), ("darwin", "spawn")):
+        monkeypatch.setattr(sys, "platform", platform)
+        assert start_method() == method, platform
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv(START_METHOD_VARIABLE, "spawn")
+    assert start_method() == "spawn"
+    monkeypatch.setenv(START_METHOD_VARIABLE, "threads")
+    with pytest.raises(LungSegError, match="LUNGSEG_START_METHOD=threads"):
+        start_method()
+
+
+def test_a_folder_named_like_a_file_is_a_folder(tmp_path, chest_dicom):
+    """`lungseg segment exports/study.dcm/` (a folder holding a CR) used to fail with "not a readable DICOM file
+    ([Errno 21] Is a directory)"; with --recursive, a subfolder named like an image is entered, not an input."""
+    study = tmp_path / "exports" / "study.dcm"
+    study.mkdir(parents=True)
+    (study / "IM0001").write_bytes(Path(chest_dicom).read_bytes())  # DICOM files often have no suffix
+    result = run_cli("segment", f"{study}{os.sep}", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert [row["status"] for row in results(tmp_path / "out").values()] == ["ok"]
+    nested = run_cli("segment", tmp_path / "exports", "--recursive", "-o", tmp_path / "nested")
+    assert nested.returncode == 0, nested.stderr
+    assert {name: row["status"] for name, row in results(tmp_path / "nested").items()} == {"IM0001": "ok"}
+
+
+CRASHING_COMMAND = """
+import sys
+from lungseg import cli, segment
+def crash(*args, **kwargs):
+    raise MemoryError("no memory left for the model")
+segment.segment_inputs = crash
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_has_its_own_exit_status_and_keeps_its_traceback(tmp_path):
+    """An unexpected error used to leave with status 1, the status of "some inputs failed", so the Slicer panel
+    reported "0 of 0 segmented, 0 failed" for a results file that did not exist."""
+    run = subprocess.run([sys.executable, "-c", CRASHING_COMMAND, "segment", str(sample_pngs()[0]), "-o",
+                          str(tmp_path / "out")], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert run.returncode == 3, (run.returncode, run.stderr)
+    assert "Traceback (most recent call last)" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("lungseg: internal error: MemoryError: no memory left")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Do the tests bite? Re-apply each breakage of the test audit (issue 15) to a copy of the code and expect the
-tests named for it to FAIL.
+"""Do the tests bite? Re-apply each breakage of the test audit and of the Slicer reviews to a copy of the code and
+expect the tests named for it to FAIL.
 
 LungSegCore/, Testing/, LungSegExtension/ and CMakeLists.txt are copied once to a temporary folder (a snapshot,
 so that every run sees the same code while others edit the tree). For each breakage, a copy of the snapshot gets
@@ -80,7 +80,7 @@ BREAKAGES: list[Breakage] = [
     Breakage(
         "T4", "export never loads the trained weights (a randomly initialised network is exported and measured)",
         [Edit("LungSegCore/lungseg/export.py",
-              '    model.load_state_dict(best["model"])\n',
+              '    model.load_state_dict(state["model"])\n',
               "    pass  # breakage: the trained weights are never loaded\n")],
         ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"]),
     Breakage(
@@ -109,6 +109,32 @@ BREAKAGES: list[Breakage] = [
               "    return out[-1] if isinstance(out, (list, tuple)) else out\n",
               "    return out[0] if isinstance(out, (list, tuple)) else out\n")],
         ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"]),
+    # ---- the second Slicer review (Windows and macOS batch, crashes, a folder named like a file)
+    Breakage(
+        "N1a", "the batch starts its helpers with fork everywhere (Windows has no fork: nothing is segmented)",
+        [Edit("LungSegCore/lungseg/segment.py",
+              '        return "fork" if sys.platform.startswith("linux") else "spawn"\n',
+              '        return "fork"\n')],
+        ["Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
+         "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced"]),
+    Breakage(
+        "N1b", "a spawned helper never notices that its batch process died (it waits for work forever)",
+        [Edit("LungSegCore/lungseg/segment.py",
+              "    multiprocessing.parent_process().join()\n",
+              "    threading.Event().wait()\n")],
+        ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"]),
+    Breakage(
+        "N2", "an unexpected error leaves with status 1, the status of 'some inputs failed'",
+        [Edit("LungSegCore/lungseg/cli.py",
+              '    except Exception as exc:  # a bug, or the machine (memory): not "some inputs failed" (1)\n',
+              "    except ArithmeticError as exc:  # breakage: other errors escape with status 1\n")],
+        ["Testing/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"]),
+    Breakage(
+        "F1", "a folder named like an image file (study.dcm/) is taken for a file",
+        [Edit("LungSegCore/lungseg/files.py",
+              "        elif item.is_dir():  # a folder named like a file",
+              "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file")],
+        ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"]),
 ]
 
 WRONG_REASONS = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError")

@@ -14,6 +14,10 @@ from .files import CHECKPOINTS
 from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from .memory import keep_freed_memory
 
+# Exit statuses (README): 0 done, 1 some inputs failed, 2 the user's error (one line), 3 an internal error (with its
+# traceback), 130 interrupted, 141 the reader of the output left.
+INTERNAL_ERROR = 3
+
 
 def _segment(args) -> int:
     from .models import resolve_model
@@ -279,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lungseg: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, or the machine (memory): not "some inputs failed" (1)
+        traceback.print_exc()
+        print(f"lungseg: internal error: {type(exc).__name__}: {exc} (the traceback is above; every output "
+              "finished before it is complete)", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 def _closed_stdout() -> int:

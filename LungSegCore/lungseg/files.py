@@ -64,11 +64,12 @@ def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]
         item = Path(item)
         if item.is_file() and item.suffix.lower() == ".txt":
             files = read_path_list(item)
-        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:
+        elif item.is_dir():  # a folder named like a file (`study.dcm/`) is still a folder
             pattern = "**/*" if recursive else "*"
+            # a subfolder named like an image is an input (an error row that says so) unless --recursive enters it
             files = sorted(p for p in item.glob(pattern)
-                           if not p.name.startswith(".") and (suffix_of(p) in IMAGE_SUFFIXES or
-                                                              (p.is_file() and is_dicom(p))))
+                           if not p.name.startswith(".") and not (recursive and p.is_dir())
+                           and (suffix_of(p) in IMAGE_SUFFIXES or (p.is_file() and is_dicom(p))))
         else:
             files = [item]
         for f in files:

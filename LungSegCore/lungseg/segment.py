@@ -9,6 +9,7 @@ folder, which also makes the outputs of several `--shard I/N` jobs add up to one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -219,6 +220,19 @@ def finish_and_write(item: dict, output: tuple, options: Options, card: dict, pa
 HELPER_NICENESS = 10
 PARENT_POLL_S = 1.0  # how often a helper looks whether its batch process is still there
 READER_PREFETCH = 2  # batches each reader process reads ahead
+START_METHOD_VARIABLE = "LUNGSEG_START_METHOD"  # fork or spawn: overrides the platform's choice (tests)
+
+
+def start_method() -> str:
+    """How reader and finisher processes start. `fork` on Linux: at once, sharing the loaded code. Windows has only
+    `spawn`, and on macOS `fork` after the model has run is unsafe (CPython's documentation), so `spawn` there."""
+    method = os.environ.get(START_METHOD_VARIABLE, "").strip()
+    if not method:
+        return "fork" if sys.platform.startswith("linux") else "spawn"
+    if method not in ("fork", "spawn") or method not in multiprocessing.get_all_start_methods():
+        raise LungSegError(f"{START_METHOD_VARIABLE}={method}: this platform starts processes with "
+                           f"{' or '.join(m for m in ('fork', 'spawn') if m in multiprocessing.get_all_start_methods())}")
+    return method
 
 
 class ReaderDied(RuntimeError):
@@ -231,7 +245,7 @@ def _reader_died(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
 
 
-def _helper_process(*_) -> None:
+def _helper_process(method: str, *_) -> None:
     """Start of a reader or finisher process: one thread, at a lower priority than the model. The model's threads
     then take every core whenever they can run, and the helpers fill the gaps; giving the model only the cores
     left over by the helpers capped it at its one-thread forward rate.
@@ -241,16 +255,38 @@ def _helper_process(*_) -> None:
     DataLoader worker) notices, but then waits forever at exit to flush an image into a pipe no one reads. Each
     killed batch left them behind, holding their memory."""
     torch.set_num_threads(1)
-    if hasattr(os, "nice"):  # POSIX; Windows keeps equal priorities
+    _lower_priority()
+    wait = functools.partial(_wait_for_parent_fork, os.getppid()) if method == "fork" else _wait_for_parent_spawn
+    threading.Thread(target=_exit_with_parent, args=(wait,), daemon=True).start()
+
+
+def _lower_priority() -> None:
+    if hasattr(os, "nice"):  # POSIX
         os.nice(HELPER_NICENESS)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    elif sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), 0x4000)  # BELOW_NORMAL_PRIORITY_CLASS
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Once the parent is gone (the process is handed to another), finish the input at hand (a finisher writes it
-    whole, and the batch skips it when run again), then exit at once, without waiting on the pipes."""
+def _wait_for_parent_fork(parent: int) -> None:
+    """Forked helpers inherit each other's end of the pipe that signals the parent's exit, so poll the parent's id,
+    which changes when the process is handed to another."""
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
+
+
+def _wait_for_parent_spawn() -> None:
+    """A spawned helper holds a handle on its parent (Windows) or a pipe only the parent writes (POSIX), which its
+    exit signals; Windows hands no orphan to another parent, so the parent's id would not change."""
+    multiprocessing.parent_process().join()
+
+
+def _exit_with_parent(wait) -> None:
+    """Once the parent is gone, finish the input at hand (a finisher writes it whole, and the batch skips it when
+    run again), then exit at once, without waiting on the pipes."""
+    wait()
     _WORKING.acquire()
     os._exit(1)
 
@@ -367,6 +403,7 @@ class BatchRun:
         self.segmenter, self.todo, self.names, self.out_dir, self.options = segmenter, todo, names, out_dir, options
         self.total, self.skipped = total, total - len(todo)
         self.batch_size, self.progress_lines = batch_size, progress_lines
+        self.method = start_method()  # how the reader and finisher processes start
         self.done = self.failed = self.not_images = self.to_check = 0
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.handed: set[Path] = set()  # inputs settled or submitted
@@ -397,8 +434,8 @@ class BatchRun:
     def run_round(self, inputs: list[Path], workers: int) -> list[Path]:
         """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for
         another round when one of those processes died."""
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_helper_process) as finisher:
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context(self.method),
+                                 initializer=_helper_process, initargs=(self.method,)) as finisher:
             try:
                 self.read_and_segment(inputs, workers, finisher)
                 self.settle_all()
@@ -450,7 +487,8 @@ class BatchRun:
         loader = torch.utils.data.DataLoader(reader,
                                              batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
                                              prefetch_factor=READER_PREFETCH if workers else None,
-                                             worker_init_fn=_helper_process)
+                                             multiprocessing_context=self.method if workers else None,
+                                             worker_init_fn=functools.partial(_helper_process, self.method))
         batches, read = iter(loader), 0
         reader_died = finisher_died = None
         try:
