@@ -329,6 +329,7 @@ def test_process_folder_reports_progress_and_failures(tmp_path):
                     str(inputs / "one lung.png"))
     batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
     assert batch.wait(timeout=300) == 1  # one input failed, the others were segmented
+    assert batch.ranToEnd()  # the core's own exit 1: results.csv written by this run
     done, total, failed, last = batch.progress()
     assert (done, total, failed) == (4, 4, 1)
     results = (tmp_path / "out" / "results.csv").read_text().splitlines()

@@ -277,7 +277,7 @@ class Widget(VTKObservationMixin):
         if batch.cancelled:
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
                 done=done, total=total or "?")
-        elif batch.returnCode in (0, 1):
+        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which
             text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
                 ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
             if batch.skipped:
@@ -286,7 +286,8 @@ class Widget(VTKObservationMixin):
             text += " " + _("{flagged} of the folder's {segmented} results flagged by QC to check: open review.html "
                             "there.").format(flagged=flagged, segmented=segmented)
         else:
-            text = _("Failed: {reason}").format(reason=batch.log[-1] if batch.log else batch.returnCode)
+            # a crash, a usage error or a kill: no counts, which would point to a results.csv not written
+            text = _("Failed: {reason}").format(reason=batch.failureReason())
         self.ui.batchStatusLabel.setText(text)
         self.ui.batchProgressBar.setRange(0, max(total, 1))
         self.ui.batchProgressBar.setValue(done)
