@@ -128,7 +128,9 @@ class BatchProcess:
             return
         self.cancelled = True
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True)
+            # taskkill is a console program: without this flag it flashes a console window over Slicer
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             return
         os.killpg(self._process.pid, signal.SIGINT)  # KeyboardInterrupt: the core stops between two steps
         threading.Thread(target=self._killAfterGrace, daemon=True).start()
