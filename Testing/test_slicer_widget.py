@@ -210,6 +210,32 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     assert ui.batchRunButton.isEnabled()
 
 
+def test_batch_accepts_the_folder_the_dialog_opens_in(module_widget, tmp_path, monkeypatch):
+    """The folder dialog opens in the button's folder, "." (Slicer's working directory) until one is picked;
+    accepting it there emits only directorySelected (ctkDirectoryButton.cpp:143-165), and it counts as a pick."""
+    widget, _ = module_widget
+    ui, panel = widget.panel.ui, widget.panel
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.chdir(images)  # Slicer started from a terminal in the images folder
+    opened = []
+
+    def accept(parent, caption, folder):  # the user clicks "Choose" without moving elsewhere
+        opened.append(folder)
+        return os.path.abspath(folder)
+
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(accept))
+    calls = []
+    monkeypatch.setattr(panel.logic, "processFolder", lambda inputDir, outputDir, **options: calls.append(
+        (inputDir, outputDir)) or fake_batch(["lungseg-progress 1/1 ok /in/1.png"]))
+    ui.batchInputDirectoryButton.click()
+    assert opened == ["."] and ui.batchInputDirectoryButton.directory == "."  # unchanged, as in CTK
+    ui.batchOutputDirectoryButton.directory = str(tmp_path / "out")
+    ui.batchRunButton.click()
+    assert calls == [(str(images), str(tmp_path / "out"))]
+    spin(lambda: panel._batch is None, timeout=60)
+
+
 # A PythonSlicer for the real processFolder (found on PATH, as shutil.which finds Slicer's): a real Python child
 # that checks the command the panel gives it, reports one input, and ends as MODE says. The core's statuses
 # (lungseg/cli.py): 0 all segmented, 1 some inputs failed (results.csv written), 2 usage error, 3 crash

@@ -42,7 +42,8 @@ class Widget(VTKObservationMixin):
         self._busy = False  # a segmentation or an installation is under way: a second click is ignored
         self._batch = None
         self._exportFolder = ""
-        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts
+        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts, signalled by
+        # directorySelected; directoryChanged misses a pick equal to "." (ctkDirectoryButton.cpp:143-165, CTK 868d56c7)
         self._folders = {"input": "", "output": ""}
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
@@ -53,8 +54,8 @@ class Widget(VTKObservationMixin):
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.batchInputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("input", folder))
-        self.ui.batchOutputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("output", folder))
+        self.ui.batchInputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("input", folder))
+        self.ui.batchOutputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("output", folder))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self._updateButtons()
