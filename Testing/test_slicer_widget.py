@@ -162,6 +162,26 @@ def test_export_dialog_opens_in_a_folder_and_gives_the_chosen_filters_suffix(mod
     assert opened[1] == str(tmp_path) and (tmp_path / "again.nii.gz").is_file()
 
 
+def test_export_dialog_proposes_a_file_name_windows_accepts(module_widget, monkeypatch):
+    """The DICOM module names a volume "SeriesNumber: SeriesDescription" (DICOMLib/DICOMPlugin.py:281-295, Slicer
+    v5.12.3); Windows refuses \\/:*?"<>| in a file name (and a trailing dot or space)."""
+    widget, volume = module_widget
+    volume.SetName("1: Unnamed Series")
+    widget.logic.getParameterNode().outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    proposed = []
+
+    def exec_(dialog):  # the user looks at the proposed name and cancels
+        proposed.append(Path(dialog.selectedFiles()[0]).name)
+        return 0
+
+    monkeypatch.setattr(qt.QFileDialog, "exec_", exec_)
+    widget.panel.ui.exportButton.click()
+    assert proposed == ["1_ Unnamed Series-lungs.nrrd"]  # the first filter's suffix added by the dialog
+    from LungSegLib.Widget import fileNameFor
+
+    assert fileNameFor('a\\b/c:d*e?f"g<h>i|j\tk. .') == "a_b_c_d_e_f_g_h_i_j_k"
+
+
 def fake_batch(lines, pause=0.0):
     script = "import time\n" + "".join(
         f"print({line!r}, flush=True)\ntime.sleep({pause})\n" for line in lines)

@@ -8,6 +8,7 @@ whose progress a QTimer reads.
 from __future__ import annotations
 
 import os
+import re
 
 import qt
 import slicer
@@ -21,6 +22,13 @@ from .SegmentationLogic import availableModels, isModelLoaded, sourceFile
 POLL_MS = 100
 # the export dialog's filters and the suffix each one gives a name typed without one
 EXPORT_FILTERS = {"NRRD (*.nrrd)": ".nrrd", "NIfTI (*.nii.gz)": ".nii.gz", "PNG (*.png)": ".png"}
+
+
+def fileNameFor(nodeName: str) -> str:
+    """A node name made a valid file name on every system: a DICOM volume is named "1: Unnamed Series"
+    (DICOMLib/DICOMPlugin.py:281-295, Slicer v5.12.3), and Windows refuses \\/:*?"<>|, control characters, and a
+    name that ends in a dot or a space."""
+    return re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", nodeName).rstrip(". ") or "radiograph"
 
 
 def _value(widget, name):
@@ -220,7 +228,7 @@ class Widget(VTKObservationMixin):
         dialog.setDirectory(folder)
         dialog.setDefaultSuffix(EXPORT_FILTERS[next(iter(EXPORT_FILTERS))].lstrip("."))
         dialog.filterSelected.connect(lambda chosen: dialog.setDefaultSuffix(EXPORT_FILTERS[chosen].lstrip(".")))
-        dialog.selectFile(f"{reference.GetName()}-lungs")
+        dialog.selectFile(f"{fileNameFor(reference.GetName())}-lungs")
         if not dialog.exec_():
             return ""
         path = dialog.selectedFiles()[0]
