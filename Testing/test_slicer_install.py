@@ -91,7 +91,7 @@ def test_module_and_core_compile_with_python_39():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 12)])
+@pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 12)], ids=["5.6", "5.8", "5.12"])
 def test_demo_cr_in_sample_data_loads_as_a_volume(monkeypatch, tmp_path, version):
     """Sample Data > Chest radiograph: pydicom-data's CR at the commit and SHA-256 that pydicom itself pins, loaded
     as a volume. From Slicer 5.8 a source without a file type goes to the reader that claims the file first, and
