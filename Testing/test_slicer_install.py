@@ -91,16 +91,25 @@ def test_module_and_core_compile_with_python_39():
     assert result.returncode == 0, result.stderr
 
 
-def test_demo_cr_is_registered_with_sample_data(monkeypatch):
-    """Sample Data > Chest radiograph: pydicom-data's CR at the commit and SHA-256 that pydicom itself pins."""
+@pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 12)], ids=["5.6", "5.8", "5.12"])
+def test_demo_cr_in_sample_data_loads_as_a_volume(monkeypatch, tmp_path, version):
+    """Sample Data > Chest radiograph: pydicom-data's CR at the commit and SHA-256 that pydicom itself pins, loaded
+    as a volume. From Slicer 5.8 a source without a file type goes to the reader that claims the file first, and
+    for a .dcm that is the DICOM module's import, which loads nothing (stand-in: slicer_support/SampleData.py)."""
     importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
     sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
     import slicer_app
 
     slicer = slicer_app.start()
-    registered, connected = [], []
-    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
-        registerCustomSampleDataSource=lambda **source: registered.append(source))))
+    import SampleData
+    import slicer.parameterNodeWrapper as wrapper
+
+    assert Path(SampleData.__file__).parent == REPO / "Testing" / "slicer_support"
+    monkeypatch.setattr(wrapper, "SLICER_VERSION", version)
+    monkeypatch.setattr(slicer.modules, "sampleDataSources", {}, raising=False)
+    monkeypatch.setattr(slicer, "dicomDatabase", None)
+    monkeypatch.setattr(SampleData, "CACHE_FOLDER", str(tmp_path))
+    connected = []
     monkeypatch.setattr(slicer.app, "connect", lambda signal, slot: connected.append((signal, slot)), raising=False)
     import LungSeg
 
@@ -108,8 +117,8 @@ def test_demo_cr_is_registered_with_sample_data(monkeypatch):
     (signal, slot), = connected
     assert signal == "startupCompleted()"
     slot()
-    (source,), = [registered]
-    assert source["category"] == "Chest radiograph" and Path(source["thumbnailFileName"]).is_file()
+    (source,), = slicer.modules.sampleDataSources.values()
+    assert source.sampleName == "LungSegChestCR" and Path(source.thumbnailFileName).is_file()
 
     import pydicom.data
 
@@ -117,13 +126,20 @@ def test_demo_cr_is_registered_with_sample_data(monkeypatch):
     url = json.loads((pinned / "urls.json").read_text())["RG1_UNCR.dcm"]
     digest = json.loads((pinned / "hashes.json").read_text())["RG1_UNCR.dcm"]
     url = url if isinstance(url, str) else url[0]
-    assert source["uris"] == url and source["checksums"] == f"SHA256:{digest}"
+    assert source.uris == [url] and source.checksums == [f"SHA256:{digest}"]
     from lungseg.samples import chest_dicom
 
     local = chest_dicom()
     if local is None:
         require_or_skip("pydicom-data is not installed")
-    assert hashlib.sha256(local.read_bytes()).hexdigest() == digest
+    shutil.copy(local, tmp_path / source.fileNames[0])  # as downloaded into Slicer's cache
+    try:
+        volume = SampleData.SampleDataLogic().downloadSample("LungSegChestCR")
+        assert volume.IsA("vtkMRMLScalarVolumeNode"), volume.GetClassName()
+        assert volume.GetName() == "LungSegChestCR" and volume.GetStorageNode() is None
+        assert slicer.util.arrayFromVolume(volume).shape == (1, 1955, 1841)
+    finally:
+        slicer.mrmlScene.Clear()
 
 
 def test_readme_states_the_shipped_weights_size():

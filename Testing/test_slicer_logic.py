@@ -329,6 +329,7 @@ def test_process_folder_reports_progress_and_failures(tmp_path):
                     str(inputs / "one lung.png"))
     batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
     assert batch.wait(timeout=300) == 1  # one input failed, the others were segmented
+    assert batch.ranToEnd()  # the core's own exit 1: results.csv written by this run
     done, total, failed, last = batch.progress()
     assert (done, total, failed) == (4, 4, 1)
     results = (tmp_path / "out" / "results.csv").read_text().splitlines()
@@ -403,6 +404,34 @@ def test_batch_process_parses_progress_lines(tmp_path):
     assert batch.progress() == (4, 4, 1, "/data/DICOMDIR") and batch.skipped == 1  # skipped is no failure
     assert batch.toCheck == 1  # segmented and flagged by QC: no failure either
     assert batch.log[0] == "loading model" and len(batch.log) == 6
+
+
+def test_cancel_on_windows_runs_taskkill_without_a_console_window(monkeypatch):
+    """Slicer is a GUI program, so a console program it starts opens a console window unless CREATE_NO_WINDOW
+    (0x08000000, Windows' process creation flag; subprocess has the name only on Windows). Windows is emulated
+    as BatchProcess checks it (os.name), and subprocess.run is replaced by a recorder that accepts only calls the
+    real one takes."""
+    import inspect
+    import os
+
+    calls = []
+
+    def run(args, *, capture_output=False, **popenOptions):
+        inspect.signature(subprocess.Popen).bind(args, **popenOptions)  # a TypeError, as the real one raises
+        calls.append((args, capture_output, popenOptions))
+        return subprocess.CompletedProcess(args, 0)
+
+    batch = BatchProcess(["PythonSlicer", "-m", "lungseg"])
+    batch._process = types.SimpleNamespace(pid=4242, poll=lambda: None)  # a running child
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os, "killpg", lambda *args: pytest.fail("a POSIX kill on Windows"), raising=False)
+    with monkeypatch.context() as windows:
+        windows.setattr(os, "name", "nt")
+        batch.cancel()
+    (args, captured, options), = calls
+    assert args == ["taskkill", "/F", "/T", "/PID", "4242"] and captured and batch.cancelled
+    assert options.get("creationflags", 0) & 0x08000000, options
 
 
 class Recorder:

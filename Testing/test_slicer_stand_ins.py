@@ -6,6 +6,8 @@ Each test pins one behaviour against the Slicer/CTK/PythonQt source that the sta
 - ctkDirectoryButton: CTK Libs/Widgets/ctkDirectoryButton.cpp at the commits Slicer 5.8.1 and 5.10.0 pin;
 - load_dicom_volume / load_volume_file: Modules/Scripted/DICOMPlugins/DICOMScalarVolumePlugin.py and
   qSlicerVolumesReader.cxx (v5.8.1), on slicer-core's real vtkITK reader;
+- slicer.app.coreIOManager() (io_manager.py) and SampleData: qSlicerCoreIOManager.cxx, DICOM.py's
+  DICOMFileReader and SampleData.py (v5.12.3, v5.8.1, v5.6.2);
 - idle_holding_gil / spin_like_slicer: commontk/PythonQt src/PythonQtThreadSupport.cpp (`_enableGILScope = false`);
 - ScriptedLoadableModule: Base/Python/slicer/ScriptedLoadableModule.py and slicer.util.reloadScriptedModule.
 """
@@ -315,6 +317,44 @@ def test_plain_file_loader_reads_the_dcm_like_the_dicom_module_without_its_attri
     assert spacing(plain) == (1.0, 1.0, 1.0)
     assert plain.GetAttribute("DICOM.instanceUIDs") is None
     assert plain.GetStorageNode().GetFileName() == str(cr_file)
+
+
+# ---------------------------------------------------------------------------------------- IO manager, SampleData
+def test_io_manager_gives_a_dcm_to_the_dicom_import_which_loads_nothing(cr_file, tmp_path):
+    """qSlicerCoreIOManager ranks readers by confidence: the DICOM module's 0.6 beats the Volumes reader's 0.54
+    for a .dcm; the DICOM import loads the folder into the database and no node; a PNG is a VolumeFile."""
+    import shutil
+
+    import vtk
+    from lungseg.samples import sample_pngs
+
+    manager = slicer.app.coreIOManager()
+    dcm, png = tmp_path / "chest.dcm", tmp_path / "chest.png"
+    shutil.copy(cr_file, dcm)
+    shutil.copy(sample_pngs()[0], png)
+    assert manager.fileType(str(dcm)) == "DICOMFileImport" and manager.fileType(str(png)) == "VolumeFile"
+    assert manager.fileType(str(tmp_path / "absent.dcm")) == "NoFile"
+    nodes = vtk.vtkCollection()
+    assert manager.loadNodes("DICOMFileImport", {"fileName": str(dcm)}, nodes) and nodes.GetNumberOfItems() == 0
+    assert slicer.dicomDatabase.fileForInstance(slicer.dicomDatabase.instanceForFile(str(dcm))) == str(dcm)
+    assert manager.loadNodes("VolumeFile", {"fileName": str(dcm), "singleFile": True}, nodes)
+    assert nodes.GetItemAsObject(0).IsA("vtkMRMLScalarVolumeNode")
+
+
+@pytest.mark.parametrize("version", [(5, 6), (5, 8)])
+def test_sample_data_registration_takes_each_versions_arguments(monkeypatch, version):
+    import SampleData
+
+    monkeypatch.setattr(pnw, "SLICER_VERSION", version)
+    monkeypatch.setattr(slicer.modules, "sampleDataSources", {}, raising=False)
+    register = SampleData.SampleDataLogic.registerCustomSampleDataSource
+    register(sampleName="a", uris="https://x/a.dcm", fileNames="a.dcm", nodeNames="a")
+    register(sampleName="b", uris="https://x/b.dcm", fileNames="b.dcm", nodeNames="b", loadFileType="VolumeFile")
+    a, b = slicer.modules.sampleDataSources["Custom"]
+    assert a.loadFileTypes == ["VolumeFile" if version < (5, 8) else None] and b.loadFileTypes == ["VolumeFile"]
+    with pytest.raises(TypeError if version < (5, 8) else ValueError):
+        register(sampleName="c", uris="https://x/c.dcm", fileNames="c.dcm", loadFileType="VolumeFile",
+                 loadFileTypes="VolumeFile")
 
 
 # -------------------------------------------------------------------------------------------------------- GIL

@@ -2,6 +2,8 @@
 freezing the GUI, export and the batch section work, and the screenshot renders."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -160,6 +162,26 @@ def test_export_dialog_opens_in_a_folder_and_gives_the_chosen_filters_suffix(mod
     assert opened[1] == str(tmp_path) and (tmp_path / "again.nii.gz").is_file()
 
 
+def test_export_dialog_proposes_a_file_name_windows_accepts(module_widget, monkeypatch):
+    """The DICOM module names a volume "SeriesNumber: SeriesDescription" (DICOMLib/DICOMPlugin.py:281-295, Slicer
+    v5.12.3); Windows refuses \\/:*?"<>| in a file name (and a trailing dot or space)."""
+    widget, volume = module_widget
+    volume.SetName("1: Unnamed Series")
+    widget.logic.getParameterNode().outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    proposed = []
+
+    def exec_(dialog):  # the user looks at the proposed name and cancels
+        proposed.append(Path(dialog.selectedFiles()[0]).name)
+        return 0
+
+    monkeypatch.setattr(qt.QFileDialog, "exec_", exec_)
+    widget.panel.ui.exportButton.click()
+    assert proposed == ["1_ Unnamed Series-lungs.nrrd"]  # the first filter's suffix added by the dialog
+    from LungSegLib.Widget import fileNameFor
+
+    assert fileNameFor('a\\b/c:d*e?f"g<h>i|j\tk. .') == "a_b_c_d_e_f_g_h_i_j_k"
+
+
 def fake_batch(lines, pause=0.0):
     script = "import time\n" + "".join(
         f"print({line!r}, flush=True)\ntime.sleep({pause})\n" for line in lines)
@@ -206,6 +228,111 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     spin(lambda: panel._batch is None, timeout=60)
     assert ui.batchStatusLabel.text().startswith("Cancelled after 1 of 3")
     assert ui.batchRunButton.isEnabled()
+
+
+def test_batch_accepts_the_folder_the_dialog_opens_in(module_widget, tmp_path, monkeypatch):
+    """The folder dialog opens in the button's folder, "." (Slicer's working directory) until one is picked;
+    accepting it there emits only directorySelected (ctkDirectoryButton.cpp:143-165), and it counts as a pick."""
+    widget, _ = module_widget
+    ui, panel = widget.panel.ui, widget.panel
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.chdir(images)  # Slicer started from a terminal in the images folder
+    opened = []
+
+    def accept(parent, caption, folder):  # the user clicks "Choose" without moving elsewhere
+        opened.append(folder)
+        return os.path.abspath(folder)
+
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(accept))
+    calls = []
+    monkeypatch.setattr(panel.logic, "processFolder", lambda inputDir, outputDir, **options: calls.append(
+        (inputDir, outputDir)) or fake_batch(["lungseg-progress 1/1 ok /in/1.png"]))
+    ui.batchInputDirectoryButton.click()
+    assert opened == ["."] and ui.batchInputDirectoryButton.directory == "."  # unchanged, as in CTK
+    ui.batchOutputDirectoryButton.directory = str(tmp_path / "out")
+    ui.batchRunButton.click()
+    assert calls == [(str(images), str(tmp_path / "out"))]
+    spin(lambda: panel._batch is None, timeout=60)
+
+
+# A PythonSlicer for the real processFolder (found on PATH, as shutil.which finds Slicer's): a real Python child
+# that checks the command the panel gives it, reports one input, and ends as MODE says. The core's statuses
+# (lungseg/cli.py): 0 all segmented, 1 some inputs failed (results.csv written), 2 usage error, 3 crash
+# ("lungseg: internal error: ..." after the traceback); an exception that escapes Python also exits 1.
+FAKE_PYTHONSLICER = """#!{python}
+import os, signal, sys
+assert sys.argv[1:4] == ["-m", "lungseg", "segment"] and "--progress-lines" in sys.argv, sys.argv
+out, mode = sys.argv[sys.argv.index("-o") + 1], {mode!r}
+print("loading model unet", flush=True)
+print("lungseg-progress 1/3 ok /in/1.png", flush=True)
+
+
+def pool():
+    raise ValueError("cannot find context for 'fork'")  # what the core's pool hit on Windows (review 2, R3)
+
+
+if mode == "some-failed":
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.csv"), "w") as f:
+        f.write("input,status,qc\\n/in/1.png,ok,ok\\n/in/2.png,error,\\n")
+    print("lungseg-progress 2/2 error /in/2.png", flush=True)
+    sys.exit(1)
+if mode == "usage":
+    print("lungseg: error: no images found in " + sys.argv[4], file=sys.stderr, flush=True)
+    sys.exit(2)
+if mode == "internal-error":
+    import traceback
+    try:
+        pool()
+    except ValueError as error:
+        traceback.print_exc()
+        print("lungseg: internal error: " + repr(error), file=sys.stderr, flush=True)
+        print(file=sys.stderr, flush=True)  # a trailing empty line: not the reason
+        sys.exit(3)
+if mode == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+pool()  # uncaught: a traceback on stderr, exit 1, no results.csv
+"""
+CRASH = "ValueError: cannot find context for 'fork'"
+ENDINGS = {
+    "traceback": f"Failed: {CRASH}",
+    "traceback-after-an-earlier-run": f"Failed: {CRASH}",  # results.csv is there, but not from this run
+    "internal-error": "Failed: lungseg: internal error: ValueError(\"cannot find context for 'fork'\")",
+    "usage": "Failed: lungseg: error: no images found in ",
+    "some-failed": "1 of 2 segmented, 1 failed; see results.csv in ",
+}
+if hasattr(signal, "SIGKILL"):  # POSIX
+    ENDINGS["killed"] = "Failed: killed by SIGKILL; last output: lungseg-progress 1/3 ok /in/1.png"
+
+
+@pytest.mark.parametrize("mode", list(ENDINGS))
+def test_batch_child_that_crashes_is_reported_as_a_failure(module_widget, tmp_path, monkeypatch, mode):
+    """Through the real processFolder and BatchProcess: a crashed or killed child is a failure with its last
+    output line, not "N of M segmented; see results.csv", which would point to a file it did not write."""
+    widget, _ = module_widget
+    ui, panel = widget.panel.ui, widget.panel
+    (tmp_path / "bin").mkdir()
+    child = tmp_path / "bin" / "PythonSlicer"
+    child.write_text(FAKE_PYTHONSLICER.format(python=sys.executable, mode=mode.replace("-after-an-earlier-run", "")))
+    child.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{child.parent}{os.pathsep}{os.environ['PATH']}")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    if mode == "traceback-after-an-earlier-run":
+        outputs.mkdir()
+        (outputs / "results.csv").write_text("input,status,qc\n/in/0.png,ok,ok\n")
+    ui.batchInputDirectoryButton.directory = str(inputs)
+    ui.batchOutputDirectoryButton.directory = str(outputs)
+    ui.batchRunButton.click()
+    assert panel._batch is not None and panel._batch.args[0] == str(child)
+    batch = panel._batch
+    spin(lambda: panel._batch is None, timeout=60)
+    text = ui.batchStatusLabel.text()
+    assert text.startswith(ENDINGS[mode]), (text, batch.returnCode, batch.log)
+    if mode != "some-failed":
+        assert "segmented" not in text and "results.csv" not in text
+    assert ui.batchRunButton.isEnabled() and not ui.batchCancelButton.isEnabled()
 
 
 @pytest.mark.parametrize("version", [(5, 6), (5, 8), (5, 10)])

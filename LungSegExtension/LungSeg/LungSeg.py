@@ -45,7 +45,10 @@ def registerSampleData():
         category="Chest radiograph", sampleName="LungSegChestCR",
         thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LungSeg.png"),
         uris=SAMPLE_CR_URL, fileNames="LungSegChestCR.dcm", nodeNames="LungSegChestCR",
-        checksums=f"SHA256:{SAMPLE_CR_SHA256}", loadFileProperties={"singleFile": True})
+        checksums=f"SHA256:{SAMPLE_CR_SHA256}", loadFileProperties={"singleFile": True},
+        # from Slicer 5.8 the default is the reader that claims the file first: for a .dcm the DICOM module's
+        # import, which loads no volume; loadFileType is the name that 5.6 also knows (5.8+: deprecated alias)
+        loadFileType="VolumeFile")
 
 
 class LungSeg(ScriptedLoadableModule):  # noqa: F405

@@ -73,6 +73,14 @@ class TestingApp:
     def minorVersion(self, value: int) -> None:
         self.__dict__["_minorVersion"] = int(value)
 
+    def coreIOManager(self):
+        """qSlicerCoreIOManager, with the readers that claim a DICOM file (io_manager.py)."""
+        if "_coreIOManager" not in self.__dict__:
+            import io_manager
+
+            self.__dict__["_coreIOManager"] = io_manager.CoreIOManager()
+        return self.__dict__["_coreIOManager"]
+
     def moduleManager(self):
         """qSlicerModuleManager's string-signature connect/disconnect, as ScriptedLoadableModuleWidget and
         slicer.util.reloadScriptedModule use them (moduleAboutToBeUnloaded(QString))."""

@@ -32,8 +32,10 @@ class BatchProcess:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._tableBefore = None
 
     def start(self) -> None:
+        self._tableBefore = self._tableStamp()  # an earlier run's results.csv is no proof that this one ended
         if os.name == "nt":
             group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
         else:
@@ -90,13 +92,45 @@ class BatchProcess:
             segmented = [row for row in csv.DictReader(f) if row.get("status") == "ok"]
         return sum(row.get("qc") == "check" for row in segmented), len(segmented)
 
+    def _tableStamp(self):
+        table = self.outputDir / "results.csv" if self.outputDir else None
+        if table is None or not table.is_file():
+            return None
+        stat = table.stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def ranToEnd(self) -> bool:
+        """The core's exit status: 0 all segmented, 1 some inputs failed (results.csv written), 2 usage error,
+        3 crash, 130 interrupted. A crash can exit 1 too (an exception that escapes Python), so 1 counts only
+        with a results.csv that this run wrote."""
+        if self.returnCode == 0:
+            return True
+        stamp = self._tableStamp()
+        return self.returnCode == 1 and stamp is not None and stamp != self._tableBefore
+
+    def failureReason(self) -> str:
+        """The child's last non-empty output line (a traceback's last line, `lungseg: error: ...`), and the
+        signal that ended it, if one did."""
+        lines = [line.strip() for line in self.log if line.strip()]
+        last = lines[-1] if lines else ""
+        code = self.returnCode
+        if code is not None and code < 0:  # POSIX: ended by a signal
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"killed by {name}" + (f"; last output: {last}" if last else "")
+        return last or f"exit status {code}"
+
     def cancel(self) -> None:
         """Stop the run; returns at once (`wait()` for the end)."""
         if self._process is None or self._process.poll() is not None:
             return
         self.cancelled = True
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True)
+            # taskkill is a console program: without this flag it flashes a console window over Slicer
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             return
         os.killpg(self._process.pid, signal.SIGINT)  # KeyboardInterrupt: the core stops between two steps
         threading.Thread(target=self._killAfterGrace, daemon=True).start()

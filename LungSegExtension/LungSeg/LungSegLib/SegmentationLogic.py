@@ -311,7 +311,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
     def processFolder(self, inputDir, outputDir, model: str = "unet", device: str = "auto", overlays: bool = True,
                       labelmapFormat: str = "nrrd", python: str | None = None) -> BatchProcess:
         """Start `lungseg segment` on every image of `inputDir` in a child process and return it: poll its
-        progress, `cancel()` it, or `wait()` for the exit status (0 all segmented, 1 some failed, 2 usage error).
+        progress, `cancel()` it, or `wait()` for the exit status (0 all segmented, 1 some failed, 2 usage error,
+        3 crash, 130 interrupted; `ranToEnd()` tells a crash from a finished run).
         Labelmaps, overlays and results.csv go to `outputDir`."""
         inputDir, outputDir = Path(inputDir), Path(outputDir)
         if not inputDir.is_dir():

@@ -8,6 +8,7 @@ whose progress a QTimer reads.
 from __future__ import annotations
 
 import os
+import re
 
 import qt
 import slicer
@@ -21,6 +22,13 @@ from .SegmentationLogic import availableModels, isModelLoaded, sourceFile
 POLL_MS = 100
 # the export dialog's filters and the suffix each one gives a name typed without one
 EXPORT_FILTERS = {"NRRD (*.nrrd)": ".nrrd", "NIfTI (*.nii.gz)": ".nii.gz", "PNG (*.png)": ".png"}
+
+
+def fileNameFor(nodeName: str) -> str:
+    """A node name made a valid file name on every system: a DICOM volume is named "1: Unnamed Series"
+    (DICOMLib/DICOMPlugin.py:281-295, Slicer v5.12.3), and Windows refuses \\/:*?"<>|, control characters, and a
+    name that ends in a dot or a space."""
+    return re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", nodeName).rstrip(". ") or "radiograph"
 
 
 def _value(widget, name):
@@ -42,7 +50,8 @@ class Widget(VTKObservationMixin):
         self._busy = False  # a segmentation or an installation is under way: a second click is ignored
         self._batch = None
         self._exportFolder = ""
-        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts
+        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts, signalled by
+        # directorySelected; directoryChanged misses a pick equal to "." (ctkDirectoryButton.cpp:143-165, CTK 868d56c7)
         self._folders = {"input": "", "output": ""}
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
@@ -53,8 +62,8 @@ class Widget(VTKObservationMixin):
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.batchInputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("input", folder))
-        self.ui.batchOutputDirectoryButton.directoryChanged.connect(lambda folder: self._pickFolder("output", folder))
+        self.ui.batchInputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("input", folder))
+        self.ui.batchOutputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("output", folder))
         self.ui.batchRunButton.clicked.connect(self.onRunBatch)
         self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
         self._updateButtons()
@@ -219,7 +228,7 @@ class Widget(VTKObservationMixin):
         dialog.setDirectory(folder)
         dialog.setDefaultSuffix(EXPORT_FILTERS[next(iter(EXPORT_FILTERS))].lstrip("."))
         dialog.filterSelected.connect(lambda chosen: dialog.setDefaultSuffix(EXPORT_FILTERS[chosen].lstrip(".")))
-        dialog.selectFile(f"{reference.GetName()}-lungs")
+        dialog.selectFile(f"{fileNameFor(reference.GetName())}-lungs")
         if not dialog.exec_():
             return ""
         path = dialog.selectedFiles()[0]
@@ -277,7 +286,7 @@ class Widget(VTKObservationMixin):
         if batch.cancelled:
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
                 done=done, total=total or "?")
-        elif batch.returnCode in (0, 1):
+        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which
             text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
                 ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
             if batch.skipped:
@@ -286,7 +295,8 @@ class Widget(VTKObservationMixin):
             text += " " + _("{flagged} of the folder's {segmented} results flagged by QC to check: open review.html "
                             "there.").format(flagged=flagged, segmented=segmented)
         else:
-            text = _("Failed: {reason}").format(reason=batch.log[-1] if batch.log else batch.returnCode)
+            # a crash, a usage error or a kill: no counts, which would point to a results.csv not written
+            text = _("Failed: {reason}").format(reason=batch.failureReason())
         self.ui.batchStatusLabel.setText(text)
         self.ui.batchProgressBar.setRange(0, max(total, 1))
         self.ui.batchProgressBar.setValue(done)
