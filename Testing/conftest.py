@@ -115,6 +115,6 @@ def chest_dicom() -> Path:
 
 @pytest.fixture(scope="session")
 def segmenter():
-    from lungseg.inference import Segmenter
+    from lungseg.inference.segmenter import Segmenter
 
     return Segmenter("unet", device="cpu")

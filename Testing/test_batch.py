@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import require_or_skip
-from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
-from lungseg.qc import quality_flags
+from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.qc.rules import quality_flags
 from lungseg.samples import sample_pngs
 from lungseg.errors import LungSegError
-from lungseg.segment import START_METHOD_VARIABLE, start_method
+from lungseg.batch.run import START_METHOD_VARIABLE, start_method
 from test_io import _bad_inputs
 
 
@@ -213,7 +213,7 @@ def test_every_batch_output_is_its_own_inputs_segmentation(tmp_path, chest_dicom
     """Each labelmap of a batch run (reader process, model batches, finisher process with several inputs in
     flight) is what `Segmenter.segment` gives for that image alone. The inputs place the lungs differently (each
     radiograph padded on the left by its own amount), so an output that landed on another input could not match."""
-    from lungseg.io import read_radiograph
+    from lungseg.io.radiograph import read_radiograph
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -270,7 +270,7 @@ def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
 def test_in_shard_puts_every_path_in_exactly_one_shard():
     from pathlib import Path
 
-    from lungseg.segment import in_shard
+    from lungseg.batch.run import in_shard
 
     paths = [Path(f"/data/set/case{i:04d}.png") for i in range(600)] + \
             [Path(f"relative/Thorax ü 胸部 {i}.dcm") for i in range(60)]
@@ -285,8 +285,8 @@ def test_in_shard_puts_every_path_in_exactly_one_shard():
 
 def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom, segmenter):
     """`Segmenter.segment(display_flips=...)` is the one place the orientation is handled; `evaluate` uses it."""
-    from lungseg.evaluate import evaluate
-    from lungseg.io import read_radiograph
+    from lungseg.evaluation.evaluate import evaluate
+    from lungseg.io.radiograph import read_radiograph
 
     (tmp_path / "images").mkdir()
     image = read_radiograph(mirrored_dicom(chest_dicom, tmp_path / "images" / "mirrored.dcm"))
@@ -408,7 +408,7 @@ def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph, metho
 CRASHING_FINISHER = """
 import os, sys
 from pathlib import Path
-from lungseg import segment
+from lungseg.batch import run as segment
 finish = segment.finish_and_write
 def crash_on(item, *args):  # a native crash (or the kernel's OOM killer) on this one input, every time
     if Path(item["path"]).name == sys.argv[1]:
@@ -515,7 +515,7 @@ def test_outputs_are_identical_whether_helpers_are_forked_or_spawned(tmp_path, c
 
 SPAWN_ONLY_PLATFORM = """
 import multiprocessing.context, sys
-from lungseg import segment
+from lungseg.batch import run as segment
 for method in ("fork", "forkserver"):  # as on Windows, where multiprocessing has only spawn
     multiprocessing.context._concrete_contexts.pop(method, None)
 class WindowsSys:  # what lungseg sees of `sys` says Windows; multiprocessing's own stays the real platform's
@@ -569,7 +569,8 @@ def test_a_folder_named_like_a_file_is_a_folder(tmp_path, chest_dicom):
 
 CRASHING_COMMAND = """
 import sys
-from lungseg import cli, segment
+from lungseg import cli
+from lungseg.batch import run as segment
 def crash(*args, **kwargs):
     raise MemoryError("no memory left for the model")
 segment.segment_inputs = crash

@@ -62,7 +62,7 @@ def test_segment_folder_with_a_bad_file(tmp_path, chest_dicom):
 
 @pytest.mark.parametrize("fmt,suffix", [("png", ".png"), ("nii.gz", ".nii.gz"), ("mha", ".mha")])
 def test_segment_output_formats(tmp_path, fmt, suffix, segmenter):
-    from lungseg.io import read_radiograph
+    from lungseg.io.radiograph import read_radiograph
 
     source = sample_pngs()[2]
     result = lungseg("segment", source, "-o", tmp_path, "--format", fmt)
@@ -101,7 +101,7 @@ def test_evaluate_writes_per_image_csv_and_summary(tmp_path, jsrt):
             assert f"{region}_{metric}" in rows[0]
     assert float(rows[0]["both_dice"]) > 0.9
     sheet = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ev" / "worst_cases.png")))
-    from lungseg.overlay import TEXT_ROWS
+    from lungseg.batch.overlay import TEXT_ROWS
 
     row = TEXT_ROWS + 256 + 4  # a caption (file name, Dice), the image, truth and prediction, a gap
     assert sheet.shape[0] == TEXT_ROWS + 3 * row and sheet.shape[2] == 3, "column titles, then one row per case"
@@ -122,9 +122,9 @@ def test_definition_picks_the_best_model_of_that_definition(tmp_path, segmenter)
     they cover more lung (the retrocardiac lung above all) than the lung-field labelmaps of the same images."""
     from test_definitions import retrocardiac_left_lung
 
-    from lungseg.inference import Segmenter
-    from lungseg.io import read_radiograph
-    from lungseg.models import best_model
+    from lungseg.inference.segmenter import Segmenter
+    from lungseg.io.radiograph import read_radiograph
+    from lungseg.models.cards import best_model
 
     labels = {}
     for definition in ("lung-fields", "full-extent"):
@@ -152,10 +152,10 @@ def test_definition_without_a_model_is_a_clear_error(tmp_path, monkeypatch, caps
     """Where no model follows the asked definition (here: the full-extent cards hidden), segment stops with a
     one-line error instead of silently using another definition's model."""
     import lungseg.cli
-    import lungseg.models
+    import lungseg.models.cards
 
-    cards = [c for c in lungseg.models.list_models() if c.get("definition") != "full-extent"]
-    monkeypatch.setattr(lungseg.models, "list_models", lambda: cards)
+    cards = [c for c in lungseg.models.cards.list_models() if c.get("definition") != "full-extent"]
+    monkeypatch.setattr(lungseg.models.cards, "list_models", lambda: cards)
     monkeypatch.setattr(lungseg.cli, "keep_freed_memory", lambda: False, raising=False)  # not in pytest's process
     status = lungseg.cli.main(["segment", str(sample_pngs()[0]), "-o", str(tmp_path / "out"),
                                "--definition", "full-extent", "--workers", "0"])
@@ -168,8 +168,8 @@ def test_definition_without_a_model_is_a_clear_error(tmp_path, monkeypatch, caps
 def test_segment_saves_probabilities_and_uncertainty_of_nested_inputs(tmp_path, segmenter):
     """`--recursive` finds images in subfolders; `--save-probabilities` and `--uncertainty` write float maps
     (NRRD beside PNG labelmaps) on each input's grid that hold what the model computed for that image."""
-    from lungseg.files import list_inputs
-    from lungseg.io import read_radiograph
+    from lungseg.io.files import list_inputs
+    from lungseg.io.radiograph import read_radiograph
 
     inputs = tmp_path / "in"
     (inputs / "sub" / "deeper").mkdir(parents=True)

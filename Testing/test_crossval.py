@@ -16,11 +16,11 @@ from conftest import load_script
 from safetensors.torch import load_file
 
 from lungseg.cli import main as cli_main
-from lungseg.crossval import fold_config, fold_dir
+from lungseg.training.crossval import fold_config, fold_dir
 from lungseg.errors import LungSegError
-from lungseg.export import export_run
-from lungseg.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
-from lungseg.train import load_config, train
+from lungseg.training.export import export_run
+from lungseg.training.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
+from lungseg.training.trainer import load_config, train
 
 torch.set_num_threads(1)
 JSRT_POOL = ["train", "val"]
@@ -101,8 +101,8 @@ def test_fold_configs_resolve_to_the_folds_cases(jsrt):
 def test_the_held_out_fold_chooses_nothing(jsrt):
     """nnU-Net style: a fold's held-out images are in neither its training nor its validation selection (which
     picks best.pt and would drive early stopping), and every fold runs the recipe's fixed schedule."""
-    from lungseg.crossval import held_out_names
-    from lungseg.train import training_ended
+    from lungseg.training.crossval import held_out_names
+    from lungseg.training.trainer import training_ended
 
     root = jsrt.parent
     for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
@@ -143,7 +143,7 @@ def test_a_staged_recipe_starts_each_fold_from_that_folds_first_stage():
 
 
 def test_a_missing_first_stage_is_named(tmp_path):
-    from lungseg.train import initial_weights
+    from lungseg.training.trainer import initial_weights
 
     with pytest.raises(LungSegError, match=r"fold-3/last.pt does not exist \(train the run it names first\)"):
         initial_weights(str(tmp_path / "fold-3" / "last.pt"))
@@ -151,9 +151,9 @@ def test_a_missing_first_stage_is_named(tmp_path):
 
 def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
     """scripts/fit_quality.py --cv-run: a fold model stands in for its recipe on the images it never saw."""
-    from lungseg import quality_fit
-    from lungseg.crossval import held_out_names
-    from lungseg.models import read_card
+    from lungseg.qc import fit as quality_fit
+    from lungseg.training.crossval import held_out_names
+    from lungseg.models.cards import read_card
 
     fit_quality = load_script("fit_quality")
     root = jsrt.parent
@@ -167,7 +167,7 @@ def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
 
 
 def test_spacing_override_gives_hd95_in_mm_on_a_jsrt_image(jsrt, segmenter):
-    from lungseg.evaluate import evaluate
+    from lungseg.evaluation.evaluate import evaluate
 
     one = [list_cases(jsrt, "val")[0].image.name]
     px = evaluate(jsrt / "images", jsrt / "masks", names=one, segmenter=segmenter)
@@ -317,7 +317,7 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
 
 
 def test_an_unfinished_cross_validation_is_not_recorded_in_a_card(tmp_path):
-    from lungseg.export import cross_validation_record
+    from lungseg.training.export import cross_validation_record
 
     (tmp_path / "cv_summary.json").write_text(json.dumps({"recipe": "unet-512", "complete": False, "folds": 5,
                                                           "folds_done": [0, 1]}))
@@ -328,7 +328,7 @@ def test_an_unfinished_cross_validation_is_not_recorded_in_a_card(tmp_path):
 
 
 def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):
-    from lungseg.crossval import check_run_config
+    from lungseg.training.crossval import check_run_config
 
     cfg = fold_config(load_config("unet-jsrt-cv"), 1, 5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

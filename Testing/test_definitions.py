@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from conftest import require_or_skip
-from lungseg.io import read_radiograph
-from lungseg.labels import LEFT_LUNG
-from lungseg.models import best_model, list_models
+from lungseg.io.radiograph import read_radiograph
+from lungseg.inference.labels import LEFT_LUNG
+from lungseg.models.cards import best_model, list_models
 
 
 @pytest.fixture(scope="module")
 def full_extent():
     if not any(c.get("definition") == "full-extent" for c in list_models()):
         require_or_skip("no full-extent model is available yet (configs/unet-full-extent.yaml trains one)")
-    from lungseg.inference import Segmenter
+    from lungseg.inference.segmenter import Segmenter
 
     return Segmenter(best_model("full-extent"), "cpu")
 
@@ -48,7 +48,7 @@ def test_full_extent_meets_its_target_on_v7_full_val(full_extent, tmp_path):
     image >= 0.88, scored with masks_ignore; the card holds this measurement and the members' recipes. (val also
     chose each member's best epoch and the ensemble, so this guards against regressions, not against optimism.)"""
     from conftest import shared_set
-    from lungseg.evaluate import evaluate
+    from lungseg.evaluation.evaluate import evaluate
 
     v7 = shared_set("v7-full")
     summary = evaluate(v7 / "images", v7 / "masks", split="val", segmenter=full_extent)
@@ -64,7 +64,7 @@ def test_full_extent_meets_its_target_on_v7_full_val(full_extent, tmp_path):
 
 
 def test_ignore_masks_count_neither_way():
-    from lungseg.metrics import image_metrics
+    from lungseg.evaluation.metrics import image_metrics
 
     truth = np.zeros((64, 64), np.uint8)
     truth[10:50, 8:28], truth[10:50, 36:56] = 1, 2
@@ -85,10 +85,10 @@ def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
     from pathlib import Path
 
     from conftest import shared_set
-    from lungseg.data import read_gray
-    from lungseg.evaluate import evaluate
-    from lungseg.labels import merge_sides
-    from lungseg.metrics import image_metrics
+    from lungseg.training.data import read_gray
+    from lungseg.evaluation.evaluate import evaluate
+    from lungseg.inference.labels import merge_sides
+    from lungseg.evaluation.metrics import image_metrics
 
     v7 = shared_set("v7-full")
     names = sorted(p.name for p in (v7 / "masks_ignore").iterdir())[:2]
@@ -124,7 +124,7 @@ def test_ignore_mask_leaves_out_exactly_its_pixels(segmenter, tmp_path):
 
     import SimpleITK as sitk
 
-    from lungseg.evaluate import evaluate
+    from lungseg.evaluation.evaluate import evaluate
     from lungseg.samples import sample_pngs
 
     source = sample_pngs()[0]

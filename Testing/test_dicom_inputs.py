@@ -17,8 +17,8 @@ from pydicom.uid import (BasicTextSRStorage, ExplicitVRLittleEndian, GrayscaleSo
                          generate_uid)
 
 from conftest import importorskip, pydicom_data_file
-from lungseg.files import list_inputs
-from lungseg.io import ImageReadError, NotAnImageError, non_image_object, read_radiograph
+from lungseg.io.files import list_inputs
+from lungseg.io.radiograph import ImageReadError, NotAnImageError, non_image_object, read_radiograph
 
 
 def jpeg_lossless_copy(source, path):
@@ -125,7 +125,7 @@ def export(tmp_path_factory):
     from pydicom.fileset import FileSet
 
     importorskip("highdicom")  # for the SEG object
-    from lungseg.dicomseg import build_dicom_seg
+    from lungseg.io.dicomseg import build_dicom_seg
 
     root = tmp_path_factory.mktemp("export") / "export"
     cr = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
@@ -166,7 +166,7 @@ def test_non_image_objects_are_named_by_their_sop_class(export):
 def test_non_image_objects_are_skipped_also_when_writing_dicom_seg(export):
     """With --format dicom-seg, the source check comes first; a DICOMDIR (which has no study to reference) must
     still be a skipped non-image, not an error."""
-    from lungseg.segment import InputReader
+    from lungseg.batch.run import InputReader
 
     paths = [export / "DICOMDIR", export / "PT000000" / "ST000000" / "SE000001" / "SR000000"]
     for path in paths:

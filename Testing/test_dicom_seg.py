@@ -239,7 +239,7 @@ def test_dcmqi_cannot_read_a_seg_whose_source_has_no_orientation(batches, tmp_pa
 
 
 def test_writer_drops_an_unknown_spacing_without_touching_the_callers_header():
-    from lungseg.dicomseg import build_dicom_seg
+    from lungseg.io.dicomseg import build_dicom_seg
 
     source = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"), stop_before_pixels=True)
     before = copy.deepcopy(source)

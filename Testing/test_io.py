@@ -6,7 +6,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from lungseg.io import ImageReadError, read_radiograph, write_labelmap
+from lungseg.io.radiograph import ImageReadError, read_radiograph, write_labelmap
 from lungseg.samples import sample_pngs
 
 SPACING = (0.143, 0.139)  # (column, row) in ITK order: deliberately anisotropic
@@ -77,7 +77,7 @@ def test_formats_read_as_gray_and_labelmaps_round_trip(tmp_path, gray8, name):
 def test_float_maps_are_written_on_the_reference_grid(tmp_path, gray8, suffix):
     """`write_float_map`: a (rows, columns) map and a (components, rows, columns) map come back as float32 with
     the same values, in the same order, on the input's grid (size, spacing, origin; a single slice stays 3D)."""
-    from lungseg.io import write_float_map
+    from lungseg.io.radiograph import write_float_map
 
     rng = np.random.default_rng(0)
     rows, columns = 40, 70  # not square: a transpose cannot pass

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungseg.data import list_cases, read_gray
-from lungseg.labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap, merge_sides, split_left_right
+from lungseg.training.data import list_cases, read_gray
+from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap, merge_sides, split_left_right
 
 
 def _dice(a, b):
@@ -62,7 +62,7 @@ def test_clean_matches_monai_and_scipy_on_random_masks():
     """The fast clean-up gives the same labels as the library calls it replaces (ties in size excluded)."""
     from scipy import ndimage
 
-    from lungseg.labels import EIGHT_CONNECTED
+    from lungseg.inference.labels import EIGHT_CONNECTED
 
     rng = np.random.default_rng(0)
     compared = 0

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import pydicom_data_file, require_or_skip
-from lungseg.io import DEFAULT_MAX_PIXELS, ImageReadError, read_radiograph
+from lungseg.io.radiograph import DEFAULT_MAX_PIXELS, ImageReadError, read_radiograph
 from lungseg.samples import sample_pngs
 
 BOMB_SIDE = 40000  # 1.6 Gpx: 1.6 GB decoded as 8-bit gray, 6.4 GB as float32
@@ -104,7 +104,7 @@ def test_header_size_is_checked_before_decoding(tmp_path, make, name):
 
 def test_the_limit_admits_real_radiographs_and_can_be_changed(tmp_path):
     from lungseg.cli import parser
-    from lungseg.segment import InputReader
+    from lungseg.batch.run import InputReader
 
     assert BIG_ROWS * BIG_COLUMNS < DEFAULT_MAX_PIXELS
     cr = chest_cr()  # 1955 x 1841 = 3.6 Mpx

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lungseg.errors import LungSegError
-from lungseg.evaluate import evaluate
-from lungseg.io import read_radiograph
-from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
-from lungseg.models import list_models, load_model, read_card, sha256_of
+from lungseg.evaluation.evaluate import evaluate
+from lungseg.io.radiograph import read_radiograph
+from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.models.cards import list_models, load_model, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
 
@@ -76,7 +76,7 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
 def test_intensity_normalization_uses_torch_quantile_percentiles():
     import torch
 
-    from lungseg.transforms import HIGH_PERCENTILE, LOW_PERCENTILE, normalize_intensity
+    from lungseg.inference.preprocess import HIGH_PERCENTILE, LOW_PERCENTILE, normalize_intensity
 
     generator = torch.Generator().manual_seed(0)
     for shape in [(256, 256), (3, 40, 70), (2, 1, 17, 5)]:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lungseg.errors import LungSegError
-from lungseg.losses import build_loss
-from lungseg.networks import NETWORKS, build_network, predict_logits
-from lungseg.train import training_loss
+from lungseg.training.losses import build_loss
+from lungseg.nets.networks import NETWORKS, build_network, predict_logits
+from lungseg.training.trainer import training_loss
 
 SMALL = {"unet": {"channels": [8, 16, 32]},
          "unetpp": {"features": [8, 8, 16, 32, 64, 8]},

@@ -15,10 +15,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import importorskip, load_script, pydicom_data_file
-from lungseg import quality_fit
+from lungseg.qc import fit as quality_fit
 from lungseg.errors import LungSegError
-from lungseg.models import PACKAGE_MODELS, read_card, sha256_of
-from lungseg.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES, assess,
+from lungseg.models.cards import PACKAGE_MODELS, read_card, sha256_of
+from lungseg.qc.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES, assess,
                              fit_regression, qc_accuracy, qc_accuracy_text, quality_features, quality_model)
 from lungseg.samples import sample_pngs
 
@@ -62,7 +62,7 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     features alone when the others are noise (ties go to the smaller set, then the smaller penalty), the output's
     whole confidence when the image-wide confidence carries the signal, with the shape when a shape feature
     does."""
-    from lungseg.quality import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
+    from lungseg.qc.quality import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
 
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(BOUNDARY_FEATURES) < set(OUTPUT_FEATURES)
     assert set(FEATURE_SETS) == {"boundary", "output", "output+shape"}
@@ -85,7 +85,7 @@ def test_the_uncertainty_modes_regression_reads_the_sample_spread_only_where_it_
     """`--uncertainty` adds the spread of the test-time-augmentation or latent samples. Where it carries the signal
     its regression reads it; where it is noise, the same set without it ranks better out of fold and is chosen,
     so the slower mode is never ranked worse by features that only add noise."""
-    from lungseg.quality import UNCERTAINTY_FEATURES
+    from lungseg.qc.quality import UNCERTAINTY_FEATURES
 
     rows = synthetic_rows(informative, n=120)
     rng = np.random.default_rng(5)
@@ -268,9 +268,9 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     half holds. A held-out reference lies close to them, the same lung with its base bitten off further, and a lost
     lung furthest. Where that distance is what tells the failures apart, the fit reads it (a WITH_PRIOR set), the
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
-    from lungseg.data import case_label, list_cases
+    from lungseg.training.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
-    from lungseg.quality import QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
+    from lungseg.qc.quality import QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
 
     labels = [case_label(case) for case in list_cases(jsrt, "train")[:120]]
     prior = fit_shape_prior(np.stack([lung_shapes(label) for label in labels[:60]]))
@@ -328,11 +328,11 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     edge, and the same lungs shrunk, grown or moved down by 6 pixels do not."""
     from scipy import ndimage
 
-    from lungseg.data import case_label, list_cases
+    from lungseg.training.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
-    from lungseg.io import read_radiograph
-    from lungseg.quality import edge_support
-    from lungseg.transforms import model_input
+    from lungseg.io.radiograph import read_radiograph
+    from lungseg.qc.quality import edge_support
+    from lungseg.inference.preprocess import model_input
 
     def per_lung(label, change):
         out = np.zeros_like(label)
@@ -359,10 +359,10 @@ def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_th
     card, and the error says why."""
     import dataclasses
 
-    from lungseg.inference import Segmenter
-    from lungseg.io import read_radiograph
-    from lungseg.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, reads_image
-    from lungseg.segment import segment_inputs
+    from lungseg.inference.segmenter import Segmenter
+    from lungseg.io.radiograph import read_radiograph
+    from lungseg.qc.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, reads_image
+    from lungseg.batch.run import segment_inputs
 
     rows = synthetic_rows("expected_dice")
     rng = np.random.default_rng(3)
@@ -421,7 +421,7 @@ def test_assess_leaves_out_the_fragments_rule_only_where_the_cards_fit_turned_it
     import copy
     import dataclasses
 
-    from lungseg.io import read_radiograph
+    from lungseg.io.radiograph import read_radiograph
 
     prediction = segmenter.segment(read_radiograph(sample_pngs()[0]).pixels)
     raw = prediction.raw_label.copy()
@@ -659,7 +659,7 @@ def make_ood_folder(folder):
 
 
 def test_ood_inputs_are_all_flagged_and_none_stops_the_batch(tmp_path):
-    from lungseg.segment import segment_inputs
+    from lungseg.batch.run import segment_inputs
 
     names = make_ood_folder(tmp_path / "ood")
     summary = segment_inputs([str(tmp_path / "ood")], tmp_path / "out", workers=1, batch_size=4)
@@ -737,7 +737,7 @@ def check_page(out, inputs):
 
 
 def test_review_page_covers_shards_and_resumed_runs(tmp_path):
-    from lungseg.segment import segment_inputs
+    from lungseg.batch.run import segment_inputs
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -759,7 +759,7 @@ def test_review_page_covers_shards_and_resumed_runs(tmp_path):
     assert (again.done, again.failed, again.skipped) == (1, 1, len(inputs) - 1)
     check_page(out, inputs)
 
-    from lungseg.segment import Options, in_shard
+    from lungseg.batch.run import Options, in_shard
 
     segment_inputs([str(folder)], out, shard="1/2", workers=0, options=Options(overlays=True))
     page = check_page(out, inputs)
@@ -772,8 +772,8 @@ def test_review_page_covers_shards_and_resumed_runs(tmp_path):
 def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segmenter):
     """`quality.assess(prediction, segmenter)` is what the Slicer logic calls: the same quality and reasons as the
     batch's row for the same image; with --uncertainty it uses the card's uncertainty regression."""
-    from lungseg.io import read_radiograph
-    from lungseg.segment import segment_inputs
+    from lungseg.io.radiograph import read_radiograph
+    from lungseg.batch.run import segment_inputs
 
     png = sample_pngs()[0]
     segment_inputs([str(png)], tmp_path, workers=0)
@@ -803,9 +803,9 @@ def test_an_ensembles_members_give_its_quality_their_spread_at_no_extra_cost():
     members' mean is the output itself), in both modes; its quality uses it; a single network has none."""
     import torch
 
-    from lungseg.inference import Segmenter
-    from lungseg.io import read_radiograph
-    from lungseg.transforms import model_input
+    from lungseg.inference.segmenter import Segmenter
+    from lungseg.io.radiograph import read_radiograph
+    from lungseg.inference.preprocess import model_input
 
     torch.set_num_threads(1)
     ensemble = Segmenter("unet-full-extent", "cpu")
@@ -835,7 +835,7 @@ def test_an_ensembles_members_give_its_quality_their_spread_at_no_extra_cost():
 
 
 def test_evaluate_reports_qc_accuracy_beside_the_dice(tmp_path, jsrt, segmenter):
-    from lungseg.evaluate import evaluate, summary_line
+    from lungseg.evaluation.evaluate import evaluate, summary_line
 
     data = tmp_path / "set"
     for sub in ("images", "masks"):
@@ -901,8 +901,8 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     would replace it, so it is refused before any segmenting unless `--overwrite` says so. Images that cannot be
     used are named with their problem and left out, and the exit status says so."""
     from lungseg.cli import main
-    from lungseg.data import list_cases
-    from lungseg.inference import Segmenter
+    from lungseg.training.data import list_cases
+    from lungseg.inference.segmenter import Segmenter
 
     card_path = users_model(tmp_path)
     weights = sha256_of(card_path.with_suffix(".safetensors"))

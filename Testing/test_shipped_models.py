@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lungseg.evaluate import evaluate
-from lungseg.inference import Segmenter
-from lungseg.io import read_radiograph
-from lungseg.labels import LEFT_LUNG, RIGHT_LUNG
-from lungseg.models import list_models, read_card, sha256_of
+from lungseg.evaluation.evaluate import evaluate
+from lungseg.inference.segmenter import Segmenter
+from lungseg.io.radiograph import read_radiograph
+from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.models.cards import list_models, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
 LUNG_FIELD_MODELS = {"prob_unet": "prob_unet", "unet": "unet", "unetpp": "unetpp", "unet-512": "unet"}  # model: network
@@ -114,7 +114,7 @@ def test_unet_512_ships_its_cross_validated_final_weights():
 def test_the_default_model_stays_the_256_unet():
     """`lungseg segment` without --model takes the lung-field model with the best mean validation Dice over its
     card's sets: `unet`, not the slower `unet-512`, which trains on JSRT alone and scores lower on COVID-QU-Ex."""
-    from lungseg.models import resolve_model
+    from lungseg.models.cards import resolve_model
 
     assert resolve_model(None, None) == "unet"
     assert read_card("unet-512")["metrics"]["jsrt/val"]["both_dice"]["mean"] > \

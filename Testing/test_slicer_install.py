@@ -54,9 +54,9 @@ slicer_app.start()
 sys.path.insert(0, {str(MODULE)!r})
 from LungSegLib.InstallLogic import corePythonPath
 print(corePythonPath())
-import lungseg.models
-print(lungseg.models.__file__)
-print(sorted(card["name"] for card in lungseg.models.list_models()))
+import lungseg.models.cards
+print(lungseg.models.cards.__file__)
+print(sorted(card["name"] for card in lungseg.models.cards.list_models()))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -172,7 +172,13 @@ def test_torch_free_core_runs_on_the_python_of_slicer_56(tmp_path, chest_dicom):
 import sys
 sys.path.insert(0, {str(CORE.parent)!r})
 import numpy as np
-from lungseg import definitions, files, io, labels, models, overlay, qc
+from lungseg import definitions
+from lungseg.io import files
+from lungseg.io import radiograph as io
+from lungseg.inference import labels
+from lungseg.models import cards as models
+from lungseg.batch import overlay
+from lungseg.qc import rules as qc
 radiograph = io.read_radiograph({str(chest_dicom)!r})
 label = np.zeros(radiograph.shape, np.uint8)
 label[400:1400, 300:800], label[400:1400, 1050:1550] = 1, 2

@@ -25,7 +25,7 @@ import LungSeg  # noqa: E402  (not its TestCase by name: pytest would collect it
 from LungSeg import LungSegLogic  # noqa: E402
 from LungSegLib import InstallLogic as install  # noqa: E402
 from LungSegLib.BatchProcess import BatchProcess  # noqa: E402
-from lungseg.io import ImageReadError  # noqa: E402
+from lungseg.io.radiograph import ImageReadError  # noqa: E402
 from lungseg.samples import sample_pngs  # noqa: E402
 
 JSRT_CASES = ["JPCLN106", "JPCNN057"]  # validation images (never trained on)

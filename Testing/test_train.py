@@ -9,9 +9,9 @@ import SimpleITK as sitk
 import torch
 
 from lungseg.errors import LungSegError
-from lungseg.export import build_card, export_run, run_environment
-from lungseg.models import load_model
-from lungseg.train import load_config, train
+from lungseg.training.export import build_card, export_run, run_environment
+from lungseg.models.cards import load_model
+from lungseg.training.trainer import load_config, train
 
 
 def make_dataset(root, n=8, size=64, seed=0):
@@ -76,9 +76,9 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     fresh evaluation of the exported file gives it again, while a randomly initialised network scores far off."""
     from safetensors.torch import load_file
 
-    from lungseg.evaluate import evaluate
-    from lungseg.models import save_model
-    from lungseg.networks import build_network
+    from lungseg.evaluation.evaluate import evaluate
+    from lungseg.models.cards import save_model
+    from lungseg.nets.networks import build_network
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     config["training"].update(epochs=2, samples_per_epoch=64)  # 32 steps: val Dice ~0.95, random networks 0-0.7
@@ -124,7 +124,7 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     assert card_path.read_text() == stored
     assert export_run(run, tmp_path / "models", device="cpu", overwrite=True) == card_path
     # a shipped model's name would leave `--model unet` two models to choose from
-    with pytest.raises(LungSegError, match="a model named 'unet' is already in .*lungseg/models; export this one "
+    with pytest.raises(LungSegError, match="a model named 'unet' is already in .*lungseg/models/shipped; export this one "
                                            "under another name"):
         export_run(run, tmp_path / "elsewhere", device="cpu", name="unet")
     assert not (tmp_path / "elsewhere").exists()
@@ -136,8 +136,8 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     definitions refuse to ensemble."""
     import torch.nn.functional as F
 
-    from lungseg.evaluate import evaluate
-    from lungseg.export import ensemble_card, model_from_run
+    from lungseg.evaluation.evaluate import evaluate
+    from lungseg.training.export import ensemble_card, model_from_run
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     config["training"].update(epochs=1, samples_per_epoch=32)
@@ -190,7 +190,7 @@ def test_seed_option_trains_another_member_of_the_recipe(tmp_path, config, monke
 
 @pytest.mark.parametrize("name", ["dice_ce", "bce_dice", "bce_iou"])
 def test_losses_from_config_fall_as_the_prediction_improves(name):
-    from lungseg.losses import build_loss
+    from lungseg.training.losses import build_loss
 
     loss_fn = build_loss(name)
     y = torch.zeros(1, 1, 32, 32, dtype=torch.long)
@@ -236,19 +236,19 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     assert (state["epoch"], state["step"]) == (1, 0)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.train", fromlist=["x"]).PACKAGE_CONFIGS
+@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.training.trainer", fromlist=["x"]).PACKAGE_CONFIGS
                                         .glob("*.yaml")))
 def test_packaged_configs_build_and_find_their_data(name):
     from conftest import SHARED_DATA, require_or_skip
 
-    from lungseg.train import data_sources
-    from lungseg.transforms import training_augmentation
+    from lungseg.training.trainer import data_sources
+    from lungseg.inference.preprocess import training_augmentation
 
     cfg = load_config(name)
     assert cfg["definition"] in ("lung-fields", "full-extent")
     model = build_network_from(cfg)
     size = cfg["input_size"]
-    from lungseg.networks import predict_logits
+    from lungseg.nets.networks import predict_logits
 
     assert predict_logits(model.eval(), torch.zeros(1, 1, size, size)).shape == (1, 3, size, size)
     training_augmentation(dict(cfg.get("augment", {}), size=size))
@@ -260,15 +260,15 @@ def test_packaged_configs_build_and_find_their_data(name):
 
 
 def build_network_from(cfg):
-    from lungseg.networks import build_network
+    from lungseg.nets.networks import build_network
 
     return build_network(cfg["network"]["name"], **cfg["network"].get("params", {}))
 
 
 def test_ignored_pixels_count_neither_way():
-    from lungseg.labels import IGNORE
-    from lungseg.losses import build_loss
-    from lungseg.metrics import overlap
+    from lungseg.inference.labels import IGNORE
+    from lungseg.training.losses import build_loss
+    from lungseg.evaluation.metrics import overlap
 
     y = torch.zeros(1, 1, 16, 16, dtype=torch.long)
     y[..., 4:12, 2:7], y[..., 4:12, 9:14] = 1, 2
@@ -281,7 +281,7 @@ def test_ignored_pixels_count_neither_way():
 
 
 def test_a_second_stage_starts_from_the_first_stages_weights(tmp_path, config, monkeypatch):
-    from lungseg.train import Trainer
+    from lungseg.training.trainer import Trainer
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     first = train(config, out_dir=tmp_path / "stage1", device="cpu", max_steps=2)

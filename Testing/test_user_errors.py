@@ -77,11 +77,11 @@ file when the disk fills, and fails with ENOSPC; so does every later one. The co
 processes through a file."""
 import contextlib, errno, os, sys
 
-import lungseg.files
-import lungseg.segment  # noqa: F401  (imports every module that writes)
+import lungseg.io.files
+import lungseg.batch.run  # noqa: F401  (imports every module that writes)
 
 counter, full_at = sys.argv[1], int(sys.argv[2])
-real_atomic_path = lungseg.files.atomic_path
+real_atomic_path = lungseg.io.files.atomic_path
 
 
 @contextlib.contextmanager
@@ -136,8 +136,8 @@ def test_a_library_writer_on_a_full_disk_reads_as_enospc(tmp_path, monkeypatch, 
     all: it does not check fclose, so a small file can end short, even at 0 bytes, on a real full tmpfs. With the
     file system full, both become OSError(ENOSPC), which stops a batch; with space left, an ITK error stays the
     file's own error. No partial file and no short file is left."""
-    import lungseg.files
-    import lungseg.io as io
+    import lungseg.io.files
+    import lungseg.io.radiograph as io
 
     def cut_short(image, path, compress):
         Path(path).write_bytes(b"NRRD0004\n" + bytes(1000))
@@ -146,7 +146,7 @@ def test_a_library_writer_on_a_full_disk_reads_as_enospc(tmp_path, monkeypatch, 
                                "expected to write 1000000 bytes, but only wrote 229376")
 
     monkeypatch.setattr(io.sitk, "WriteImage", cut_short)
-    monkeypatch.setattr(lungseg.files.os, "statvfs", lambda _: SimpleNamespace(f_bavail=free_blocks,
+    monkeypatch.setattr(lungseg.io.files.os, "statvfs", lambda _: SimpleNamespace(f_bavail=free_blocks,
                                                                                f_bfree=free_blocks, f_frsize=4096))
     grid = io.Grid((40, 30), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     with pytest.raises(expected) as err:
@@ -177,7 +177,7 @@ def test_a_users_model_named_like_a_shipped_one_is_never_chosen_silently(tmp_pat
     """`lungseg export runs/unet --out-dir my-models` writes my-models/unet.json: with LUNGSEG_MODELS_PATH naming
     that folder, `--model unet` would have segmented with the shipped `unet` and ignored the user's. It is one
     line naming both cards and the way out; the card's path picks the user's model."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     card = read_card("unet")
     shutil.copy(card["weights_path"], tmp_path / "unet.safetensors")

@@ -83,17 +83,17 @@ def bare_forward_rate(segmenter, batch_size: int, seconds: float = 10.0) -> floa
 
 def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dict:
     """CPU milliseconds per image of each stage of `lungseg segment`, one thread, each stage alone."""
-    from lungseg.io import read_radiograph, write_labelmap
-    from lungseg.labels import lung_areas
-    from lungseg.postprocess import postprocess
-    from lungseg.transforms import model_input
+    from lungseg.io.radiograph import read_radiograph, write_labelmap
+    from lungseg.inference.labels import lung_areas
+    from lungseg.inference.postprocess import postprocess
+    from lungseg.inference.preprocess import model_input
     try:  # QC as the batch runs it: the rules and the predicted quality of the card's qc block (issue 12)
-        from lungseg.quality import assess
+        from lungseg.qc.quality import assess
 
         def qc(prediction):
             return assess(prediction, segmenter.card)
     except ImportError:  # an older lungseg, for before/after comparisons: the rules alone
-        from lungseg.qc import quality_flags
+        from lungseg.qc.rules import quality_flags
 
         def qc(prediction):
             return quality_flags(prediction.label, prediction.raw_label)
@@ -126,7 +126,7 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
                                                             scratch / "stage.nrrd")),
         }
         try:  # the review page's thumbnail, made for every input (issue 12)
-            from lungseg.overlay import thumbnail_base, write_thumbnail
+            from lungseg.batch.overlay import thumbnail_base, write_thumbnail
 
             costs["review_thumbnail"] = cpu_ms(lambda: write_thumbnail(
                 thumbnail_base(x[0].numpy(), image.shape), prediction.label, scratch / "stage.jpg"))
@@ -185,9 +185,9 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, list[float], float]:
 
 
 def training_rates(device: torch.device, batch_size: int = 8, steps: int = 6) -> dict:
-    from lungseg.losses import build_loss
-    from lungseg.networks import NETWORKS, build_network
-    from lungseg.train import load_config, training_loss
+    from lungseg.training.losses import build_loss
+    from lungseg.nets.networks import NETWORKS, build_network
+    from lungseg.training.trainer import load_config, training_loss
 
     rates = {}
     for name in sorted(NETWORKS):  # each network with its shipped config's parameters
@@ -230,9 +230,9 @@ def main() -> None:
     parser.add_argument("--output", help="write the JSON report here too")
     args = parser.parse_args()
 
-    from lungseg.inference import Segmenter
+    from lungseg.inference.segmenter import Segmenter
     from lungseg.memory import keep_freed_memory
-    from lungseg.segment import segment_inputs
+    from lungseg.batch.run import segment_inputs
 
     keep_freed_memory()  # as `lungseg segment` does, so that in-process numbers match the command's
 
@@ -285,7 +285,7 @@ def main() -> None:
                                 "rss_last_minute_mib": round(max(samples[-12:]), 1) if samples else None,
                                 "wall_s": round(wall, 1)}
     if args.models:
-        from lungseg.models import list_models
+        from lungseg.models.cards import list_models
 
         report["model_forward_images_per_s_by_model"] = {
             card["name"]: round(bare_forward_rate(Segmenter(card["name"], args.device), args.batch_size, 5.0), 2)

@@ -65,27 +65,27 @@ BREAKAGES: list[Breakage] = [
          "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch"]),
     Breakage(
         "T2", "sharding disabled: every shard takes every input",
-        [Edit("LungSegCore/lungseg/segment.py",
+        [Edit("LungSegCore/lungseg/batch/run.py",
               "    return digest % count == index - 1\n",
               "    return True\n")],
         ["Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
          "Testing/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard"]),
     Breakage(
         "T3", "resolve_model ignores --definition (the default model always)",
-        [Edit("LungSegCore/lungseg/models.py",
+        [Edit("LungSegCore/lungseg/models/cards.py",
               "    return model if model else best_model(definition or DEFAULT_DEFINITION)\n",
               "    return model if model else DEFAULT_MODEL\n")],
         ["Testing/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
          "Testing/test_cli.py::test_definition_without_a_model_is_a_clear_error"]),
     Breakage(
         "T4", "export never loads the trained weights (a randomly initialised network is exported and measured)",
-        [Edit("LungSegCore/lungseg/export.py",
+        [Edit("LungSegCore/lungseg/training/export.py",
               '    model.load_state_dict(state["model"])\n',
               "    pass  # breakage: the trained weights are never loaded\n")],
         ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"]),
     Breakage(
         "T5", "evaluate scores only the ignored pixels (ignore=~ignore)",
-        [Edit("LungSegCore/lungseg/evaluate.py",
+        [Edit("LungSegCore/lungseg/evaluation/evaluate.py",
               "regions=scored, ignore=ignore)",
               "regions=scored, ignore=None if ignore is None else ~ignore)")],
         ["Testing/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
@@ -99,27 +99,27 @@ BREAKAGES: list[Breakage] = [
     # ---- T8 (core): untested surface that is tested now
     Breakage(
         "T8a", "write_float_map writes the components as rows (no channels-last move)",
-        [Edit("LungSegCore/lungseg/io.py",
+        [Edit("LungSegCore/lungseg/io/radiograph.py",
               "    array = np.moveaxis(values, 0, -1) if vector else values\n",
               "    array = values.reshape(values.shape[1], values.shape[2], -1) if vector else values\n")],
         ["Testing/test_io.py::test_float_maps_are_written_on_the_reference_grid"]),
     Breakage(
         "T8b", "inference uses UNet++'s shallowest deep-supervision head instead of the full-depth one",
-        [Edit("LungSegCore/lungseg/networks.py",
+        [Edit("LungSegCore/lungseg/nets/networks.py",
               "    return out[-1] if isinstance(out, (list, tuple)) else out\n",
               "    return out[0] if isinstance(out, (list, tuple)) else out\n")],
         ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"]),
     # ---- the second Slicer review (Windows and macOS batch, crashes, a folder named like a file)
     Breakage(
         "N1a", "the batch starts its helpers with fork everywhere (Windows has no fork: nothing is segmented)",
-        [Edit("LungSegCore/lungseg/segment.py",
+        [Edit("LungSegCore/lungseg/batch/run.py",
               '        return "fork" if sys.platform.startswith("linux") else "spawn"\n',
               '        return "fork"\n')],
         ["Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
          "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced"]),
     Breakage(
         "N1b", "a spawned helper never notices that its batch process died (it waits for work forever)",
-        [Edit("LungSegCore/lungseg/segment.py",
+        [Edit("LungSegCore/lungseg/batch/run.py",
               "    multiprocessing.parent_process().join()\n",
               "    threading.Event().wait()\n")],
         ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"]),
@@ -131,7 +131,7 @@ BREAKAGES: list[Breakage] = [
         ["Testing/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"]),
     Breakage(
         "F1", "a folder named like an image file (study.dcm/) is taken for a file",
-        [Edit("LungSegCore/lungseg/files.py",
+        [Edit("LungSegCore/lungseg/io/files.py",
               "        elif item.is_dir():  # a folder named like a file",
               "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file")],
         ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"]),

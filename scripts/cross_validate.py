@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """K-fold cross-validation of a training recipe over JSRT train+val (196 images), stratified by nodule/non-nodule,
-one patient per image. A thin shell over `lungseg.crossval` (see there for what each fold trains and scores).
+one patient per image. A thin shell over `lungseg.training.crossval` (see there for what each fold trains and scores).
 
     .venv/bin/python scripts/cross_validate.py --config unet-jsrt-cv --folds 5 -o runs/unet-jsrt-cv \\
         --data-root ../shared/data --also covid-qu-ex:val
@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lungseg.crossval import cross_validate
+from lungseg.training.crossval import cross_validate
 from lungseg.errors import LungSegError
-from lungseg.files import CHECKPOINTS
-from lungseg.train import load_config
+from lungseg.io.files import CHECKPOINTS
+from lungseg.training.trainer import load_config
 
 
 def parser() -> argparse.ArgumentParser:

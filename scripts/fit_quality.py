@@ -54,7 +54,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.quality_fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_EDGES, WITH_PRIOR,  # noqa: E402
+from lungseg.qc.fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_EDGES, WITH_PRIOR,  # noqa: E402
                                  candidate_sets, cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key,
                                  merged_modes, merged_qc, model_outputs, read_groups, scored_rows, trained_on,
                                  training_entries)
@@ -75,8 +75,8 @@ def swap_halves(rows: list[dict]) -> list[dict]:
 
 def add_source(run_dir: Path, name: str, sources_dir: Path, checkpoint: str = "last.pt") -> Path:
     """A training run's checkpoint as a model (safetensors and card) in the sources folder."""
-    from lungseg.export import model_from_run
-    from lungseg.models import save_model
+    from lungseg.training.export import model_from_run
+    from lungseg.models.cards import save_model
 
     model, state, config = model_from_run(run_dir, checkpoint)
     card = {"name": name, "version": "qc-source", "definition": config.get("definition", "lung-fields"),
@@ -107,7 +107,7 @@ def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: 
     missing = [it for it in items if item_key(*it) not in known]
     if missing:
         t0 = time.perf_counter()
-        from lungseg.inference import Segmenter
+        from lungseg.inference.segmenter import Segmenter
 
         known.update(model_outputs(Segmenter(card_path, "cpu"), missing, mode))
         names = sorted(known)
@@ -128,7 +128,7 @@ def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int
                  cache: Path) -> list[dict]:
     """One model on the chosen images of one data set (and `variants` perturbations of each): the features, the
     rule flags and the Dice of each (`quality_fit.scored_rows`)."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     card = read_card(card_path)
     cases = cases_for(card, dataset, root, limit)
@@ -166,7 +166,7 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
     """Rows of the card's own model (real and perturbed images), its peers, the fold models of its recipe's
     cross-validation (`folds`, each on its held-out images only) and, in the default mode, the failure sources on
     every data set of the card's definition."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     pool = []
     for role, sources in (("own", [card["card_path"]]), ("peer", peers), ("cv", folds), ("failure", failures)):
@@ -193,7 +193,7 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
 
 
 def summary_line(name: str, measured: dict) -> str:
-    from lungseg.quality import qc_accuracy_text
+    from lungseg.qc.quality import qc_accuracy_text
 
     parts = [f"{group}: {qc_accuracy_text(measured[group]['qc'])}" for group in measured if " / " not in group]
     return f"  {name}: " + "\n  ".join(parts)
@@ -202,7 +202,7 @@ def summary_line(name: str, measured: dict) -> str:
 def markdown_table(names: list[str]) -> str:
     """The QC record's per-card table (`LungSegCore/docs/quality-control.md`), from the cards' `validation` blocks
     (the measure half): per card, mode and group."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     lines = ["| model | mode | measured on (held-out half) | images | Dice < 0.90 | flagged (recall) | false flags | "
              "Spearman |", "|---|---|---|---|---|---|---|---|"]
@@ -228,7 +228,7 @@ def dataset_table(names: list[str], validations: list[dict] | None = None) -> st
     `validation` blocks), and each model's Spearman where it was measured on at least MIN_SUBSET images (a rank
     correlation of 7 images says nothing). `validations` ({name: validation block} each, default the cards' own)
     adds up the counts of several measurements: both directions of `--swap-halves`."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     lines = ["| data set | mode | models (own card each) | images | Dice < 0.90 | flagged (recall) | false flags | "
              "Spearman per model |", "|---|---|---|---|---|---|---|---|"]
@@ -260,7 +260,7 @@ def both_directions_table(names: list[str]) -> str:
     """The per-data-set table over both directions of the two-fold cross-fitting: the cards' own measurements on
     the measure half plus their `swapped` ones (fitted on the measure half, measured on the fit half), so that
     every image is held out once."""
-    from lungseg.models import read_card
+    from lungseg.models.cards import read_card
 
     qc = {name: read_card(name).get("qc") or {} for name in names}
     return dataset_table(names, [{name: block.get("validation") or {} for name, block in qc.items()},
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--features", default="auto",
                         choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
-                        help="feature set of the regression (lungseg.quality.FEATURE_SETS; with the shape prior "
+                        help="feature set of the regression (lungseg.qc.quality.FEATURE_SETS; with the shape prior "
                         f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
                         f"uncertainty mode with the samples' spread unless it "
                         f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
@@ -324,8 +324,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from lungseg.errors import LungSegError
-    from lungseg.files import write_atomic_text
-    from lungseg.models import PACKAGE_MODELS, read_card
+    from lungseg.io.files import write_atomic_text
+    from lungseg.models.cards import PACKAGE_MODELS, read_card
 
     sources_dir = Path(args.sources_dir)
     if args.table:

@@ -10,8 +10,8 @@ import traceback
 
 from .definitions import DEFINITIONS
 from .errors import LungSegError
-from .files import CHECKPOINTS
-from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
+from .io.files import CHECKPOINTS
+from .io.radiograph import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from .memory import keep_freed_memory
 
 # Exit statuses (README): 0 done, 1 some inputs failed, 2 the user's error (one line), 3 an internal error (with its
@@ -20,8 +20,8 @@ INTERNAL_ERROR = 3
 
 
 def _segment(args) -> int:
-    from .models import resolve_model
-    from .segment import Options, run_segment
+    from .models.cards import resolve_model
+    from .batch.run import Options, run_segment
 
     options = Options(fmt=args.format, overlays=args.overlays, save_probabilities=args.save_probabilities,
                       uncertainty=args.uncertainty, overwrite=args.overwrite, max_pixels=args.max_pixels or None)
@@ -32,8 +32,8 @@ def _segment(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import evaluate, summary_line
-    from .models import resolve_model
+    from .evaluation.evaluate import evaluate, summary_line
+    from .models.cards import resolve_model
 
     summary = evaluate(args.images, args.masks, model=resolve_model(args.model, args.definition),
                        out_dir=args.output, split=args.split, masks_right=args.masks_right,
@@ -44,9 +44,9 @@ def _evaluate(args) -> int:
 
 
 def _fit_qc(args) -> int:
-    from .files import write_atomic_text
-    from .models import resolve_model
-    from .quality_fit import fit_card_qc, fit_summary
+    from .io.files import write_atomic_text
+    from .models.cards import resolve_model
+    from .qc.fit import fit_card_qc, fit_summary
 
     model = resolve_model(args.model, args.definition)
     block, problems = fit_card_qc(model, args.data, split=args.split, perturbations=args.perturbations,
@@ -66,7 +66,7 @@ def _fit_qc(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import load_config, train
+    from .training.trainer import load_config, train
 
     config = load_config(args.config)
     if args.seed is not None:  # another member of an ensemble: same recipe, its own run folder
@@ -79,7 +79,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import PACKAGE_MODELS, export_run
+    from .training.export import PACKAGE_MODELS, export_run
 
     card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
                       name=args.name, weights=args.weights, cross_validation=args.cross_validation,
@@ -89,7 +89,7 @@ def _export(args) -> int:
 
 
 def _models(args) -> int:
-    from .models import list_models
+    from .models.cards import list_models
 
     cards = list_models()
     if args.json:

@@ -1,7 +1,7 @@
 """The computation of the LungSeg module; it needs no GUI.
 
 `process` segments a radiograph volume into a "Right lung" and a "Left lung" segment: `readInput` turns the volume
-into the core's radiograph (`lungseg.io.radiograph_from_array`, the same checks and gray conversion as the batch
+into the core's radiograph (`lungseg.io.radiograph.radiograph_from_array`, the same checks and gray conversion as the batch
 command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread: a
 radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
 starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
@@ -41,7 +41,7 @@ _segmenters: dict = {}  # (model, device) -> lungseg Segmenter, shared by every 
 @dataclass
 class RadiographInput:
     """The input volume as the core's radiograph, and whether it must be inverted before segmenting."""
-    radiograph: object                  # lungseg.io.Radiograph
+    radiograph: object                  # lungseg.io.radiograph.Radiograph
     invert: bool | None                 # None: decide from the intensities (no file to compare with)
     inversionSource: str = ""
 
@@ -57,7 +57,7 @@ class SegmentationResult:
     uncertainty: np.ndarray | None
     qcReasons: list
     card: dict
-    quality: float | None               # predicted Dice (`lungseg.quality.assess`), None for a card without `qc`
+    quality: float | None               # predicted Dice (`lungseg.qc.quality.assess`), None for a card without `qc`
     inverted: bool
     inversionSource: str
     seconds: float
@@ -96,7 +96,7 @@ class SegmentationSummary:
 def availableModels() -> list[dict]:
     """Model cards of the shipped and user models (LUNGSEG_MODELS_PATH); readable before torch is installed."""
     corePythonPath()
-    from lungseg.models import list_models
+    from lungseg.models.cards import list_models
 
     return list_models()
 
@@ -108,7 +108,7 @@ def isModelLoaded(model: str, device: str) -> bool:
 def getSegmenter(model: str, device: str):
     key = (model, device)
     if key not in _segmenters:
-        from lungseg.inference import Segmenter
+        from lungseg.inference.segmenter import Segmenter
 
         _segmenters[key] = Segmenter(model, device)
     return _segmenters[key]
@@ -161,8 +161,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("Select an input volume that has image data.")
         corePythonPath()
-        from lungseg.files import is_dicom
-        from lungseg.io import dicom_header, inverted_against_file, radiograph_from_array, stated_spacing
+        from lungseg.io.files import is_dicom
+        from lungseg.io.radiograph import dicom_header, inverted_against_file, radiograph_from_array, stated_spacing
 
         array = slicer.util.arrayFromVolume(inputVolume)  # (slices, rows, columns[, components])
         components = array.shape[3] if array.ndim == 4 else 1
@@ -182,7 +182,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
     def compute(self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto",
                 uncertainty: bool = False) -> SegmentationResult:
         """The model run on the core's radiograph; touches no MRML node."""
-        from lungseg.quality import assess
+        from lungseg.qc.quality import assess
 
         start = time.time()
         segmenter = getSegmenter(model, device)
@@ -200,8 +200,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
 
     def writeOutputs(self, inputVolume, radiographInput: RadiographInput, result: SegmentationResult,
                      outputSegmentation, uncertaintyVolume=None) -> SegmentationSummary:
-        from lungseg.overlay import LABEL_COLOURS
-        from lungseg.labels import lung_areas
+        from lungseg.batch.overlay import LABEL_COLOURS
+        from lungseg.inference.labels import lung_areas
 
         if outputSegmentation is None:
             raise ValueError("Select or create an output segmentation.")
@@ -265,8 +265,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         import SimpleITK as sitk
 
         corePythonPath()
-        from lungseg.files import suffix_of
-        from lungseg.io import write_labelmap
+        from lungseg.io.files import suffix_of
+        from lungseg.io.radiograph import write_labelmap
 
         path = Path(path)
         suffix = suffix_of(path)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .definitions import LEFT_LUNG, RIGHT_LUNG
-from .io import reorient
+from ..definitions import LEFT_LUNG, RIGHT_LUNG
+from ..io.radiograph import reorient
 from .labels import clean_labelmap
 
 

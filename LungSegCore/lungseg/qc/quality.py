@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .definitions import DEFAULT_DEFINITION, LEFT_LUNG, RIGHT_LUNG
-from .qc import quality_flags
+from ..definitions import DEFAULT_DEFINITION, LEFT_LUNG, RIGHT_LUNG
+from .rules import quality_flags
 
 EPS = 1e-6
 DICE_LIMIT = 0.90  # the line between a usable and a bad segmentation; flags aim below it

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import read_gray, read_splits
-from .errors import LungSegError
-from .files import list_inputs, stem_of, write_atomic_text, write_csv
-from .io import ImageReadError, read_radiograph
-from .labels import merge_sides, split_left_right
+from ..training.data import read_gray, read_splits
+from ..errors import LungSegError
+from ..io.files import list_inputs, stem_of, write_atomic_text, write_csv
+from ..io.radiograph import ImageReadError, read_radiograph
+from ..inference.labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
-from .overlay import write_case_sheet
-from .quality import DICE_LIMIT, assess, qc_accuracy, qc_accuracy_text, quality_model
+from ..batch.overlay import write_case_sheet
+from ..qc.quality import DICE_LIMIT, assess, qc_accuracy, qc_accuracy_text, quality_model
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
@@ -73,7 +73,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
     file states none."""
     from tqdm import tqdm
 
-    from .inference import Segmenter
+    from ..inference.segmenter import Segmenter
 
     images, masks = Path(images), Path(masks)
     masks_right = Path(masks_right) if masks_right else masks.parent / "masks_right"

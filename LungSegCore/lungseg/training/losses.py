@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Registry
+from ..registry import Registry
 
 LOSSES = Registry("loss")
 register = LOSSES.register
@@ -49,6 +49,6 @@ class _DiceCEIgnoring(torch.nn.Module):
 @register("dice_ce_ignore")
 def dice_ce_ignore(lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> torch.nn.Module:
     """Dice + cross-entropy where pixels labelled IGNORE (masks_ignore/) count neither for nor against."""
-    from .definitions import IGNORE
+    from ..definitions import IGNORE
 
     return _DiceCEIgnoring(IGNORE, lambda_dice, lambda_ce)

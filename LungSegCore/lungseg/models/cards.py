@@ -3,7 +3,7 @@
 A model is `<name>.safetensors` with `<name>.json` beside it. The card records the network and its parameters, the
 input size, the lung definition, the data, the recipe, the training time, the measured metrics and the SHA-256 of
 the weights, which is verified before loading. Reading cards needs no torch (the Slicer module lists models
-before torch is installed). Models are looked up by name in the package's `models/` folder and in the
+before torch is installed). Models are looked up by name in the package's `models/shipped/` folder and in the
 folders of `LUNGSEG_MODELS_PATH`; a name found in two of them is an error, not a silent choice. `--model` also
 takes the path of a card or weights file (offline import).
 """
@@ -14,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
-from .definitions import DEFAULT_DEFINITION, DEFINITIONS
-from .errors import LungSegError
-from .files import atomic_path, write_atomic_text
+from ..definitions import DEFAULT_DEFINITION, DEFINITIONS
+from ..errors import LungSegError
+from ..io.files import atomic_path, write_atomic_text
 
-PACKAGE_MODELS = Path(__file__).parent / "models"
+PACKAGE_MODELS = Path(__file__).parent / "shipped"
 DEFAULT_MODEL = "unet"
 
 
@@ -100,7 +100,7 @@ def load_model(name_or_path: str | Path, device="cpu"):
     """Build the card's network and load its verified safetensors weights (no pickle, no code execution)."""
     from safetensors.torch import load_file
 
-    from .networks import build_network
+    from ..nets.networks import build_network
 
     card = read_card(name_or_path)
     weights = Path(card["weights_path"])

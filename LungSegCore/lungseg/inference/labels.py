@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 # the label values, importable from here too: they are the convention these operations implement
-from .definitions import BACKGROUND, IGNORE, LEFT_LUNG, NUM_CLASSES, RIGHT_LUNG  # noqa: F401
+from ..definitions import BACKGROUND, IGNORE, LEFT_LUNG, NUM_CLASSES, RIGHT_LUNG  # noqa: F401
 
 
 def midline_column(mask: np.ndarray) -> int:

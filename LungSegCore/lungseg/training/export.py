@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 
 from .data import entry_cases, selection_tag
-from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
-from .errors import LungSegError
-from .files import checkpoint_file, write_atomic_text
-from .models import PACKAGE_MODELS, cards_named, save_model
-from .networks import build_network
+from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
+from ..errors import LungSegError
+from ..io.files import checkpoint_file, write_atomic_text
+from ..models.cards import PACKAGE_MODELS, cards_named, save_model
+from ..nets.networks import build_network
 
 
 def training_record(history: list[dict], best_epoch: int, environment: list[dict] | None = None) -> dict:
     """The card's account of one training run: its epochs, the best one, its time, where and with what it ran (the
     run's `environment.json`; a run from before it was written trained where it is exported)."""
-    from .networks import environment_entry, select_device
+    from ..nets.networks import environment_entry, select_device
 
     environment = environment or [environment_entry(select_device("auto"))]
     return {
@@ -107,7 +107,7 @@ def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> 
     models measured on the same machine."""
     import time
 
-    from .networks import predict_logits
+    from ..nets.networks import predict_logits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -172,8 +172,8 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
     """Export one run's best (or last) checkpoint, or with several runs their ensemble; `name` overrides the
     recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card. A model of that name
     already in `out_dir` is replaced only with `overwrite` (`check_destination`)."""
-    from .evaluate import evaluate
-    from .networks import Ensemble
+    from ..evaluation.evaluate import evaluate
+    from ..nets.networks import Ensemble
 
     checkpoint = checkpoint_file(weights)
     runs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from .definitions import IGNORE, LEFT_LUNG, RIGHT_LUNG
-from .networks import predict_logits
+from ..definitions import IGNORE, LEFT_LUNG, RIGHT_LUNG
+from ..nets.networks import predict_logits
 
 REGIONS = {"both": None, "right": RIGHT_LUNG, "left": LEFT_LUNG}
 METRICS = ("accuracy", "precision", "recall", "iou", "dice", "hd95")

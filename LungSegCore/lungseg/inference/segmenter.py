@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import reorient
-from .models import DEFAULT_MODEL, load_model
-from .networks import predict_logits, select_device
+from ..io.radiograph import reorient
+from ..models.cards import DEFAULT_MODEL, load_model
+from ..nets.networks import predict_logits, select_device
 from .postprocess import Prediction, postprocess
-from .transforms import model_input
+from .preprocess import model_input
 
 # (shift x, shift y as a fraction of the image, zoom, rotation in degrees); the identity comes first. No flips.
 TTA_AFFINES = ((0, 0, 1, 0), (0.04, 0, 1, 0), (-0.04, 0, 1, 0), (0, 0.04, 1, 0), (0, -0.04, 1, 0),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
-from .definitions import NUM_CLASSES
+from ..definitions import NUM_CLASSES
 
 
 class AxisAlignedGaussianEncoder(nn.Module):

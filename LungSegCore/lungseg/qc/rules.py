@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
+from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
 
 TINY_LUNG = 0.2             # a lung smaller than this fraction of the other
 LARGE_COMPONENT = 0.005     # of the image area, for counting fragments before clean-up

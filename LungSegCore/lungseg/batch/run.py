@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import LungSegError
-from .files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, remove_partial_files, \
+from ..errors import LungSegError
+from ..io.files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, remove_partial_files, \
     stem_of, write_atomic_text, write_csv
-from .io import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageError, Radiograph, read_radiograph, \
+from ..io.radiograph import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, NotAnImageError, Radiograph, read_radiograph, \
     reorient, write_float_map, write_labelmap
-from .labels import lung_areas
+from ..inference.labels import lung_areas
 from .overlay import thumbnail_base, write_overlay, write_thumbnail
-from .postprocess import postprocess
-from .quality import assess, reads_image
+from ..inference.postprocess import postprocess
+from ..qc.quality import assess, reads_image
 from .review import REVIEW_PAGE, write_review
 
 RESULT_FIELDS = [
@@ -128,13 +128,13 @@ class InputReader(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        from .transforms import model_input
+        from ..inference.preprocess import model_input
 
         item = {"index": i, "path": self.paths[i]}
         t0 = time.perf_counter()
         try:
             if self.dicom_seg:
-                from .dicomseg import check_source
+                from ..io.dicomseg import check_source
 
                 check_source(self.paths[i])
             image = read_radiograph(self.paths[i], self.max_pixels)
@@ -161,7 +161,7 @@ def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: di
                   thumbnail=None) -> dict:
     t0 = time.perf_counter()
     if paths["output"].name.endswith(OUTPUT_FORMATS["dicom-seg"]):
-        from .dicomseg import write_dicom_seg
+        from ..io.dicomseg import write_dicom_seg
 
         write_dicom_seg(prediction.label, image.path, paths["output"], row["model"], row["model_version"],
                         row["definition"])
@@ -361,13 +361,13 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
                    device: str = "auto", recursive: bool = False, shard: str | None = None, batch_size: int = 4,
                    workers: int | None = None, progress_lines: bool = False) -> RunSummary | None:
     """Segment every input (None when there is none); bad inputs become error rows, never exceptions."""
-    from .inference import Segmenter
+    from ..inference.segmenter import Segmenter
 
     options = options or Options()
     if options.fmt not in OUTPUT_FORMATS:
         raise LungSegError(f"unknown output format '{options.fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}")
     if options.fmt == "dicom-seg":
-        from .dicomseg import require_highdicom
+        from ..io.dicomseg import require_highdicom
 
         require_highdicom()
     out_dir = Path(out_dir)

@@ -26,16 +26,16 @@ import torch.distributed as dist
 import yaml
 
 from .data import ArrayDataset, EpochSamples, entry_cases, load_arrays, selection_tag
-from .errors import LungSegError
-from .files import save_checkpoint, write_atomic_text
+from ..errors import LungSegError
+from ..io.files import save_checkpoint, write_atomic_text
 from .losses import build_loss
-from .metrics import evaluate_sets, overlap
-from .networks import build_network, environment_entry, select_device
-from .transforms import training_augmentation
+from ..evaluation.metrics import evaluate_sets, overlap
+from ..nets.networks import build_network, environment_entry, select_device
+from ..inference.preprocess import training_augmentation
 
 log = logging.getLogger("lungseg.train")
 
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def load_config(path: str | Path) -> dict:
@@ -120,7 +120,7 @@ def initial_weights(source: str) -> dict:
             raise LungSegError(f"init_from: {source} does not exist (train the run it names first)")
         start = torch.load(source, weights_only=True, map_location="cpu")
         return start.get("model", start)
-    from .models import load_model
+    from ..models.cards import load_model
     return load_model(source)[0].state_dict()
 
 

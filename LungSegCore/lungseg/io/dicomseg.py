@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .definitions import DEFINITIONS, LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, \
+from ..definitions import DEFINITIONS, LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, \
     RIGHT_LUNG
-from .errors import LungSegError
+from ..errors import LungSegError
 from .files import atomic_path, is_dicom
-from .io import ImageReadError, dicom_pixel_spacing, image_dicom_header
+from .radiograph import ImageReadError, dicom_pixel_spacing, image_dicom_header
 
 SERIES_NUMBER = 9901  # a new series in the source's study; high, so that it sorts after the acquired series
 # A projection radiograph has no slice, but highdicom's and dcmqi's readers need a Slice Thickness beside the spacing:
@@ -75,7 +75,7 @@ def segment_descriptions(model: str, version: str, definition: str) -> list:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from .overlay import LABEL_COLOURS
+    from ..batch.overlay import LABEL_COLOURS
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model, version=version or "unversioned", family=codes.cid7162.ArtificialIntelligence, source="LungSeg",
@@ -126,7 +126,7 @@ def build_dicom_seg(label: np.ndarray, source, model: str, version: str, definit
     stored pixel grid) that references the pydicom dataset `source` (its header is enough)."""
     import highdicom as hd
 
-    from . import __version__
+    from .. import __version__
 
     if label.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"labelmap {label.shape} is not on the source grid ({source.Rows}, {source.Columns})")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .definitions import LEFT_LUNG, RIGHT_LUNG
-from .io import write_atomic
+from ..definitions import LEFT_LUNG, RIGHT_LUNG
+from ..io.radiograph import write_atomic
 
 # RGB per label: right lung green-blue, left lung orange (distinct for common colour blindness)
 LABEL_COLOURS = {RIGHT_LUNG: (0, 158, 115), LEFT_LUNG: (230, 159, 0)}
@@ -63,7 +63,7 @@ def thumbnail_base(model_input: np.ndarray, shape: tuple[int, int], flips: tuple
     import torch
     import torch.nn.functional as F
 
-    from .io import reorient
+    from ..io.radiograph import reorient
 
     scale = min(side / max(shape), 1.0)
     size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
@@ -78,7 +78,7 @@ def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quali
     outline per lung); the labelmap is sampled down to the picture's size."""
     from PIL import Image
 
-    from .files import atomic_path
+    from ..io.files import atomic_path
 
     rows = ((np.arange(base.shape[0]) + 0.5) * label.shape[0] / base.shape[0]).astype(np.intp)
     cols = ((np.arange(base.shape[1]) + 0.5) * label.shape[1] / base.shape[1]).astype(np.intp)

@@ -22,11 +22,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .definitions import IGNORE
-from .errors import LungSegError
-from .files import save_checkpoint
-from .labels import merge_sides, split_left_right
-from .transforms import model_input, resize_label
+from ..definitions import IGNORE
+from ..errors import LungSegError
+from ..io.files import save_checkpoint
+from ..inference.labels import merge_sides, split_left_right
+from ..inference.preprocess import model_input, resize_label
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic_text
+from ..io.files import write_atomic_text
 
 REPORTED = ("both_dice", "right_dice", "left_dice", "both_hd95")
 COLUMNS = {"both_dice": "Dice both", "right_dice": "Dice right", "left_dice": "Dice left", "both_hd95": "HD95"}

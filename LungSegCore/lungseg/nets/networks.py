@@ -5,9 +5,9 @@ import platform
 
 import torch
 
-from .definitions import NUM_CLASSES
-from .errors import LungSegError
-from .registry import Registry
+from ..definitions import NUM_CLASSES
+from ..errors import LungSegError
+from ..registry import Registry
 
 NETWORKS = Registry("network")
 register = NETWORKS.register

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import LungSegError
+from ..errors import LungSegError
 from .files import atomic_path, is_dicom, raise_if_out_of_space, suffix_of
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .definitions import LEFT_LUNG, RIGHT_LUNG
-from .networks import predict_logits
+from ..definitions import LEFT_LUNG, RIGHT_LUNG
+from ..nets.networks import predict_logits
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -56,7 +56,7 @@ def plot_cases(model, sets: dict, per_image: dict, device, path: Path, count: in
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from .overlay import LABEL_COLOURS
+    from ..batch.overlay import LABEL_COLOURS
 
     cmap = ListedColormap([(0, 0, 0, 0)] + [tuple(c / 255 for c in LABEL_COLOURS[v]) + (0.5,)
                                             for v in (RIGHT_LUNG, LEFT_LUNG)])

@@ -23,8 +23,8 @@ import yaml
 
 from .cv_report import write_report
 from .data import entry_cases, selection_tag
-from .errors import LungSegError
-from .files import checkpoint_file, write_atomic_text
+from ..errors import LungSegError
+from ..io.files import checkpoint_file, write_atomic_text
 
 CV_SPLITS = ("train", "val")
 # Pixel size of sets whose PNGs state none: JSRT's 2048² originals are 0.175 mm, here downsampled to 512².
@@ -107,7 +107,7 @@ def check_run_config(out: Path, cfg: dict) -> None:
 
 def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_steps: int | None = None) -> bool:
     """Train (or resume, or skip when finished) one fold; True once its training has finished."""
-    from .train import run_finished, train
+    from .trainer import run_finished, train
 
     check_run_config(out, cfg)
     if run_finished(out, cfg):
@@ -121,7 +121,7 @@ def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_
 def fold_model(out: Path, weights: str = "last") -> Path:
     """The fold's last (or best) weights saved as a model with its card in `out/model-<weights>/`."""
     from .export import build_card, checkpoint_epoch, model_from_run, run_environment
-    from .models import save_model
+    from ..models.cards import save_model
 
     model, state, config = model_from_run(out, checkpoint_file(weights))
     history = json.loads((out / "history.json").read_text())
@@ -139,8 +139,8 @@ def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float 
                weights: str = "last", device: str = "auto") -> dict:
     """The fold's held-out scores (`<set>/held_out`) and those on each `also` set, kept in out/cv_fold.json;
     scores already there for the same checkpoint are reused."""
-    from .evaluate import evaluate
-    from .models import sha256_of
+    from ..evaluation.evaluate import evaluate
+    from ..models.cards import sha256_of
 
     # the checkpoint's own bytes say whether it changed (a safetensors header's metadata order varies by process)
     source = sha256_of(out / checkpoint_file(weights))

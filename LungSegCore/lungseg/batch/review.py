@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
-from .files import write_atomic_text
+from ..io.files import write_atomic_text
 
 REVIEW_PAGE = "review.html"
 MAX_OK_SHOWN = 500         # ok results shown (the lowest quality first); every result stays in results.csv

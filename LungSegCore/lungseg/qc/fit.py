@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import case_label, entry_cases, list_cases, read_split_table
-from .definitions import DEFINITIONS, IGNORE
-from .errors import LungSegError
-from .io import read_radiograph
-from .qc import FRAGMENTS, quality_flags
+from ..training.data import case_label, entry_cases, list_cases, read_split_table
+from ..definitions import DEFINITIONS, IGNORE
+from ..errors import LungSegError
+from ..io.radiograph import read_radiograph
+from .rules import FRAGMENTS, quality_flags
 from .quality import (DICE_LIMIT, EDGE_FEATURE, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED,
                       UNCERTAINTY_FEATURES, QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy,
                       qc_accuracy_text, quality_features, shape_prior_distances, transform)
@@ -183,7 +183,7 @@ def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
     so nothing that matters is lost."""
     import torch
 
-    from .transforms import model_input
+    from ..inference.preprocess import model_input
 
     def u8_spread(maps, k):
         return None if maps is None else (maps[k] * UNCERTAINTY_SCALE).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -213,8 +213,8 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
     degraded again as the model saw it."""
     import torch
 
-    from .postprocess import postprocess
-    from .transforms import model_input
+    from ..inference.postprocess import postprocess
+    from ..inference.preprocess import model_input
 
     u8, spread, member_spread = (None if m is None else torch.from_numpy(m.astype(np.float32)) for m in maps)
     if seen is None:
@@ -612,8 +612,8 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
 
     from tqdm import tqdm
 
-    from .files import write_atomic_text
-    from .inference import Segmenter
+    from ..io.files import write_atomic_text
+    from ..inference.segmenter import Segmenter
 
     data = Path(data)
     segmenter = Segmenter(model, device)

@@ -1,0 +1,1 @@
+"""`lungseg segment`: the batch over many inputs, its outputs and its review page."""

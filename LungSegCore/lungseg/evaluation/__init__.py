@@ -1,0 +1,1 @@
+"""Scoring segmentations against references: metrics and `lungseg evaluate`."""

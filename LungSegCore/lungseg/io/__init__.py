@@ -1,0 +1,1 @@
+"""Reading radiographs and writing results: images, DICOM, labelmaps, DICOM-SEG, atomic files."""

@@ -1,0 +1,1 @@
+"""Model cards and the shipped weights: finding, reading, loading and saving models."""

@@ -1,0 +1,1 @@
+"""The networks (PyTorch, MONAI), built by name from a registry."""

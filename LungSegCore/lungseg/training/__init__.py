@@ -1,0 +1,1 @@
+"""Training, data sets, losses, export of a trained run as a model, and cross-validation."""
