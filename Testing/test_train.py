@@ -242,7 +242,7 @@ def test_packaged_configs_build_and_find_their_data(name):
     from conftest import SHARED_DATA, require_or_skip
 
     from lungseg.training.trainer import data_sources
-    from lungseg.inference.preprocess import training_augmentation
+    from lungseg.training.augment import training_augmentation
 
     cfg = load_config(name)
     assert cfg["definition"] in ("lung-fields", "full-extent")

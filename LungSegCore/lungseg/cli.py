@@ -79,11 +79,16 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .training.export import PACKAGE_MODELS, export_run
+    from .training.export import PACKAGE_MODELS, export_model, export_run
 
-    card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
-                      name=args.name, weights=args.weights, cross_validation=args.cross_validation,
-                      overwrite=args.overwrite)
+    if bool(args.run) == bool(args.from_model):
+        raise LungSegError("export takes training run folders, or --from-model with an existing model, not both")
+    if args.from_model:
+        card = export_model(args.from_model, data_root=args.data_root, device=args.device)
+    else:
+        card = export_run(args.run, args.out_dir or PACKAGE_MODELS, data_root=args.data_root, device=args.device,
+                          name=args.name, weights=args.weights, cross_validation=args.cross_validation,
+                          overwrite=args.overwrite)
     print(f"lungseg: exported {card}")
     return 0
 
@@ -246,7 +251,9 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a run's best checkpoint, or the ensemble of several runs, as a model "
                        "with a measured model card", parents=[common])
-    x.add_argument("run", nargs="+", help="training run folder; several make an ensemble (probabilities averaged)")
+    x.add_argument("run", nargs="*", help="training run folder; several make an ensemble (probabilities averaged)")
+    x.add_argument("--from-model", metavar="MODEL", help="an existing model (name or card): write its ONNX graphs from "
+                   "its safetensors and measure its card's metrics again, on the graphs")
     x.add_argument("--name", help="the model's name (default: the first run's recipe name)")
     x.add_argument("--weights", choices=CHECKPOINTS, default="best",
                    help="best.pt (default; the best validation score) or last.pt (the final epoch: a fixed-schedule "

@@ -8,13 +8,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from ..definitions import LEFT_LUNG, RIGHT_LUNG
 from ..io.radiograph import reorient
 from .labels import clean_labelmap
+from .preprocess import resize
 
 
 @dataclass
@@ -41,31 +40,27 @@ class Prediction:
                                    uncertainty=reorient(self.uncertainty, flips))
 
 
-def _resize(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(C, S, S) -> (C, rows, columns), bilinear."""
-    if tuple(values.shape[-2:]) == tuple(shape):
-        return values
-    return F.interpolate(values[None], size=shape, mode="bilinear", align_corners=False)[0]
+def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (C, S, S) scores in [0, 1] as 8-bit image bands (Pillow's C resampler, with half-pixel
+    centres as torch's): much faster than float, and 1/255 is far below any boundary decision that matters."""
+    from PIL import Image
+
+    quantized = np.rint(np.moveaxis(scores, 0, -1) * 255).astype(np.uint8)
+    bands = [Image.fromarray(np.ascontiguousarray(quantized[..., k])) for k in range(len(scores))]
+    return np.stack([np.asarray(band.resize(shape[::-1], Image.BILINEAR)) for band in bands])
 
 
-def _resize_uint8(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (3, S, S) probabilities as uint8 channels-last: much faster than float on a CPU, and
-    1/255 is far below any boundary decision that matters."""
-    quantized = (probabilities * 255).round_().to(torch.uint8)[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(quantized, size=shape, mode="bilinear", align_corners=False)[0]
-
-
-def _winning_class(scores: torch.Tensor) -> np.ndarray:
-    """argmax over (background, right, left) by two comparisons on NumPy views (ties go to the lower class, as in
-    argmax); faster than torch's argmax or comparisons of strided slices."""
-    background, right, left = scores.numpy()
+def _winning_class(scores: np.ndarray) -> np.ndarray:
+    """argmax over (background, right, left) by two comparisons (ties go to the lower class, as in argmax); faster
+    than NumPy's argmax over the class axis."""
+    background, right, left = scores
     lung = np.maximum(right, left) > background
     return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
 
 
-def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty: torch.Tensor | None = None,
+def postprocess(probabilities: np.ndarray, shape: tuple[int, int], uncertainty: np.ndarray | None = None,
                 keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False),
-                member_spread: torch.Tensor | None = None, model_image: torch.Tensor | None = None) -> Prediction:
+                member_spread: np.ndarray | None = None, model_image: np.ndarray | None = None) -> Prediction:
     """The cleaned labelmap of one model output, on the stored image's grid.
 
     Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap; each
@@ -89,18 +84,17 @@ def postprocess(probabilities: torch.Tensor, shape: tuple[int, int], uncertainty
     """
     raw_small = _winning_class(probabilities)
     clean_small = clean_labelmap(raw_small)
-    scores = probabilities.clone()
+    scores = np.array(probabilities, dtype=np.float32)
     for value in (RIGHT_LUNG, LEFT_LUNG):
         kept = clean_small == value
-        lung = scores[value].numpy()
+        lung = scores[value]
         lung *= ndimage.maximum_filter(kept.view(np.uint8), size=5)  # 0 beyond a 2-pixel margin
         lung[kept & (raw_small != value)] = 1.0  # filled holes
-    label = _winning_class(_resize_uint8(scores, shape).contiguous())
-    unc = _resize(uncertainty[None], shape)[0].numpy() if uncertainty is not None else None
-    full = _resize(probabilities, shape).numpy() if keep_probabilities else None
+    label = _winning_class(_resize_uint8(scores, shape))
+    unc = resize(uncertainty, shape) if uncertainty is not None else None
+    full = resize(probabilities, shape) if keep_probabilities else None
     prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc,
-                            model_probabilities=probabilities.numpy(), model_label=clean_small,
-                            model_uncertainty=uncertainty.numpy() if uncertainty is not None else None,
-                            model_member_spread=member_spread.numpy() if member_spread is not None else None,
-                            model_image=np.asarray(model_image) if model_image is not None else None)
+                            model_probabilities=probabilities, model_label=clean_small,
+                            model_uncertainty=uncertainty, model_member_spread=member_spread,
+                            model_image=None if model_image is None else np.asarray(model_image))
     return prediction.reoriented(display_flips)

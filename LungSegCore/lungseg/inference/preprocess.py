@@ -1,30 +1,59 @@
-"""The one preprocessing path shared by training and inference, plus the training augmentation.
+"""The one preprocessing path shared by training and inference, in NumPy (no torch at inference).
 
 Model input: a grayscale radiograph resized to `size`x`size` (antialiased) and scaled to [0, 1] between its
 0.5th and 99.5th intensity percentiles, so 8-bit PNGs, 12-bit DICOM and 16-bit TIFFs look alike to the network.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-import torch
-import torch.nn.functional as F
+from scipy import sparse
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a (..., H, W) float tensor with bilinear interpolation, antialiased when shrinking."""
-    lead = image.shape[:-2]
-    flat = image.reshape(-1, 1, *image.shape[-2:]).float()
-    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out.reshape(*lead, *size)
+@lru_cache(maxsize=64)
+def resize_weights(source: int, target: int, antialias: bool) -> sparse.csr_matrix:
+    """(target, source) bilinear interpolation weights with half-pixel centres, as torch's `interpolate`
+    (align_corners=False) computes them: plain bilinear with the source index clamped at 0, or with `antialias` the
+    triangle filter widened by the shrink factor (PIL's and torch's antialiased resize)."""
+    scale = source / target
+    centres = scale * (np.arange(target) + 0.5)
+    if not antialias:
+        position = np.maximum(centres - 0.5, 0.0)
+        low = np.minimum(np.floor(position).astype(np.int64), source - 1)
+        high = np.minimum(low + 1, source - 1)
+        frac = (position - low).astype(np.float64)
+        rows = np.repeat(np.arange(target), 2)
+        return sparse.csr_matrix((np.stack([1 - frac, frac], 1).ravel(), (rows, np.stack([low, high], 1).ravel())),
+                                 shape=(target, source))
+    support = max(scale, 1.0)
+    first = np.maximum((centres - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centres + support + 0.5).astype(np.int64), source)
+    taps = int((last - first).max())
+    index = first[:, None] + np.arange(taps)[None]
+    weight = np.maximum(0.0, 1.0 - np.abs((index - centres[:, None] + 0.5) / support))
+    weight[index >= last[:, None]] = 0.0
+    weight /= weight.sum(1, keepdims=True)
+    keep = weight > 0
+    rows = np.broadcast_to(np.arange(target)[:, None], index.shape)
+    return sparse.csr_matrix((weight[keep], (rows[keep], index[keep])), shape=(target, source))
 
 
-def resize_label(label: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Resize an integer (H, W) label map with nearest-neighbour interpolation."""
-    label = torch.as_tensor(np.asarray(label))
-    out = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")
-    return out[0, 0].to(torch.uint8)
+def resize(values: np.ndarray, shape: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """Bilinear resize of a (..., H, W) array to (..., rows, columns) float32, with torch's sampling."""
+    rows, columns = shape
+    if values.shape[-2:] == (rows, columns):
+        return np.asarray(values, dtype=np.float32)
+    height, width = values.shape[-2:]
+    down = resize_weights(height, rows, antialias).astype(np.float32)
+    across = resize_weights(width, columns, antialias).astype(np.float32).T.tocsr()
+    flat = np.asarray(values, dtype=np.float32).reshape(-1, height, width)
+    out = np.empty((len(flat), rows, columns), np.float32)
+    for k, plane in enumerate(flat):
+        out[k] = (across.T @ (down @ plane).T).T  # sparse on the left: the work grows with the taps, not the size
+    return out.reshape(*values.shape[:-2], rows, columns)
 
 
 def percentiles(flat: np.ndarray, percents: tuple[float, ...]) -> list[np.ndarray]:
@@ -39,51 +68,17 @@ def percentiles(flat: np.ndarray, percents: tuple[float, ...]) -> list[np.ndarra
             for q, i, j in zip(positions, below, above)]
 
 
-def normalize_intensity(image: torch.Tensor) -> torch.Tensor:
-    """Scale each (..., H, W) image to [0, 1] between its robust percentiles."""
-    flat = image.reshape(*image.shape[:-2], -1).float()
-    low, high = (torch.from_numpy(v) for v in percentiles(flat.numpy(), (LOW_PERCENTILE, HIGH_PERCENTILE)))
-    scaled = (flat - low) / torch.clamp(high - low, min=1e-6)
-    return scaled.clamp_(0.0, 1.0).reshape(image.shape)
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
+    """Scale each (..., H, W) image to [0, 1] between its robust percentiles (float32)."""
+    flat = np.asarray(image, dtype=np.float32).reshape(*image.shape[:-2], -1)
+    low, high = percentiles(flat, (LOW_PERCENTILE, HIGH_PERCENTILE))
+    scaled = (flat - low) / np.maximum(high - low, np.float32(1e-6))
+    return np.clip(scaled, 0.0, 1.0, out=scaled).reshape(image.shape)
 
 
-def model_input(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W) radiograph -> (1, size, size) float tensor ready for the network."""
-    tensor = torch.as_tensor(np.ascontiguousarray(image)).float()
-    if tensor.shape != (size, size):
-        tensor = resize_image(tensor, (size, size))
-    return normalize_intensity(tensor)[None]
-
-
-def training_augmentation(cfg: dict):
-    """MONAI dictionary transforms for `image` (1,H,W in [0,1]) and `label` (1,H,W). Never flips horizontally.
-
-    Keys: rotate_deg, scale, translate (fractions), affine_prob; gamma (range), noise_std, intensity (shift/scale);
-    a key set to 0, null or false leaves its transform out.
-    """
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrastd,
-        RandAffined,
-        RandGaussianNoised,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
-
-    size = cfg["size"]
-    rotate = np.deg2rad(cfg.get("rotate_deg", 10.0) or 0.0)
-    scale, translate = cfg.get("scale", 0.15) or 0.0, cfg.get("translate", 0.08) or 0.0
-    transforms = []
-    if rotate or scale or translate:
-        transforms.append(RandAffined(
-            keys=("image", "label"), prob=cfg.get("affine_prob", 0.8), rotate_range=(rotate,),
-            scale_range=(scale, scale), translate_range=(translate * size, translate * size),
-            mode=("bilinear", "nearest"), padding_mode="zeros"))
-    if cfg.get("gamma", (0.7, 1.5)):
-        transforms.append(RandAdjustContrastd(keys="image", prob=0.5, gamma=tuple(cfg.get("gamma", (0.7, 1.5)))))
-    if cfg.get("intensity", True):
-        transforms += [RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
-                       RandShiftIntensityd(keys="image", prob=0.3, offsets=0.1)]
-    if cfg.get("noise_std", 0.02):
-        transforms.append(RandGaussianNoised(keys="image", prob=0.3, std=cfg.get("noise_std", 0.02)))
-    return Compose(transforms)
+def model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) radiograph -> (1, size, size) float32 array ready for the network."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape != (size, size):
+        image = resize(image, (size, size), antialias=True)
+    return normalize_intensity(image)[None]

@@ -1,4 +1,4 @@
-"""Model inference on one radiograph or a batch: the loaded model and its forward passes.
+"""Model inference on one radiograph or a batch: the model's ONNX graphs and their forward passes (no torch).
 
 Uncertainty is the per-pixel standard deviation of the class probabilities across samples, the largest over the
 classes (0 = every sample agrees). The samples are latent draws for the probabilistic U-Net, and test-time
@@ -12,61 +12,62 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from scipy import ndimage
 
 from ..io.radiograph import reorient
-from ..models.cards import DEFAULT_MODEL, load_model
-from ..nets.networks import predict_logits, select_device
+from ..models.cards import DEFAULT_MODEL, load_graphs
 from .postprocess import Prediction, postprocess
-from .preprocess import model_input
+from .preprocess import model_input, resize
+from .runtime import device_name, run
 
 # (shift x, shift y as a fraction of the image, zoom, rotation in degrees); the identity comes first. No flips.
 TTA_AFFINES = ((0, 0, 1, 0), (0.04, 0, 1, 0), (-0.04, 0, 1, 0), (0, 0.04, 1, 0), (0, -0.04, 1, 0),
                (0, 0, 1.08, 0), (0, 0, 0.92, 0), (0, 0, 1, 6), (0, 0, 1, -6))
+LATENT_DRAWS = 16
+LATENT_SEED = 0  # the same draws for every image: its uncertainty does not depend on its batch
 
 
-def _affine_matrices(affines, batch: int) -> torch.Tensor:
-    """2x3 sampling matrices (output -> input coordinates) for torch's affine_grid."""
-    mats = []
-    for dx, dy, zoom, deg in affines:
-        a = math.radians(deg)
-        rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / zoom
-        mats.append(torch.cat([rot, torch.tensor([[2 * dx], [2 * dy]])], dim=1))
-    return torch.stack(mats).repeat_interleave(batch, dim=0)
+def tta_transform(affine: tuple, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset) in (row, column) pixels that scipy's affine_transform takes for one TTA affine: the output
+    pixel's source, with half-pixel centres (torch's affine_grid with align_corners=False)."""
+    dx, dy, zoom, deg = affine
+    cos, sin = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    matrix = np.array([[cos, sin], [-sin, cos]]) / zoom
+    centre = np.full(2, (size - 1) / 2)
+    return matrix, centre + size * np.array([dy, dx]) - matrix @ centre
 
 
-def _inverse(theta: torch.Tensor) -> torch.Tensor:
-    full = torch.cat([theta, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(len(theta), 1, 3)], dim=1)
-    return torch.linalg.inv(full)[:, :2]
+def softmax(logits: np.ndarray, axis: int) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
-def sample_spread(samples: torch.Tensor) -> torch.Tensor:
-    """(N, B, 3, S, S) probabilities of N samples -> (B, S, S): their standard deviation, the largest over the
-    classes (0 where every sample agrees)."""
-    return samples.std(0).amax(1)
+def sample_spread(samples: np.ndarray) -> np.ndarray:
+    """(N, B, 3, S, S) probabilities of N samples -> (B, S, S): their standard deviation (N - 1 in the
+    denominator), the largest over the classes (0 where every sample agrees)."""
+    return samples.std(0, ddof=1).max(1)
 
 
 class ModelOutput(NamedTuple):
     """One batch's model output: probabilities (B, 3, S, S); the sample spread of `--uncertainty` (B, S, S) or
     None; an ensemble's member spread (B, S, S) or None."""
-    probabilities: torch.Tensor
-    uncertainty: torch.Tensor | None
-    member_spread: torch.Tensor | None
+    probabilities: np.ndarray
+    uncertainty: np.ndarray | None
+    member_spread: np.ndarray | None
 
     def item(self, k: int) -> tuple:
         """Image k's maps, for `postprocess`: probabilities, uncertainty (or None), member spread (or None)."""
-        return tuple(None if t is None else t[k] for t in self)
+        return tuple(None if a is None else np.ascontiguousarray(a[k]) for a in self)
 
 
 class Segmenter:
     """A loaded model and its forward passes; `segment(pixels)` returns the cleaned labelmap on the input's grid
     (post-processing itself is `postprocess.postprocess`)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto"):
-        self.device = select_device(device)
-        self.model, self.card = load_model(model, self.device)
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", threads: int | None = None):
+        self.graphs, self.card = load_graphs(model, device, threads)
         self.size = int(self.card["input_size"])
+        self.device = device_name(self.graphs[0][0])
 
     @property
     def name(self) -> str:
@@ -76,51 +77,60 @@ class Segmenter:
     def definition(self) -> str:
         return self.card.get("definition", "")
 
-    @torch.no_grad()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) model inputs -> (B, 3, S, S) softmax probabilities on the CPU."""
-        x = batch.to(self.device)
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = predict_logits(self.model, x)
-        return torch.softmax(logits.float(), dim=1).cpu()
+    @property
+    def latent(self) -> bool:
+        """A probabilistic U-Net: its graph takes latent draws."""
+        return len(self.graphs[0][0].get_inputs()) == 2
 
-    @torch.no_grad()
-    def tta_samples(self, batch: torch.Tensor) -> torch.Tensor:
+    def member_probabilities(self, batch: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """(B, 1, S, S) model inputs -> (M, B, 3, S, S): each graph's softmax at the input's size. Each member sees
+        the input resized to the size it was trained at."""
+        out = []
+        for session, size in self.graphs:
+            x = batch if size == self.size else resize(batch, (size, size), antialias=size < self.size)
+            if self.latent:
+                draws = np.zeros((1, len(batch), session.get_inputs()[1].shape[2])) if noise is None else noise
+                probs = softmax(run(session, image=x, noise=draws), axis=2).mean(0)
+            else:
+                probs = softmax(run(session, image=x), axis=1)
+            out.append(probs if size == self.size else resize(probs, (self.size, self.size)))
+        return np.stack(out)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) model inputs -> (B, 3, S, S) softmax probabilities (an ensemble's mean)."""
+        return self.member_probabilities(batch).mean(0)
+
+    def tta_samples(self, batch: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) -> (T, B, 3, S, S): probabilities under each TTA affine, mapped back to the input frame."""
-        b = len(batch)
-        theta = _affine_matrices(TTA_AFFINES, b)
-        inputs = batch.repeat(len(TTA_AFFINES), 1, 1, 1)
-        warped = F.grid_sample(inputs, F.affine_grid(theta, inputs.shape, align_corners=False),
-                               mode="bilinear", padding_mode="zeros", align_corners=False)
-        probs = self.probabilities(warped)
-        back = F.grid_sample(probs, F.affine_grid(_inverse(theta), probs.shape, align_corners=False),
-                             mode="bilinear", padding_mode="border", align_corners=False)
-        return back.reshape(len(TTA_AFFINES), b, *probs.shape[1:])
+        transforms = [tta_transform(affine, self.size) for affine in TTA_AFFINES]
+        warped = np.stack([[ndimage.affine_transform(image[0], m, o, order=1, mode="constant", prefilter=False)
+                            for image in batch] for m, o in transforms])
+        probs = self.probabilities(warped.reshape(-1, 1, self.size, self.size)).reshape(len(transforms), len(batch),
+                                                                                          -1, self.size, self.size)
+        for (matrix, offset), sample in zip(transforms, probs):
+            back = np.linalg.inv(matrix)
+            for maps in sample:
+                for c, plane in enumerate(maps):
+                    maps[c] = ndimage.affine_transform(plane, back, -back @ offset, order=1, mode="nearest",
+                                                       prefilter=False)
+        return probs
 
-    def predict(self, batch: torch.Tensor, uncertainty: bool = False) -> "ModelOutput":
+    def prior_samples(self, batch: np.ndarray, n: int = LATENT_DRAWS) -> np.ndarray:
+        """(n, B, 3, S, S) probabilities from n latent draws of a probabilistic U-Net."""
+        session = self.graphs[0][0]
+        draws = np.random.default_rng(LATENT_SEED).standard_normal((n, 1, session.get_inputs()[1].shape[2]))
+        logits = run(session, image=batch, noise=np.broadcast_to(draws, (n, len(batch), draws.shape[2])))
+        return softmax(logits, axis=2)
+
+    def predict(self, batch: np.ndarray, uncertainty: bool = False) -> ModelOutput:
         """(B, 1, S, S) -> probabilities (B, 3, S, S), the uncertainty (B, S, S) if asked for, and for an ensemble
         its members' spread (B, S, S) (free in the default mode, whose output is the members' mean)."""
-        members = self.member_samples(batch)
-        spread = None if members is None else sample_spread(members)
+        members = self.member_probabilities(batch)
+        spread = sample_spread(members) if len(members) > 1 else None
         if not uncertainty:
-            return ModelOutput(self.probabilities(batch) if members is None else members.mean(0), None, spread)
-        samples = self.prior_samples(batch) if hasattr(self.model, "sample") else self.tta_samples(batch)
+            return ModelOutput(members.mean(0), None, spread)
+        samples = self.prior_samples(batch) if self.latent else self.tta_samples(batch)
         return ModelOutput(samples.mean(0), sample_spread(samples), spread)
-
-    @torch.no_grad()
-    def member_samples(self, batch: torch.Tensor) -> torch.Tensor | None:
-        """(M, B, 3, S, S) probabilities of each member of an ensemble; None for a single network."""
-        if not hasattr(self.model, "member_probabilities"):
-            return None
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            return self.model.member_probabilities(batch.to(self.device)).float().cpu()
-
-    @torch.no_grad()
-    def prior_samples(self, batch: torch.Tensor, n: int = 16) -> torch.Tensor:
-        """(n, B, 3, S, S) probabilities from n latent draws of a probabilistic U-Net."""
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = self.model.sample(batch.to(self.device), n)
-        return torch.softmax(logits.float(), dim=2).cpu()
 
     def segment(self, pixels: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
                 display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
@@ -132,7 +142,7 @@ class Segmenter:
 
     def confidence(self, pixels: np.ndarray) -> float:
         """Mean winning-class probability: low when the image is not what the model was trained on."""
-        return float(self.probabilities(model_input(pixels, self.size)[None])[0].amax(0).mean())
+        return float(self.probabilities(model_input(pixels, self.size)[None])[0].max(0).mean())
 
     def needs_inversion(self, pixels: np.ndarray) -> bool:
         """True when the image looks inverted (air bright, e.g. MONOCHROME1 loaded without inversion):

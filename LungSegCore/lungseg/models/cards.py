@@ -96,20 +96,40 @@ def resolve_model(model: str | None, definition: str | None) -> str:
     return model if model else best_model(definition or DEFAULT_DEFINITION)
 
 
-def load_model(name_or_path: str | Path, device="cpu"):
-    """Build the card's network and load its verified safetensors weights (no pickle, no code execution)."""
+def verified(path: Path, expected: str, model: str) -> Path:
+    """`path`, once its SHA-256 is the card's: a file that is corrupt or not the one the card describes is refused."""
+    if not path.exists():
+        raise LungSegError(f"{path}: file missing for model '{model}'")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise LungSegError(f"{path}: checksum mismatch (expected {expected}, got {actual}); "
+                           "the file is corrupt or not the one the card describes")
+    return path
+
+
+def load_graphs(name_or_path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[list, dict]:
+    """The card's verified ONNX graphs as ONNX Runtime sessions, each with its input size, and the card."""
+    from ..inference.runtime import open_session
+
+    card = read_card(name_or_path)
+    if "onnx" not in card:
+        raise LungSegError(f"model '{card['name']}' has no ONNX graph ({card['card_path']}); add one with "
+                           f"`lungseg export --from-model {card['card_path']}` (needs lungseg[train])")
+    folder = Path(card["card_path"]).parent
+    graphs = [(open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads),
+               int(graph["input_size"])) for graph in card["onnx"]["graphs"]]
+    return graphs, card
+
+
+def load_network(name_or_path: str | Path, device="cpu"):
+    """The card's torch network with its verified safetensors weights (no pickle, no code execution): for
+    training (`init_from`), fine-tuning and export."""
     from safetensors.torch import load_file
 
     from ..nets.networks import build_network
 
     card = read_card(name_or_path)
-    weights = Path(card["weights_path"])
-    if not weights.exists():
-        raise LungSegError(f"{weights}: weights file missing for model '{card['name']}'")
-    actual = sha256_of(weights)
-    if actual != card["sha256"]:
-        raise LungSegError(f"{weights}: checksum mismatch (expected {card['sha256']}, got {actual}); "
-                         "the file is corrupt or not the one the card describes")
+    weights = verified(Path(card["weights_path"]), card["sha256"], card["name"])
     model = build_network(card["network"]["name"], **card["network"].get("params", {}))
     model.load_state_dict(load_file(str(weights), device="cpu"))
     return model.to(device).eval(), card
@@ -124,8 +144,12 @@ def save_model(model, card: dict, out_dir: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"name": card["name"], "network": card["network"]["name"]})
+    return save_card(dict(card, sha256=sha256_of(weights)), out_dir)
+
+
+def save_card(card: dict, out_dir: str | Path) -> Path:
+    """Write the card `<name>.json` atomically (without the paths `read_card` adds); returns its path."""
     card = {k: v for k, v in card.items() if k not in ("card_path", "weights_path")}
-    card["sha256"] = sha256_of(weights)
-    card_path = out_dir / f"{card['name']}.json"
+    card_path = Path(out_dir) / f"{card['name']}.json"
     write_atomic_text(json.dumps(card, indent=2) + "\n", card_path)
     return card_path

@@ -35,10 +35,14 @@ class AxisAlignedGaussianEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.latent_dim = latent_dim
 
-    def forward(self, x: torch.Tensor) -> Independent:
+    def gaussian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, latent) mean and sigma: the distribution's parameters, as the ONNX graph computes them."""
         pooled = self.encoder(x).mean(dim=(2, 3), keepdim=True)
         mean, log_sigma = self.head(pooled)[:, :, 0, 0].chunk(2, dim=1)
-        return Independent(Normal(mean, torch.exp(log_sigma.clamp(-8, 8))), 1)
+        return mean, torch.exp(log_sigma.clamp(-8, 8))
+
+    def forward(self, x: torch.Tensor) -> Independent:
+        return Independent(Normal(*self.gaussian(x)), 1)
 
 
 class ProbabilisticUNet(nn.Module):

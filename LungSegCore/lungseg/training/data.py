@@ -26,7 +26,8 @@ from ..definitions import IGNORE
 from ..errors import LungSegError
 from ..io.files import save_checkpoint
 from ..inference.labels import merge_sides, split_left_right
-from ..inference.preprocess import model_input, resize_label
+from ..inference.preprocess import model_input
+from .augment import resize_label
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def load_arrays(cases: list[Case], size: int, desc: str = "") -> tuple[torch.Ten
     images = torch.empty((len(cases), 1, size, size), dtype=torch.float16)
     labels = torch.empty((len(cases), 1, size, size), dtype=torch.uint8)
     for i, case in enumerate(tqdm(cases, desc=f"loading {desc}", leave=False)):
-        images[i] = model_input(read_gray(case.image), size).half()
+        images[i] = torch.from_numpy(model_input(read_gray(case.image), size)).half()
         labels[i, 0] = resize_label(case_label(case), (size, size))
     save_checkpoint({"images": images, "labels": labels}, path)  # DDP ranks may build the same cache at once
     return images, labels

@@ -3,8 +3,10 @@
 `--weights last` exports the final weights of a fixed-schedule recipe, the ones its cross-validation scored, and
 `--cross-validation RUN/cv_summary.json` (from `scripts/cross_validate.py`) records that recipe's cross-validation.
 
-Writes `<name>.safetensors` and its model card with the network's speed, then measures the exported weights with
+Writes `<name>.safetensors` (for training and fine-tuning), `<name>.onnx` (for inference; one graph per member of an
+ensemble) and the model card with the graphs' checksums and speed, then measures the exported graphs with
 `lungseg evaluate` on every validation set of the run's config (in full) and records those summaries in the card.
+`lungseg export --from-model NAME` does the same for a model that already exists, from its safetensors.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from pathlib import Path
 import torch
 
 from .data import entry_cases, selection_tag
+from .export_onnx import export_graphs
 from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from ..errors import LungSegError
 from ..io.files import checkpoint_file, write_atomic_text
-from ..models.cards import PACKAGE_MODELS, cards_named, save_model
+from ..models.cards import PACKAGE_MODELS, cards_named, load_network, save_card, save_model
 from ..nets.networks import build_network
 
 
@@ -102,28 +105,30 @@ def cross_validation_record(summary_path: str | Path, recipe: str, weights: str)
         for key, value in summary["evaluations"].items()})
 
 
-def forward_speed(model: torch.nn.Module, input_size: int, repeats: int = 5) -> dict:
-    """Median time of one network forward pass (batch 1) on one CPU thread: the card's speed, comparable between
-    models measured on the same machine."""
+def forward_speed(onnx: dict, folder: Path, repeats: int = 5) -> dict:
+    """Median time of the model's forward pass (batch 1; an ensemble's graphs summed) in ONNX Runtime on one CPU
+    thread: the card's speed, comparable between models measured on the same machine."""
     import time
 
-    from ..nets.networks import predict_logits
+    import numpy as np
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = model.to("cpu").eval()
-        x = torch.rand(1, 1, input_size, input_size)
+    from ..inference.runtime import open_session, run
+
+    total = 0.0
+    for graph in onnx["graphs"]:
+        session = open_session(Path(folder) / graph["file"], "cpu", threads=1)
+        size = int(graph["input_size"])
+        inputs = {"image": np.random.default_rng(0).random((1, 1, size, size), dtype=np.float32)}
+        if len(session.get_inputs()) == 2:
+            inputs["noise"] = np.zeros((1, 1, session.get_inputs()[1].shape[2]), np.float32)
         times = []
-        with torch.no_grad():
-            for _ in range(repeats + 1):  # the first pass warms up and is not counted
-                start = time.perf_counter()
-                predict_logits(model, x)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return {"forward_ms_per_image": round(1000 * sorted(times[1:])[repeats // 2], 1), "threads": 1,
-            "hardware": f"{platform.machine()} CPU", "note": "network forward, batch 1, one CPU thread, median"}
+        for _ in range(repeats + 1):  # the first pass warms up and is not counted
+            start = time.perf_counter()
+            run(session, **inputs)
+            times.append(time.perf_counter() - start)
+        total += sorted(times[1:])[repeats // 2]
+    return {"forward_ms_per_image": round(1000 * total, 1), "threads": 1, "hardware": f"{platform.machine()} CPU",
+            "runtime": "onnxruntime", "note": "ONNX Runtime forward, batch 1, one CPU thread, median"}
 
 
 def ensemble_card(members: list[tuple[dict, list[dict], int, list[dict] | None]], name: str) -> dict:
@@ -172,7 +177,6 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
     """Export one run's best (or last) checkpoint, or with several runs their ensemble; `name` overrides the
     recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card. A model of that name
     already in `out_dir` is replaced only with `overwrite` (`check_destination`)."""
-    from ..evaluation.evaluate import evaluate
     from ..nets.networks import Ensemble
 
     checkpoint = checkpoint_file(weights)
@@ -198,8 +202,30 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
         if len(runs) > 1:
             raise LungSegError("--cross-validation records one recipe's cross-validation; an ensemble has several")
         card["cross_validation"] = cross_validation_record(cross_validation, config["name"], weights)
-    card["speed"] = forward_speed(model, card["input_size"])
-    card_path = save_model(model, card, out_dir)
+    card_path = write_model(model, card, Path(out_dir))
+    return measure(card_path, config, data_root, device)
+
+
+def write_model(model: torch.nn.Module, card: dict, out_dir: Path, weights: bool = True) -> Path:
+    """The safetensors (for training and fine-tuning; unless `weights` is False: they are there already), the ONNX
+    graphs (for inference) and the card, with the graphs' checksums and speed; returns the card's path."""
+    card["onnx"] = export_graphs(model, card, out_dir)
+    card["speed"] = forward_speed(card["onnx"], out_dir)
+    return save_model(model, card, out_dir) if weights else save_card(card, out_dir)
+
+
+def export_model(name_or_path: str, data_root: str | Path | None = None, device: str = "auto") -> Path:
+    """Write an existing model's ONNX graphs from its safetensors (a model exported before the graphs existed, or
+    one whose graphs should be made again) and measure its card's metrics again, on the graphs."""
+    model, card = load_network(name_or_path)
+    card_path = write_model(model, card, Path(card["card_path"]).parent, weights=False)
+    return measure(card_path, card["recipe"], data_root, device)
+
+
+def measure(card_path: Path, config: dict, data_root: str | Path | None, device: str) -> Path:
+    """Measure the exported model with `lungseg evaluate` on every validation set of its recipe (in full) and
+    record those summaries in its card."""
+    from ..evaluation.evaluate import evaluate
 
     root = Path(data_root or config["data"]["root"])
     metrics = {}
@@ -214,6 +240,7 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
             k: v for k, v in summary.items() if k not in ("images_dir", "masks_dir", "model")}
     card = json.loads(card_path.read_text())
     card["metrics"] = metrics
-    card["metrics_note"] = "measured by `lungseg evaluate` on the exported weights; Dice per image, then averaged"
+    card["metrics_note"] = ("measured by `lungseg evaluate` on the exported ONNX graphs; Dice per image, then "
+                            "averaged")
     write_atomic_text(json.dumps(card, indent=2) + "\n", card_path)
     return card_path

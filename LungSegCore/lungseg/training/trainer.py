@@ -31,7 +31,7 @@ from ..io.files import save_checkpoint, write_atomic_text
 from .losses import build_loss
 from ..evaluation.metrics import evaluate_sets, overlap
 from ..nets.networks import build_network, environment_entry, select_device
-from ..inference.preprocess import training_augmentation
+from .augment import training_augmentation
 
 log = logging.getLogger("lungseg.train")
 
