@@ -60,16 +60,13 @@ def thumbnail_base(model_input: np.ndarray, shape: tuple[int, int], flips: tuple
         shape: (rows, columns) of the stored image.
         flips: the display flips that brought the stored image to the standard view.
     """
-    import torch
-    import torch.nn.functional as F
-
+    from ..inference.preprocess import resize
     from ..io.radiograph import reorient
 
     scale = min(side / max(shape), 1.0)
     size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
-    values = torch.as_tensor(np.ascontiguousarray(reorient(np.asarray(model_input, dtype=np.float32), flips)))
-    small = F.interpolate(values[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)
-    return (small[0, 0].clamp_(0, 1) * 255).round_().to(torch.uint8).numpy()
+    small = resize(reorient(np.asarray(model_input, dtype=np.float32), flips), size, antialias=True)
+    return np.rint(np.clip(small, 0, 1) * 255).astype(np.uint8)
 
 
 def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quality: int = 85,
@@ -109,6 +106,13 @@ def _text_line(texts: list[tuple[int, str]], width: int) -> np.ndarray:
     return np.asarray(line)
 
 
+def nearest(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A labelmap resized by its nearest pixel (half-pixel centres)."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * label.shape[0] / shape[0]).astype(np.intp), label.shape[0] - 1)
+    columns = np.minimum(((np.arange(shape[1]) + 0.5) * label.shape[1] / shape[1]).astype(np.intp), label.shape[1] - 1)
+    return np.asarray(label, dtype=np.uint8)[rows[:, None], columns[None]]
+
+
 def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path,
                      height: int = 256) -> None:
     """PNG of one row per case, in the order given (worst first).
@@ -119,7 +123,7 @@ def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]
         path: the PNG to write (atomically).
         height: rows of each picture; the width follows the image's aspect ratio.
     """
-    from skimage.transform import resize
+    from ..inference.preprocess import resize
 
     gap = 4
     widths = [max(1, round(pixels.shape[1] * height / pixels.shape[0])) for pixels, *_ in cases]
@@ -127,9 +131,8 @@ def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]
     sheet_width = 3 * tile + 2 * gap
     parts = [_text_line([(k * (tile + gap) + 4, title) for k, title in enumerate(SHEET_TITLES)], sheet_width)]
     for (pixels, truth, prediction, caption), width in zip(cases, widths):
-        small = resize(pixels.astype(np.float32), (height, width), anti_aliasing=True, preserve_range=True)
-        labels = [resize(x, (height, width), order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
-                  for x in (truth, prediction)]
+        small = resize(pixels, (height, width), antialias=True)
+        labels = [nearest(x, (height, width)) for x in (truth, prediction)]
         gray = np.repeat(display_uint8(small)[..., None], 3, axis=2)
         tiles = [np.pad(t, ((0, 0), (0, tile - width), (0, 0)), constant_values=255)
                  for t in (gray, overlay_rgb(small, labels[0]), overlay_rgb(small, labels[1]))]
