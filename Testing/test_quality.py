@@ -18,8 +18,10 @@ from conftest import importorskip, load_script, pydicom_data_file
 from lungseg.qc import fit as quality_fit
 from lungseg.errors import LungSegError
 from lungseg.models.cards import PACKAGE_MODELS, read_card, sha256_of
-from lungseg.qc.quality import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES, assess,
-                             fit_regression, qc_accuracy, qc_accuracy_text, quality_features, quality_model)
+from lungseg.qc.features import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES,
+                                 quality_features)
+from lungseg.qc.model import assess, quality_model
+from lungseg.qc.stats import fit_regression, qc_accuracy, qc_accuracy_text
 from lungseg.samples import sample_pngs
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -62,7 +64,7 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
     features alone when the others are noise (ties go to the smaller set, then the smaller penalty), the output's
     whole confidence when the image-wide confidence carries the signal, with the shape when a shape feature
     does."""
-    from lungseg.qc.quality import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
+    from lungseg.qc.features import BOUNDARY_FEATURES, FEATURE_SETS, OUTPUT_FEATURES, SHAPE_FEATURES
 
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(BOUNDARY_FEATURES) < set(OUTPUT_FEATURES)
     assert set(FEATURE_SETS) == {"boundary", "output", "output+shape"}
@@ -85,7 +87,7 @@ def test_the_uncertainty_modes_regression_reads_the_sample_spread_only_where_it_
     """`--uncertainty` adds the spread of the test-time-augmentation or latent samples. Where it carries the signal
     its regression reads it; where it is noise, the same set without it ranks better out of fold and is chosen,
     so the slower mode is never ranked worse by features that only add noise."""
-    from lungseg.qc.quality import UNCERTAINTY_FEATURES
+    from lungseg.qc.features import UNCERTAINTY_FEATURES
 
     rows = synthetic_rows(informative, n=120)
     rng = np.random.default_rng(5)
@@ -270,7 +272,8 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
     from lungseg.training.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
-    from lungseg.qc.quality import QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
+    from lungseg.qc.features import fit_shape_prior, lung_shapes, shape_prior_distance
+    from lungseg.qc.model import QualityModel
 
     labels = [case_label(case) for case in list_cases(jsrt, "train")[:120]]
     prior = fit_shape_prior(np.stack([lung_shapes(label) for label in labels[:60]]))
@@ -331,7 +334,7 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     from lungseg.training.data import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
     from lungseg.io.radiograph import read_radiograph
-    from lungseg.qc.quality import edge_support
+    from lungseg.qc.features import edge_support
     from lungseg.inference.preprocess import model_input
 
     def per_lung(label, change):
@@ -361,7 +364,8 @@ def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_th
 
     from lungseg.inference.segmenter import Segmenter
     from lungseg.io.radiograph import read_radiograph
-    from lungseg.qc.quality import BOUNDARY_FEATURES, EDGE_FEATURE, QualityModel, reads_image
+    from lungseg.qc.features import BOUNDARY_FEATURES, EDGE_FEATURE
+    from lungseg.qc.model import QualityModel, reads_image
     from lungseg.batch.run import segment_inputs
 
     rows = synthetic_rows("expected_dice")

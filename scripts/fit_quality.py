@@ -193,7 +193,7 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
 
 
 def summary_line(name: str, measured: dict) -> str:
-    from lungseg.qc.quality import qc_accuracy_text
+    from lungseg.qc.stats import qc_accuracy_text
 
     parts = [f"{group}: {qc_accuracy_text(measured[group]['qc'])}" for group in measured if " / " not in group]
     return f"  {name}: " + "\n  ".join(parts)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--features", default="auto",
                         choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
-                        help="feature set of the regression (lungseg.qc.quality.FEATURE_SETS; with the shape prior "
+                        help="feature set of the regression (lungseg.qc.features.FEATURE_SETS; with the shape prior "
                         f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
                         f"uncertainty mode with the samples' spread unless it "
                         f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "

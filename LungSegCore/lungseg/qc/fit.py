@@ -30,9 +30,10 @@ from ..definitions import DEFINITIONS, IGNORE
 from ..errors import LungSegError
 from ..io.radiograph import read_radiograph
 from .rules import FRAGMENTS, quality_flags
-from .quality import (DICE_LIMIT, EDGE_FEATURE, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED,
-                      UNCERTAINTY_FEATURES, QualityModel, fit_regression, fit_shape_prior, lung_shapes, qc_accuracy,
-                      qc_accuracy_text, quality_features, shape_prior_distances, transform)
+from .features import (EDGE_FEATURE, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED, UNCERTAINTY_FEATURES,
+                       fit_shape_prior, lung_shapes, quality_features, shape_prior_distances)
+from .model import QualityModel, transform
+from .stats import DICE_LIMIT, fit_regression, qc_accuracy, qc_accuracy_text
 
 MODES = ("default", "uncertainty")
 METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
