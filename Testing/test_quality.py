@@ -15,7 +15,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import importorskip, load_script, pydicom_data_file
-from lungseg.qc import fit as quality_fit
+from lungseg.qc import selection
+from lungseg.qc.fit import fit_qc_mode, fit_summary, merged_qc
+from lungseg.qc.pool import dice_both, half_of, read_groups
 from lungseg.errors import LungSegError
 from lungseg.models.cards import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.qc.features import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES,
@@ -68,17 +70,17 @@ def test_the_feature_set_and_ridge_penalty_are_chosen_by_cross_validation_within
 
     assert FEATURES == OUTPUT_FEATURES + SHAPE_FEATURES and set(BOUNDARY_FEATURES) < set(OUTPUT_FEATURES)
     assert set(FEATURE_SETS) == {"boundary", "output", "output+shape"}
-    feature_set, l2, scores = quality_fit.choose_regression(synthetic_rows(informative), "default", "lung-fields",
-                                                            0.90, 0.3, False)
-    assert set(scores) == set(FEATURE_SETS) and all(set(row) == set(quality_fit.L2_GRID) for row in scores.values())
+    feature_set, l2, scores = selection.choose_regression(synthetic_rows(informative), "default", "lung-fields",
+                                                          0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) and all(set(row) == set(selection.L2_GRID) for row in scores.values())
     assert feature_set == chosen and scores[feature_set][l2] == max(v for row in scores.values() for v in row.values())
     assert scores[feature_set][l2] > 0.5
     if chosen != "output+shape":  # noise features can only hurt the ranking out of fold
         assert scores[chosen][l2] >= max(scores["output+shape"].values())
     assert l2 == min(k for k, v in scores[feature_set].items() if v == scores[feature_set][l2]), \
         "a tie goes to the smaller penalty"
-    model = quality_fit.fit_mode(synthetic_rows(informative), "default", "lung-fields", l2, 0.1, 0.9, 0.3, False,
-                                 feature_set)
+    model = selection.fit_mode(synthetic_rows(informative), "default", "lung-fields", l2, 0.1, 0.9, 0.3, False,
+                               feature_set)
     assert model.features == FEATURE_SETS[feature_set]
 
 
@@ -95,12 +97,12 @@ def test_the_uncertainty_modes_regression_reads_the_sample_spread_only_where_it_
         row["features"].update({name: float(rng.normal()) for name in UNCERTAINTY_FEATURES})
         if informative in UNCERTAINTY_FEATURES:
             row["features"][informative] = -row["dice"] + float(rng.normal(0, 0.02))
-    feature_set, _, scores = quality_fit.choose_regression(rows, "uncertainty", "lung-fields", 0.90, 0.3, False)
-    assert set(scores) == set(FEATURE_SETS) | {s + quality_fit.NO_SPREAD for s in FEATURE_SETS}
-    assert feature_set.endswith(quality_fit.NO_SPREAD) != spread, (feature_set, scores)
-    names = quality_fit.feature_names("uncertainty", False, feature_set)
+    feature_set, _, scores = selection.choose_regression(rows, "uncertainty", "lung-fields", 0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) | {s + selection.NO_SPREAD for s in FEATURE_SETS}
+    assert feature_set.endswith(selection.NO_SPREAD) != spread, (feature_set, scores)
+    names = selection.feature_names("uncertainty", False, feature_set)
     assert (set(UNCERTAINTY_FEATURES) <= set(names)) == spread
-    assert quality_fit.feature_names("default", False, "boundary") == FEATURE_SETS["boundary"]
+    assert selection.feature_names("default", False, "boundary") == FEATURE_SETS["boundary"]
 
 
 def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
@@ -120,14 +122,14 @@ def test_the_regression_is_chosen_for_its_ranking_within_each_data_set():
         features["confidence"] = float(cohort == "jsrt") + float(rng.normal(0, 0.3))
         rows.append({"group": f"p{i}", "dice": dice, "perturbation": "", "features": features, "dataset": cohort,
                      "rules": {"lung-fields": []}})
-    feature_set, _, scores = quality_fit.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
+    feature_set, _, scores = selection.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
     assert feature_set == "boundary" and max(scores["boundary"].values()) > max(scores["output"].values())
     pooled = {}
     for candidate in ("boundary", "output"):  # what the pooled criterion saw, out of fold
         quality, dice = [], []
         for k in range(5):
-            model = quality_fit.fit_mode([r for i, r in enumerate(rows) if i % 5 != k], "default", "lung-fields",
-                                         1.0, 1.0, 0.90, 0.3, False, candidate)
+            model = selection.fit_mode([r for i, r in enumerate(rows) if i % 5 != k], "default", "lung-fields",
+                                       1.0, 1.0, 0.90, 0.3, False, candidate)
             held = [r for i, r in enumerate(rows) if i % 5 == k]
             quality += [model.predict(r["features"]) for r in held]
             dice += [r["dice"] for r in held]
@@ -149,10 +151,10 @@ def test_the_threshold_keeps_false_flags_within_limits_on_the_cards_own_model_to
         rows.append({"dice": 0.85, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.90 + 0.005 * i)
     quality = np.array(quality)
-    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    threshold = selection.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
     own_good = quality[100:120]
     assert (own_good < threshold).mean() <= 0.10 < (own_good < threshold + 0.0051).mean()
-    pooled_only = quality_fit.choose_threshold([dict(r, role="peer") for r in rows], quality, "lung-fields", 0.10, 0.90)
+    pooled_only = selection.choose_threshold([dict(r, role="peer") for r in rows], quality, "lung-fields", 0.10, 0.90)
     assert pooled_only > threshold and (own_good < pooled_only).mean() > 0.10, \
         "the pooled limit alone lets the peer's sure results hide the own model's false flags"
 
@@ -171,13 +173,13 @@ def test_where_the_rules_alone_exceed_the_false_flag_limit_the_threshold_adds_no
         rows.append({"dice": 0.80, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.80 + 0.005 * i)
     quality = np.array(quality)
-    assert quality_fit.false_flag_budget(rows, "lung-fields", 0.10, 0.90) == ({"all": 0.3, "own": 0.3},) * 2
-    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
+    assert selection.false_flag_budget(rows, "lung-fields", 0.10, 0.90) == ({"all": 0.3, "own": 0.3},) * 2
+    threshold = selection.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = selection.flags(rows, quality, threshold, "lung-fields")
     assert flagged[:40].mean() == pytest.approx(0.30) and flagged[40:].all(), threshold
     assert 0.845 < threshold <= 0.8925, "the failures below every good result are flagged, no good one"
     clean = [dict(r, rules={"lung-fields": []}) for r in rows]
-    assert quality_fit.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == \
+    assert selection.false_flag_budget(clean, "lung-fields", 0.10, 0.90) == \
         ({"all": 0.1, "own": 0.1}, {"all": 0.0, "own": 0.0})
 
 
@@ -200,18 +202,18 @@ def test_the_own_models_rule_flags_do_not_let_the_threshold_flag_more_of_the_pee
         rows.append({"dice": 0.80, "perturbation": "", "role": "own", "rules": {"lung-fields": []}})
         quality.append(0.85 + 0.009 * i)
     quality = np.array(quality)
-    budgets, rules_alone = quality_fit.false_flag_budget(rows, "lung-fields", 0.10, 0.90)
+    budgets, rules_alone = selection.false_flag_budget(rows, "lung-fields", 0.10, 0.90)
     assert rules_alone == pytest.approx({"all": 20 / 150, "own": 0.4}) == budgets
-    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
+    threshold = selection.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = selection.flags(rows, quality, threshold, "lung-fields")
     assert not flagged[50:150].any(), "no good result of the peers is flagged: the rules flag none of them"
     assert flagged[150:].sum() == 6, "the failures below every good result's quality are still found"
     # the old rule, one budget (the largest) for both subsets, allowed a threshold that flags 22 of the peers
     allowed = [t for t in np.round(np.arange(0.5, 0.995, 0.0025), 4)
-               if max(quality_fit.false_flag_rates(quality_fit.flags(rows, quality, t, "lung-fields"),
-                                                   quality_fit.good_real_subsets(rows, 0.90)).values())
+               if max(selection.false_flag_rates(selection.flags(rows, quality, t, "lung-fields"),
+                                                 selection.good_real_subsets(rows, 0.90)).values())
                <= max(budgets.values())]
-    assert quality_fit.flags(rows, quality, max(allowed), "lung-fields")[50:150].sum() > 10
+    assert selection.flags(rows, quality, max(allowed), "lung-fields")[50:150].sum() > 10
 
 
 def fragmented_pool(share: float, in_domain: bool = True, n: int = 160) -> list[dict]:
@@ -230,26 +232,26 @@ def test_a_fragments_rule_that_flags_the_models_good_results_is_turned_off_by_it
     flags them flagged 16 of 33 good held-out JSRT results of a U-Net after 64 steps, and raised the threshold's
     budget with it. The fit turns the rule off where it alone flags more than the false-flag limit of the model's
     own good results in its domain, and fits and measures without it; the card records the choice."""
-    block, validation = quality_fit.fit_qc_mode(fragmented_pool(0.3), "default", "lung-fields")
+    block, validation = fit_qc_mode(fragmented_pool(0.3), "default", "lung-fields")
     assert block["fragments_rule"] is False and block["fitted_on"]["fragments_rule_false_flags"] > 0.2
     assert block["fitted_on"]["rules_alone_false_flags"]["own"] == 0.0, "the budget no longer rises with it"
     assert validation["jsrt"]["qc"]["false_flag_rate"] <= 0.15, "measured as users get it: without the rule"
     assert validation["jsrt"]["rules_only"]["flagged_at_or_above"] == 0
     assert quality_model({"qc": {"modes": {"default": block}}})[0].fragments_rule is False
-    summary = quality_fit.fit_summary({"modes": {"default": block}, "validation": {"default": validation}})
+    summary = fit_summary({"modes": {"default": block}, "validation": {"default": validation}})
     assert summary[0].startswith(f"default mode: features '{block['fitted_on']['feature_set']}'")
     assert summary[1].startswith("default mode: the fragments rule is off, for it alone flagged 2")
     from lungseg.cli import _qc_status  # what `lungseg models` prints
     assert _qc_status({"qc": {"modes": {"default": block}, "threshold": block["threshold"], "fitted": "today"}}) \
         .endswith("; fragments rule off in the default mode")
-    kept, measured = quality_fit.fit_qc_mode(fragmented_pool(0.05), "default", "lung-fields")
+    kept, measured = fit_qc_mode(fragmented_pool(0.05), "default", "lung-fields")
     assert kept["fragments_rule"] is True and measured["jsrt"]["rules_only"]["flagged_at_or_above"] > 0
     # out of its domain (`unet-512` on COVID-era films) fragments are a warning worth keeping
-    assert quality_fit.fit_qc_mode(fragmented_pool(0.3, in_domain=False), "default", "lung-fields")[0][
+    assert fit_qc_mode(fragmented_pool(0.3, in_domain=False), "default", "lung-fields")[0][
         "fragments_rule"] is True
     few = [r for r in fragmented_pool(0.3) if r["dice"] < 0.90 or r["group"] < "p3"]  # too few good results
-    assert quality_fit.fragments_false_flags([r for r in few if r["half"] == "fit"], "lung-fields", 0.90)[1] < 20
-    assert quality_fit.fit_qc_mode(few, "default", "lung-fields")[0]["fragments_rule"] is True
+    assert selection.fragments_false_flags([r for r in few if r["half"] == "fit"], "lung-fields", 0.90)[1] < 20
+    assert fit_qc_mode(few, "default", "lung-fields")[0]["fragments_rule"] is True
 
 
 def bitten(label: np.ndarray) -> np.ndarray:
@@ -291,20 +293,20 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
         prediction = bitten(label) if i % 3 == 0 else label  # the failures differ from the good results in shape
         pool.append({"image": f"i{i}.png", "group": f"p{i}", "half": "fit" if i < 60 else "measure", "role": "own",
                      "source": "m", "dataset": "jsrt", "in_domain": True, "perturbation": "",
-                     "dice": quality_fit.dice_both(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
+                     "dice": dice_both(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
                      "features": {name: float(rng.normal()) for name in FEATURES},  # noise
                      "rules": {"lung-fields": []}, "shapes": lung_shapes(prediction).astype(np.float16),
                      "reference_shapes": lung_shapes(label).astype(np.float16)})
-    block, validation = quality_fit.fit_qc_mode(pool, "default", "lung-fields")
-    assert block["fitted_on"]["feature_set"].endswith(quality_fit.WITH_PRIOR), block["fitted_on"]
+    block, validation = fit_qc_mode(pool, "default", "lung-fields")
+    assert block["fitted_on"]["feature_set"].endswith(selection.WITH_PRIOR), block["fitted_on"]
     assert block["fitted_on"]["shape_prior_references"] == 60 and PRIOR_FEATURE in block["features"]
     measured = validation["jsrt"]["qc"]  # the measure half: 20 bitten lungs among 40 good results
     assert measured["below"] == 20 and measured["flagged_below"] >= 18 and measured["flagged_at_or_above"] <= 4
     assert measured["spearman"] > 0.6
     no_prior = [{k: v for k, v in r.items() if k not in ("shapes", "reference_shapes")} for r in pool]
-    assert PRIOR_FEATURE not in quality_fit.fit_qc_mode(no_prior, "default", "lung-fields")[0]["features"]
+    assert PRIOR_FEATURE not in fit_qc_mode(no_prior, "default", "lung-fields")[0]["features"]
     with pytest.raises(LungSegError, match="with shape prior needs the reference masks of at least 20 real images"):
-        quality_fit.fit_qc_mode(no_prior, "default", "lung-fields", feature_sets=["boundary with shape prior"])
+        fit_qc_mode(no_prior, "default", "lung-fields", feature_sets=["boundary with shape prior"])
 
     stored = json.loads(json.dumps(block))  # as the card holds it
     prediction = segmenter.segment(sitk.GetArrayFromImage(sitk.ReadImage(str(list_cases(jsrt, "val")[0].image),
@@ -373,11 +375,11 @@ def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_th
     for row in rows:  # now the edges alone know the Dice
         row["features"]["expected_dice"] = float(rng.normal())
         row["features"][EDGE_FEATURE] = row["dice"] + float(rng.normal(0, 0.02))
-    feature_set, _, scores = quality_fit.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
-    assert set(scores) == set(FEATURE_SETS) | {s + quality_fit.WITH_EDGES for s in FEATURE_SETS}
-    assert feature_set == "boundary" + quality_fit.WITH_EDGES, scores
-    assert quality_fit.feature_names("uncertainty", False, "boundary with shape prior with image edges without "
-                                     "sample spread") == BOUNDARY_FEATURES + (PRIOR_FEATURE, EDGE_FEATURE)
+    feature_set, _, scores = selection.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
+    assert set(scores) == set(FEATURE_SETS) | {s + selection.WITH_EDGES for s in FEATURE_SETS}
+    assert feature_set == "boundary" + selection.WITH_EDGES, scores
+    assert selection.feature_names("uncertainty", False, "boundary with shape prior with image edges without "
+                                   "sample spread") == BOUNDARY_FEATURES + (PRIOR_FEATURE, EDGE_FEATURE)
 
     card_path = users_model(tmp_path, "edge-unet")  # `unet` whose default regression also reads the edges
     stored = json.loads(card_path.read_text())
@@ -412,7 +414,7 @@ def test_a_model_without_a_result_at_dice_0_95_still_gets_a_finite_fit():
     the threshold 0.5 and the card's JSON invalid. The centre then falls back on the results at the Dice limit."""
     rows = [dict(r, dice=min(r["dice"], 0.94), half="fit" if i % 2 else "measure", role="own", source="m",
                  dataset="d", in_domain=True) for i, r in enumerate(synthetic_rows("box_fill"))]
-    block, validation = quality_fit.fit_qc_mode(rows, "default", "lung-fields", feature_sets=["output+shape"])
+    block, validation = fit_qc_mode(rows, "default", "lung-fields", feature_sets=["output+shape"])
     assert all(math.isfinite(v) for key in ("centre", "mean", "scale", "weights") for v in block[key])
     json.loads(json.dumps(block, allow_nan=False))
     assert block["threshold"] > 0.5 and validation["d"]["qc"]["spearman"] > 0.5
@@ -465,21 +467,21 @@ def test_the_false_flag_budget_holds_per_data_set():
     for i in range(5):  # a small third set: below MIN_SUBSET, held only to the pooled rate
         add(0.96, "v7-full", 0.93)
     quality = np.array(quality)
-    subsets = quality_fit.good_real_subsets(rows, 0.90)
+    subsets = selection.good_real_subsets(rows, 0.90)
     assert set(subsets) == {"all", "own", "all/covid-qu-ex", "own/covid-qu-ex", "all/jsrt", "own/jsrt"}
-    threshold = quality_fit.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
-    flagged = quality_fit.flags(rows, quality, threshold, "lung-fields")
+    threshold = selection.choose_threshold(rows, quality, "lung-fields", 0.10, 0.90)
+    flagged = selection.flags(rows, quality, threshold, "lung-fields")
     assert flagged[:40].sum() == 4, "at most 10 % of the COVID-era good results"
     good = [*range(100), *range(110, 115)]
     pooled_only = max(t for t in np.round(np.arange(0.5, 0.995, 0.0025), 4)
-                      if quality_fit.flags(rows, quality, t, "lung-fields")[good].mean() <= 0.10)
-    assert quality_fit.flags(rows, quality, pooled_only, "lung-fields")[:40].sum() > 4, \
+                      if selection.flags(rows, quality, t, "lung-fields")[good].mean() <= 0.10)
+    assert selection.flags(rows, quality, pooled_only, "lung-fields")[:40].sum() > 4, \
         "the pooled rate alone would let JSRT's sure results hide COVID-era false flags"
     # `unet-512` on COVID-era films: its own results there are out of its domain, fragmented (the rules flag 40 %
     # of its good ones) and held only to the pooled budget; per data set, no threshold could add a flag there
     outside = [dict(r, in_domain=False, rules={"lung-fields": ["fragments"] if i % 5 < 2 else []})
                for i, r in enumerate(rows[:40])]
-    assert set(quality_fit.good_real_subsets(outside + rows[40:], 0.90)) == {"all", "own", "all/jsrt", "own/jsrt"}
+    assert set(selection.good_real_subsets(outside + rows[40:], 0.90)) == {"all", "own", "all/jsrt", "own/jsrt"}
 
 
 def test_a_peer_out_of_its_domain_is_a_failure_source_there_and_not_fitted_on():
@@ -503,12 +505,12 @@ def test_refitting_one_mode_keeps_the_cards_other_mode():
     assert set(old["modes"]) == set(old["validation"]) == {"default", "uncertainty"}
     new = {**old, "modes": {"default": {**old["modes"]["default"], "threshold": 0.9}},
            "validation": {"default": {"jsrt": {}}}, "threshold": 0.9}
-    merged = quality_fit.merged_qc(old, new)
+    merged = merged_qc(old, new)
     assert list(merged["modes"]) == list(merged["validation"]) == ["default", "uncertainty"]
     assert merged["modes"]["uncertainty"] == old["modes"]["uncertainty"]
     assert merged["validation"] == {"default": {"jsrt": {}}, "uncertainty": old["validation"]["uncertainty"]}
     assert merged["threshold"] == merged["modes"]["default"]["threshold"] == 0.9
-    assert quality_fit.merged_qc(None, new)["modes"].keys() == {"default"}
+    assert merged_qc(None, new)["modes"].keys() == {"default"}
 
 
 def test_the_qc_tables_in_the_readme_and_the_qc_record_are_the_cards():
@@ -541,10 +543,10 @@ def test_swapping_the_halves_fits_on_the_measure_half_and_a_refit_drops_that_mea
     old = read_card("unet")["qc"]
     assert set(old["swapped"]["modes"]) == set(old["swapped"]["validation"]) == set(old["modes"])
     new = {**old, "modes": {"default": old["modes"]["default"]}, "validation": {"default": {}}}
-    merged = quality_fit.merged_qc(old, new)
+    merged = merged_qc(old, new)
     assert list(merged["swapped"]["modes"]) == list(merged["swapped"]["validation"]) == ["uncertainty"]
     both = {**old, "validation": {mode: {} for mode in old["modes"]}}
-    assert "swapped" not in quality_fit.merged_qc(old, both), "every mode refit: no swapped measurement is left"
+    assert "swapped" not in merged_qc(old, both), "every mode refit: no swapped measurement is left"
 
 
 def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
@@ -560,11 +562,11 @@ def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
     for a, b in zip(once, twice):
         assert b[:3] == a[:3] and b[6:] == a[6:], "the same models, rates and Spearman range"
         assert (int(b[3]), int(b[4])) == (2 * int(a[3]), 2 * int(a[4])), "twice the images and the failures"
-    few = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": quality_fit.MIN_SUBSET - 1}}}
+    few = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET - 1}}}
                   for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
     assert all(row.endswith("| - |") for row in fit_quality.dataset_table(SHIPPED, [few]).splitlines()[2:]), \
         "no Spearman from fewer images than MIN_SUBSET per model"
-    enough = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": quality_fit.MIN_SUBSET}}}
+    enough = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET}}}
                      for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
     assert not any(row.endswith("| - |") for row in fit_quality.dataset_table(SHIPPED, [enough]).splitlines()[2:])
 
@@ -604,12 +606,12 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     ensemble = card["network"]["name"] == "ensemble"  # its members' spread joins every set
 
     def read_by(mode: dict, name: str) -> tuple:
-        """The features that the mode's chosen set names (`quality_fit.feature_names`); a mode that reads the shape
+        """The features that the mode's chosen set names (`selection.feature_names`); a mode that reads the shape
         prior carries the shape model, fitted on enough references, and only such a mode does."""
-        chosen = quality_fit.feature_names(name, ensemble, mode["fitted_on"]["feature_set"])  # chosen by CV
+        chosen = selection.feature_names(name, ensemble, mode["fitted_on"]["feature_set"])  # chosen by CV
         assert ("shape_prior" in mode) == (PRIOR_FEATURE in chosen), "the shape model exactly where it is read"
         if PRIOR_FEATURE in chosen:
-            assert mode["fitted_on"]["shape_prior_references"] >= quality_fit.MIN_SUBSET
+            assert mode["fitted_on"]["shape_prior_references"] >= selection.MIN_SUBSET
             assert mode["shape_prior"]["images"] == mode["fitted_on"]["shape_prior_references"]
         return chosen
 
@@ -931,8 +933,8 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert list(block["modes"]) == list(block["validation"]) == ["default", "uncertainty"]
     assert 0.5 <= block["threshold"] == block["modes"]["default"]["threshold"] < 1
     val = [c.image.name for c in list_cases(jsrt, "val")]
-    groups = quality_fit.read_groups(jsrt)
-    held_out = [n for n in val if quality_fit.half_of("jsrt", groups.get(n, n)) == "measure"]
+    groups = read_groups(jsrt)
+    held_out = [n for n in val if half_of("jsrt", groups.get(n, n)) == "measure"]
     assert 0 < len(held_out) < len(val) == 22
     for mode in ("default", "uncertainty"):
         fitted, measured = block["modes"][mode]["fitted_on"], block["validation"][mode]
@@ -941,7 +943,7 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
         assert measured["jsrt (perturbed)"]["qc"]["images"] == 2 * len(held_out)
         assert fitted["images"] == 3 * (len(val) - len(held_out))
         assert fitted["perturbed"] == 2 * (len(val) - len(held_out))
-        assert f"boundary{quality_fit.WITH_EDGES}" in fitted["cross_validated_spearman"], \
+        assert f"boundary{selection.WITH_EDGES}" in fitted["cross_validated_spearman"], \
             "the rows carry the image's edges, so the fit tries them"
         assert f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} " \
                "results)" in out
@@ -977,4 +979,4 @@ def test_fit_qc_without_a_failure_to_learn_from_is_a_clear_error():
     rows = [dict(r, dice=max(r["dice"], 0.95), half="fit", role="own", source="m", dataset="d", in_domain=True)
             for r in synthetic_rows("expected_dice")]
     with pytest.raises(LungSegError, match=r"no segmentation below Dice 0.9 among the 80 .*--perturbations"):
-        quality_fit.fit_qc_mode(rows, "default", "lung-fields")
+        fit_qc_mode(rows, "default", "lung-fields")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Fit the predicted quality (`lungseg/quality.py`) of shipped models and write each card's `qc` block.
+"""Fit the predicted quality (`lungseg/qc/model.py`) of shipped models and write each card's `qc` block.
 
-The fitting itself is `lungseg/quality_fit.py`, which `lungseg fit-qc` also uses for a user's own model or data
-set; this script adds what the shipped cards are fitted and measured with: several data sets, the peer models,
-the failure sources, the cross-validation folds of a recipe, both directions of the halves and a cache.
+The fitting itself is `lungseg/qc/fit.py` (and the modules it calls), which `lungseg fit-qc` also uses for a
+user's own model or data set; this script adds what the shipped cards are fitted and measured with: several data
+sets, the peer models, the failure sources, the cross-validation folds of a recipe, both directions of the halves
+and a cache.
 
     .venv/bin/python scripts/fit_quality.py --model unet-full-extent --write   # one retrained card
     .venv/bin/python scripts/fit_quality.py --write                            # every shipped card
@@ -54,10 +55,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.qc.fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_EDGES, WITH_PRIOR,  # noqa: E402
-                                 candidate_sets, cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key,
-                                 merged_modes, merged_qc, model_outputs, read_groups, scored_rows, trained_on,
-                                 training_entries)
+from lungseg.qc.fit import MODES, empty_qc_block, fit_qc_mode, merged_modes, merged_qc  # noqa: E402
+from lungseg.qc.pool import (cases_for, is_ensemble, item_key, model_outputs, read_groups, scored_rows,  # noqa: E402
+                             trained_on, training_entries)
+from lungseg.qc.selection import L2_GRID, MIN_SUBSET, NO_SPREAD, WITH_EDGES, WITH_PRIOR, candidate_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # the lung definition each labelled set's masks follow
@@ -127,7 +128,7 @@ def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: 
 def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int, variants: int,
                  cache: Path) -> list[dict]:
     """One model on the chosen images of one data set (and `variants` perturbations of each): the features, the
-    rule flags and the Dice of each (`quality_fit.scored_rows`)."""
+    rule flags and the Dice of each (`pool.scored_rows`)."""
     from lungseg.models.cards import read_card
 
     card = read_card(card_path)

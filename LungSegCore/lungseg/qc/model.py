@@ -57,7 +57,7 @@ class QualityModel:
     bias: float
     threshold: float             # quality below this: check
     # whether the fragments rule (rules.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
-    # of the model's good results (select.keeps_fragments_rule); cards fitted before it was a choice keep it
+    # of the model's good results (selection.keeps_fragments_rule); cards fitted before it was a choice keep it
     fragments_rule: bool = True
     # the shape model (`fit_shape_prior`) of a regression that reads PRIOR_FEATURE, else None
     shape_prior: dict | None = field(default=None, compare=False)

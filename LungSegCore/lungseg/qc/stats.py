@@ -1,5 +1,5 @@
 """Offline statistics of the predicted quality: the regression's fit (IRLS), Spearman's correlation and how well
-QC flags found the bad segmentations of a labelled set. Used by the fit (`fit.py`, `select.py`) and `lungseg
+QC flags found the bad segmentations of a labelled set. Used by the fit (`fit.py`, `selection.py`) and `lungseg
 evaluate`, never per image in the batch.
 """
 from __future__ import annotations
