@@ -17,8 +17,9 @@ import SimpleITK as sitk
 from conftest import importorskip, load_script, pydicom_data_file
 from lungseg.qc import selection
 from lungseg.qc.fit import fit_qc_mode, fit_summary, merged_qc
-from lungseg.qc.pool import dice_both, half_of, read_groups
+from lungseg.qc.pool import half_of, read_groups
 from lungseg.errors import LungSegError
+from lungseg.evaluation.metrics import both_lung_dice, image_metrics
 from lungseg.models.cards import PACKAGE_MODELS, read_card, sha256_of
 from lungseg.qc.features import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES,
                                  quality_features)
@@ -293,7 +294,7 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
         prediction = bitten(label) if i % 3 == 0 else label  # the failures differ from the good results in shape
         pool.append({"image": f"i{i}.png", "group": f"p{i}", "half": "fit" if i < 60 else "measure", "role": "own",
                      "source": "m", "dataset": "jsrt", "in_domain": True, "perturbation": "",
-                     "dice": dice_both(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
+                     "dice": both_lung_dice(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
                      "features": {name: float(rng.normal()) for name in FEATURES},  # noise
                      "rules": {"lung-fields": []}, "shapes": lung_shapes(prediction).astype(np.float16),
                      "reference_shapes": lung_shapes(label).astype(np.float16)})
@@ -585,6 +586,23 @@ def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
     assert qc_accuracy_text(qc_accuracy([0.85, 0.97], [True, False])).startswith("1 of 1 below Dice 0.90 flagged "
                                                                                   "(recall 1.00), false"), \
         "no clear failure: nothing said of them"
+
+
+def test_the_qc_fit_scores_the_dice_as_evaluate_does(jsrt):
+    """The fit's true Dice (`both_lung_dice`, on labels that mark ignored pixels IGNORE) is `lungseg evaluate`'s
+    both_dice (`image_metrics` with the ignore mask) to the last bit: shifted, cut short, a lung lost, or empty."""
+    from lungseg.definitions import IGNORE
+    from lungseg.training.data import case_label, list_cases
+
+    for case in list_cases(jsrt, "val")[:4]:
+        truth = case_label(case)
+        truth[:40, :40] = IGNORE  # as masks_ignore/ marks a device
+        plain = np.where(truth == IGNORE, 0, truth)
+        base_cut = np.where(np.arange(len(plain))[:, None] < len(plain) * 2 // 3, plain, 0)
+        for pred in (plain, np.roll(plain, 9, axis=1), base_cut, np.where(plain == 2, 0, plain), np.zeros_like(plain)):
+            expected = image_metrics(pred, truth, None, regions=("both",), ignore=truth == IGNORE)["both_dice"]
+            assert both_lung_dice(pred, truth) == expected
+    assert both_lung_dice(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)) == 1.0, "both empty"
 
 
 def fit_options(command: str) -> dict:

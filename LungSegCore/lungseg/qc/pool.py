@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..definitions import DEFINITIONS, IGNORE
+from ..definitions import DEFINITIONS
 from ..errors import LungSegError
 from ..io.radiograph import read_radiograph
 from ..training.data import case_label, entry_cases, list_cases, read_split_table
@@ -76,14 +76,6 @@ def usable_cases(cases: list) -> tuple[list, list[str]]:
 
 # -- segmenting them: features, rules and the true Dice per image ----------------------------------------------
 
-def dice_both(label: np.ndarray, truth: np.ndarray) -> float:
-    """Both-lung Dice as `lungseg evaluate` scores it, IGNORE pixels (devices, markup) left out."""
-    keep = truth != IGNORE
-    p, t = (label > 0) & keep, (truth > 0) & keep
-    total = int(p.sum()) + int(t.sum())
-    return 2 * int((p & t).sum()) / total if total else 1.0
-
-
 def case_arrays(case, variant: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Pixels (stored view; the data sets hold no display flips), reference labels and the perturbation of one
     image: variant 0 is the image itself, variant k > 0 its k-th perturbation."""
@@ -135,6 +127,7 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
     degraded again as the model saw it."""
     import torch
 
+    from ..evaluation.metrics import both_lung_dice
     from ..inference.postprocess import postprocess
     from ..inference.preprocess import model_input
 
@@ -148,7 +141,7 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
                              model_image=model_image)
     group = groups.get(case.image.name, case.image.name)
     return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
-            "half": half_of(dataset, group), "dice": dice_both(prediction.label, truth),
+            "half": half_of(dataset, group), "dice": both_lung_dice(prediction.label, truth),
             "features": quality_features(prediction, edges=True),
             # for PRIOR_FEATURE: the shape model is fitted on the fit half's real references, once the halves are
             # known (a degraded copy's reference is moved alike, no shape to learn)
