@@ -554,22 +554,23 @@ def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
     """`--table`'s both-directions table: the counts add up per data set (every image held out once), so the rates
     are those of the summed counts and the models are named once; a model's Spearman counts only where it was
     measured on at least MIN_SUBSET images."""
-    fit_quality = load_script("fit_quality")
+    from lungseg.qc import tables
+
     own = {name: read_card(name)["qc"]["validation"] for name in SHIPPED}
-    once = [row.split(" | ") for row in fit_quality.dataset_table(SHIPPED, [own]).splitlines()[2:]]
-    twice = [row.split(" | ") for row in fit_quality.dataset_table(SHIPPED, [own, own]).splitlines()[2:]]
-    assert fit_quality.dataset_table(SHIPPED, [own]) == fit_quality.dataset_table(SHIPPED)
+    once = [row.split(" | ") for row in tables.dataset_table(SHIPPED, [own]).splitlines()[2:]]
+    twice = [row.split(" | ") for row in tables.dataset_table(SHIPPED, [own, own]).splitlines()[2:]]
+    assert tables.dataset_table(SHIPPED, [own]) == tables.dataset_table(SHIPPED)
     assert len(once) == len(twice) > 0
     for a, b in zip(once, twice):
         assert b[:3] == a[:3] and b[6:] == a[6:], "the same models, rates and Spearman range"
         assert (int(b[3]), int(b[4])) == (2 * int(a[3]), 2 * int(a[4])), "twice the images and the failures"
     few = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET - 1}}}
                   for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
-    assert all(row.endswith("| - |") for row in fit_quality.dataset_table(SHIPPED, [few]).splitlines()[2:]), \
+    assert all(row.endswith("| - |") for row in tables.dataset_table(SHIPPED, [few]).splitlines()[2:]), \
         "no Spearman from fewer images than MIN_SUBSET per model"
     enough = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET}}}
                      for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
-    assert not any(row.endswith("| - |") for row in fit_quality.dataset_table(SHIPPED, [enough]).splitlines()[2:])
+    assert not any(row.endswith("| - |") for row in tables.dataset_table(SHIPPED, [enough]).splitlines()[2:])
 
 
 def test_qc_accuracy_counts_recall_false_flags_and_rank_correlation():
