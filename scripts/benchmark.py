@@ -88,7 +88,7 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
     from lungseg.inference.postprocess import postprocess
     from lungseg.inference.preprocess import model_input
     try:  # QC as the batch runs it: the rules and the predicted quality of the card's qc block (issue 12)
-        from lungseg.qc.quality import assess
+        from lungseg.qc.model import assess
 
         def qc(prediction):
             return assess(prediction, segmenter.card)

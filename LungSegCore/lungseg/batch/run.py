@@ -33,7 +33,7 @@ from ..io.radiograph import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, ImageReadError, 
 from ..inference.labels import lung_areas
 from .overlay import thumbnail_base, write_overlay, write_thumbnail
 from ..inference.postprocess import postprocess
-from ..qc.quality import assess, reads_image
+from ..qc.model import assess, reads_image
 from .review import REVIEW_PAGE, write_review
 
 RESULT_FIELDS = [

@@ -27,7 +27,8 @@ from ..io.radiograph import ImageReadError, read_radiograph
 from ..inference.labels import merge_sides, split_left_right
 from .metrics import METRICS, image_metrics
 from ..batch.overlay import write_case_sheet
-from ..qc.quality import DICE_LIMIT, assess, qc_accuracy, qc_accuracy_text, quality_model
+from ..qc.model import assess, quality_model
+from ..qc.stats import DICE_LIMIT, qc_accuracy, qc_accuracy_text
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
