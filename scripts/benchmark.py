@@ -40,7 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # - labels.clean_labelmap: SciPy's labelling called directly is 2.5x faster at 256² than MONAI's
 #   KeepLargestConnectedComponent followed by binary_fill_holes.
 # - transforms.percentiles: one NumPy partition is 3x faster than sorting, or than kthvalue per statistic.
-# - segment._helper_process: giving the model only the cores that the helpers left over held a 2-core machine at
+# - workers.helper_process: giving the model only the cores that the helpers left over held a 2-core machine at
 #   the one-thread forward rate (32 images/s, against 57 with the helpers at a lower priority).
 # - memory.keep_freed_memory: U-Net forward on 2 cores 54-66 images/s with glibc's defaults, 72-80 with freed
 #   memory kept in the heap.
