@@ -268,7 +268,7 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     half holds. A held-out reference lies close to them, the same lung with its base bitten off further, and a lost
     lung furthest. Where that distance is what tells the failures apart, the fit reads it (a WITH_PRIOR set), the
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
-    from lungseg.training.data import case_label, list_cases
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
     from lungseg.qc.quality import QualityModel, fit_shape_prior, lung_shapes, shape_prior_distance
 
@@ -328,7 +328,7 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     edge, and the same lungs shrunk, grown or moved down by 6 pixels do not."""
     from scipy import ndimage
 
-    from lungseg.training.data import case_label, list_cases
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
     from lungseg.io.radiograph import read_radiograph
     from lungseg.qc.quality import edge_support
@@ -901,7 +901,7 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     would replace it, so it is refused before any segmenting unless `--overwrite` says so. Images that cannot be
     used are named with their problem and left out, and the exit status says so."""
     from lungseg.cli import main
-    from lungseg.training.data import list_cases
+    from lungseg.io.labelled import list_cases
     from lungseg.inference.segmenter import Segmenter
 
     card_path = users_model(tmp_path)
