@@ -73,7 +73,7 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     would replace it, so it is refused before any segmenting unless `--overwrite` says so. Images that cannot be
     used are named with their problem and left out, and the exit status says so."""
     from lungseg.cli import main
-    from lungseg.training.data import list_cases
+    from lungseg.io.labelled import list_cases
     from lungseg.inference.segmenter import Segmenter
 
     card_path = users_model(tmp_path)

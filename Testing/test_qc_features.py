@@ -41,7 +41,7 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
     half holds. A held-out reference lies close to them, the same lung with its base bitten off further, and a lost
     lung furthest. Where that distance is what tells the failures apart, the fit reads it (a WITH_PRIOR set), the
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
-    from lungseg.training.data import case_label, list_cases
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
     from lungseg.qc.features import fit_shape_prior, lung_shapes, shape_prior_distance
     from lungseg.qc.model import QualityModel
@@ -102,7 +102,7 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     edge, and the same lungs shrunk, grown or moved down by 6 pixels do not."""
     from scipy import ndimage
 
-    from lungseg.training.data import case_label, list_cases
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
     from lungseg.io.radiograph import read_radiograph
     from lungseg.qc.features import edge_support

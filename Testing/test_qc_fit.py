@@ -128,7 +128,7 @@ def test_the_qc_fit_scores_the_dice_as_evaluate_does(jsrt):
     """The fit's true Dice (`both_lung_dice`, on labels that mark ignored pixels IGNORE) is `lungseg evaluate`'s
     both_dice (`image_metrics` with the ignore mask) to the last bit: shifted, cut short, a lung lost, or empty."""
     from lungseg.definitions import IGNORE
-    from lungseg.training.data import case_label, list_cases
+    from lungseg.io.labelled import case_label, list_cases
 
     for case in list_cases(jsrt, "val")[:4]:
         truth = case_label(case)

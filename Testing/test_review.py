@@ -94,7 +94,7 @@ def test_review_page_covers_shards_and_resumed_runs(tmp_path):
     assert (again.done, again.failed, again.skipped) == (1, 1, len(inputs) - 1)
     check_page(out, inputs)
 
-    from lungseg.batch.run import Options, in_shard
+    from lungseg.batch.records import Options, in_shard
 
     segment_inputs([str(folder)], out, shard="1/2", workers=0, options=Options(overlays=True))
     page = check_page(out, inputs)
