@@ -20,7 +20,7 @@ from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.qc.rules import quality_flags
 from lungseg.samples import sample_pngs
 from lungseg.errors import LungSegError
-from lungseg.batch.run import START_METHOD_VARIABLE, start_method
+from lungseg.batch.workers import START_METHOD_VARIABLE, start_method
 from test_io import _bad_inputs
 
 
@@ -270,7 +270,7 @@ def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
 def test_in_shard_puts_every_path_in_exactly_one_shard():
     from pathlib import Path
 
-    from lungseg.batch.run import in_shard
+    from lungseg.batch.records import in_shard
 
     paths = [Path(f"/data/set/case{i:04d}.png") for i in range(600)] + \
             [Path(f"relative/Thorax ü 胸部 {i}.dcm") for i in range(60)]
@@ -408,14 +408,14 @@ def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph, metho
 CRASHING_FINISHER = """
 import os, sys
 from pathlib import Path
-from lungseg.batch import run as segment
-finish = segment.finish_and_write
+from lungseg.batch import run as batch_run
+finish = batch_run.finish_and_write
 def crash_on(item, *args):  # a native crash (or the kernel's OOM killer) on this one input, every time
     if Path(item["path"]).name == sys.argv[1]:
         os._exit(-11)
     return finish(item, *args)
-segment.finish_and_write = crash_on  # the finishers are forked, so they run this too
-sys.exit(segment.run_segment([sys.argv[2]], sys.argv[3], batch_size=2, workers=1))
+batch_run.finish_and_write = crash_on  # what BatchRun submits; the finishers are forked, so they run this too
+sys.exit(batch_run.run_segment([sys.argv[2]], sys.argv[3], batch_size=2, workers=1))
 """
 
 
@@ -515,15 +515,15 @@ def test_outputs_are_identical_whether_helpers_are_forked_or_spawned(tmp_path, c
 
 SPAWN_ONLY_PLATFORM = """
 import multiprocessing.context, sys
-from lungseg.batch import run as segment
+from lungseg.batch import run as batch_run, workers
 for method in ("fork", "forkserver"):  # as on Windows, where multiprocessing has only spawn
     multiprocessing.context._concrete_contexts.pop(method, None)
 class WindowsSys:  # what lungseg sees of `sys` says Windows; multiprocessing's own stays the real platform's
     platform = "win32"
     def __getattr__(self, name):
         return getattr(sys, name)
-segment.sys = WindowsSys()
-sys.exit(segment.run_segment([sys.argv[1]], sys.argv[2], batch_size=1, workers=1))
+workers.sys = WindowsSys()  # the module that picks the start method
+sys.exit(batch_run.run_segment([sys.argv[1]], sys.argv[2], batch_size=1, workers=1))
 """
 
 
@@ -570,10 +570,10 @@ def test_a_folder_named_like_a_file_is_a_folder(tmp_path, chest_dicom):
 CRASHING_COMMAND = """
 import sys
 from lungseg import cli
-from lungseg.batch import run as segment
+from lungseg.batch import run as batch_run
 def crash(*args, **kwargs):
     raise MemoryError("no memory left for the model")
-segment.segment_inputs = crash
+batch_run.segment_inputs = crash
 sys.exit(cli.main(sys.argv[1:]))
 """
 

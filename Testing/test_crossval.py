@@ -19,7 +19,8 @@ from lungseg.cli import main as cli_main
 from lungseg.training.crossval import fold_config, fold_dir
 from lungseg.errors import LungSegError
 from lungseg.training.export import export_run
-from lungseg.training.data import assign_folds, entry_cases, fold_assignment, list_cases, read_split_table
+from lungseg.io.labelled import list_cases, read_split_table
+from lungseg.training.data import assign_folds, entry_cases, fold_assignment
 from lungseg.training.trainer import load_config, train
 
 torch.set_num_threads(1)
@@ -151,7 +152,7 @@ def test_a_missing_first_stage_is_named(tmp_path):
 
 def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
     """scripts/fit_quality.py --cv-run: a fold model stands in for its recipe on the images it never saw."""
-    from lungseg.qc import fit as quality_fit
+    from lungseg.qc.pool import cases_for
     from lungseg.training.crossval import held_out_names
     from lungseg.models.cards import read_card
 
@@ -159,10 +160,10 @@ def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
     root = jsrt.parent
     cfg = fold_config(load_config("unet-jsrt-cv"), 2, 5)
     fold_card = {"name": cfg["name"], "recipe": cfg}
-    chosen = {c.image.name for c in quality_fit.cases_for(fold_card, "jsrt", root, 1000)}
+    chosen = {c.image.name for c in cases_for(fold_card, "jsrt", root, 1000)}
     assert chosen == set(held_out_names(cfg, root)) and len(chosen) in (39, 40)
     assert fit_quality.cross_validated(fold_card, "jsrt") and not fit_quality.cross_validated(fold_card, "covid-qu-ex")
-    shipped = {c.image.name for c in quality_fit.cases_for(read_card("unet"), "jsrt", root, 1000)}
+    shipped = {c.image.name for c in cases_for(read_card("unet"), "jsrt", root, 1000)}
     assert shipped == {c.image.name for c in list_cases(jsrt, "val")}, "the shipped unet trained on JSRT train"
 
 

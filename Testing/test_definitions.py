@@ -85,7 +85,7 @@ def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
     from pathlib import Path
 
     from conftest import shared_set
-    from lungseg.training.data import read_gray
+    from lungseg.io.labelled import read_gray
     from lungseg.evaluation.evaluate import evaluate
     from lungseg.inference.labels import merge_sides
     from lungseg.evaluation.metrics import image_metrics

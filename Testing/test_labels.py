@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungseg.training.data import list_cases, read_gray
+from lungseg.io.labelled import list_cases, read_gray
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap, merge_sides, split_left_right
 
 

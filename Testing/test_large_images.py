@@ -104,7 +104,7 @@ def test_header_size_is_checked_before_decoding(tmp_path, make, name):
 
 def test_the_limit_admits_real_radiographs_and_can_be_changed(tmp_path):
     from lungseg.cli import parser
-    from lungseg.batch.run import InputReader
+    from lungseg.batch.reader import InputReader
 
     assert BIG_ROWS * BIG_COLUMNS < DEFAULT_MAX_PIXELS
     cr = chest_cr()  # 1955 x 1841 = 3.6 Mpx

@@ -44,7 +44,7 @@ def test_every_core_package_file_is_listed():
     table = re.search(r"\[tool\.setuptools\.package-data\]\s*lungseg\s*=\s*\[(.*?)\]",
                       (CORE / "pyproject.toml").read_text(), re.S)
     patterns = re.findall(r'"([^"]+)"', table.group(1))
-    assert "models/*.safetensors" in patterns
+    assert "models/shipped/*.safetensors" in patterns
     shipped = {f"lungseg/{f}" for f in files_under(CORE / "lungseg")
                if f.endswith(".py") or any(fnmatch.fnmatch(f, pattern) for pattern in patterns)}
     assert set(lists["LUNGSEG_CORE_SCRIPTS"]) == {f for f in shipped if f.endswith(".py")}

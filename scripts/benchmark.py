@@ -40,7 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # - labels.clean_labelmap: SciPy's labelling called directly is 2.5x faster at 256² than MONAI's
 #   KeepLargestConnectedComponent followed by binary_fill_holes.
 # - transforms.percentiles: one NumPy partition is 3x faster than sorting, or than kthvalue per statistic.
-# - segment._helper_process: giving the model only the cores that the helpers left over held a 2-core machine at
+# - workers.helper_process: giving the model only the cores that the helpers left over held a 2-core machine at
 #   the one-thread forward rate (32 images/s, against 57 with the helpers at a lower priority).
 # - memory.keep_freed_memory: U-Net forward on 2 cores 54-66 images/s with glibc's defaults, 72-80 with freed
 #   memory kept in the heap.
@@ -88,7 +88,7 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
     from lungseg.inference.postprocess import postprocess
     from lungseg.inference.preprocess import model_input
     try:  # QC as the batch runs it: the rules and the predicted quality of the card's qc block (issue 12)
-        from lungseg.qc.quality import assess
+        from lungseg.qc.model import assess
 
         def qc(prediction):
             return assess(prediction, segmenter.card)
@@ -215,7 +215,7 @@ def training_rates(device: torch.device, batch_size: int = 8, steps: int = 6) ->
     return rates
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=1024)
@@ -228,7 +228,43 @@ def main() -> None:
     parser.add_argument("--slicer", action="store_true",
                         help="also measure the Slicer panel's responsiveness (scripts/benchmark_slicer.py)")
     parser.add_argument("--output", help="write the JSON report here too")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def cpu_bound(segmenter, path: Path, tmp: Path, forward_rate: float) -> dict:
+    """Each stage's CPU milliseconds per image, and from them the upper bound on the end-to-end rate."""
+    costs = stage_cpu_ms(segmenter, path, tmp)
+    total = sum(costs.values())
+    bound = (os.cpu_count() or 1) * 1e3 / total
+    return {"cpu_ms_per_image_by_stage": costs,
+            "non_model_cpu_ms_per_image": round(total - costs["model_forward_one_thread"], 2),
+            "end_to_end_upper_bound_images_per_s": round(bound, 2),
+            "end_to_end_fraction_upper_bound": round(bound / forward_rate, 3)}
+
+
+def memory_report(tmp: Path, args: argparse.Namespace) -> dict:
+    """Peak RSS of `lungseg segment` over `--memory-images` inputs, in a process of its own."""
+    many = make_inputs(tmp / "many", args.memory_images, args.size)
+    listing = tmp / "many.txt"
+    listing.write_text("\n".join(str(p) for p in many) + "\n")
+    peak, samples, wall = peak_rss_of([sys.executable, "-m", "lungseg", "segment", str(listing), "-o",
+                                       str(tmp / "many-out"), "--device", args.device,
+                                       "--batch-size", str(args.batch_size)])
+    return {"images": args.memory_images, "peak_rss_mib": round(peak, 1),
+            "rss_first_minute_mib": round(max(samples[:12]), 1) if samples else None,
+            "rss_last_minute_mib": round(max(samples[-12:]), 1) if samples else None,
+            "wall_s": round(wall, 1)}
+
+
+def naive_comparison(segmenter, paths: list[Path], out: Path, device: str, end_to_end: float) -> dict:
+    """The naive one-file-at-a-time MONAI pipeline's rate, and the batch's speedup over it."""
+    model = segmenter.model.cpu() if device == "cpu" else segmenter.model
+    naive = round(naive_monai_rate(paths, out, segmenter.card, model), 2)
+    return {"naive_monai_images_per_s": naive, "speedup_vs_naive": round(end_to_end / naive, 2)}
+
+
+def main() -> None:
+    args = parse_args()
 
     from lungseg.inference.segmenter import Segmenter
     from lungseg.memory import keep_freed_memory
@@ -253,20 +289,11 @@ def main() -> None:
             report["end_to_end_images_per_s"] / report["model_forward_images_per_s"], 3)
 
         if args.device == "cpu":
-            costs = stage_cpu_ms(segmenter, paths[0], tmp)
-            total = sum(costs.values())
-            bound = (os.cpu_count() or 1) * 1e3 / total
-            report["cpu_ms_per_image_by_stage"] = costs
-            report["non_model_cpu_ms_per_image"] = round(total - costs["model_forward_one_thread"], 2)
-            report["end_to_end_upper_bound_images_per_s"] = round(bound, 2)
-            report["end_to_end_fraction_upper_bound"] = round(bound / report["model_forward_images_per_s"], 3)
+            report.update(cpu_bound(segmenter, paths[0], tmp, report["model_forward_images_per_s"]))
 
         if args.naive_images:  # 0 skips the naive pipeline (short runs on a busy machine)
-            model = segmenter.model.cpu() if args.device == "cpu" else segmenter.model
-            report["naive_monai_images_per_s"] = round(
-                naive_monai_rate(paths[:args.naive_images], tmp / "naive", segmenter.card, model), 2)
-            report["speedup_vs_naive"] = round(report["end_to_end_images_per_s"] / report["naive_monai_images_per_s"],
-                                               2)
+            report.update(naive_comparison(segmenter, paths[:args.naive_images], tmp / "naive", args.device,
+                                           report["end_to_end_images_per_s"]))
 
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "lungseg", "segment", str(paths[0]), "-o", str(tmp / "cold"),
@@ -274,16 +301,7 @@ def main() -> None:
         report["cold_start_one_image_s"] = round(time.perf_counter() - t0, 2)
 
         if args.memory_images:
-            many = make_inputs(tmp / "many", args.memory_images, args.size)
-            listing = tmp / "many.txt"
-            listing.write_text("\n".join(str(p) for p in many) + "\n")
-            peak, samples, wall = peak_rss_of([sys.executable, "-m", "lungseg", "segment", str(listing), "-o",
-                                               str(tmp / "many-out"), "--device", args.device,
-                                               "--batch-size", str(args.batch_size)])
-            report["memory"] = {"images": args.memory_images, "peak_rss_mib": round(peak, 1),
-                                "rss_first_minute_mib": round(max(samples[:12]), 1) if samples else None,
-                                "rss_last_minute_mib": round(max(samples[-12:]), 1) if samples else None,
-                                "wall_s": round(wall, 1)}
+            report["memory"] = memory_report(tmp, args)
     if args.models:
         from lungseg.models.cards import list_models
 

@@ -22,6 +22,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def record_busy_changes(panel) -> list[tuple[float, bool]]:
+    """(time, busy) whenever the panel changes its busy state, from now on; the event loop cannot turn in between."""
+    marks = []
+    setBusy = panel._setBusy
+
+    def recordingSetBusy(busy, message=""):
+        setBusy(busy, message)
+        marks.append((time.perf_counter(), panel._busy))
+
+    panel._setBusy = recordingSetBusy
+    return marks
+
+
 def measure(threads: int = 2) -> dict:
     """Run in a fresh process: the first Apply must import torch and MONAI itself, as after installation."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when the first Apply imports it
@@ -44,14 +57,7 @@ def measure(threads: int = 2) -> dict:
     panel.logic.getParameterNode().device = "cpu"
 
     stalls = {"busy": 0.0, "idle": 0.0}
-    marks = []  # (time, busy) whenever the panel changes its busy state; the event loop cannot turn in between
-    setBusy = panel._setBusy
-
-    def recordingSetBusy(busy, message=""):
-        setBusy(busy, message)
-        marks.append((time.perf_counter(), panel._busy))
-
-    panel._setBusy = recordingSetBusy
+    marks = record_busy_changes(panel)
 
     def apply() -> float:
         """Click Apply from the event loop and return the seconds until the segments are in the scene."""

@@ -65,7 +65,7 @@ BREAKAGES: list[Breakage] = [
          "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch"]),
     Breakage(
         "T2", "sharding disabled: every shard takes every input",
-        [Edit("LungSegCore/lungseg/batch/run.py",
+        [Edit("LungSegCore/lungseg/batch/records.py",
               "    return digest % count == index - 1\n",
               "    return True\n")],
         ["Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
@@ -112,14 +112,14 @@ BREAKAGES: list[Breakage] = [
     # ---- the second Slicer review (Windows and macOS batch, crashes, a folder named like a file)
     Breakage(
         "N1a", "the batch starts its helpers with fork everywhere (Windows has no fork: nothing is segmented)",
-        [Edit("LungSegCore/lungseg/batch/run.py",
+        [Edit("LungSegCore/lungseg/batch/workers.py",
               '        return "fork" if sys.platform.startswith("linux") else "spawn"\n',
               '        return "fork"\n')],
         ["Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
          "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced"]),
     Breakage(
         "N1b", "a spawned helper never notices that its batch process died (it waits for work forever)",
-        [Edit("LungSegCore/lungseg/batch/run.py",
+        [Edit("LungSegCore/lungseg/batch/workers.py",
               "    multiprocessing.parent_process().join()\n",
               "    threading.Event().wait()\n")],
         ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"]),

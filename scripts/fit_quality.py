@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Fit the predicted quality (`lungseg/quality.py`) of shipped models and write each card's `qc` block.
+"""Fit the predicted quality (`lungseg/qc/model.py`) of shipped models and write each card's `qc` block.
 
-The fitting itself is `lungseg/quality_fit.py`, which `lungseg fit-qc` also uses for a user's own model or data
-set; this script adds what the shipped cards are fitted and measured with: several data sets, the peer models,
-the failure sources, the cross-validation folds of a recipe, both directions of the halves and a cache.
+The fitting itself is `lungseg/qc/fit.py` (and the modules it calls), which `lungseg fit-qc` also uses for a
+user's own model or data set; this script adds what the shipped cards are fitted and measured with: several data
+sets, the peer models, the failure sources, the cross-validation folds of a recipe, both directions of the halves
+and a cache.
 
     .venv/bin/python scripts/fit_quality.py --model unet-full-extent --write   # one retrained card
     .venv/bin/python scripts/fit_quality.py --write                            # every shipped card
@@ -54,14 +55,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from lungseg.qc.fit import (L2_GRID, MIN_SUBSET, MODES, NO_SPREAD, WITH_EDGES, WITH_PRIOR,  # noqa: E402
-                                 candidate_sets, cases_for, empty_qc_block, fit_qc_mode, is_ensemble, item_key,
-                                 merged_modes, merged_qc, model_outputs, read_groups, scored_rows, trained_on,
-                                 training_entries)
+from lungseg.qc.fit import MODES, empty_qc_block, fit_qc_mode, merged_modes, merged_qc  # noqa: E402
+from lungseg.qc.pool import (cases_for, is_ensemble, item_key, model_outputs, read_groups, scored_rows,  # noqa: E402
+                             trained_on, training_entries)
+from lungseg.qc.selection import L2_GRID, NO_SPREAD, WITH_EDGES, WITH_PRIOR, candidate_sets  # noqa: E402
+from lungseg.qc.tables import (DATASETS, both_directions_table, dataset_table, markdown_table,  # noqa: E402
+                               summary_line)
 
 REPO = Path(__file__).resolve().parent.parent
-# the lung definition each labelled set's masks follow
-DATASETS = {"jsrt": "lung-fields", "covid-qu-ex": "lung-fields", "v7-full": "full-extent"}
 
 
 # -- images, halves and the sources -------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: 
 def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int, variants: int,
                  cache: Path) -> list[dict]:
     """One model on the chosen images of one data set (and `variants` perturbations of each): the features, the
-    rule flags and the Dice of each (`quality_fit.scored_rows`)."""
+    rule flags and the Dice of each (`pool.scored_rows`)."""
     from lungseg.models.cards import read_card
 
     card = read_card(card_path)
@@ -137,7 +138,7 @@ def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int
     return scored_rows(outputs, items, dataset, read_groups(root / dataset))
 
 
-# -- the pool of a card's fit and its tables -------------------------------------------------------------------
+# -- the pool of a card's fit -------------------------------------------------------------------------------
 
 def cv_fold_cards(run_dir: Path) -> list[str]:
     """The fold models (cards) of a `scripts/cross_validate.py` run, each to be scored on its held-out fold."""
@@ -192,82 +193,6 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
     return pool
 
 
-def summary_line(name: str, measured: dict) -> str:
-    from lungseg.qc.quality import qc_accuracy_text
-
-    parts = [f"{group}: {qc_accuracy_text(measured[group]['qc'])}" for group in measured if " / " not in group]
-    return f"  {name}: " + "\n  ".join(parts)
-
-
-def markdown_table(names: list[str]) -> str:
-    """The QC record's per-card table (`LungSegCore/docs/quality-control.md`), from the cards' `validation` blocks
-    (the measure half): per card, mode and group."""
-    from lungseg.models.cards import read_card
-
-    lines = ["| model | mode | measured on (held-out half) | images | Dice < 0.90 | flagged (recall) | false flags | "
-             "Spearman |", "|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        block = read_card(name).get("qc") or {}
-        for mode, groups in (block.get("validation") or {}).items():
-            threshold = block["modes"][mode]["threshold"]
-            for group, measured in groups.items():
-                if group in ("own", "own+perturbed") or " / " in group:  # per failure source: in the card
-                    continue
-                qc = measured["qc"]
-                recall = f"{qc['flagged_below']} ({qc['recall']:.2f})" if qc["recall"] is not None else "-"
-                rho = f"{qc['spearman']:.2f}" if qc.get("spearman") is not None else "-"
-                lines.append(f"| {name} | {mode} (threshold {threshold:.3f}) | {group} | {qc['images']} | "
-                             f"{qc['below']} | {recall} | {qc['false_flag_rate']:.1%} | {rho} |")
-    return "\n".join(lines)
-
-
-def dataset_table(names: list[str], validations: list[dict] | None = None) -> str:
-    """What users get, per data set and mode: each shipped model that trained on the set judged by its own card,
-    on the real images of the measure half (and, where a card has them, its recipe's cross-validated fold models
-    on the images they never saw), recall and false flags pooled over the models (counts from the cards'
-    `validation` blocks), and each model's Spearman where it was measured on at least MIN_SUBSET images (a rank
-    correlation of 7 images says nothing). `validations` ({name: validation block} each, default the cards' own)
-    adds up the counts of several measurements: both directions of `--swap-halves`."""
-    from lungseg.models.cards import read_card
-
-    lines = ["| data set | mode | models (own card each) | images | Dice < 0.90 | flagged (recall) | false flags | "
-             "Spearman per model |", "|---|---|---|---|---|---|---|---|"]
-    cards = {name: read_card(name) for name in names}
-    if validations is None:
-        validations = [{name: (card.get("qc") or {}).get("validation") or {} for name, card in cards.items()}]
-    for dataset, group in ((d, d + suffix) for d in DATASETS for suffix in ("", " (cross-validated)")):
-        for mode in MODES:
-            measured = [(name, validation[name][mode][group]["qc"]) for validation in validations
-                        for name, card in cards.items()
-                        if trained_on(card, dataset) and group in validation.get(name, {}).get(mode, {})]
-            if not measured:
-                continue
-            total = {k: sum(qc[k] for _, qc in measured)
-                     for k in ("images", "below", "flagged_below", "at_or_above", "flagged_at_or_above")}
-            recall = f"{total['flagged_below']} ({total['flagged_below'] / total['below']:.2f})" \
-                if total["below"] else "-"
-            rhos = [qc["spearman"] for _, qc in measured
-                    if qc.get("spearman") is not None and qc["images"] >= MIN_SUBSET]
-            low, high = (f"{min(rhos):.2f}", f"{max(rhos):.2f}") if rhos else ("-", "-")
-            rho = low if low == high else f"{low}–{high}"
-            models = ", ".join(dict.fromkeys(name for name, _ in measured))
-            lines.append(f"| {group} | {mode} | {models} | {total['images']} | {total['below']} | "
-                         f"{recall} | {total['flagged_at_or_above'] / max(total['at_or_above'], 1):.1%} | {rho} |")
-    return "\n".join(lines)
-
-
-def both_directions_table(names: list[str]) -> str:
-    """The per-data-set table over both directions of the two-fold cross-fitting: the cards' own measurements on
-    the measure half plus their `swapped` ones (fitted on the measure half, measured on the fit half), so that
-    every image is held out once."""
-    from lungseg.models.cards import read_card
-
-    qc = {name: read_card(name).get("qc") or {} for name in names}
-    return dataset_table(names, [{name: block.get("validation") or {} for name, block in qc.items()},
-                                 {name: (block.get("swapped") or {}).get("validation") or {}
-                                  for name, block in qc.items()}])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")
@@ -294,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
     parser.add_argument("--features", default="auto",
                         choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
-                        help="feature set of the regression (lungseg.qc.quality.FEATURE_SETS; with the shape prior "
+                        help="feature set of the regression (lungseg.qc.features.FEATURE_SETS; with the shape prior "
                         f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
                         f"uncertainty mode with the samples' spread unless it "
                         f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
@@ -319,12 +244,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pool_settings(args) -> dict:
+    """`pool_for`'s data root, image limits, perturbations and cache, from the options."""
+    return {"root": Path(args.data_root), "cache": Path(args.cache),
+            "limits": {"default": args.max_images, "uncertainty": args.max_images_uncertainty,
+                       "failure": args.max_images_failure},
+            "source_limits": {k: int(v) for k, v in (item.split("=") for item in args.source_limit)},
+            "variants": {k: int(v) for k, v in (item.split("=") for item in args.perturbations)}}
+
+
+def fit_settings(args) -> dict:
+    """`fit_qc_mode`'s options, from the command line."""
+    return {"dice_limit": args.dice_limit, "perturbed_weight": args.perturbed_weight,
+            "max_false_flags": args.max_false_flags,
+            "feature_sets": None if args.features == "auto" else [args.features],
+            "l2_grid": L2_GRID if args.l2 == "auto" else (float(args.l2),),
+            "fit_failure_sources": args.fit_failure_sources,
+            "command": shlex.join(["scripts/fit_quality.py", *sys.argv[1:]]),  # the options of this fit
+            "half": "measure" if args.swap_halves else "fit"}
+
+
+def card_sources(name: str, definition: str, shipped: list[str], extra: list[str], args) -> tuple[list, list]:
+    """The card's peers (the other shipped models of its definition) and failure sources (the shipped models of the
+    other definition, and the weaker models of --sources-dir), as card paths."""
+    from lungseg.models.cards import read_card
+
+    peers = [] if args.no_peers else [read_card(s)["card_path"] for s in shipped
+                                      if s != name and read_card(s).get("definition") == definition]
+    failures = [] if args.no_failure_sources else \
+        [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
+    return peers, failures
+
+
+def fit_card(name: str, card: dict, sources: tuple[list, list], args, settings: dict,
+             cv_runs: dict[str, Path]) -> dict | None:
+    """The card's qc block, fitted mode by mode on its pool (`pool_for`); None where a fit fails (its error
+    printed)."""
+    from lungseg.errors import LungSegError
+
+    block = empty_qc_block(args.dice_limit, f"scripts/fit_quality.py --model {name} --write")
+    for mode in args.modes:
+        print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
+        pool = pool_for(card, *sources, mode=mode, folds=cv_fold_cards(cv_runs[name]) if name in cv_runs else [],
+                        **settings)
+        if args.swap_halves:
+            pool = swap_halves(pool)
+        if args.dump_rows:
+            import pickle
+
+            Path(args.dump_rows).write_bytes(pickle.dumps({"card": name, "mode": mode, "rows": pool}))
+        try:
+            block["modes"][mode], block["validation"][mode] = fit_qc_mode(
+                pool, mode, card["definition"], ensemble=is_ensemble(card), **fit_settings(args))
+        except LungSegError as exc:
+            print(f"fit_quality: {name}: {exc}", file=sys.stderr)
+            return None
+        print(f"  threshold {block['modes'][mode]['threshold']:.4f}\n"
+              + summary_line(name, block["validation"][mode]), file=sys.stderr)
+    block["threshold"] = block["modes"]["default"]["threshold"] if "default" in block["modes"] else None
+    return block
+
+
+def write_card_qc(card: dict, block: dict, swapped: bool) -> None:
+    """The fitted block into the card's file (only its qc block changes, never the weights); with `swapped` only
+    the other direction's measurements (`qc.swapped`), never the regression users get."""
+    from lungseg.io.files import write_atomic_text
+
+    path = Path(card["card_path"])
+    data = json.loads(path.read_text())
+    if swapped:
+        other = {"modes": {mode: {**{k: fit["fitted_on"][k] for k in ("command", "feature_set", "l2")},
+                                  "threshold": fit["threshold"]} for mode, fit in block["modes"].items()},
+                 "validation": block["validation"]}
+        data["qc"]["swapped"] = merged_modes(data["qc"].get("swapped"), other)
+    else:
+        data["qc"] = merged_qc(data.get("qc"), block)
+    write_atomic_text(json.dumps(data, indent=2) + "\n", path)
+    print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
+
+
 def main() -> int:
     args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
 
-    from lungseg.errors import LungSegError
-    from lungseg.io.files import write_atomic_text
     from lungseg.models.cards import PACKAGE_MODELS, read_card
 
     sources_dir = Path(args.sources_dir)
@@ -335,66 +337,24 @@ def main() -> int:
     if args.add_source:
         print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
         return 0
-    root, cache = Path(args.data_root), Path(args.cache)
     shipped = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json") if p.with_suffix(".safetensors").exists())
     extra = sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists()) \
         if sources_dir.is_dir() else []
-    limits = {"default": args.max_images, "uncertainty": args.max_images_uncertainty,
-              "failure": args.max_images_failure}
-    source_limits = {k: int(v) for k, v in (item.split("=") for item in args.source_limit)}
-    variants = {k: int(v) for k, v in (item.split("=") for item in args.perturbations)}
+    settings = pool_settings(args)
     cv_runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.cv_run)}
     report = {}
     for name in args.model or shipped:
         card = read_card(name)
-        definition = card["definition"]
-        peers = [] if args.no_peers else [read_card(s)["card_path"] for s in shipped
-                                          if s != name and read_card(s).get("definition") == definition]
-        failures = [] if args.no_failure_sources else \
-            [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
-        block = empty_qc_block(args.dice_limit, f"scripts/fit_quality.py --model {name} --write")
-        for mode in args.modes:
-            print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
-            pool = pool_for(card, peers, failures, root, mode, limits, source_limits,
-                            variants, cache, cv_fold_cards(cv_runs[name]) if name in cv_runs else [])
-            if args.swap_halves:
-                pool = swap_halves(pool)
-            if args.dump_rows:
-                import pickle
-
-                Path(args.dump_rows).write_bytes(pickle.dumps({"card": name, "mode": mode, "rows": pool}))
-            try:
-                block["modes"][mode], block["validation"][mode] = fit_qc_mode(
-                    pool, mode, definition, ensemble=is_ensemble(card), dice_limit=args.dice_limit,
-                    perturbed_weight=args.perturbed_weight, max_false_flags=args.max_false_flags,
-                    feature_sets=None if args.features == "auto" else [args.features],
-                    l2_grid=L2_GRID if args.l2 == "auto" else (float(args.l2),),
-                    fit_failure_sources=args.fit_failure_sources,
-                    command=shlex.join(["scripts/fit_quality.py", *sys.argv[1:]]),  # the options of this fit
-                    half="measure" if args.swap_halves else "fit")
-            except LungSegError as exc:
-                print(f"fit_quality: {name}: {exc}", file=sys.stderr)
-                return 1
-            print(f"  threshold {block['modes'][mode]['threshold']:.4f}\n"
-                  + summary_line(name, block["validation"][mode]), file=sys.stderr)
-        block["threshold"] = block["modes"]["default"]["threshold"] if "default" in block["modes"] else None
+        sources = card_sources(name, card["definition"], shipped, extra, args)
+        block = fit_card(name, card, sources, args, settings, cv_runs)
+        if block is None:
+            return 1
         report[name] = block
         if args.write:
-            path = Path(card["card_path"])
-            data = json.loads(path.read_text())
-            if args.swap_halves:  # only the other direction's measurements, never the regression users get
-                swapped = {"modes": {mode: {**{k: fit["fitted_on"][k] for k in ("command", "feature_set", "l2")},
-                                            "threshold": fit["threshold"]} for mode, fit in block["modes"].items()},
-                           "validation": block["validation"]}
-                data["qc"]["swapped"] = merged_modes(data["qc"].get("swapped"), swapped)
-            else:
-                data["qc"] = merged_qc(data.get("qc"), block)  # only this block changes, never the weights
-            write_atomic_text(json.dumps(data, indent=2) + "\n", path)
-            print(f"fit_quality: wrote the qc block of {path}", file=sys.stderr)
+            write_card_qc(card, block, args.swap_halves)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

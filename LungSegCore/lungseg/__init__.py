@@ -26,7 +26,7 @@ _API = {  # public name -> the module that defines it
     "list_models": "lungseg.models.cards",
     "load_model": "lungseg.models.cards",
     "Segmenter": "lungseg.inference.segmenter",
-    "assess": "lungseg.qc.quality",
+    "assess": "lungseg.qc.model",
     "segment_inputs": "lungseg.batch.run",
     "evaluate": "lungseg.evaluation.evaluate",
 }

@@ -20,25 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training.data import read_gray, read_splits
 from ..errors import LungSegError
-from ..io.files import list_inputs, stem_of, write_atomic_text, write_csv
+from ..io.files import list_inputs, write_atomic_text, write_csv
+from ..io.labelled import Case, case_sides, find_mask, labelled_case, read_gray, read_splits
 from ..io.radiograph import ImageReadError, read_radiograph
-from ..inference.labels import merge_sides, split_left_right
+from ..inference.labels import split_left_right
 from .metrics import METRICS, image_metrics
 from ..batch.overlay import write_case_sheet
-from ..qc.quality import DICE_LIMIT, assess, qc_accuracy, qc_accuracy_text, quality_model
+from ..qc.model import assess, quality_model
+from ..qc.stats import DICE_LIMIT, qc_accuracy, qc_accuracy_text
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png
-
-
-def find_mask(folder: Path, image: Path) -> Path | None:
-    exact = folder / image.name
-    if exact.exists():
-        return exact
-    matches = [p for p in folder.glob(stem_of(image) + ".*") if stem_of(p) == stem_of(image)]
-    return matches[0] if matches else None
 
 
 def summarize(rows: list[dict], regions: tuple[str, ...], worst: int = WORST_SHOWN) -> dict:
@@ -71,31 +64,13 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
     `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured. `names`
     keeps only those image file names (a cross-validation fold); `spacing_mm` is the pixel size of images whose
     file states none."""
-    from tqdm import tqdm
-
     from ..inference.segmenter import Segmenter
 
     images, masks = Path(images), Path(masks)
     masks_right = Path(masks_right) if masks_right else masks.parent / "masks_right"
     masks_left = Path(masks_left) if masks_left else masks.parent / "masks_left"
-    sided = masks_right.is_dir() and masks_left.is_dir()
-    masks_ignore = masks.parent / "masks_ignore"
-    regions = ("both", "right", "left") if sided else ("both",)
-
-    paths = list_inputs([images])
-    if split:
-        splits = read_splits(images.parent)
-        if not splits:
-            raise LungSegError(f"{images.parent / 'splits.csv'}: needed for --split {split}")
-        paths = [p for p in paths if splits.get(p.name) == split]
-    if names is not None:
-        wanted = set(names)
-        paths = [p for p in paths if p.name in wanted]
-    pairs = [(p, find_mask(masks, p)) for p in paths]
-    pairs = [(p, m) for p, m in pairs if m is not None]
-    if not pairs:
-        raise LungSegError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else "")
-                           + (" among the names given" if names is not None else ""))
+    regions = ("both", "right", "left") if masks_right.is_dir() and masks_left.is_dir() else ("both",)
+    cases = labelled_cases(images, masks, masks_right, masks_left, split, names)
     if spacing_mm is not None and not spacing_mm > 0:
         raise LungSegError(f"--spacing-mm {spacing_mm}: a pixel size must be above 0 mm")
 
@@ -104,46 +79,7 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
         print(f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
               f"segments '{segmenter.definition}'; the two protocols agree only at Dice ~0.86 on the same images, "
               "so low scores here do not mean wrong segmentations", file=sys.stderr)
-    rows, worst = [], []  # the WORST_SHOWN lowest-Dice (dice, order, pixels, truth, prediction, scored, caption)
-    for image_path, mask_path in tqdm(pairs, desc="evaluating", unit="image"):
-        try:
-            image = read_radiograph(image_path)
-        except ImageReadError as exc:
-            print(f"lungseg: error: {exc}", file=sys.stderr)
-            continue
-        segmentation = segmenter.segment(image.pixels, uncertainty=uncertainty, display_flips=image.display_flips)
-        prediction, assessment = segmentation.label, assess(segmentation, segmenter)
-        if sided:
-            right, left = find_mask(masks_right, image_path), find_mask(masks_left, image_path)
-            truth = merge_sides(read_gray(right), read_gray(left)) if right and left else None
-        else:
-            truth = None
-        if truth is None:
-            truth = (read_gray(mask_path) > 0).astype(np.uint8)
-            scored = ("both",)
-        else:
-            scored = regions
-        if truth.shape != prediction.shape:
-            print(f"lungseg: error: {mask_path}: mask is {truth.shape[::-1]} but the image is "
-                  f"{prediction.shape[::-1]}", file=sys.stderr)
-            continue
-        ignore_path = find_mask(masks_ignore, image_path) if masks_ignore.is_dir() else None
-        ignore = read_gray(ignore_path) > 0 if ignore_path else None
-        if ignore is not None and ignore.shape != truth.shape:
-            print(f"lungseg: error: {ignore_path}: ignore mask is {ignore.shape[::-1]} but the image is "
-                  f"{truth.shape[::-1]}", file=sys.stderr)
-            continue
-        spacing = image.spacing or ((spacing_mm, spacing_mm) if spacing_mm else None)  # the file's own wins
-        metrics = image_metrics(prediction, truth, spacing, regions=scored, ignore=ignore)
-        rows.append({"image": str(image_path), "both_dice": metrics["both_dice"],
-                     "quality": math.nan if assessment.quality is None else assessment.quality,
-                     "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons),
-                     "hd95_unit": "mm" if spacing else "px",
-                     "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
-                     **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}})
-        worst = sorted(worst + [(metrics["both_dice"], len(rows), image.pixels, truth, prediction, scored,
-                                 case_caption(image_path, metrics, scored))], key=lambda case: case[:2])[:WORST_SHOWN]
-
+    rows, worst = score_cases(cases, segmenter, regions, uncertainty, spacing_mm)
     summary = {"model": segmenter.name, "definition_model": segmenter.definition,
                "definition_truth": truth_definition or "",
                "images_dir": str(images), "masks_dir": str(masks), "split": split or "",
@@ -151,15 +87,99 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
                else "px", "spacing_mm": spacing_mm, **summarize(rows, regions),
                "qc_accuracy": qc_summary(rows, segmenter, uncertainty)}
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
-        write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
-        if worst:
-            # a truth without sides is split for the sheet only (never scored), and only for the cases shown
-            write_case_sheet([(pixels, truth if scored != ("both",) else split_left_right(truth), prediction, caption)
-                              for _, _, pixels, truth, prediction, scored, caption in worst],
-                             out_dir / "worst_cases.png")
+        write_evaluation(rows, summary, worst, Path(out_dir))
     return summary
+
+
+def labelled_cases(images: Path, masks: Path, masks_right: Path, masks_left: Path, split: str | None,
+                   names: list[str] | None) -> list[Case]:
+    """The images in `images` that have a mask in `masks` (of the same name, or the same stem), as cases: those of
+    `split` in splits.csv beside the images folder, and of `names`, when given."""
+    paths = list_inputs([images])
+    splits = {}
+    if split:
+        splits = read_splits(images.parent)
+        if not splits:
+            raise LungSegError(f"{images.parent / 'splits.csv'}: needed for --split {split}")
+        paths = [p for p in paths if splits.get(p.name) == split]
+    if names is not None:
+        wanted = set(names)
+        paths = [p for p in paths if p.name in wanted]
+    cases = [labelled_case(p, masks, splits.get(p.name, ""), find_mask, masks_right, masks_left) for p in paths]
+    cases = [case for case in cases if case is not None]
+    if not cases:
+        raise LungSegError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else "")
+                           + (" among the names given" if names is not None else ""))
+    return cases
+
+
+def reference(case: Case, regions: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The case's reference label and the regions it scores: both lungs and each side where it has side masks,
+    else both lungs alone."""
+    sides = case_sides(case)
+    if sides is None:
+        return (read_gray(case.mask) > 0).astype(np.uint8), ("both",)
+    return sides, regions
+
+
+def score_cases(cases: list[Case], segmenter, regions: tuple[str, ...], uncertainty: bool,
+                spacing_mm: float | None) -> tuple[list[dict], list[tuple]]:
+    """Segment and score every case: the rows, and the WORST_SHOWN lowest-Dice cases (dice, order, pixels, truth,
+    prediction, scored, caption). An image that cannot be read, or whose masks do not fit it, is left out."""
+    from tqdm import tqdm
+
+    rows, worst = [], []
+    for case in tqdm(cases, desc="evaluating", unit="image"):
+        scored = score_case(case, segmenter, regions, uncertainty, spacing_mm)
+        if scored is None:
+            continue
+        row, shown = scored
+        rows.append(row)
+        worst = sorted(worst + [(row["both_dice"], len(rows), *shown)], key=lambda entry: entry[:2])[:WORST_SHOWN]
+    return rows, worst
+
+
+def score_case(case: Case, segmenter, regions: tuple[str, ...], uncertainty: bool,
+               spacing_mm: float | None) -> tuple[dict, tuple] | None:
+    """One case's row, and what the case sheet shows of it (pixels, truth, prediction, scored, caption); None,
+    with an error line, when it cannot be scored."""
+    try:
+        image = read_radiograph(case.image)
+    except ImageReadError as exc:
+        print(f"lungseg: error: {exc}", file=sys.stderr)
+        return None
+    segmentation = segmenter.segment(image.pixels, uncertainty=uncertainty, display_flips=image.display_flips)
+    prediction, assessment = segmentation.label, assess(segmentation, segmenter)
+    truth, scored = reference(case, regions)
+    if truth.shape != prediction.shape:
+        print(f"lungseg: error: {case.mask}: mask is {truth.shape[::-1]} but the image is "
+              f"{prediction.shape[::-1]}", file=sys.stderr)
+        return None
+    ignore = read_gray(case.mask_ignore) > 0 if case.mask_ignore else None
+    if ignore is not None and ignore.shape != truth.shape:
+        print(f"lungseg: error: {case.mask_ignore}: ignore mask is {ignore.shape[::-1]} but the image is "
+              f"{truth.shape[::-1]}", file=sys.stderr)
+        return None
+    spacing = image.spacing or ((spacing_mm, spacing_mm) if spacing_mm else None)  # the file's own wins
+    metrics = image_metrics(prediction, truth, spacing, regions=scored, ignore=ignore)
+    row = {"image": str(case.image), "both_dice": metrics["both_dice"],
+           "quality": math.nan if assessment.quality is None else assessment.quality,
+           "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons),
+           "hd95_unit": "mm" if spacing else "px",
+           "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
+           **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}}
+    return row, (image.pixels, truth, prediction, scored, case_caption(case.image, metrics, scored))
+
+
+def write_evaluation(rows: list[dict], summary: dict, worst: list[tuple], out_dir: Path) -> None:
+    """`evaluation.csv`, `summary.json` and `worst_cases.png` in `out_dir`."""
+    write_csv(rows, list(rows[0].keys()), out_dir / "evaluation.csv")
+    write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+    if worst:
+        # a truth without sides is split for the sheet only (never scored), and only for the cases shown
+        write_case_sheet([(pixels, truth if scored != ("both",) else split_left_right(truth), prediction, caption)
+                          for _, _, pixels, truth, prediction, scored, caption in worst],
+                         out_dir / "worst_cases.png")
 
 
 def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:

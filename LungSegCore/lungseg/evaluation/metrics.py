@@ -84,6 +84,20 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: list[float] | None) -
     return float(max(torch.quantile(d, 0.95) for d in distances))
 
 
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice from one region's true positives, false positives and false negatives; 1 where both masks are empty."""
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def both_lung_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """`image_metrics`' both_dice of one (H, W) label pair whose truth marks ignored pixels IGNORE (as
+    `data.case_label` does), without the other metrics: the QC fit scores thousands of results."""
+    keep = truth != IGNORE
+    p, t = region_mask(pred, "both") & keep, region_mask(truth, "both") & keep
+    tp = int(np.count_nonzero(p & t))
+    return dice_from_counts(tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp)
+
+
 def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] | None,
                   regions=("both", "right", "left"), ignore: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, precision, recall, IoU, Dice and HD95 for each region of one (H, W) label pair.
@@ -106,7 +120,7 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, flo
         tp, fp, _, fn = confusion[0, 0].tolist()
         union = tp + fp + fn
         out[f"{region}_iou"] = tp / union if union else 1.0
-        out[f"{region}_dice"] = 2 * tp / (2 * tp + fp + fn) if union else 1.0
+        out[f"{region}_dice"] = dice_from_counts(tp, fp, fn)
         if p.any() and t.any():
             out[f"{region}_hd95"] = hd95(p[0, 0], t[0, 0], list(spacing) if spacing else None)
         else:

@@ -22,7 +22,7 @@ class Prediction:
     probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
     raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
     uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
-    # At the model's resolution and in the standard view, for the predicted quality (`quality.py`): the softmax
+    # At the model's resolution and in the standard view, for the predicted quality (`qc/features.py`): the softmax
     # (3, S, S), the cleaned labelmap (S, S) and the uncertainty (S, S) when asked for. Views, not copies.
     model_probabilities: np.ndarray | None = None
     model_label: np.ndarray | None = None

@@ -1,1 +1,1 @@
-"""Reading radiographs and writing results: images, DICOM, labelmaps, DICOM-SEG, atomic files."""
+"""Reading radiographs and labelled sets, and writing results: images, DICOM, labelmaps, DICOM-SEG, atomic files."""

@@ -1,89 +1,29 @@
-"""Labelled datasets on disk: `images/`, `masks/` (+ optional `masks_right/`, `masks_left/`, `masks_ignore/`) and
-`splits.csv`.
+"""Training data: the cases a config selects from labelled sets (read by `io.labelled`), as model-ready arrays.
 
 An entry of a config's `data.train` / `data.val` / `data.test` selects cases of one set (`entry_cases`): a `split` of
 splits.csv (one name or a list), a seeded `ratios` split, or one part of a K-fold cross-validation (`folds`, `fold`,
 `part: train | held_out`, stratified by the `group` column, patients never split; see `fold_assignment`).
 
-This is the layout of the sets in `../shared/data`, and the layout a user follows to retrain on their own cohort.
-Masks are 0/255 PNGs with the image's name. Right and left come from `masks_right/` and `masks_left/` where they
-exist, otherwise from the merged mask split at the lung midline (`labels.split_left_right`). Pixels marked in
-`masks_ignore/` (devices or markup over the lung) get the label IGNORE and count neither way in training.
+The sets follow the layout of `io.labelled`: that of the sets in `../shared/data`, and the one a user follows to
+retrain on their own cohort.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from ..definitions import IGNORE
 from ..errors import LungSegError
 from ..io.files import save_checkpoint
-from ..inference.labels import merge_sides, split_left_right
+from ..io.labelled import Case, case_label, list_cases, read_gray, read_split_table, split_names
 from ..inference.preprocess import model_input
 from .augment import resize_label
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    image: Path
-    mask: Path
-    mask_right: Path | None
-    mask_left: Path | None
-    split: str
-    mask_ignore: Path | None = None
-
-
 FOLD_PARTS = ("train", "held_out")
-
-
-def read_split_table(root: Path) -> dict[str, dict[str, str]]:
-    """The rows of `root/splits.csv` by file name (empty when there is none)."""
-    path = Path(root) / "splits.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["file"]: row for row in csv.DictReader(f)}
-
-
-def read_splits(root: Path) -> dict[str, str]:
-    return {name: row["split"] for name, row in read_split_table(root).items()}
-
-
-def split_names(split: str | list[str] | None) -> list[str] | None:
-    """A config's `split`, one name or a list of names, as a list (None: every split)."""
-    return None if split is None else [split] if isinstance(split, str) else list(split)
-
-
-def list_cases(root: str | Path, split: str | list[str] | None = None) -> list[Case]:
-    """Every image with a mask under `root`, optionally only those of one split (or a list) of `splits.csv`."""
-    root = Path(root)
-    wanted = split_names(split)
-    if not (root / "images").is_dir() or not (root / "masks").is_dir():
-        raise LungSegError(f"{root}: expected the folders images/ and masks/")
-    splits = read_splits(root)
-    cases = []
-    for image in sorted((root / "images").iterdir()):
-        mask = root / "masks" / image.name
-        if not mask.exists():
-            continue
-        right, left = root / "masks_right" / image.name, root / "masks_left" / image.name
-        sided = right.exists() and left.exists()
-        ignore = root / "masks_ignore" / image.name
-        case = Case(image.stem, image, mask, right if sided else None, left if sided else None,
-                    splits.get(image.name, ""), ignore if ignore.exists() else None)
-        if wanted is None or case.split in wanted:
-            cases.append(case)
-    if not cases:
-        raise LungSegError(f"{root}: no image/mask pairs" + (f" in split '{split}'" if split else ""))
-    return cases
 
 
 def split_by_ratio(cases: list[Case], ratios: dict[str, float], seed: int = 0) -> dict[str, list[Case]]:
@@ -166,21 +106,6 @@ def selection_tag(entry: dict) -> str:
     if "folds" in entry:
         tag += f"-fold{entry.get('fold')}of{entry['folds']}-{entry.get('part')}"
     return tag
-
-
-def read_gray(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
-
-
-def case_label(case: Case) -> np.ndarray:
-    """Full-resolution label image (0 background, 1 right, 2 left, IGNORE) of one case."""
-    if case.mask_right is not None and case.mask_left is not None:
-        label = merge_sides(read_gray(case.mask_right), read_gray(case.mask_left))
-    else:
-        label = split_left_right(read_gray(case.mask) > 0)
-    if case.mask_ignore is not None:
-        label[read_gray(case.mask_ignore) > 0] = IGNORE
-    return label
 
 
 def cache_dir() -> Path:

@@ -57,7 +57,7 @@ class SegmentationResult:
     uncertainty: np.ndarray | None
     qcReasons: list
     card: dict
-    quality: float | None               # predicted Dice (`lungseg.qc.quality.assess`), None for a card without `qc`
+    quality: float | None               # predicted Dice (`lungseg.qc.model.assess`), None for a card without `qc`
     inverted: bool
     inversionSource: str
     seconds: float
@@ -182,7 +182,7 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
     def compute(self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto",
                 uncertainty: bool = False) -> SegmentationResult:
         """The model run on the core's radiograph; touches no MRML node."""
-        from lungseg.qc.quality import assess
+        from lungseg.qc.model import assess
 
         start = time.time()
         segmenter = getSegmenter(model, device)

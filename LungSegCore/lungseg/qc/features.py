@@ -1,8 +1,5 @@
-"""Predicted quality of one segmentation: a predicted Dice in [0, 1], and the decision to check it.
-
-Nobody can look at 50,000 segmentations. Each one therefore gets `quality`, an estimate of its both-lung Dice
-against a reference mask of the model's own lung definition, from cheap features of the model's output at the
-model's resolution (no second forward pass):
+"""The features of one segmentation that its predicted quality reads (`model.py`): cheap measures of the model's
+output at the model's resolution (no second forward pass).
 
 - how sure the model is: the Dice the softmax expects of its own labelmap, probability mass near 0.5 and the
   entropy inside the lungs, lung probability left outside the kept lungs, the mean winning probability;
@@ -15,26 +12,17 @@ model's resolution (no second forward pass):
   heart, diaphragm and soft tissue that bound it, so an outline on that edge sees the image brighten outward;
 - with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs;
 - for an ensemble, the spread of its members, in every mode (they run anyway).
-
-A fractional logistic regression (a quasi-binomial GLM: sigmoid of a weighted sum of standardized features,
-fitted to the Dice by IRLS) turns them into the predicted Dice. Its parameters, the threshold below which a result
-is flagged, and the validation numbers sit in the model card's `qc` block, written by `scripts/fit_quality.py`
-(fitted on one half of the images, measured on the other). `assess` is the one entry point: the batch,
-`lungseg evaluate` and the Slicer module all call it with the Prediction and the model (or its card).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from ..definitions import DEFAULT_DEFINITION, LEFT_LUNG, RIGHT_LUNG
-from .rules import quality_flags
+from ..definitions import LEFT_LUNG, RIGHT_LUNG
 
 EPS = 1e-6
-DICE_LIMIT = 0.90  # the issue's line between a usable and a bad segmentation; flags aim below it
 
 # The features, in a fixed order. Two-sided features enter the regression as their distance from the centre of
 # good segmentations in the fitting data (stored in the card), so that too much and too little both count.
@@ -86,31 +74,6 @@ SHAPE_MODES = 6        # principal modes of the reference shapes; what they cann
 TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
 LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
 PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
-
-# What a person reads in `qc_reasons` for the features that pulled the predicted quality down the most.
-FEATURE_TEXT = {
-    "expected_dice": "the model is unsure of its own outline",
-    "uncertain_mass": "much lung probability near 0.5",
-    "entropy": "high entropy inside the lungs",
-    "outside_mass": "lung probability outside the kept lungs",
-    "confidence": "low confidence over the image",
-    "cleanup_change": "clean-up removed or filled much",
-    "lung_fraction": "unusual lung area",
-    "right_left_ratio": "unusual right/left ratio",
-    "box_fill": "irregular lung shape",
-    "outline": "ragged lung outline",
-    "centre_x": "lungs off the centre",
-    "centre_y": "lungs too high or too low",
-    "height": "unusual lung height",
-    "solidity": "a lung with a bite out of it",
-    "height_ratio": "one lung shorter than the other",
-    PRIOR_FEATURE: "a lung shaped unlike the reference lungs",
-    EDGE_FEATURE: "an outline off the lung's edge in the image",
-    "uncertainty_mean": "high sample spread",
-    "uncertain_border": "samples disagree on the outline",
-    "member_spread": "the ensemble's members disagree inside the lungs",
-    "member_disagreement": "the ensemble's members disagree on the outline",
-}
 
 
 def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, int, int, int]]:
@@ -337,232 +300,3 @@ def _spread_features(spread: np.ndarray, lungs: np.ndarray, lung_area: int) -> t
     near = ndimage.binary_dilation(lungs, iterations=3)
     mean = float(spread[lungs].mean()) if lungs.any() else 1.0
     return mean, min(np.count_nonzero(spread[near] > 0.2) / lung_area, PER_LUNG_LIMIT)
-
-
-@dataclass(frozen=True)
-class QualityModel:
-    """One fitted regression of the card's `qc` block (one per mode: default, and uncertainty)."""
-    features: tuple[str, ...]
-    centre: tuple[float, ...]    # two-sided features: centre of good segmentations; others 0 (unused)
-    mean: tuple[float, ...]      # standardization of the transformed features
-    scale: tuple[float, ...]
-    weights: tuple[float, ...]
-    bias: float
-    threshold: float             # quality below this: check
-    # whether the fragments rule (qc.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
-    # of the model's good results (quality_fit.keeps_fragments_rule); cards fitted before it was a choice keep it
-    fragments_rule: bool = True
-    # the shape model (`fit_shape_prior`) of a regression that reads PRIOR_FEATURE, else None
-    shape_prior: dict | None = field(default=None, compare=False)
-
-    @classmethod
-    def from_dict(cls, block: dict) -> "QualityModel":
-        return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
-                   tuple(block["weights"]), float(block["bias"]), float(block["threshold"]),
-                   bool(block.get("fragments_rule", True)), block.get("shape_prior"))
-
-    def to_dict(self) -> dict:
-        return {"features": list(self.features), "centre": [round(v, 6) for v in self.centre],
-                "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
-                "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
-                "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule,
-                **({"shape_prior": self.shape_prior} if self.shape_prior is not None else {})}
-
-    def standardized(self, values: dict[str, float]) -> np.ndarray:
-        return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
-
-    def predict(self, values: dict[str, float]) -> float:
-        z = float(self.standardized(values) @ np.asarray(self.weights) + self.bias)
-        return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
-
-    def lowering(self, values: dict[str, float], top: int = 2) -> list[str]:
-        """The features that pulled this prediction down the most (below the average fitted case)."""
-        pulls = self.standardized(values) * np.asarray(self.weights)
-        order = [i for i in np.argsort(pulls) if pulls[i] < -0.5][:top]
-        return [self.features[i] for i in order]
-
-
-def transform(values: dict[str, float], names, centre) -> np.ndarray:
-    """The regression's inputs: two-sided features as their distance from the centre, the others as they are."""
-    return np.array([abs(values[n] - c) if n in TWO_SIDED else values[n] for n, c in zip(names, centre)],
-                    dtype=np.float64)
-
-
-def standardize(x: np.ndarray, mean, scale) -> np.ndarray:
-    return (x - np.asarray(mean)) / np.asarray(scale)
-
-
-@dataclass
-class Assessment:
-    """The QC of one segmentation: `qc` is "check" when any rule fired or `quality` is below the threshold."""
-    quality: float | None        # predicted Dice; None when the model card has no fitted `qc` block
-    threshold: float | None
-    reasons: list[str] = field(default_factory=list)
-    mode: str = "default"        # the card's regression used: "default", or "uncertainty"
-
-    @property
-    def qc(self) -> str:
-        return "check" if self.reasons else "ok"
-
-
-def quality_model(card: dict, uncertainty: bool = False) -> tuple[QualityModel | None, str]:
-    """The card's fitted regression for this mode (falling back on the default mode), and the mode's name."""
-    block = (card or {}).get("qc") or {}
-    modes = block.get("modes") or {}
-    for mode in (("uncertainty", "default") if uncertainty else ("default",)):
-        if mode in modes:
-            return QualityModel.from_dict(modes[mode]), mode
-    return None, "default"
-
-
-def reads_image(card: dict, uncertainty: bool = False) -> bool:
-    """Whether the card's regression for this mode reads the network's input (EDGE_FEATURE)."""
-    fitted, _ = quality_model(card, uncertainty)
-    return fitted is not None and EDGE_FEATURE in fitted.features
-
-
-def _card_of(model) -> dict:
-    """A Segmenter, or its card (a dict)."""
-    return model if isinstance(model, dict) else getattr(model, "card", {}) or {}
-
-
-def assess(prediction, model) -> Assessment:
-    """Quality control of one segmentation: the predicted Dice and every reason to look at it.
-
-    Args:
-        prediction: a `postprocess.Prediction` (from `Segmenter.segment` or the batch); with an uncertainty map
-            (the `--uncertainty` mode) the card's uncertainty regression is used when it has one.
-        model: the `inference.Segmenter` that made it, or its model card (a dict).
-
-    Returns:
-        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons (those of
-        the rules of `qc.quality_flags` for the card's lung definition, then a low predicted quality); its `qc` is
-        "check" when there is any reason.
-    """
-    card = _card_of(model)
-    fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
-    predicted = fitted is not None and prediction.model_probabilities is not None
-    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty,
-                            card.get("definition") or DEFAULT_DEFINITION,  # an unknown one falls back there
-                            fragments=not predicted or fitted.fragments_rule)  # off only where quality stands in
-    if not predicted:
-        return Assessment(None, None, reasons, mode)
-    values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features),
-                              prior=fitted.shape_prior, edges=EDGE_FEATURE in fitted.features)
-    quality = fitted.predict(values)
-    if quality < fitted.threshold:
-        why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"
-        reasons.append(f"low predicted quality {quality:.2f} (threshold {fitted.threshold:.2f}): {why}")
-    return Assessment(round(quality, 4), fitted.threshold, reasons, mode)
-
-
-# -- fitting and measuring (scripts/fit_quality.py, `lungseg evaluate`) ---------------------------------------
-
-def fit_regression(x: np.ndarray, dice: np.ndarray, l2: float = 1.0, sample_weight: np.ndarray | None = None,
-                   iterations: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Fractional logistic regression of the Dice on the features (quasi-binomial GLM, Papke and Wooldridge
-    1996): Newton steps (iteratively reweighted least squares) on the Bernoulli quasi-likelihood with an L2
-    penalty on the standardized weights, halving a step whenever it would not lower the penalized loss (the loss
-    is convex, so this converges).
-
-    Args:
-        x: (n, k) transformed features (`transform`), one row per segmentation.
-        dice: (n,) the true Dice of each, in [0, 1].
-        l2: ridge penalty (the intercept is not penalized).
-        sample_weight: (n,) optional weight of each row.
-
-    Returns:
-        mean, scale (the standardization), weights and bias: quality = sigmoid(((x - mean) / scale) @ w + b).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.clip(np.asarray(dice, dtype=np.float64), 0.0, 1.0)
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale[scale < 1e-9] = 1.0
-    design = np.column_stack([(x - mean) / scale, np.ones(len(x))])
-    weight = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    penalty = np.full(design.shape[1], float(l2))
-    penalty[-1] = 0.0
-
-    def loss(beta: np.ndarray) -> float:
-        eta = design @ beta  # -log-likelihood = sum(log(1 + e^eta) - y * eta), computed stably
-        return float(weight @ (np.logaddexp(0, eta) - y * eta) + 0.5 * penalty @ beta ** 2)
-
-    beta = np.zeros(design.shape[1])
-    beta[-1] = math.log((y.mean() + EPS) / (1 - y.mean() + EPS))
-    current = loss(beta)
-    for _ in range(iterations):
-        mu = 1 / (1 + np.exp(-np.clip(design @ beta, -30, 30)))
-        gradient = design.T @ (weight * (mu - y)) + penalty * beta
-        hessian = design.T @ (design * (weight * np.maximum(mu * (1 - mu), 1e-9))[:, None]) + np.diag(penalty)
-        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(beta)), gradient)
-        size = 1.0
-        while size > 1e-6 and loss(beta - size * step) > current:
-            size /= 2
-        if size <= 1e-6:
-            break
-        beta = beta - size * step
-        new = loss(beta)
-        if current - new < 1e-10 * max(abs(current), 1.0):
-            current = new
-            break
-        current = new
-    return mean, scale, beta[:-1], float(beta[-1])
-
-
-def spearman(a, b) -> float:
-    """Spearman's rank correlation (NaN when either side is constant or there are fewer than 3 values)."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(spearmanr(a, b).statistic)
-
-
-def qc_accuracy(dice, flagged, quality=None, limit: float = DICE_LIMIT, severe: float = 0.80) -> dict:
-    """How well QC flags found the bad segmentations of a labelled set.
-
-    Args:
-        dice: true both-lung Dice per image.
-        flagged: True where QC said "check".
-        quality: predicted Dice per image (for the correlation and the error), or None.
-        limit: a segmentation below this Dice should be flagged.
-        severe: also count the flags among the images below this Dice (the clearly failed ones).
-
-    Returns:
-        images; below (Dice < limit) and how many of them were flagged (recall); at_or_above and how many of
-        them were flagged (false_flag_rate); Spearman's correlation of quality with the Dice and the mean
-        absolute error of quality, where given. Rates are None when their group is empty.
-    """
-    dice = np.asarray(dice, dtype=np.float64)
-    flagged = np.asarray(flagged, dtype=bool)
-    bad = dice < limit
-    out = {"images": int(dice.size), "dice_limit": limit, "below": int(bad.sum()),
-           "flagged_below": int((flagged & bad).sum()),
-           "recall": round(float((flagged & bad).sum() / bad.sum()), 4) if bad.any() else None,
-           "at_or_above": int((~bad).sum()), "flagged_at_or_above": int((flagged & ~bad).sum()),
-           "false_flag_rate": round(float((flagged & ~bad).sum() / (~bad).sum()), 4) if (~bad).any() else None,
-           "flagged": int(flagged.sum()), "severe_limit": severe, "below_severe": int((dice < severe).sum()),
-           "flagged_below_severe": int((flagged & (dice < severe)).sum())}
-    if quality is not None:
-        quality = np.asarray(quality, dtype=np.float64)
-        rho = spearman(quality, dice)
-        out["spearman"] = None if math.isnan(rho) else round(rho, 4)
-        out["mean_abs_error"] = round(float(np.abs(quality - dice).mean()), 4) if dice.size else None
-    return out
-
-
-def qc_accuracy_text(qc: dict) -> str:
-    """`qc_accuracy`'s result in words: `7 of 8 below Dice 0.90 flagged (recall 0.88; 3 of 3 below 0.80), false
-    flags 3.1% (12 of 390), Spearman(quality, Dice) 0.71` (a part without its numbers left out). The clear failures
-    are counted apart: most of a weak model's results below 0.90 lie just under it."""
-    severe = f"; {qc['flagged_below_severe']} of {qc['below_severe']} below {qc['severe_limit']:.2f}" \
-        if qc.get("below_severe") else ""
-    parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged"
-             + (f" (recall {qc['recall']:.2f}{severe})" if qc["recall"] is not None else "")]
-    if qc["false_flag_rate"] is not None:
-        parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
-    if qc.get("spearman") is not None:
-        parts.append(f"Spearman(quality, Dice) {qc['spearman']:.2f}")
-    return ", ".join(parts)
