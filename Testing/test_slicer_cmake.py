@@ -45,11 +45,12 @@ def test_every_core_package_file_is_listed():
                       (CORE / "pyproject.toml").read_text(), re.S)
     patterns = re.findall(r'"([^"]+)"', table.group(1))
     assert "models/shipped/*.safetensors" in patterns
+    assert "models/shipped/*.onnx" in patterns  # the graphs that ONNX Runtime runs in Slicer
     shipped = {f"lungseg/{f}" for f in files_under(CORE / "lungseg")
                if f.endswith(".py") or any(fnmatch.fnmatch(f, pattern) for pattern in patterns)}
     assert set(lists["LUNGSEG_CORE_SCRIPTS"]) == {f for f in shipped if f.endswith(".py")}
     assert set(lists["LUNGSEG_CORE_RESOURCES"]) == {f for f in shipped if not f.endswith(".py")}
-    assert any(f.endswith(".safetensors") for f in lists["LUNGSEG_CORE_RESOURCES"]), "the weights must ship"
+    assert any(f.endswith(".onnx") for f in lists["LUNGSEG_CORE_RESOURCES"]), "the ONNX graphs must ship"
 
 
 def test_slicer_macros_are_used():

@@ -35,7 +35,10 @@ def test_catalog_entry_follows_the_extensions_index_schema():
     # the same facts as the extension's CMakeLists.txt
     cmake = (REPO / "CMakeLists.txt").read_text()
     assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
-    assert f'set(EXTENSION_DEPENDS "{" ".join(entry["build_dependencies"])}")' in cmake
+    # no extension dependency (the PyTorch extension no longer): the wizard's "NA" (Utilities/Templates/Extensions/
+    # Default/CMakeLists.txt), and no build_dependencies in the entry
+    depends = " ".join(entry.get("build_dependencies", [])) or "NA"
+    assert re.search(rf'set\(EXTENSION_DEPENDS "{depends}"\)', cmake) and depends == "NA"
     assert f"set(EXTENSION_BUILD_SUBDIRECTORY {entry['build_subdirectory']})" in cmake
 
 
@@ -185,3 +188,96 @@ print(sys.version_info[:2], np.__version__)
     names, read, version = result.stdout.splitlines()[-3:]
     assert "unet" in names and read.startswith("(1955, 1841)") and version.startswith("(3, 9) 1.26.1")
     assert (tmp_path / "label.nrrd").is_file()
+
+
+# --- the first Apply's pip install, resolved by pip's real resolver ----------------------------------------------
+# Slicer's own packages by release (SuperBuild/External_python-*.cmake; see shared/reviews/slicer-module-review-2.md,
+# R2): 5.6.2 and 5.8 ship Python 3.9 with numpy 1.26.1 and scipy 1.11.3; 5.10 ships Python 3.12 with numpy 2.0.2;
+# 5.12 (and Slicer's HEAD) Python 3.12 with numpy 2.4.6, scipy 1.17.1, SimpleITK 2.5.5, pydicom 3.0.2, pillow 12.2.0.
+# Of these only numpy enters the resolution (onnxruntime depends on it); the others are pinned all the same.
+SLICER_VERSIONS = {
+    "5.6/5.8": ("3.9", {"numpy": "1.26.1", "scipy": "1.11.3"}),
+    "5.10": ("3.12", {"numpy": "2.0.2"}),
+    "5.12": ("3.12", {"numpy": "2.4.6", "scipy": "1.17.1", "SimpleITK": "2.5.5", "pydicom": "3.0.2",
+                      "Pillow": "12.2.0"}),
+}
+# pip expands a manylinux_2_28 tag to older glibc tags but not to the legacy manylinux2014 alias: name the friends
+LINUX = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+# (Slicer, platform tags, onnxruntime that pip must pick: an exact version, ">=1.19" where new releases still come,
+# or None where no onnxruntime>=1.19 exists and pip must refuse)
+RESOLVER_CASES = [
+    ("5.6/5.8", ["win_amd64"], "1.19.2"),  # 1.19.2: the last onnxruntime for Python 3.9
+    ("5.6/5.8", LINUX, "1.19.2"),
+    ("5.6/5.8", ["macosx_11_0_arm64"], "1.19.2"),  # a universal2 wheel
+    ("5.6/5.8", ["macosx_11_0_x86_64"], "1.19.2"),
+    ("5.6/5.8", ["macosx_10_15_x86_64"], None),  # only onnxruntime 1.16.3 has a macOS 10.15 wheel
+    ("5.10", ["win_amd64"], ">=1.19"),
+    ("5.10", LINUX, ">=1.19"),
+    ("5.10", ["macosx_14_0_arm64"], ">=1.19"),
+    ("5.12", ["win_amd64"], ">=1.19"),
+    ("5.12", LINUX, ">=1.19"),
+    ("5.12", ["macosx_14_0_arm64"], ">=1.19"),
+    ("5.12", ["macosx_13_0_x86_64"], "1.23.2"),  # the last onnxruntime with an Intel-Mac wheel
+    ("5.12", ["macosx_10_15_x86_64"], None),  # Python 3.12 on an Intel Mac before macOS 11: none
+]
+
+
+@pytest.fixture(scope="module")
+def pypi():
+    """pip reaches its index (PyPI, as configured): else a skip, or a failure under LUNGSEG_REQUIRE_DATA=1."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "onnxruntime",
+                                 "--disable-pip-version-check"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        result = None
+    if result is None or result.returncode != 0 or "onnxruntime (" not in result.stdout:
+        require_or_skip("PyPI is unreachable: the resolver test needs pip's index "
+                        f"({result.stderr.strip()[-300:] if result else 'timed out'})")
+
+
+@pytest.fixture(scope="module")
+def install_logic():
+    importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
+    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    import slicer_app
+
+    slicer_app.start()
+    from LungSegLib import InstallLogic
+
+    return InstallLogic
+
+
+@pytest.mark.parametrize("slicer_version, platforms, expected", RESOLVER_CASES,
+                         ids=[f"{s}-{p[0]}" for s, p, _ in RESOLVER_CASES])
+def test_pip_resolves_onnxruntime_against_slicers_packages(pypi, install_logic, tmp_path, slicer_version, platforms,
+                                                           expected):
+    """The first Apply's `pip install` (InstallLogic.pipArguments: the constraints file and the requirements, as
+    pip_install gets them before 5.12 and pip_ensure builds them in 5.12) through pip's real resolver, for the
+    Python, numpy and platform of each Slicer: onnxruntime resolves, numpy stays Slicer's, no torch or MONAI comes
+    along; where no onnxruntime fits, pip refuses and names it."""
+    from packaging.specifiers import SpecifierSet
+
+    python, versions = SLICER_VERSIONS[slicer_version]
+    arguments = install_logic.pipArguments(install_logic.REQUIREMENTS, versions, tmp_path)
+    assert arguments[:2] == ["-c", str(tmp_path / "constraints.txt")]
+    assert (tmp_path / "constraints.txt").read_text().split() == [
+        f"{name}=={versions[name]}" for name in install_logic.SLICER_PACKAGES if name in versions]
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
+               "--disable-pip-version-check", "--report", str(report), "--python-version", python,
+               *[option for tag in platforms for option in ("--platform", tag)], *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if expected is None:
+        assert result.returncode != 0 and "onnxruntime" in result.stderr, result.stderr[-2000:]
+        assert "No matching distribution" in result.stderr or "ResolutionImpossible" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    print(f"Slicer {slicer_version}, Python {python}, {platforms[0]}: onnxruntime {chosen.get('onnxruntime')}")
+    assert chosen.get("onnxruntime") in SpecifierSet(expected if expected.startswith(">") else f"=={expected}")
+    assert chosen["numpy"] == versions["numpy"]  # Slicer's numpy, never replaced
+    for name in install_logic.SLICER_PACKAGES:  # the others do not even enter the resolution
+        assert chosen.get(name.lower(), versions.get(name)) == versions.get(name), name
+    assert not {"torch", "monai", "torchvision", "safetensors"} & set(chosen), sorted(chosen)
+    assert "tqdm" in chosen

@@ -435,53 +435,94 @@ def test_cancel_on_windows_runs_taskkill_without_a_console_window(monkeypatch):
 
 
 class Recorder:
-    def __init__(self, result=None):
-        self.calls, self.result = [], result
+    def __init__(self, result=None, error=None):
+        self.calls, self.result, self.error = [], result, error
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
         return self.result
 
 
-def test_install_logic_installs_only_what_is_missing(monkeypatch):
+def pip_ensure_signature(requirements, constraints=None, skip_packages=None, prompt_install=True,
+                         prompt_restart=True, requester=None, skip_in_testing=True, show_progress=True):
+    """The parameters of `slicer.packaging.pip_ensure` (Base/Python/slicer/packaging.py:327-336, Slicer HEAD
+    583e9b37, 5.12): a call the real one would refuse raises TypeError here too."""
+
+
+def test_install_logic_installs_onnxruntime_only_and_pins_slicers_packages(monkeypatch):
+    """What the first Apply hands to pip: only onnxruntime (and tqdm where absent), never torch or MONAI; Slicer's
+    numpy, scipy, SimpleITK, pydicom and Pillow pinned in the constraints file; pip_ensure (5.12+) without
+    skip_packages (it would mean --no-deps per package); before 5.12 one pip_install call. pip itself resolves these
+    arguments in test_slicer_install.py::test_pip_resolves_onnxruntime_against_slicers_packages."""
+    import inspect
+
     confirm = Recorder(True)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm, raising=False)
     assert install.InstallLogic().ensureDependencies() and not confirm.calls  # this venv has everything
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)  # as if not imported yet (restored afterwards)
+    assert install.REQUIREMENTS == ["onnxruntime>=1.19", "tqdm>=4.60"]
 
-    versions = {"torch": None, "monai": "1.3.0", "numpy": "1.26.4", "SimpleITK": "2.4.1"}
-    real = install.InstallLogic._installedVersion
-    monkeypatch.setattr(install.InstallLogic, "_installedVersion",
-                        staticmethod(lambda name: versions[name] if name in versions else real(name)))
-    assert install.InstallLogic().missingRequirements() == ["torch>=2.1", "monai>=1.4"]
+    versions = {"onnxruntime": None, "tqdm": "4.66.1", "torch": None, "monai": None, "numpy": "1.26.1",
+                "scipy": "1.11.3", "SimpleITK": "2.3.1", "pydicom": "2.4.3", "Pillow": "10.1.0"}
+    monkeypatch.setattr(install.InstallLogic, "_installedVersion", staticmethod(lambda name: versions[name]))
+    assert install.InstallLogic().missingRequirements() == ["onnxruntime>=1.19"]  # torch and MONAI: not needed
+    pins = ["numpy==1.26.1", "scipy==1.11.3", "SimpleITK==2.3.1", "pydicom==2.4.3", "Pillow==10.1.0"]
 
-    torch_logic = Recorder(object())
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(
-        PyTorchUtilsLogic=lambda: types.SimpleNamespace(installTorch=torch_logic)))
-    ensure = Recorder()
-    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=ensure))
+    def installs(result=None, error=None):
+        """A pip_ensure stand-in that checks its call against the real signature and then 'installs'."""
+        recorder = Recorder(result, error)
+
+        def pip_ensure(*args, **kwargs):
+            inspect.signature(pip_ensure_signature).bind(*args, **kwargs)
+            recorder(*args, **kwargs)
+            if error is None:
+                versions["onnxruntime"] = "1.19.2"
+        return recorder, pip_ensure
+
+    ensure, pip_ensure = installs()
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
     assert install.InstallLogic().ensureDependencies()
-    assert len(confirm.calls) == 1 and "torch>=2.1" in confirm.calls[0][0][0]
-    assert torch_logic.calls == [((), {"askConfirmation": False, "torchVersionRequirement": ">=2.1"})]
+    assert len(confirm.calls) == 1 and "onnxruntime>=1.19" in confirm.calls[0][0][0]
+    assert "torch" not in confirm.calls[0][0][0].lower()
     (requirements,), options = ensure.calls[0]
-    assert [str(r) for r in requirements] == ["monai>=1.4"]
-    assert set(options["skip_packages"]) == {"numpy", "SimpleITK", "torch"} and not options["prompt_install"]
-    assert Path(options["constraints"]).read_text().split() == ["numpy==1.26.4", "SimpleITK==2.4.1"]
+    assert [str(r) for r in requirements] == ["onnxruntime>=1.19"]
+    assert "skip_packages" not in options and not options["prompt_install"]
+    assert Path(options["constraints"]).read_text().split() == pins
 
-    # before Slicer 5.12 (no slicer.packaging): one pip call with MONAI's dependencies, resolved against the
-    # installed torch, numpy and SimpleITK, so pip picks a MONAI that supports that torch
+    # before Slicer 5.12 (no slicer.packaging): one pip call, constraints first, never --no-deps
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)
-    versions.update(torch="2.2.2", scipy=None)
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.2.2+cpu"))
+    versions.update(onnxruntime=None, tqdm=None, SimpleITK="2.3.1rc1.post1-not-pep440!")  # an odd version: unpinned
     pip = Recorder()
-    monkeypatch.setattr(slicer.util, "pip_install", pip)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda arguments: (
+        pip(arguments), versions.update(onnxruntime="1.19.2", tqdm="4.67.1")))
     assert install.InstallLogic().ensureDependencies()
-    assert len(pip.calls) == 1
-    arguments = pip.calls[0][0][0]
-    assert arguments[0] == "-c" and arguments[2:] == ["monai>=1.4", "scipy>=1.10"] and "--no-deps" not in arguments
-    assert Path(arguments[1]).read_text().split() == ["numpy==1.26.4", "SimpleITK==2.4.1", "torch==2.2.2"]
+    (arguments,), _ = pip.calls[0]
+    assert len(pip.calls) == 1 and arguments[0] == "-c" and "--no-deps" not in arguments
+    assert arguments[2:] == ["onnxruntime>=1.19", "tqdm>=4.60"]
+    assert Path(arguments[1]).read_text().split() == [p for p in pins if not p.startswith("SimpleITK")]
 
-    # a torch that this session imported before the PyTorch extension upgraded it: restart first
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.1.0+cpu"))
+    # a failed resolution (pip's CalledProcessError, in 5.12 after Slicer's own "installation failed" dialog): a
+    # message that names what could not be installed, on which Python and system
+    versions.update(onnxruntime=None)
+    failing = Recorder(error=subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install"]))
+    monkeypatch.setattr(slicer.util, "pip_install", failing)
+    with pytest.raises(RuntimeError, match=r"could not install onnxruntime>=1\.19 into Slicer's Python 3\.") as error:
+        install.InstallLogic().ensureDependencies()
+    assert "Python console" in str(error.value) and len(failing.calls) == 1
+    # pip_ensure that installed nothing (it skips in Slicer's testing mode): the same message, not an ImportError later
+    nothing = Recorder()
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=nothing))
+    with pytest.raises(RuntimeError, match="could not install onnxruntime"):
+        install.InstallLogic().ensureDependencies()
+
+    # an onnxruntime that this session imported before pip upgraded it: restart first
+    versions.update(onnxruntime="1.19.2")
+    monkeypatch.setattr(install.InstallLogic, "missingRequirements", lambda self: [] if pip.calls else ["x"])
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(__version__="1.17.0"))
+    monkeypatch.setattr(install.InstallLogic, "installPackages", lambda self, requirements: pip.calls.append(1))
+    pip.calls.clear()
     with pytest.raises(RuntimeError, match="restart Slicer"):
         install.InstallLogic().ensureDependencies()
 
@@ -489,6 +530,50 @@ def test_install_logic_installs_only_what_is_missing(monkeypatch):
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", declined)
     pip.calls.clear()
     assert not install.InstallLogic().ensureDependencies() and not pip.calls
+
+
+def test_logic_segments_with_torch_and_monai_unimportable(tmp_path):
+    """The Slicer module's logic on ONNX Runtime alone: in a child process where importing torch or MONAI raises
+    ImportError (as in a Slicer without them), the logic segments a radiograph, with the uncertainty map of
+    test-time augmentation and of prob_unet's samples, and never imports either."""
+    script = f"""
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError(f"{{name}} is not installed (blocked by the test)")
+
+sys.meta_path.insert(0, NoTorch())
+for name in ("torch", "monai"):
+    try:
+        __import__(name)
+        raise SystemExit(name + " is importable: the block does not work")
+    except ImportError:
+        pass
+sys.path.insert(0, {str(Path(__file__).resolve().parent / "slicer_support")!r})
+import slicer_app
+slicer = slicer_app.start()
+from LungSeg import LungSegLogic
+from LungSegLib.InstallLogic import InstallLogic
+from lungseg.samples import sample_pngs
+assert InstallLogic().missingRequirements() == []
+for model in ("unet", "prob_unet"):
+    volume = slicer_app.load_volume(sample_pngs()[0])
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    uncertainty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    summary = LungSegLogic().process(volume, segmentation, model=model, device="cpu", uncertaintyVolume=uncertainty)
+    assert summary.rightAreaPx > 5000 and summary.leftAreaPx > 5000, summary
+    assert slicer.util.arrayFromVolume(uncertainty).max() > 0.05
+    print(model, summary.rightAreaPx, summary.leftAreaPx, summary.quality)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai", "onnxruntime")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[-3].startswith("unet ") and lines[-2].startswith("prob_unet ")
+    imported = eval(lines[-1])
+    assert "onnxruntime" in imported and not [m for m in imported if not m.startswith("onnxruntime")]
 
 
 def test_parameter_node_is_created_and_takes_none_and_either_volume_type():
@@ -518,6 +603,6 @@ def test_module_self_test_runs(monkeypatch):
 def test_module_self_test_reports_a_skip_without_its_packages(monkeypatch):
     import unittest
 
-    monkeypatch.setattr(install.InstallLogic, "missingRequirements", lambda self: ["torch>=2.1"])
-    with pytest.raises(unittest.SkipTest, match="torch"):
+    monkeypatch.setattr(install.InstallLogic, "missingRequirements", lambda self: ["onnxruntime>=1.19"])
+    with pytest.raises(unittest.SkipTest, match="onnxruntime"):
         LungSeg.LungSegTest().runTest()

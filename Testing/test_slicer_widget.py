@@ -113,23 +113,76 @@ def test_apply_segments_on_the_main_thread_while_the_panel_shows_it_is_busy(modu
     assert not [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
 
 
+def pretend_onnxruntime_is_missing(monkeypatch, installLogic):
+    """The real InstallLogic with onnxruntime absent until a pip call 'installs' it (Slicer before 5.12: no
+    slicer.packaging, so slicer.util.pip_install); the user confirms."""
+    from LungSegLib import InstallLogic as install
+
+    installed = {"onnxruntime": False}
+    real = install.InstallLogic._installedVersion
+    monkeypatch.setattr(install.InstallLogic, "_installedVersion", staticmethod(
+        lambda name: real(name) if name != "onnxruntime" or installed["onnxruntime"] else None))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+    confirmations = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda *args, **kwargs: confirmations.append(args[0]) or True, raising=False)
+    return installed, confirmations
+
+
 def test_a_second_click_during_installation_does_not_install_again(module_widget, monkeypatch):
-    """slicer.util.pip_install processes events while pip runs, so a second click reaches the panel."""
+    """slicer.util.pip_install processes events while pip runs (util.py logProcessOutput), so a second click reaches
+    the panel: it must neither install again nor segment; after the one install, the first click segments."""
     widget, _ = module_widget
     panel, ui = widget.panel, widget.panel.ui
+    installed, confirmations = pretend_onnxruntime_is_missing(monkeypatch, panel.installLogic)
     installs, states = [], []
 
-    def ensureDependencies():
-        installs.append(1)
-        states.append((ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled()))
+    def pip_install(arguments):
+        installs.append(arguments)
+        states.append((ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled(), ui.statusLabel.text()))
         panel.onApply()  # what processEvents would deliver
         panel.onRunBatch()
-        return False  # the user declined: nothing segmented
+        installed["onnxruntime"] = True
 
-    monkeypatch.setattr(panel.installLogic, "ensureDependencies", ensureDependencies)
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
     ui.applyButton.click()
-    assert installs == [1] and states == [(False, False)]
-    assert "not installed" in ui.statusLabel.text() and ui.applyButton.isEnabled()
+    arguments, = installs
+    assert arguments[0] == "-c" and arguments[2:] == ["onnxruntime>=1.19"]  # this venv has tqdm
+    assert len(confirmations) == 1 and "onnxruntime>=1.19" in confirmations[0]
+    assert states[0][:2] == (False, False) and "Python packages" in states[0][2]
+    segmentation = widget.logic.getParameterNode().outputSegmentation
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2  # segmented once the install was done
+    assert "Right lung" in ui.statusLabel.text() and ui.applyButton.isEnabled()
+
+    # declined: nothing installed, nothing segmented, and the panel says why
+    installed["onnxruntime"] = False
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: False)
+    ui.applyButton.click()
+    assert len(installs) == 1 and "not installed" in ui.statusLabel.text() and ui.applyButton.isEnabled()
+
+
+def test_a_failed_installation_names_what_could_not_be_installed(module_widget, monkeypatch):
+    """pip's resolution fails (e.g. Python 3.12 on an Intel Mac before macOS 11: no onnxruntime wheel; see
+    test_slicer_install.py): the status line and the error dialog name onnxruntime, and the panel is usable again."""
+    import subprocess
+
+    widget, _ = module_widget
+    panel, ui = widget.panel, widget.panel.ui
+    pretend_onnxruntime_is_missing(monkeypatch, panel.installLogic)
+
+    def pip_install(arguments):
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", *arguments])
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append(text))
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: False)  # tryWithErrorDisplay shows nothing in tests
+    with pytest.raises(RuntimeError, match=r"could not install onnxruntime>=1\.19"):
+        panel.onApply()
+    assert "could not install onnxruntime>=1.19" in ui.statusLabel.text()
+    assert "Failed to segment" in shown[0] and "onnxruntime>=1.19" in shown[0]
+    assert ui.applyButton.isEnabled() and ui.progressBar.maximum() == 1
+    assert widget.logic.getParameterNode().outputSegmentation is None
 
 
 def test_export_dialog_opens_in_a_folder_and_gives_the_chosen_filters_suffix(module_widget, tmp_path, monkeypatch):

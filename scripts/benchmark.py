@@ -310,7 +310,7 @@ def main() -> None:
             for card in list_models()}
     if args.training:
         report["training_images_per_s"] = training_rates(torch.device(args.device))
-    if args.slicer:  # in a fresh process: its first Apply must import torch and MONAI itself
+    if args.slicer:  # in a fresh process: its first Apply must import onnxruntime and open the session itself
         script = Path(__file__).with_name("benchmark_slicer.py")
         run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
         report["slicer_panel"] = json.loads(run.stdout)

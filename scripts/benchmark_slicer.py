@@ -4,7 +4,8 @@ In Slicer the main thread holds Python's GIL while it waits in Qt's event loop (
 runs Python only in callbacks; `slicer_app.spin_like_slicer` emulates that. Measured, in one fresh process, on
 pydicom-data's 1955x1841 chest CR loaded as Slicer's DICOM module loads it:
 
-- first_apply_s: the first Apply of a session after installation (imports torch and MONAI, loads the model);
+- first_apply_s: the first Apply of a session after installation: imports onnxruntime and the core's inference
+  modules, reads the model card and creates the ONNX Runtime session (graph optimisation included), then segments;
 - second_apply_s: the next Apply, until the segments are in the scene;
 - longest_stall_not_busy_s: the longest time the event loop did not turn while the panel did not show it was busy;
 - longest_stall_busy_s: the same while it showed it was busy (progress bar running, buttons disabled, status text).
@@ -36,9 +37,10 @@ def record_busy_changes(panel) -> list[tuple[float, bool]]:
 
 
 def measure(threads: int = 2) -> dict:
-    """Run in a fresh process: the first Apply must import torch and MONAI itself, as after installation."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when the first Apply imports it
-    assert "torch" not in sys.modules, "torch already imported: the first Apply would not pay for it"
+    """Run in a fresh process: the first Apply must import onnxruntime and open the model's session itself, as
+    after installation."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the session's intra-op threads (lungseg.inference.runtime)
+    assert "onnxruntime" not in sys.modules, "onnxruntime already imported: the first Apply would not pay for it"
     sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
     import slicer_app
 
@@ -53,6 +55,7 @@ def measure(threads: int = 2) -> dict:
     widget = LungSegWidget()
     widget.setup()
     panel = widget.panel
+    assert "onnxruntime" not in sys.modules, "the panel's setup imported onnxruntime: the first Apply would not"
     panel.logic.getParameterNode().inputVolume = volume
     panel.logic.getParameterNode().device = "cpu"
 
@@ -85,7 +88,11 @@ def measure(threads: int = 2) -> dict:
     gaps.append(idle(1.0))
     gap = max(gaps)
     widget.cleanup()
-    return {"image": f"{path.name} {volume.GetImageData().GetDimensions()[:2]}", "torch_threads": threads,
+    import onnxruntime
+
+    return {"image": f"{path.name} {volume.GetImageData().GetDimensions()[:2]}",
+            "onnxruntime": onnxruntime.__version__, "threads": threads,
+            "torch_imported": "torch" in sys.modules or "monai" in sys.modules,  # must stay False
             "first_apply_s": round(first, 2), "second_apply_s": round(second, 2),
             "longest_stall_not_busy_s": round(max(stalls["idle"], gap), 3),
             "longest_stall_busy_s": round(stalls["busy"], 2)}

@@ -60,12 +60,14 @@ class LungSeg(ScriptedLoadableModule):  # noqa: F405
         self.parent.contributors = ["LungSeg developers"]
         self.parent.helpText = _(
             "Segments the right and left lung on a 2D chest radiograph (PNG, JPEG, DICOM CR/DX, RGB or grayscale) "
-            "with U-Net models trained with MONAI, exports 0/1/2 labelmaps and segments whole folders. "
+            "with U-Net models (trained with MONAI, run with ONNX Runtime), exports 0/1/2 labelmaps and segments whole "
+            "folders. "
             "Areas are reported in mm² when the image has a real pixel spacing. Needs {supported}. "
             '<a href="https://github.com/lungseg/LungSeg/tree/main/LungSegExtension#readme">Documentation</a>.'
         ).format(supported=SUPPORTED_TEXT)
         self.parent.acknowledgementText = _(
-            "Built on 3D Slicer, MONAI and PyTorch; the models' training data and licences are in their model cards. "
+            "Built on 3D Slicer and ONNX Runtime (the models were trained with MONAI and PyTorch, which LungSeg does "
+            "not install); the models' training data and licences are in their model cards. "
             "The demo chest CR comes from pydicom-data (MIT licence).")
         if not slicerVersionProblem():
             slicer.app.connect("startupCompleted()", registerSampleData)

@@ -1,9 +1,10 @@
 """Python dependencies of LungSeg in Slicer's Python, installed on first use after the user agrees.
 
-torch comes from the PyTorch extension (SlicerPyTorch picks the build for the machine's GPU and driver); the other
-packages come from pip, resolved against the torch, numpy and SimpleITK that are installed, which are pinned in a
-constraints file: pip then picks a MONAI that declares support for that torch (MONAI 1.6 needs torch 2.8 or newer,
-and the PyTorch extension installs torch 2.2 on Intel Macs), and it never replaces Slicer's numpy or SimpleITK.
+The core runs its models on ONNX Runtime, so the first Apply installs only `onnxruntime` (with its small
+dependencies: protobuf, flatbuffers, sympy, coloredlogs) and `tqdm` when it is absent. Everything else the core needs
+at inference (numpy, scipy, SimpleITK, pydicom, Pillow) ships with Slicer; their installed versions are pinned in a
+constraints file, so pip resolves against them and never replaces them. No PyTorch, no MONAI: those are only for
+training (the core's `[train]` extra).
 The `lungseg` core package ships inside the extension (see README): it is found, never downloaded.
 """
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import slicer
 
-TORCH_REQUIREMENT = "torch>=2.1"
-# the core's runtime dependencies (LungSegCore/pyproject.toml) that Slicer does not ship
-REQUIREMENTS = ["monai>=1.4", "safetensors>=0.4", "scikit-image>=0.21", "pydicom>=2.4", "PyYAML>=6",
-                "tqdm>=4.60", "scipy>=1.10"]
-# provided by Slicer or by the PyTorch extension: never let pip install or replace them
-PROTECTED = ["numpy", "SimpleITK", "torch"]
+# the core's inference dependencies (LungSegCore/pyproject.toml) that Slicer does not ship; onnxruntime 1.19.2 is
+# the newest for Python 3.9 (Slicer 5.6 and 5.8). highdicom (only for `--format dicom-seg`, which the panel does
+# not offer) is left out: it needs pydicom 3, which Slicer 5.6-5.10 do not ship.
+REQUIREMENTS = ["onnxruntime>=1.19", "tqdm>=4.60"]
+# shipped by Slicer (SuperBuild/External_python-{numpy,scipy,SimpleITK,dicom-requirements}.cmake): pinned to the
+# installed versions, never installed or replaced by LungSeg
+SLICER_PACKAGES = ["numpy", "scipy", "SimpleITK", "pydicom", "Pillow"]
 
 
 def corePythonPath() -> Path:
@@ -38,6 +42,33 @@ def corePythonPath() -> Path:
     raise RuntimeError("the lungseg core package is missing from this LungSeg installation; reinstall the extension")
 
 
+def constraintPins(versions: dict) -> list[str]:
+    """`name==version` for each of Slicer's packages that is installed with a PEP 440 version (pip refuses a
+    constraints file with another); `versions` maps a distribution name to its installed version or None."""
+    from packaging.version import InvalidVersion, Version
+
+    pins = []
+    for name in SLICER_PACKAGES:
+        version = versions.get(name)
+        if not version:
+            continue
+        try:
+            Version(version)
+        except InvalidVersion:
+            logging.warning(f"LungSeg: {name} {version} is not a PEP 440 version; it is not pinned")
+            continue
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def pipArguments(requirements: list[str], versions: dict, folder: str | Path) -> list[str]:
+    """The arguments of `pip install` for `requirements`: `-c <constraints>` (written into `folder`, pinning
+    Slicer's packages at `versions`) and the requirements, as one resolution."""
+    constraints = Path(folder) / "constraints.txt"
+    constraints.write_text("".join(pin + "\n" for pin in constraintPins(versions)))
+    return ["-c", str(constraints), *requirements]
+
+
 class InstallLogic:
     def __init__(self, doAskConfirmation: bool = True):
         self.doAskConfirmation = doAskConfirmation
@@ -50,11 +81,11 @@ class InstallLogic:
             return None
 
     def missingRequirements(self) -> list[str]:
-        """Requirements (torch first) that are absent or too old in this Python."""
+        """Requirements that are absent or too old in this Python."""
         from packaging.requirements import Requirement
 
         missing = []
-        for text in [TORCH_REQUIREMENT, *REQUIREMENTS]:
+        for text in REQUIREMENTS:
             requirement = Requirement(text)
             version = self._installedVersion(requirement.name)
             if version is None or not requirement.specifier.contains(version, prereleases=True):
@@ -69,55 +100,52 @@ class InstallLogic:
             return True
         if self.doAskConfirmation and not slicer.util.confirmOkCancelDisplay(
                 "LungSeg needs these Python packages, which will be installed into Slicer's Python now "
-                "(this may take several minutes and needs the internet):\n\n" + "\n".join(missing),
+                "(a download of about 15-30 MB; it needs the internet):\n\n" + "\n".join(missing),
                 "LungSeg: install Python packages"):
             return False
-        if missing[0] == TORCH_REQUIREMENT:
-            self.installTorch()
-            missing = missing[1:]
-        if missing:
-            self.installPackages(missing)
+        self.installPackages(missing)
         importlib.invalidate_caches()
+        stillMissing = self.missingRequirements()
+        if stillMissing:  # e.g. pip_ensure skips installing in Slicer's testing mode
+            raise RuntimeError(self.failureMessage(stillMissing))
         self.checkRestartNeeded()
         return True
 
     def checkRestartNeeded(self) -> None:
-        """A torch that this Slicer session imported before it was upgraded keeps running the old code."""
-        torch = sys.modules.get("torch")
-        installed = self._installedVersion("torch")
-        if torch is not None and installed and getattr(torch, "__version__", installed).split("+")[0] \
-                != installed.split("+")[0]:
-            raise RuntimeError(f"PyTorch was updated from {torch.__version__} to {installed} while Slicer was "
-                               "running: restart Slicer, then press Apply again.")
+        """An onnxruntime that this Slicer session imported before pip upgraded it keeps running the old code."""
+        runtime = sys.modules.get("onnxruntime")
+        installed = self._installedVersion("onnxruntime")
+        if runtime is not None and installed and getattr(runtime, "__version__", installed) != installed:
+            raise RuntimeError(f"ONNX Runtime was updated from {runtime.__version__} to {installed} while Slicer "
+                               "was running: restart Slicer, then press Apply again.")
 
     @staticmethod
-    def installTorch() -> None:
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError as exc:
-            raise RuntimeError("LungSeg needs the PyTorch extension: install it from the Extensions Manager, "
-                               "restart Slicer and press Apply again.") from exc
-        specifier = TORCH_REQUIREMENT.removeprefix("torch")
-        logging.info(f"LungSeg: installing PyTorch {specifier} through the PyTorch extension")
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                         torchVersionRequirement=specifier) is None:
-            raise RuntimeError("PyTorch could not be installed; see the Python console for the reason.")
+    def failureMessage(missing: list[str]) -> str:
+        return (f"LungSeg could not install {', '.join(missing)} into Slicer's Python {platform.python_version()} "
+                f"on {platform.system()} {platform.machine()}: pip found no version that fits this Python and "
+                "system together with the numpy, scipy, SimpleITK, pydicom and Pillow that Slicer ships (or the "
+                "download failed). pip's own message is in the Python console.")
 
     def installPackages(self, requirements: list[str]) -> None:
-        """pip_ensure (Slicer 5.12+) or pip_install, with the installed torch, numpy and SimpleITK pinned."""
-        pins = [f"{name}=={self._installedVersion(name)}" for name in PROTECTED if self._installedVersion(name)]
-        constraints = Path(tempfile.mkdtemp(prefix="LungSeg-")) / "constraints.txt"
-        constraints.write_text("\n".join(pins) + "\n")
-        logging.info(f"LungSeg: installing {', '.join(requirements)} (keeping {', '.join(pins)})")
+        """One pip resolution of `requirements` with Slicer's packages pinned: `slicer.packaging.pip_ensure`
+        (Slicer 5.12+), else `slicer.util.pip_install`. Never `skip_packages`, which installs each package with
+        `--no-deps` and so bypasses the constraints (packaging.py, Slicer 5.12)."""
+        versions = {name: self._installedVersion(name) for name in SLICER_PACKAGES}
+        arguments = pipArguments(requirements, versions, tempfile.mkdtemp(prefix="LungSeg-"))
+        constraints = arguments[1]
+        logging.info(f"LungSeg: installing {', '.join(requirements)} "
+                     f"(keeping {', '.join(constraintPins(versions)) or 'nothing pinned'})")
         try:
             from slicer.packaging import pip_ensure
         except ImportError:
             pip_ensure = None
-        if pip_ensure is not None:
-            from packaging.requirements import Requirement
-
-            pip_ensure([Requirement(r) for r in requirements], constraints=str(constraints),
-                       skip_packages=PROTECTED, prompt_install=False, requester="LungSeg")
-            return
-        # before 5.12: one pip call, so that the resolver sees the pinned torch when it picks MONAI
-        slicer.util.pip_install(["-c", str(constraints), *requirements])
+        try:
+            if pip_ensure is not None:
+                # LungSeg asked already, and checkRestartNeeded says what a restart is for
+                pip_ensure(requirements, constraints=constraints, prompt_install=False, prompt_restart=False,
+                           requester="LungSeg")
+            else:
+                slicer.util.pip_install(arguments)
+        except subprocess.CalledProcessError as error:
+            importlib.invalidate_caches()
+            raise RuntimeError(self.failureMessage(self.missingRequirements() or requirements)) from error
