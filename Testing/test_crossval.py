@@ -20,7 +20,7 @@ from lungseg.training.crossval import fold_config, fold_dir
 from lungseg.errors import LungSegError
 from lungseg.training.export import export_run
 from lungseg.io.labelled import list_cases, read_split_table
-from lungseg.training.data import assign_folds, entry_cases, fold_assignment
+from lungseg.io.selection import assign_folds, entry_cases, fold_assignment
 from lungseg.training.trainer import load_config, train
 
 torch.set_num_threads(1)

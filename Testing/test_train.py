@@ -268,7 +268,7 @@ def build_network_from(cfg):
 def test_ignored_pixels_count_neither_way():
     from lungseg.inference.labels import IGNORE
     from lungseg.training.losses import build_loss
-    from lungseg.evaluation.metrics import overlap
+    from lungseg.training.validation import overlap
 
     y = torch.zeros(1, 1, 16, 16, dtype=torch.long)
     y[..., 4:12, 2:7], y[..., 4:12, 9:14] = 1, 2

@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from ..errors import LungSegError
@@ -25,12 +25,12 @@ from ..io.files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_ou
 from ..io.radiograph import OUTPUT_FORMATS
 from ..qc.model import reads_image
 from .finish import finish_and_write
-from .reader import READER_PREFETCH, input_loader
+from .reader import read_batches
 from .records import RECORDS, Options, collect_results, in_shard, is_complete, output_names, output_paths, \
     parse_shard, record_path, remove_partial_outputs, write_results
 from .review import REVIEW_PAGE, write_review
-from .workers import ReaderDied, default_workers, helper_process, is_reader_death, reader_death_errors, \
-    recover_from_finisher_death, start_method
+from .workers import ReaderDied, default_workers, helper_process, reader_death_errors, recover_from_finisher_death, \
+    start_method
 
 
 @dataclass
@@ -205,42 +205,23 @@ class BatchRun:
 
     def read_and_segment(self, inputs: list[Path], workers: int, finisher: ProcessPoolExecutor) -> None:
         """Read `inputs` in `workers` reader processes and segment them. A reader process that dies (killed for
-        memory, or a decoder that crashed) would leave the batch waiting forever on an image half sent: the inputs
-        it may have held become errors (a rerun retries them), and the inputs never read are left unhanded, for a
-        new round with new readers. A finisher that dies raises BrokenProcessPool once the readers are gone."""
-        loader = input_loader(inputs, self.segmenter.size, self.options, self.batch_size, workers, self.method)
-        batches, read = iter(loader), 0
-        reader_died = finisher_died = None
+        memory, or a decoder that crashed) fails the inputs it may have held (a rerun retries them); the inputs
+        never read are left unhanded, for a new round with new readers. A finisher that dies raises
+        BrokenProcessPool once the readers are gone."""
+        batches = read_batches(inputs, self.segmenter.size, self.options, self.batch_size, workers, self.method)
         try:
-            while True:
-                try:
-                    items = next(batches)
-                except StopIteration:
-                    break
-                except (OSError, EOFError) as exc:  # an image half sent, or shared through a reader now dead
-                    raise ReaderDied(f"a batch from the readers could not be received: {type(exc).__name__}: "
-                                     f"{exc}") from exc
-                read += len(items)
+            for items in batches:
                 self.submit(items, finisher)
                 # settle in input order: what is done at once (prompt progress), the rest when too many are in flight
                 while self.pending and (self.pending[0][1].done() or len(self.pending) > 4 * self.batch_size):
                     self.settle(*self.pending.pop(0))
-        except BrokenProcessPool as exc:
-            finisher_died = exc
-        except RuntimeError as exc:
-            if not is_reader_death(exc):
-                raise
-            reader_died = str(exc).strip().rstrip(".")
-        del batches  # shuts its readers down now, and takes a dead one off torch's watch of its workers
-        if finisher_died is not None:
-            raise finisher_died
-        if reader_died is None:
-            return
-        held = READER_PREFETCH * self.batch_size * workers  # what the readers may have been reading
-        suspects = [path for path in inputs[read:read + held] if path not in self.handed]
-        self.handed.update(suspects)
-        for row in reader_death_errors(suspects, reader_died, self.base):
-            self.settle(row)
+        except ReaderDied as died:
+            suspects = [path for path in died.held if path not in self.handed]
+            self.handed.update(suspects)
+            for row in reader_death_errors(suspects, died.reason, self.base):
+                self.settle(row)
+        finally:
+            batches.close()  # the readers leave now, before a dead finisher's pool shuts down
 
     def submit(self, items: list[dict], finisher: ProcessPoolExecutor) -> None:
         """Settle the unreadable inputs of a batch at once; run the model on the others and hand each output to
@@ -254,7 +235,7 @@ class BatchRun:
         if not good:
             return
         t0 = time.perf_counter()
-        output = self.segmenter.predict(torch.stack([it["input"] for it in good]), self.options.uncertainty)
+        output = self.segmenter.predict(np.stack([it["input"] for it in good]), self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):
             alone = it["path"] in self.suspects  # with nothing else in flight: tells a cause from its company
@@ -266,9 +247,8 @@ class BatchRun:
             model_image = it.pop("input")[0]
             if self.qc_reads_image:
                 it["model_image"] = model_image
-            future = finisher.submit(finish_and_write, it, tuple(None if t is None else t.clone()
-                                                                 for t in output.item(k)), self.options,
-                                     self.qc_card, output_paths(self.out_dir, name, self.options), row,
+            future = finisher.submit(finish_and_write, it, output.item(k), self.options, self.qc_card,
+                                     output_paths(self.out_dir, name, self.options), row,
                                      record_path(self.out_dir, name))
             self.pending.append((row, future))
             self.handed.add(it["path"])
@@ -287,7 +267,7 @@ class BatchRun:
             except Exception as exc:  # this input failed, the batch goes on
                 if isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS:
                     raise  # a full disk or a read-only folder fails every input: stop (run_segment says why)
-                if is_reader_death(exc) or isinstance(exc, BrokenProcessPool):  # a helper died: not this input's fault
+                if isinstance(exc, BrokenProcessPool):  # a finisher died: not this input's fault
                     self.pending.insert(0, (row, future))
                     raise
                 row.update(status="error", error=f"post-processing or writing failed: {type(exc).__name__}: {exc}")

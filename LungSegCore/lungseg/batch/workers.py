@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..errors import LungSegError
@@ -53,10 +52,9 @@ def helper_process(method: str, *_) -> None:
     left over by the helpers capped it at its one-thread forward rate.
 
     A helper also leaves when its batch process dies (killed, or out of memory): neither kind saw it go. A
-    finisher (a process pool's worker) waits for work on a pipe whose write end it holds too. A reader (torch's
-    DataLoader worker) notices, but then waits forever at exit to flush an image into a pipe no one reads. Each
-    killed batch left them behind, holding their memory."""
-    torch.set_num_threads(1)
+    process pool's worker waits for work on a pipe whose write end it (forked) holds too, and a reader could wait
+    forever at exit to flush an image into a pipe no one reads. Each killed batch left them behind, holding their
+    memory."""
     _lower_priority()
     wait = functools.partial(_wait_for_parent_fork, os.getppid()) if method == "fork" else _wait_for_parent_spawn
     threading.Thread(target=_exit_with_parent, args=(wait,), daemon=True).start()
@@ -94,18 +92,16 @@ def _exit_with_parent(wait) -> None:
 
 
 class ReaderDied(RuntimeError):
-    """A batch from the reader processes could not be received: an image half sent, or shared by one now dead."""
+    """A reader process died: `held` are the inputs that were being read (and may have killed it)."""
 
-
-def is_reader_death(exc: BaseException) -> bool:
-    """Whether `exc` says a reader process (a DataLoader worker) died: torch's report, or a batch it left behind."""
-    return isinstance(exc, ReaderDied) or \
-        isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
+    def __init__(self, held: list[Path], reason: str):
+        super().__init__(reason)
+        self.held, self.reason = held, reason
 
 
 def reader_death_errors(suspects: list[Path], reason: str, base: dict) -> list[dict]:
-    """The error rows of the inputs a dead reader process may have held (`reason`: torch's report). The inputs
-    never read are not among them: they go to a new round, with new readers."""
+    """The error rows of the inputs a dead reader process may have held. The inputs never read are not among them:
+    they go to a new round, with new readers."""
     error = (f"not segmented: a reader process died while this input was among the {len(suspects)} being read "
              f"({reason}; too little memory, or a crash decoding one of them); a rerun retries it")
     return [{**base, "input": str(path), "status": "error", "error": error} for path in suspects]

@@ -141,15 +141,23 @@ def lung_shapes(label: np.ndarray) -> np.ndarray:
 
 def _box_shapes(masks: dict, stats: dict) -> np.ndarray:
     """`lung_shapes` from each lung's mask and `_lung_stats`, which `quality_features` has at hand."""
-    import torch
-
     shapes = np.zeros((2, SHAPE_GRID[0] * SHAPE_GRID[1]), dtype=np.float32)
     for k, value in enumerate((RIGHT_LUNG, LEFT_LUNG)):
         area, _, (r0, r1, c0, c1) = stats[value]
         if area:
-            crop = torch.from_numpy(np.ascontiguousarray(masks[value][r0:r1, c0:c1], dtype=np.float32))[None, None]
-            shapes[k] = torch.nn.functional.adaptive_avg_pool2d(crop, SHAPE_GRID).reshape(-1).numpy()
+            shapes[k] = adaptive_mean(masks[value][r0:r1, c0:c1], SHAPE_GRID).reshape(-1)
     return shapes
+
+
+def adaptive_mean(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The mean of `values` over each cell of a `grid` laid over it, cells rounded outward to whole pixels (bin i
+    of n over length L spans floor(i L / n) to ceil((i + 1) L / n), as torch's adaptive average pooling)."""
+    total = np.zeros((values.shape[0] + 1, values.shape[1] + 1))
+    total[1:, 1:] = np.asarray(values, dtype=np.float64).cumsum(0).cumsum(1)
+    edges = [(np.arange(n) * length // n, -(-(np.arange(n) + 1) * length // n)) for n, length in zip(grid, values.shape)]
+    (r0, r1), (c0, c1) = edges
+    sums = total[r1][:, c1] - total[r0][:, c1] - total[r1][:, c0] + total[r0][:, c0]
+    return (sums / np.outer(r1 - r0, c1 - c0)).astype(np.float32)
 
 
 def fit_shape_prior(shapes: np.ndarray, modes: int = SHAPE_MODES) -> dict:

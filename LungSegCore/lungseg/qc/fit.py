@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 from ..errors import LungSegError
-from ..training.data import list_cases
+from ..io.labelled import list_cases
 from .features import EDGE_FEATURE, PRIOR_FEATURE
 from .pool import cases_for, is_ensemble, iter_outputs, read_groups, scored_row, usable_cases
 from .selection import (L2_GRID, MIN_SUBSET, WITH_EDGES, WITH_PRIOR, choose_regression, false_flag_budget, fit_mode,

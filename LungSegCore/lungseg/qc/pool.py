@@ -12,7 +12,8 @@ import numpy as np
 from ..definitions import DEFINITIONS
 from ..errors import LungSegError
 from ..io.radiograph import read_radiograph
-from ..training.data import case_label, entry_cases, list_cases, read_split_table
+from ..io.labelled import case_label, list_cases, read_split_table
+from ..io.selection import entry_cases
 from .features import lung_shapes, quality_features
 from .perturb import perturb
 from .rules import quality_flags
@@ -95,12 +96,10 @@ def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
     model saw (`seen`: the network input (S, S), the reference labels and the perturbation), so that `scored_row`
     need not read and degrade the image again. The batch quantizes the softmax the same way before resizing it,
     so nothing that matters is lost."""
-    import torch
-
     from ..inference.preprocess import model_input
 
     def u8_spread(maps, k):
-        return None if maps is None else (maps[k] * UNCERTAINTY_SCALE).round().clamp(0, 255).to(torch.uint8).numpy()
+        return None if maps is None else np.clip(np.rint(maps[k] * UNCERTAINTY_SCALE), 0, 255).astype(np.uint8)
 
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -108,9 +107,9 @@ def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
         for case, variant in chunk:
             pixels, truth, kind = case_arrays(case, variant)
             seen.append((model_input(pixels, segmenter.size)[0], truth, kind))
-        output = segmenter.predict(torch.stack([x[None] for x, _, _ in seen]), uncertainty=mode == "uncertainty")
+        output = segmenter.predict(np.stack([x[None] for x, _, _ in seen]), uncertainty=mode == "uncertainty")
         for k, item in enumerate(chunk):
-            u8 = (output.probabilities[k] * 255).round().to(torch.uint8).numpy()
+            u8 = np.rint(output.probabilities[k] * 255).astype(np.uint8)
             yield item, (u8, u8_spread(output.uncertainty, k), u8_spread(output.member_spread, k)), seen[k]
 
 
@@ -125,13 +124,11 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
     input), the rule flags of each lung definition and the true Dice, with its perturbation, group (`read_groups`)
     and half. `seen` is what `iter_outputs` gave the model; without it (maps from a cache) the image is read and
     degraded again as the model saw it."""
-    import torch
-
     from ..evaluation.metrics import both_lung_dice
     from ..inference.postprocess import postprocess
     from ..inference.preprocess import model_input
 
-    u8, spread, member_spread = (None if m is None else torch.from_numpy(m.astype(np.float32)) for m in maps)
+    u8, spread, member_spread = (None if m is None else m.astype(np.float32) for m in maps)
     if seen is None:
         pixels, truth, kind = case_arrays(case, variant)
         seen = model_input(pixels, u8.shape[-1])[0], truth, kind

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .cv_report import write_report
-from .data import entry_cases, selection_tag
+from ..io.selection import entry_cases, selection_tag
 from ..errors import LungSegError
 from ..io.files import checkpoint_file, write_atomic_text
 

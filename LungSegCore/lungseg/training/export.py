@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import entry_cases, selection_tag
+from ..io.selection import entry_cases, selection_tag
 from .export_onnx import export_graphs
 from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from ..errors import LungSegError

@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .data import ArrayDataset, EpochSamples, entry_cases, load_arrays, selection_tag
+from ..io.selection import entry_cases, selection_tag
+from .data import ArrayDataset, EpochSamples, load_arrays
 from ..errors import LungSegError
 from ..io.files import save_checkpoint, write_atomic_text
 from .losses import build_loss
-from ..evaluation.metrics import evaluate_sets, overlap
+from .validation import evaluate_sets, overlap
 from ..nets.networks import build_network, environment_entry, select_device
 from .augment import training_augmentation
 
