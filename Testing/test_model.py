@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from lungseg.errors import LungSegError
 from lungseg.evaluation.evaluate import evaluate
 from lungseg.io.radiograph import read_radiograph
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
-from lungseg.models.cards import list_models, load_model, read_card, sha256_of
+from lungseg.models.cards import list_models, load_graphs, load_network, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
 
@@ -33,7 +34,22 @@ def test_tampered_weights_are_refused(tmp_path):
     data[-100] ^= 0xFF
     (tmp_path / "unet.safetensors").write_bytes(bytes(data))
     with pytest.raises(LungSegError, match="checksum mismatch"):
-        load_model(tmp_path / "unet.json")
+        load_network(tmp_path / "unet.json")
+
+
+def test_tampered_onnx_graphs_are_refused(tmp_path):
+    """The graph that ONNX Runtime would run is checked against the card's SHA-256 before it is loaded."""
+    card = read_card("unet")
+    shutil.copy(card["card_path"], tmp_path / "unet.json")
+    graph = Path(card["card_path"]).parent / card["onnx"]["graphs"][0]["file"]
+    data = bytearray(graph.read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / graph.name).write_bytes(bytes(data))
+    with pytest.raises(LungSegError, match="checksum mismatch"):
+        load_graphs(tmp_path / "unet.json", "cpu")
+    (tmp_path / graph.name).unlink()
+    with pytest.raises(LungSegError, match="file missing"):
+        load_graphs(tmp_path / "unet.json", "cpu")
 
 
 def test_shipped_model_dice_on_jsrt_val(jsrt, segmenter, tmp_path):

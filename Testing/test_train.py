@@ -10,7 +10,7 @@ import torch
 
 from lungseg.errors import LungSegError
 from lungseg.training.export import build_card, export_run, run_environment
-from lungseg.models.cards import load_model
+from lungseg.models.cards import load_network
 from lungseg.training.trainer import load_config, train
 
 
@@ -112,7 +112,7 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     random_card = save_model(untrained, dict(card, name="untrained"), tmp_path / "random")
     assert carded > val_dice(random_card) + 0.2, "the check tells the trained weights from random ones"
 
-    model, loaded = load_model(card_path)
+    model, loaded = load_network(card_path)
     assert loaded["sha256"] == card["sha256"]
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
@@ -151,7 +151,7 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     assert [c["input_size"] for c in card["recipe"]["ensemble"]] == [64, 96] and len(card["training"]["members"]) == 2
     assert card["speed"]["forward_ms_per_image"] > 0 and card["speed"]["threads"] == 1
 
-    ensemble, _ = load_model(card_path)
+    ensemble, _ = load_network(card_path)
     a, b = model_from_run(run_a)[0].eval(), model_from_run(run_b)[0].eval()
     x = torch.rand(1, 1, 96, 96)
     with torch.no_grad():

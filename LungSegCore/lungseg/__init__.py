@@ -24,7 +24,6 @@ _API = {  # public name -> the module that defines it
     "read_radiograph": "lungseg.io.radiograph",
     "write_labelmap": "lungseg.io.radiograph",
     "list_models": "lungseg.models.cards",
-    "load_model": "lungseg.models.cards",
     "Segmenter": "lungseg.inference.segmenter",
     "assess": "lungseg.qc.model",
     "segment_inputs": "lungseg.batch.run",

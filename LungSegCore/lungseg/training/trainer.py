@@ -121,8 +121,8 @@ def initial_weights(source: str) -> dict:
             raise LungSegError(f"init_from: {source} does not exist (train the run it names first)")
         start = torch.load(source, weights_only=True, map_location="cpu")
         return start.get("model", start)
-    from ..models.cards import load_model
-    return load_model(source)[0].state_dict()
+    from ..models.cards import load_network
+    return load_network(source)[0].state_dict()
 
 
 def training_ended(epoch: int, stale: int, tcfg: dict) -> bool:
