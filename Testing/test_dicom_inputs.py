@@ -166,11 +166,11 @@ def test_non_image_objects_are_named_by_their_sop_class(export):
 def test_non_image_objects_are_skipped_also_when_writing_dicom_seg(export):
     """With --format dicom-seg, the source check comes first; a DICOMDIR (which has no study to reference) must
     still be a skipped non-image, not an error."""
-    from lungseg.batch.reader import InputReader
+    from lungseg.batch.reader import read_input
 
     paths = [export / "DICOMDIR", export / "PT000000" / "ST000000" / "SE000001" / "SR000000"]
     for path in paths:
-        item = InputReader([path], 256, False, dicom_seg=True)[0]
+        item = read_input(path, 256, False, dicom_seg=True)
         assert item.get("status") == "skipped" and item["error"].startswith("not an image: a DICOM "), item
 
 

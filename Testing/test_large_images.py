@@ -104,12 +104,12 @@ def test_header_size_is_checked_before_decoding(tmp_path, make, name):
 
 def test_the_limit_admits_real_radiographs_and_can_be_changed(tmp_path):
     from lungseg.cli import parser
-    from lungseg.batch.reader import InputReader
+    from lungseg.batch.reader import read_input
 
     assert BIG_ROWS * BIG_COLUMNS < DEFAULT_MAX_PIXELS
     cr = chest_cr()  # 1955 x 1841 = 3.6 Mpx
-    assert "above the limit of 1 Mpx" in InputReader([cr], 256, False, max_pixels=1_000_000)[0]["error"]
-    assert "error" not in InputReader([cr], 256, False, max_pixels=None)[0]
+    assert "above the limit of 1 Mpx" in read_input(cr, 256, False, max_pixels=1_000_000)["error"]
+    assert "error" not in read_input(cr, 256, False, max_pixels=None)
     args = parser().parse_args(["segment", "x", "-o", "y", "--max-pixels", "5e6"])
     assert args.max_pixels == 5_000_000
     assert parser().parse_args(["segment", "x", "-o", "y"]).max_pixels == DEFAULT_MAX_PIXELS

@@ -90,6 +90,7 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
 
 
 def test_intensity_normalization_uses_torch_quantile_percentiles():
+    """The NumPy preprocessing scales by the same percentiles as torch.quantile, which the models trained with."""
     import torch
 
     from lungseg.inference.preprocess import HIGH_PERCENTILE, LOW_PERCENTILE, normalize_intensity
@@ -101,4 +102,22 @@ def test_intensity_normalization_uses_torch_quantile_percentiles():
         low = torch.quantile(flat, LOW_PERCENTILE / 100, dim=-1, keepdim=True)
         high = torch.quantile(flat, HIGH_PERCENTILE / 100, dim=-1, keepdim=True)
         expected = ((flat - low) / (high - low)).clamp(0, 1).reshape(shape)
-        torch.testing.assert_close(normalize_intensity(image), expected, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(normalize_intensity(image.numpy()), expected.numpy(), atol=1e-6, rtol=0)
+
+
+def test_resizing_samples_as_torch_does():
+    """The NumPy resize (preprocessing, ensemble members, probability maps) gives torch's `interpolate` values,
+    bilinear with half-pixel centres, with and without antialiasing, shrinking and enlarging."""
+    import torch
+    import torch.nn.functional as F
+
+    from lungseg.inference.preprocess import resize
+
+    rng = np.random.default_rng(0)
+    for source, target in [((1024, 900), (256, 256)), ((256, 256), (384, 384)), ((200, 300), (256, 256)),
+                           ((256, 256), (183, 91)), ((512, 512), (384, 384))]:
+        x = rng.random(source, dtype=np.float32)
+        for antialias in (True, False):
+            expected = F.interpolate(torch.from_numpy(x)[None, None], size=target, mode="bilinear",
+                                     align_corners=False, antialias=antialias)[0, 0].numpy()
+            np.testing.assert_allclose(resize(x, target, antialias), expected, atol=1e-4, rtol=0)

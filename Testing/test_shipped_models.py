@@ -119,3 +119,20 @@ def test_the_default_model_stays_the_256_unet():
     assert resolve_model(None, None) == "unet"
     assert read_card("unet-512")["metrics"]["jsrt/val"]["both_dice"]["mean"] > \
         read_card("unet")["metrics"]["jsrt/val"]["both_dice"]["mean"]
+
+
+@pytest.mark.parametrize("name", ["unet", "unetpp", "unet-512", "unet-full-extent", "prob_unet"])
+def test_each_shipped_graph_gives_its_networks_own_logits(name):
+    """Inference runs the ONNX graphs; where torch is installed, each graph is checked against the forward pass of
+    the network its card describes, built from the safetensors weights (for prob_unet, with latent draws)."""
+    from lungseg.models.cards import load_network, read_card
+    from lungseg.nets.networks import Ensemble
+    from lungseg.training.export_onnx import TOLERANCE, graph_difference
+
+    model, card = load_network(name)
+    nets = list(model.members) if isinstance(model, Ensemble) else [model]
+    graphs = card["onnx"]["graphs"]
+    assert len(graphs) == len(nets) and card["onnx"]["opset"] <= 21, "onnxruntime 1.19 (Python 3.9) runs it"
+    for net, graph in zip(nets, graphs):
+        assert graph_difference(net, graph["input_size"], Path(read_card(name)["card_path"]).parent / graph["file"]) \
+            <= TOLERANCE, graph["file"]

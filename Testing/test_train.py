@@ -77,7 +77,7 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     from safetensors.torch import load_file
 
     from lungseg.evaluation.evaluate import evaluate
-    from lungseg.models.cards import save_model
+    from lungseg.training.export import write_model
     from lungseg.nets.networks import build_network
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
@@ -109,7 +109,7 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     with torch.random.fork_rng():
         torch.manual_seed(0)
         untrained = build_network(config["network"]["name"], **config["network"]["params"])
-    random_card = save_model(untrained, dict(card, name="untrained"), tmp_path / "random")
+    random_card = write_model(untrained, dict(card, name="untrained"), tmp_path / "random")
     assert carded > val_dice(random_card) + 0.2, "the check tells the trained weights from random ones"
 
     model, loaded = load_network(card_path)

@@ -182,6 +182,8 @@ def test_a_users_model_named_like_a_shipped_one_is_never_chosen_silently(tmp_pat
     card = read_card("unet")
     shutil.copy(card["weights_path"], tmp_path / "unet.safetensors")
     shutil.copy(card["card_path"], tmp_path / "unet.json")
+    for graph in card["onnx"]["graphs"]:
+        shutil.copy(Path(card["card_path"]).parent / graph["file"], tmp_path / graph["file"])
     env = dict(ENV, LUNGSEG_MODELS_PATH=str(tmp_path))
     result = subprocess.run([sys.executable, "-m", "lungseg", "segment", sample_pngs()[0], "-o", tmp_path / "out",
                              "--model", "unet"], capture_output=True, text=True, env=env, timeout=900)

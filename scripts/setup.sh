@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv/ in the repository root and install lungseg into it.
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test   (extras of LungSegCore/pyproject.toml)
+# demo (the default): inference only, on ONNX Runtime (no torch); test: also training (torch, MONAI) and the tests.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${1:-demo}"

@@ -59,21 +59,20 @@ def read_batches(inputs: list[Path], size: int, options: Options, batch_size: in
             yield [read_input(path, *args) for path in inputs[start:start + batch_size]]
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
-                               initializer=helper_process, initargs=(method,))
+                               initializer=helper_process, initargs=(method, "reader"))
     try:
         ahead, queue, batch = READER_PREFETCH * batch_size * workers, deque(), []
         upcoming = iter(inputs)
         while True:
-            while len(queue) < ahead and (path := next(upcoming, None)) is not None:
-                queue.append((path, pool.submit(read_input, path, *args)))
-            if not queue:
-                break
-            path, future = queue[0]
             try:
-                batch.append(future.result())
-            except BrokenProcessPool as exc:  # every read under way fails; those done before are read again
-                wait([f for _, f in queue])
-                held = [p for p, f in queue if isinstance(f.exception(), BrokenProcessPool)]
+                while len(queue) < ahead and (path := next(upcoming, None)) is not None:
+                    queue.append((path, pool.submit(read_input, path, *args)))
+                if not queue:
+                    break
+                batch.append(queue[0][1].result())
+            except BrokenProcessPool as exc:  # the reads under way fail; those done before are read again
+                wait([future for _, future in queue])
+                held = [p for p, future in queue if isinstance(future.exception(), BrokenProcessPool)]
                 raise ReaderDied(held, "a reader process ended abruptly") from exc
             queue.popleft()
             if len(batch) == batch_size or not queue:

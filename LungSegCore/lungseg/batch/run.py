@@ -189,7 +189,7 @@ class BatchRun:
         """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for
         another round when one of those processes died."""
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context(self.method),
-                                 initializer=helper_process, initargs=(self.method,)) as finisher:
+                                 initializer=helper_process, initargs=(self.method, "finisher")) as finisher:
             try:
                 self.read_and_segment(inputs, workers, finisher)
                 self.settle_all()
@@ -218,6 +218,8 @@ class BatchRun:
         except ReaderDied as died:
             suspects = [path for path in died.held if path not in self.handed]
             self.handed.update(suspects)
+            tqdm.write(f"lungseg: a reader process died (too little memory, or a crash decoding an image) while it "
+                       f"read {len(suspects)} input(s); the rest are read by new readers", file=sys.stderr)
             for row in reader_death_errors(suspects, died.reason, self.base):
                 self.settle(row)
         finally:

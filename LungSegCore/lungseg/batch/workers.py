@@ -46,7 +46,7 @@ def start_method() -> str:
     return method
 
 
-def helper_process(method: str, *_) -> None:
+def helper_process(method: str, role: str) -> None:
     """Start of a reader or finisher process: one thread, at a lower priority than the model. The model's threads
     then take every core whenever they can run, and the helpers fill the gaps; giving the model only the cores
     left over by the helpers capped it at its one-thread forward rate.
@@ -55,9 +55,22 @@ def helper_process(method: str, *_) -> None:
     process pool's worker waits for work on a pipe whose write end it (forked) holds too, and a reader could wait
     forever at exit to flush an image into a pipe no one reads. Each killed batch left them behind, holding their
     memory."""
+    _name_process(f"lungseg-{role}")
     _lower_priority()
     wait = functools.partial(_wait_for_parent_fork, os.getppid()) if method == "fork" else _wait_for_parent_spawn
     threading.Thread(target=_exit_with_parent, args=(wait,), daemon=True).start()
+
+
+def _name_process(name: str) -> None:
+    """The name `ps` and `top` show (Linux; 15 characters at most), so that readers and finishers can be told
+    apart."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
 
 
 def _lower_priority() -> None:

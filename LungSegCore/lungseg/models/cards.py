@@ -69,8 +69,12 @@ def list_models() -> list[dict]:
     cards = []
     for folder in model_dirs():
         for card in sorted(folder.glob("*.json")):
-            if card.with_suffix(".safetensors").exists():
+            try:
                 data = json.loads(card.read_text())
+            except ValueError:
+                continue  # not a card
+            # a card beside what inference runs (its graphs) or what training loads (its weights)
+            if isinstance(data, dict) and "network" in data and ("onnx" in data or card.with_suffix(".safetensors").exists()):
                 data["card_path"] = str(card)
                 cards.append(data)
     return cards

@@ -119,14 +119,14 @@ def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_
 
 
 def fold_model(out: Path, weights: str = "last") -> Path:
-    """The fold's last (or best) weights saved as a model with its card in `out/model-<weights>/`."""
-    from .export import build_card, checkpoint_epoch, model_from_run, run_environment
-    from ..models.cards import save_model
+    """The fold's last (or best) weights saved as a model (weights, ONNX graphs and card) in
+    `out/model-<weights>/`."""
+    from .export import build_card, checkpoint_epoch, model_from_run, run_environment, write_model
 
     model, state, config = model_from_run(out, checkpoint_file(weights))
     history = json.loads((out / "history.json").read_text())
     card = build_card(config, history, checkpoint_epoch(state, history, weights), run_environment(out))
-    return save_model(model, card, out / f"model-{weights}")
+    return write_model(model, card, out / f"model-{weights}")
 
 
 def parse_also(spec: str) -> tuple[str, str | None]:
