@@ -177,6 +177,26 @@ BREAKAGES: list[Breakage] = [
               '        dialog.selectFile(f"{fileNameFor(reference.GetName())}-lungs")',
               '        dialog.selectFile(f"{reference.GetName()}-lungs")')],
         ["Testing/test_slicer_widget.py::test_export_dialog_proposes_a_file_name_windows_accepts"]),
+    # ---- inference on ONNX Runtime
+    Breakage(
+        "O1", "the ONNX graphs are loaded without checking their SHA-256 against the card",
+        [Edit("LungSegCore/lungseg/models/cards.py",
+              'open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads)',
+              'open_session(folder / graph["file"], device, threads)')],
+        ["Testing/test_model.py::test_tampered_onnx_graphs_are_refused"]),
+    Breakage(
+        "O2", "the inference path imports torch again",
+        [Edit("LungSegCore/lungseg/inference/segmenter.py",
+              "import numpy as np\nfrom scipy import ndimage\n",
+              "import numpy as np\nimport torch  # noqa: F401  (breakage)\nfrom scipy import ndimage\n")],
+        ["Testing/test_without_torch.py::test_segment_writes_every_output_without_torch",
+         "Testing/test_without_torch.py::test_evaluate_fit_qc_and_the_python_api_without_torch"]),
+    Breakage(
+        "R1", "a reader's death is reported as a dead pool, which the batch takes for a finisher's",
+        [Edit("LungSegCore/lungseg/batch/reader.py",
+              '                raise ReaderDied(held, "a reader process ended abruptly") from exc\n',
+              "                raise\n")],
+        ["Testing/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"]),
 ]
 
 WRONG_REASONS = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError")
