@@ -46,8 +46,8 @@ def require_highdicom() -> None:
     import importlib.util
 
     if importlib.util.find_spec("highdicom") is None:
-        raise LungSegError("--format dicom-seg needs the Python package highdicom; install it with "
-                           "'pip install highdicom'")
+        raise LungSegError("--format dicom-seg needs the Python package highdicom (Python 3.10 or newer); install "
+                           "it with: pip install 'lungseg[dicom-seg]'")
 
 
 def check_source(path: Path | str) -> None:
