@@ -41,13 +41,16 @@ class Prediction:
 
 
 def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (C, S, S) scores in [0, 1] as 8-bit image bands (Pillow's C resampler, with half-pixel
-    centres as torch's): much faster than float, and 1/255 is far below any boundary decision that matters."""
+    """Bilinear resize of (C, S, S) scores in [0, 1] quantized to 8 bits, with half-pixel centres (torch's sampling):
+    enlarging, as 8-bit image bands in Pillow's C resampler, much faster than float; shrinking (an image smaller than
+    the model's input), plain bilinear without Pillow's antialiasing. 1/255 is far below any boundary decision that
+    matters."""
+    quantized = np.rint(scores * 255).astype(np.uint8)
+    if shape[0] < scores.shape[-2] or shape[1] < scores.shape[-1]:
+        return resize(quantized, shape)
     from PIL import Image
 
-    quantized = np.rint(np.moveaxis(scores, 0, -1) * 255).astype(np.uint8)
-    bands = [Image.fromarray(np.ascontiguousarray(quantized[..., k])) for k in range(len(scores))]
-    return np.stack([np.asarray(band.resize(shape[::-1], Image.BILINEAR)) for band in bands])
+    return np.stack([np.asarray(Image.fromarray(band).resize(shape[::-1], Image.BILINEAR)) for band in quantized])
 
 
 def _winning_class(scores: np.ndarray) -> np.ndarray:
