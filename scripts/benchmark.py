@@ -86,10 +86,10 @@ def bare_forward_rate(segmenter, batch_size: int, seconds: float = 10.0) -> floa
 def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dict:
     """CPU milliseconds per image of each stage of `lungseg segment`, each stage alone (`segmenter` on one
     thread)."""
-    from lungseg.io.radiograph import read_radiograph, write_labelmap
     from lungseg.inference.labels import lung_areas
     from lungseg.inference.postprocess import postprocess
     from lungseg.inference.preprocess import model_input
+    from lungseg.io.radiograph import read_radiograph, write_labelmap
     try:  # QC as the batch runs it: the rules and the predicted quality of the card's qc block (issue 12)
         from lungseg.qc.model import assess
 
@@ -238,8 +238,8 @@ def cpu_bound(segmenter, path: Path, tmp: Path, forward_rate: float) -> dict:
 def training_rates(device: str, batch_size: int = 8, steps: int = 6) -> dict:
     import torch
 
-    from lungseg.training.losses import build_loss
     from lungseg.nets.networks import NETWORKS, build_network
+    from lungseg.training.losses import build_loss
     from lungseg.training.trainer import load_config, training_loss
 
     rates = {}

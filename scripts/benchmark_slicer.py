@@ -46,6 +46,7 @@ def measure(threads: int = 2) -> dict:
 
     slicer, application = slicer_app.start_gui()
     from lungseg.samples import chest_dicom
+
     from LungSeg import LungSegWidget
 
     path = chest_dicom()

@@ -136,7 +136,8 @@ BREAKAGES: list[Breakage] = [
               "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file")],
         ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"]),
     Breakage(
-        "N2p", "the panel takes any exit 0 or 1 of the batch child for a finished run (a crash says '0 of 0 segmented')",
+        "N2p",
+        "the panel takes any exit 0 or 1 of the batch child for a finished run (a crash says '0 of 0 segmented')",
         [Edit("LungSegExtension/LungSeg/LungSegLib/Widget.py",
               "        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which",
               "        elif batch.returnCode in (0, 1):")],

@@ -7,8 +7,8 @@ one patient per image. A thin shell over `lungseg.training.crossval` (see there 
 
 Writes RUN/fold-K/ (a training run, its model card and its evaluations) and RUN/cv_summary.json and .md (per fold
 Dice both/right/left, HD95 in mm and images; mean ± sd across folds; pooled per image). Each fold trains the recipe's
-fixed schedule (no early stopping) and its final weights are scored; the held-out fold chooses nothing. Re-running resumes an
-unfinished fold at its exact step and skips finished ones; `--fold K` runs one fold (e.g. one per job).
+fixed schedule (no early stopping) and its final weights are scored; the held-out fold chooses nothing. Re-running
+resumes an unfinished fold at its exact step and skips finished ones; `--fold K` runs one fold (e.g. one per job).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lungseg.training.crossval import cross_validate
 from lungseg.errors import LungSegError
 from lungseg.io.files import CHECKPOINTS
+from lungseg.training.crossval import cross_validate
 from lungseg.training.trainer import load_config
 
 

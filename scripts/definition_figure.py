@@ -9,10 +9,10 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.transform import resize
 
+from lungseg.batch.overlay import overlay_rgb
 from lungseg.inference.segmenter import Segmenter
 from lungseg.io.radiograph import read_radiograph
 from lungseg.models.cards import best_model
-from lungseg.batch.overlay import overlay_rgb
 from lungseg.samples import chest_dicom
 
 

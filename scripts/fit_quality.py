@@ -55,12 +55,26 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from lungseg.qc.fit import MODES, empty_qc_block, fit_qc_mode, merged_modes, merged_qc  # noqa: E402
-from lungseg.qc.pool import (cases_for, is_ensemble, item_key, model_outputs, read_groups, scored_rows,  # noqa: E402
-                             trained_on, training_entries)
+from lungseg.qc.pool import (  # noqa: E402
+    cases_for,
+    is_ensemble,
+    item_key,
+    model_outputs,
+    read_groups,
+    scored_rows,
+    trained_on,
+    training_entries,
+)
 from lungseg.qc.selection import L2_GRID, NO_SPREAD, WITH_EDGES, WITH_PRIOR, candidate_sets  # noqa: E402
-from lungseg.qc.tables import (DATASETS, both_directions_table, dataset_table, markdown_table,  # noqa: E402
-                               summary_line)
+from lungseg.qc.tables import (  # noqa: E402
+    DATASETS,
+    both_directions_table,
+    dataset_table,
+    markdown_table,
+    summary_line,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,8 +90,8 @@ def swap_halves(rows: list[dict]) -> list[dict]:
 
 def add_source(run_dir: Path, name: str, sources_dir: Path, checkpoint: str = "last.pt") -> Path:
     """A training run's checkpoint as a model (safetensors and card) in the sources folder."""
-    from lungseg.training.export import model_from_run
     from lungseg.models.cards import save_model
+    from lungseg.training.export import model_from_run
 
     model, state, config = model_from_run(run_dir, checkpoint)
     card = {"name": name, "version": "qc-source", "definition": config.get("definition", "lung-fields"),

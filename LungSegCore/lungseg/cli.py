@@ -20,8 +20,8 @@ INTERNAL_ERROR = 3
 
 
 def _segment(args) -> int:
-    from .models.cards import resolve_model
     from .batch.run import Options, run_segment
+    from .models.cards import resolve_model
 
     options = Options(fmt=args.format, overlays=args.overlays, save_probabilities=args.save_probabilities,
                       uncertainty=args.uncertainty, overwrite=args.overwrite, max_pixels=args.max_pixels or None)

@@ -32,7 +32,7 @@ def slicerVersionProblem():
     if version < SUPPORTED_SLICER:
         return _("LungSeg needs {supported}; this is Slicer {major}.{minor}. Install a newer Slicer from "
                  "download.slicer.org.").format(supported=SUPPORTED_TEXT, major=version[0], minor=version[1])
-    if sys.version_info < (3, 9):
+    if sys.version_info < (3, 9):  # noqa: UP036  (a Slicer older than the Python 3.9 this targets)
         return _("LungSeg needs Python 3.9 or later in Slicer.")
     return ""
 
@@ -145,6 +145,7 @@ class LungSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         import tempfile
 
         import numpy as np
+
         from LungSegLib.InstallLogic import InstallLogic, corePythonPath
 
         corePythonPath()

@@ -21,6 +21,7 @@ def render(path: str | Path = SCREENSHOT, width: int = 460, height: int = 660) -
 
     slicer, application = slicer_app.start_gui()
     from lungseg.samples import sample_pngs
+
     from LungSeg import LungSegWidget
 
     slicer_app.load_volume(sample_pngs()[0], "chest-PA")

@@ -26,11 +26,28 @@ from ..io.radiograph import OUTPUT_FORMATS
 from ..qc.model import reads_image
 from .finish import finish_and_write
 from .reader import read_batches
-from .records import RECORDS, Options, collect_results, in_shard, is_complete, output_names, output_paths, \
-    parse_shard, record_path, remove_partial_outputs, write_results
+from .records import (
+    RECORDS,
+    Options,
+    collect_results,
+    in_shard,
+    is_complete,
+    output_names,
+    output_paths,
+    parse_shard,
+    record_path,
+    remove_partial_outputs,
+    write_results,
+)
 from .review import REVIEW_PAGE, write_review
-from .workers import ReaderDied, default_workers, helper_process, reader_death_errors, recover_from_finisher_death, \
-    start_method
+from .workers import (
+    ReaderDied,
+    default_workers,
+    helper_process,
+    reader_death_errors,
+    recover_from_finisher_death,
+    start_method,
+)
 
 
 @dataclass

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batch.overlay import write_case_sheet
 from ..errors import LungSegError
+from ..inference.labels import split_left_right
 from ..io.files import list_inputs, write_atomic_text, write_csv
 from ..io.labelled import Case, case_sides, find_mask, labelled_case, read_gray, read_splits
 from ..io.radiograph import ImageReadError, read_radiograph
-from ..inference.labels import split_left_right
-from .metrics import METRICS, image_metrics
-from ..batch.overlay import write_case_sheet
 from ..qc.model import assess, quality_model
 from ..qc.stats import DICE_LIMIT, qc_accuracy, qc_accuracy_text
+from .metrics import METRICS, image_metrics
 
 SUMMARY_STATS = {"mean": np.mean, "std": np.std, "median": np.median, "min": np.min, "max": np.max}
 WORST_SHOWN = 5  # in the summary and in worst_cases.png

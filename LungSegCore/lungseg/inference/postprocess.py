@@ -30,7 +30,7 @@ class Prediction:
     model_member_spread: np.ndarray | None = None  # (S, S) an ensemble's member spread (inference.ModelOutput)
     model_image: np.ndarray | None = None  # (S, S) the network's input, for a quality that reads the image's edges
 
-    def reoriented(self, flips: tuple[bool, bool]) -> "Prediction":
+    def reoriented(self, flips: tuple[bool, bool]) -> Prediction:
         """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
         Flipping the grid keeps each label on the patient's side it marks."""
         if not any(flips):

@@ -28,8 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..definitions import DEFINITIONS, LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, \
-    RIGHT_LUNG
+from ..definitions import (
+    DEFINITIONS,
+    LEFT_LUNG,
+    LUNG_CATEGORY,
+    LUNG_LATERALITY,
+    LUNG_SEGMENT_NAMES,
+    LUNG_TYPE,
+    RIGHT_LUNG,
+)
 from ..errors import LungSegError
 from .files import atomic_path, is_dicom
 from .radiograph import ImageReadError, dicom_pixel_spacing, image_dicom_header

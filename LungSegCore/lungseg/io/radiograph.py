@@ -56,7 +56,7 @@ class Grid:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Grid":
+    def of(cls, image: sitk.Image) -> Grid:
         return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
     def image(self, array: np.ndarray, is_vector: bool = False) -> sitk.Image:

@@ -26,7 +26,7 @@ class AxisAlignedGaussianEncoder(nn.Module):
         from monai.networks.blocks import ResidualUnit
 
         layers, previous = [], in_channels
-        for i, width in enumerate(channels):
+        for width in channels:
             layers.append(ResidualUnit(2, previous, width, strides=2, subunits=2, norm="batch"))
             previous = width
         self.encoder = nn.Sequential(*layers)

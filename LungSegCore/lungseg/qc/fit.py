@@ -27,9 +27,20 @@ from ..errors import LungSegError
 from ..io.labelled import list_cases
 from .features import EDGE_FEATURE, PRIOR_FEATURE
 from .pool import cases_for, is_ensemble, iter_outputs, read_groups, scored_row, usable_cases
-from .selection import (L2_GRID, MIN_SUBSET, WITH_EDGES, WITH_PRIOR, choose_regression, false_flag_budget, fit_mode,
-                        group_measures, keeps_fragments_rule, reference_shape_prior, with_prior_feature,
-                        without_fragments_rule)
+from .selection import (
+    L2_GRID,
+    MIN_SUBSET,
+    WITH_EDGES,
+    WITH_PRIOR,
+    choose_regression,
+    false_flag_budget,
+    fit_mode,
+    group_measures,
+    keeps_fragments_rule,
+    reference_shape_prior,
+    with_prior_feature,
+    without_fragments_rule,
+)
 from .stats import DICE_LIMIT, qc_accuracy_text
 
 MODES = ("default", "uncertainty")
@@ -192,7 +203,7 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
 def check_fit_options(card: dict, modes: list[str], write: bool, overwrite: bool, perturbations: int,
                       max_false_flags: float) -> None:
     """`fit_card_qc`'s options, checked before minutes of segmenting, not after."""
-    fitted = sorted(set(modes) & set(((card.get("qc") or {}).get("modes") or {})))
+    fitted = sorted(set(modes) & set((card.get("qc") or {}).get("modes") or {}))
     if write and fitted and not overwrite:
         raise LungSegError(f"{card['card_path']}: the card already has a fitted QC for the {' and '.join(fitted)} "
                            f"mode ({(card['qc'] or {}).get('fitted', 'date unknown')}); --overwrite replaces it")

@@ -63,7 +63,7 @@ class QualityModel:
     shape_prior: dict | None = field(default=None, compare=False)
 
     @classmethod
-    def from_dict(cls, block: dict) -> "QualityModel":
+    def from_dict(cls, block: dict) -> QualityModel:
         return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
                    tuple(block["weights"]), float(block["bias"]), float(block["threshold"]),
                    bool(block.get("fragments_rule", True)), block.get("shape_prior"))

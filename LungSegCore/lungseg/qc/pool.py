@@ -11,13 +11,12 @@ import numpy as np
 
 from ..definitions import DEFINITIONS
 from ..errors import LungSegError
-from ..io.radiograph import read_radiograph
 from ..io.labelled import case_label, list_cases, read_split_table
+from ..io.radiograph import read_radiograph
 from ..io.selection import entry_cases
 from .features import lung_shapes, quality_features
 from .perturb import perturb
 from .rules import quality_flags
-
 
 # -- images, halves and what a model trained on ----------------------------------------------------------------
 

@@ -8,8 +8,16 @@ import hashlib
 
 import numpy as np
 
-from .features import (EDGE_FEATURE, FEATURE_SETS, MEMBER_FEATURES, PRIOR_FEATURE, TWO_SIDED, UNCERTAINTY_FEATURES,
-                       fit_shape_prior, shape_prior_distances)
+from .features import (
+    EDGE_FEATURE,
+    FEATURE_SETS,
+    MEMBER_FEATURES,
+    PRIOR_FEATURE,
+    TWO_SIDED,
+    UNCERTAINTY_FEATURES,
+    fit_shape_prior,
+    shape_prior_distances,
+)
 from .model import QualityModel, transform
 from .rules import FRAGMENTS
 from .stats import fit_regression, qc_accuracy

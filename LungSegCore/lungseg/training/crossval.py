@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from .cv_report import write_report
-from ..io.selection import entry_cases, selection_tag
 from ..errors import LungSegError
 from ..io.files import checkpoint_file, write_atomic_text
+from ..io.selection import entry_cases, selection_tag
+from .cv_report import write_report
 
 CV_SPLITS = ("train", "val")
 # Pixel size of sets whose PNGs state none: JSRT's 2048² originals are 0.175 mm, here downsampled to 512².

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..inference.preprocess import model_input
 from ..io.files import save_checkpoint
 from ..io.labelled import Case, case_label, read_gray
-from ..inference.preprocess import model_input
 from .augment import resize_label
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..io.selection import entry_cases, selection_tag
-from .export_onnx import export_graphs
 from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from ..errors import LungSegError
 from ..io.files import checkpoint_file, write_atomic_text
+from ..io.selection import entry_cases, selection_tag
 from ..models.cards import PACKAGE_MODELS, cards_named, load_network, save_card, save_model
 from ..nets.networks import build_network
+from .export_onnx import export_graphs
 
 
 def training_record(history: list[dict], best_epoch: int, environment: list[dict] | None = None) -> dict:

@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..io.selection import entry_cases, selection_tag
-from .data import ArrayDataset, EpochSamples, load_arrays
 from ..errors import LungSegError
 from ..io.files import save_checkpoint, write_atomic_text
-from .losses import build_loss
-from .validation import evaluate_sets, overlap
+from ..io.selection import entry_cases, selection_tag
 from ..nets.networks import build_network, environment_entry, select_device
 from .augment import training_augmentation
+from .data import ArrayDataset, EpochSamples, load_arrays
+from .losses import build_loss
+from .validation import evaluate_sets, overlap
 
 log = logging.getLogger("lungseg.train")
 

@@ -1,8 +1,8 @@
 """The computation of the LungSeg module; it needs no GUI.
 
 `process` segments a radiograph volume into a "Right lung" and a "Left lung" segment: `readInput` turns the volume
-into the core's radiograph (`lungseg.io.radiograph.radiograph_from_array`, the same checks and gray conversion as the batch
-command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread: a
+into the core's radiograph (`lungseg.io.radiograph.radiograph_from_array`, the same checks and gray conversion as
+the batch command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread: a
 radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
 starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
 command in a PythonSlicer child process.
@@ -27,8 +27,15 @@ from .InstallLogic import corePythonPath
 # SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12): Anatomical Structure / Lung, laterality as
 # the type modifier; the core's DICOM-SEG writer uses the same ones.
 corePythonPath()
-from lungseg.definitions import (  # noqa: E402  (pure Python: importable before torch)
-    LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, RIGHT_LUNG)
+# pure Python: importable before torch
+from lungseg.definitions import (  # noqa: E402
+    LEFT_LUNG,
+    LUNG_CATEGORY,
+    LUNG_LATERALITY,
+    LUNG_SEGMENT_NAMES,
+    LUNG_TYPE,
+    RIGHT_LUNG,
+)
 
 SEGMENT_IDS = {RIGHT_LUNG: "RightLung", LEFT_LUNG: "LeftLung"}  # the module's segment IDs, by label value
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
