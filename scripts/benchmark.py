@@ -16,6 +16,7 @@ same way, through the command line in fresh processes, alternating so that a sha
 the cold start of `lungseg segment one.png` beside `python -c "import numpy, scipy.ndimage, SimpleITK"`, end-to-end
 images/s, and with `--memory-images` the peak memory (PSS of the whole process tree).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,6 +91,7 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
     from lungseg.inference.postprocess import postprocess
     from lungseg.inference.preprocess import model_input
     from lungseg.io.radiograph import read_radiograph, write_labelmap
+
     try:  # QC as the batch runs it: the rules and the predicted quality of the card's qc block (issue 12)
         from lungseg.qc.model import assess
 
@@ -122,14 +124,14 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
         "model_forward_one_thread": cpu_ms(lambda: segmenter.probabilities(batch)) / len(batch),
         "clean_up_and_resize_back": cpu_ms(lambda: postprocess(probabilities, image.shape)),
         "qc_and_areas": cpu_ms(lambda: (qc(prediction), lung_areas(prediction.label, image.pixel_area_mm2))),
-        "write_labelmap": cpu_ms(lambda: write_labelmap(prediction.label, image.reference,
-                                                        scratch / "stage.nrrd")),
+        "write_labelmap": cpu_ms(lambda: write_labelmap(prediction.label, image.reference, scratch / "stage.nrrd")),
     }
     try:  # the review page's thumbnail, made for every input (issue 12)
         from lungseg.batch.overlay import thumbnail_base, write_thumbnail
 
-        costs["review_thumbnail"] = cpu_ms(lambda: write_thumbnail(
-            thumbnail_base(x[0], image.shape), prediction.label, scratch / "stage.jpg"))
+        costs["review_thumbnail"] = cpu_ms(
+            lambda: write_thumbnail(thumbnail_base(x[0], image.shape), prediction.label, scratch / "stage.jpg")
+        )
     except ImportError:
         pass
     return {k: round(v, 2) for k, v in costs.items()}
@@ -187,9 +189,25 @@ def median_wall(cmd: list[str], env: dict, repeats: int) -> float:
 def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace) -> float:
     """images/s that `lungseg segment` of checkout `tree` reports for the inputs listed in `listing`."""
     shutil.rmtree(out, ignore_errors=True)
-    run = subprocess.run([sys.executable, "-m", "lungseg", "segment", str(listing), "-o", str(out), "--device",
-                          args.device, "--batch-size", str(args.batch_size)], check=True, capture_output=True,
-                         text=True, env=command_env(tree))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lungseg",
+            "segment",
+            str(listing),
+            "-o",
+            str(out),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=command_env(tree),
+    )
     return float(re.search(r"\(([\d.]+) images/s\)", run.stdout).group(1))
 
 
@@ -198,7 +216,7 @@ def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args:
     `--repeats`) beside the import reference, end-to-end images/s (median of `--repeats` runs), and with
     `--memory-images` the peak memory of a batch of that many."""
     listing = tmp / "inputs.txt"
-    listing.write_text("\n".join(map(str, paths[:args.images])) + "\n")
+    listing.write_text("\n".join(map(str, paths[: args.images])) + "\n")
     report = {name: {"checkout": str(tree)} for name, tree in trees.items()}
     rates = {name: [] for name in trees}
     for _ in range(args.repeats):
@@ -206,21 +224,54 @@ def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args:
             rates[name].append(command_rate(tree, listing, tmp / f"out-{name}", args))
     for name, tree in trees.items():
         env = command_env(tree)
-        cold = median_wall([sys.executable, "-m", "lungseg", "segment", str(paths[0]), "-o", str(tmp / "cold"),
-                            "--device", args.device], env, args.repeats)
+        cold = median_wall(
+            [
+                sys.executable,
+                "-m",
+                "lungseg",
+                "segment",
+                str(paths[0]),
+                "-o",
+                str(tmp / "cold"),
+                "--device",
+                args.device,
+            ],
+            env,
+            args.repeats,
+        )
         imports = median_wall([sys.executable, "-c", IMPORT_REFERENCE], env, args.repeats)
-        report[name].update(end_to_end_images_per_s=sorted(rates[name])[len(rates[name]) // 2],
-                            end_to_end_runs=rates[name], cold_start_one_image_s=round(cold, 2),
-                            import_reference_s=round(imports, 2), cold_start_over_imports=round(cold / imports, 2))
+        report[name].update(
+            end_to_end_images_per_s=sorted(rates[name])[len(rates[name]) // 2],
+            end_to_end_runs=rates[name],
+            cold_start_one_image_s=round(cold, 2),
+            import_reference_s=round(imports, 2),
+            cold_start_over_imports=round(cold / imports, 2),
+        )
     if args.memory_images:
         many = make_inputs(tmp / "many", args.memory_images, args.size)
         (tmp / "many.txt").write_text("\n".join(map(str, many)) + "\n")
         for name, tree in trees.items():
-            peak, wall = peak_pss_of([sys.executable, "-m", "lungseg", "segment", str(tmp / "many.txt"), "-o",
-                                      str(tmp / f"many-{name}"), "--device", args.device, "--batch-size",
-                                      str(args.batch_size)], command_env(tree))
-            report[name]["memory"] = {"images": args.memory_images, "peak_pss_mib": round(peak, 1),
-                                      "wall_s": round(wall, 1)}
+            peak, wall = peak_pss_of(
+                [
+                    sys.executable,
+                    "-m",
+                    "lungseg",
+                    "segment",
+                    str(tmp / "many.txt"),
+                    "-o",
+                    str(tmp / f"many-{name}"),
+                    "--device",
+                    args.device,
+                    "--batch-size",
+                    str(args.batch_size),
+                ],
+                command_env(tree),
+            )
+            report[name]["memory"] = {
+                "images": args.memory_images,
+                "peak_pss_mib": round(peak, 1),
+                "wall_s": round(wall, 1),
+            }
     return report
 
 
@@ -229,10 +280,12 @@ def cpu_bound(segmenter, path: Path, tmp: Path, forward_rate: float) -> dict:
     costs = stage_cpu_ms(segmenter, path, tmp)
     total = sum(costs.values())
     bound = (os.cpu_count() or 1) * 1e3 / total
-    return {"cpu_ms_per_image_by_stage": costs,
-            "non_model_cpu_ms_per_image": round(total - costs["model_forward_one_thread"], 2),
-            "end_to_end_upper_bound_images_per_s": round(bound, 2),
-            "end_to_end_fraction_upper_bound": round(bound / forward_rate, 3)}
+    return {
+        "cpu_ms_per_image_by_stage": costs,
+        "non_model_cpu_ms_per_image": round(total - costs["model_forward_one_thread"], 2),
+        "end_to_end_upper_bound_images_per_s": round(bound, 2),
+        "end_to_end_fraction_upper_bound": round(bound / forward_rate, 3),
+    }
 
 
 def training_rates(device: str, batch_size: int = 8, steps: int = 6) -> dict:
@@ -280,8 +333,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-images", type=int, default=0, help="also the peak memory of this many images")
     parser.add_argument("--training", action="store_true", help="also measure training images/s per network")
     parser.add_argument("--models", action="store_true", help="also measure the bare forward rate of every model")
-    parser.add_argument("--slicer", action="store_true",
-                        help="also the Slicer panel's first and second Apply (scripts/benchmark_slicer.py)")
+    parser.add_argument(
+        "--slicer",
+        action="store_true",
+        help="also the Slicer panel's first and second Apply (scripts/benchmark_slicer.py)",
+    )
     parser.add_argument("--output", help="write the JSON report here too")
     return parser.parse_args()
 
@@ -295,14 +351,17 @@ def this_checkout(paths: list[Path], tmp: Path, args: argparse.Namespace) -> dic
     keep_freed_memory()  # as `lungseg segment` does, so that in-process numbers match the command's
     segmenter = Segmenter("unet", args.device)
     before = bare_forward_rate(segmenter, args.batch_size)
-    summary = segment_inputs([str(p) for p in paths[:args.images]], tmp / "out", device=args.device,
-                             batch_size=args.batch_size)
+    summary = segment_inputs(
+        [str(p) for p in paths[: args.images]], tmp / "out", device=args.device, batch_size=args.batch_size
+    )
     after = bare_forward_rate(segmenter, args.batch_size)  # before and after: a shared machine drifts
     forward = (before + after) / 2
-    report = {"model_forward_images_per_s": round(forward, 2),
-              "model_forward_before_and_after": [round(before, 2), round(after, 2)],
-              "end_to_end_images_per_s": round(summary.images_per_second, 2),
-              "end_to_end_fraction_of_forward": round(summary.images_per_second / forward, 3)}
+    report = {
+        "model_forward_images_per_s": round(forward, 2),
+        "model_forward_before_and_after": [round(before, 2), round(after, 2)],
+        "end_to_end_images_per_s": round(summary.images_per_second, 2),
+        "end_to_end_fraction_of_forward": round(summary.images_per_second / forward, 3),
+    }
     if args.device == "cpu":
         report.update(cpu_bound(Segmenter("unet", "cpu", threads=1), paths[0], tmp, forward))
     if args.models:
@@ -310,7 +369,8 @@ def this_checkout(paths: list[Path], tmp: Path, args: argparse.Namespace) -> dic
 
         report["model_forward_images_per_s_by_model"] = {
             card["name"]: round(bare_forward_rate(Segmenter(card["name"], args.device), args.batch_size, 5.0), 2)
-            for card in list_models()}
+            for card in list_models()
+        }
     return report
 
 
@@ -318,8 +378,12 @@ def main() -> None:
     args = parse_args()
     import onnxruntime
 
-    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
-              "device": args.device, "image_size": args.size, "batch_size": args.batch_size}
+    report = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
+        "device": args.device,
+        "image_size": args.size,
+        "batch_size": args.batch_size,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_inputs(tmp / "in", args.images, args.size)

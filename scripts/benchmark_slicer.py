@@ -12,6 +12,7 @@ pydicom-data's 1955x1841 chest CR loaded as Slicer's DICOM module loads it:
 
 Run from the repository root after `scripts/setup.sh test`:  .venv/bin/python scripts/benchmark_slicer.py
 """
+
 from __future__ import annotations
 
 import json
@@ -91,12 +92,16 @@ def measure(threads: int = 2) -> dict:
     widget.cleanup()
     import onnxruntime
 
-    return {"image": f"{path.name} {volume.GetImageData().GetDimensions()[:2]}",
-            "onnxruntime": onnxruntime.__version__, "threads": threads,
-            "torch_imported": "torch" in sys.modules or "monai" in sys.modules,  # must stay False
-            "first_apply_s": round(first, 2), "second_apply_s": round(second, 2),
-            "longest_stall_not_busy_s": round(max(stalls["idle"], gap), 3),
-            "longest_stall_busy_s": round(stalls["busy"], 2)}
+    return {
+        "image": f"{path.name} {volume.GetImageData().GetDimensions()[:2]}",
+        "onnxruntime": onnxruntime.__version__,
+        "threads": threads,
+        "torch_imported": "torch" in sys.modules or "monai" in sys.modules,  # must stay False
+        "first_apply_s": round(first, 2),
+        "second_apply_s": round(second, 2),
+        "longest_stall_not_busy_s": round(max(stalls["idle"], gap), 3),
+        "longest_stall_busy_s": round(stalls["busy"], 2),
+    }
 
 
 if __name__ == "__main__":

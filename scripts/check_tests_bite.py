@@ -18,6 +18,7 @@ does not count as a bite.
 Exit status 0 when every breakage makes each of its tests fail; 1 when a breakage survives (a test still passes
 or skips), a snippet no longer matches the code (relocate it), or a baseline test does not pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,8 @@ SHARED_DATA = Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO.parent / "shared" 
 
 @dataclass
 class Edit:
-    path: str   # relative to the repository root
-    old: str    # a code snippet that occurs exactly once in that file
+    path: str  # relative to the repository root
+    old: str  # a code snippet that occurs exactly once in that file
     new: str
 
 
@@ -56,148 +57,285 @@ class Breakage:
 
 BREAKAGES: list[Breakage] = [
     Breakage(
-        "T1", "the Slicer module inverts on a MONOCHROME1 header alone (the double inversion of volumes that "
-              "Slicer's GDCM reader already inverted)",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/SegmentationLogic.py",
-              "        invert = inverted_against_file(radiograph.pixels, path) if dicom else None\n",
-              "        invert = (photometric == \"MONOCHROME1\") if dicom else None\n")],
-        ["Testing/test_slicer_logic.py::test_monochrome1_through_the_dicom_module_is_not_inverted_twice",
-         "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch"]),
+        "T1",
+        "the Slicer module inverts on a MONOCHROME1 header alone (the double inversion of volumes that "
+        "Slicer's GDCM reader already inverted)",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/SegmentationLogic.py",
+                "        invert = inverted_against_file(radiograph.pixels, path) if dicom else None\n",
+                '        invert = (photometric == "MONOCHROME1") if dicom else None\n',
+            )
+        ],
+        [
+            "Testing/test_slicer_logic.py::test_monochrome1_through_the_dicom_module_is_not_inverted_twice",
+            "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch",
+        ],
+    ),
     Breakage(
-        "T2", "sharding disabled: every shard takes every input",
-        [Edit("LungSegCore/lungseg/batch/records.py",
-              "    return digest % count == index - 1\n",
-              "    return True\n")],
-        ["Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
-         "Testing/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard"]),
+        "T2",
+        "sharding disabled: every shard takes every input",
+        [Edit("LungSegCore/lungseg/batch/records.py", "    return digest % count == index - 1\n", "    return True\n")],
+        [
+            "Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
+            "Testing/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard",
+        ],
+    ),
     Breakage(
-        "T3", "resolve_model ignores --definition (the default model always)",
-        [Edit("LungSegCore/lungseg/models/cards.py",
-              "    return model if model else best_model(definition or DEFAULT_DEFINITION)\n",
-              "    return model if model else DEFAULT_MODEL\n")],
-        ["Testing/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
-         "Testing/test_cli.py::test_definition_without_a_model_is_a_clear_error"]),
+        "T3",
+        "resolve_model ignores --definition (the default model always)",
+        [
+            Edit(
+                "LungSegCore/lungseg/models/cards.py",
+                "    return model if model else best_model(definition or DEFAULT_DEFINITION)\n",
+                "    return model if model else DEFAULT_MODEL\n",
+            )
+        ],
+        [
+            "Testing/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
+            "Testing/test_cli.py::test_definition_without_a_model_is_a_clear_error",
+        ],
+    ),
     Breakage(
-        "T4", "export never loads the trained weights (a randomly initialised network is exported and measured)",
-        [Edit("LungSegCore/lungseg/training/export.py",
-              '    model.load_state_dict(state["model"])\n',
-              "    pass  # breakage: the trained weights are never loaded\n")],
-        ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"]),
+        "T4",
+        "export never loads the trained weights (a randomly initialised network is exported and measured)",
+        [
+            Edit(
+                "LungSegCore/lungseg/training/export.py",
+                '    model.load_state_dict(state["model"])\n',
+                "    pass  # breakage: the trained weights are never loaded\n",
+            )
+        ],
+        ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"],
+    ),
     Breakage(
-        "T5", "evaluate scores only the ignored pixels (ignore=~ignore)",
-        [Edit("LungSegCore/lungseg/evaluation/evaluate.py",
-              "regions=scored, ignore=ignore)",
-              "regions=scored, ignore=None if ignore is None else ~ignore)")],
-        ["Testing/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
-         "Testing/test_definitions.py::test_ignore_mask_leaves_out_exactly_its_pixels"]),
+        "T5",
+        "evaluate scores only the ignored pixels (ignore=~ignore)",
+        [
+            Edit(
+                "LungSegCore/lungseg/evaluation/evaluate.py",
+                "regions=scored, ignore=ignore)",
+                "regions=scored, ignore=None if ignore is None else ~ignore)",
+            )
+        ],
+        [
+            "Testing/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
+            "Testing/test_definitions.py::test_ignore_mask_leaves_out_exactly_its_pixels",
+        ],
+    ),
     Breakage(
-        "T6", "the command line no longer calls keep_freed_memory()",
-        [Edit("LungSegCore/lungseg/cli.py",
-              "    keep_freed_memory()  # this process is ours alone",
-              "    pass  # breakage: keep_freed_memory() removed; this process is ours alone")],
-        ["Testing/test_batch.py::test_command_line_keeps_freed_memory_for_the_next_forward_pass"]),
+        "T6",
+        "the command line no longer calls keep_freed_memory()",
+        [
+            Edit(
+                "LungSegCore/lungseg/cli.py",
+                "    keep_freed_memory()  # this process is ours alone",
+                "    pass  # breakage: keep_freed_memory() removed; this process is ours alone",
+            )
+        ],
+        ["Testing/test_batch.py::test_command_line_keeps_freed_memory_for_the_next_forward_pass"],
+    ),
     # ---- T8 (core): untested surface that is tested now
     Breakage(
-        "T8a", "write_float_map writes the components as rows (no channels-last move)",
-        [Edit("LungSegCore/lungseg/io/radiograph.py",
-              "    array = np.moveaxis(values, 0, -1) if vector else values\n",
-              "    array = values.reshape(values.shape[1], values.shape[2], -1) if vector else values\n")],
-        ["Testing/test_io.py::test_float_maps_are_written_on_the_reference_grid"]),
+        "T8a",
+        "write_float_map writes the components as rows (no channels-last move)",
+        [
+            Edit(
+                "LungSegCore/lungseg/io/radiograph.py",
+                "    array = np.moveaxis(values, 0, -1) if vector else values\n",
+                "    array = values.reshape(values.shape[1], values.shape[2], -1) if vector else values\n",
+            )
+        ],
+        ["Testing/test_io.py::test_float_maps_are_written_on_the_reference_grid"],
+    ),
     Breakage(
-        "T8b", "inference uses UNet++'s shallowest deep-supervision head instead of the full-depth one",
-        [Edit("LungSegCore/lungseg/nets/networks.py",
-              "    return out[-1] if isinstance(out, (list, tuple)) else out\n",
-              "    return out[0] if isinstance(out, (list, tuple)) else out\n")],
-        ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"]),
+        "T8b",
+        "inference uses UNet++'s shallowest deep-supervision head instead of the full-depth one",
+        [
+            Edit(
+                "LungSegCore/lungseg/nets/networks.py",
+                "    return out[-1] if isinstance(out, (list, tuple)) else out\n",
+                "    return out[0] if isinstance(out, (list, tuple)) else out\n",
+            )
+        ],
+        ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"],
+    ),
     # ---- the second Slicer review (Windows and macOS batch, crashes, a folder named like a file)
     Breakage(
-        "N1a", "the batch starts its helpers with fork everywhere (Windows has no fork: nothing is segmented)",
-        [Edit("LungSegCore/lungseg/batch/workers.py",
-              '        return "fork" if sys.platform.startswith("linux") else "spawn"\n',
-              '        return "fork"\n')],
-        ["Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
-         "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced"]),
+        "N1a",
+        "the batch starts its helpers with fork everywhere (Windows has no fork: nothing is segmented)",
+        [
+            Edit(
+                "LungSegCore/lungseg/batch/workers.py",
+                '        return "fork" if sys.platform.startswith("linux") else "spawn"\n',
+                '        return "fork"\n',
+            )
+        ],
+        [
+            "Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
+            "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced",
+        ],
+    ),
     Breakage(
-        "N1b", "a spawned helper never notices that its batch process died (it waits for work forever)",
-        [Edit("LungSegCore/lungseg/batch/workers.py",
-              "    multiprocessing.parent_process().join()\n",
-              "    threading.Event().wait()\n")],
-        ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"]),
+        "N1b",
+        "a spawned helper never notices that its batch process died (it waits for work forever)",
+        [
+            Edit(
+                "LungSegCore/lungseg/batch/workers.py",
+                "    multiprocessing.parent_process().join()\n",
+                "    threading.Event().wait()\n",
+            )
+        ],
+        ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"],
+    ),
     Breakage(
-        "N2", "an unexpected error leaves with status 1, the status of 'some inputs failed'",
-        [Edit("LungSegCore/lungseg/cli.py",
-              '    except Exception as exc:  # a bug, or the machine (memory): not "some inputs failed" (1)\n',
-              "    except ArithmeticError as exc:  # breakage: other errors escape with status 1\n")],
-        ["Testing/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"]),
+        "N2",
+        "an unexpected error leaves with status 1, the status of 'some inputs failed'",
+        [
+            Edit(
+                "LungSegCore/lungseg/cli.py",
+                '    except Exception as exc:  # a bug, or the machine (memory): not "some inputs failed" (1)\n',
+                "    except ArithmeticError as exc:  # breakage: other errors escape with status 1\n",
+            )
+        ],
+        ["Testing/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"],
+    ),
     Breakage(
-        "F1", "a folder named like an image file (study.dcm/) is taken for a file",
-        [Edit("LungSegCore/lungseg/io/files.py",
-              "        elif item.is_dir():  # a folder named like a file",
-              "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file")],
-        ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"]),
+        "F1",
+        "a folder named like an image file (study.dcm/) is taken for a file",
+        [
+            Edit(
+                "LungSegCore/lungseg/io/files.py",
+                "        elif item.is_dir():  # a folder named like a file",
+                "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file",
+            )
+        ],
+        ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"],
+    ),
     Breakage(
         "N2p",
         "the panel takes any exit 0 or 1 of the batch child for a finished run (a crash says '0 of 0 segmented')",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/Widget.py",
-              "        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which",
-              "        elif batch.returnCode in (0, 1):")],
-        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[traceback]"]),
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/Widget.py",
+                "        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which",
+                "        elif batch.returnCode in (0, 1):",
+            )
+        ],
+        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[traceback]"],
+    ),
     Breakage(
-        "N2q", "the panel trusts an older run's results.csv after a crash with status 1",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
-              "        return self.returnCode == 1 and stamp is not None and stamp != self._tableBefore",
-              "        return self.returnCode == 1 and stamp is not None")],
-        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure"
-         "[traceback-after-an-earlier-run]"]),
+        "N2q",
+        "the panel trusts an older run's results.csv after a crash with status 1",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
+                "        return self.returnCode == 1 and stamp is not None and stamp != self._tableBefore",
+                "        return self.returnCode == 1 and stamp is not None",
+            )
+        ],
+        [
+            "Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure"
+            "[traceback-after-an-earlier-run]"
+        ],
+    ),
     Breakage(
-        "N2r", "a batch child killed by a signal is reported without the signal",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
-              '            return f"killed by {name}" + (f"; last output: {last}" if last else "")',
-              "            return last")],
-        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[killed]"]),
+        "N2r",
+        "a batch child killed by a signal is reported without the signal",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
+                '            return f"killed by {name}" + (f"; last output: {last}" if last else "")',
+                "            return last",
+            )
+        ],
+        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[killed]"],
+    ),
     Breakage(
-        "N3", "the demo CR is registered in Sample Data without loadFileType (Slicer 5.8+ loads no volume)",
+        "N3",
+        "the demo CR is registered in Sample Data without loadFileType (Slicer 5.8+ loads no volume)",
         [Edit("LungSegExtension/LungSeg/LungSeg.py", '        loadFileType="VolumeFile")', "        )")],
-        ["Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.8]",
-         "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.12]"]),
+        [
+            "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.8]",
+            "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.12]",
+        ],
+    ),
     Breakage(
-        "N5", "the batch folder counts only on directoryChanged (the folder the dialog opens in is refused)",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/Widget.py",
-              "        self.ui.batchInputDirectoryButton.directorySelected.connect(",
-              "        self.ui.batchInputDirectoryButton.directoryChanged.connect(")],
-        ["Testing/test_slicer_widget.py::test_batch_accepts_the_folder_the_dialog_opens_in"]),
+        "N5",
+        "the batch folder counts only on directoryChanged (the folder the dialog opens in is refused)",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/Widget.py",
+                "        self.ui.batchInputDirectoryButton.directorySelected.connect(",
+                "        self.ui.batchInputDirectoryButton.directoryChanged.connect(",
+            )
+        ],
+        ["Testing/test_slicer_widget.py::test_batch_accepts_the_folder_the_dialog_opens_in"],
+    ),
     Breakage(
-        "N6", "Cancel on Windows starts taskkill with a console window",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
-              ', capture_output=True,\n                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))',
-              ", capture_output=True)")],
-        ["Testing/test_slicer_logic.py::test_cancel_on_windows_runs_taskkill_without_a_console_window"]),
+        "N6",
+        "Cancel on Windows starts taskkill with a console window",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
+                ', capture_output=True,\n                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))',
+                ", capture_output=True)",
+            )
+        ],
+        ["Testing/test_slicer_logic.py::test_cancel_on_windows_runs_taskkill_without_a_console_window"],
+    ),
     Breakage(
-        "N7", "the export dialog proposes the node name as it is ('1: Unnamed Series-lungs')",
-        [Edit("LungSegExtension/LungSeg/LungSegLib/Widget.py",
-              '        dialog.selectFile(f"{fileNameFor(reference.GetName())}-lungs")',
-              '        dialog.selectFile(f"{reference.GetName()}-lungs")')],
-        ["Testing/test_slicer_widget.py::test_export_dialog_proposes_a_file_name_windows_accepts"]),
+        "N7",
+        "the export dialog proposes the node name as it is ('1: Unnamed Series-lungs')",
+        [
+            Edit(
+                "LungSegExtension/LungSeg/LungSegLib/Widget.py",
+                '        dialog.selectFile(f"{fileNameFor(reference.GetName())}-lungs")',
+                '        dialog.selectFile(f"{reference.GetName()}-lungs")',
+            )
+        ],
+        ["Testing/test_slicer_widget.py::test_export_dialog_proposes_a_file_name_windows_accepts"],
+    ),
     # ---- inference on ONNX Runtime
     Breakage(
-        "O1", "the ONNX graphs are loaded without checking their SHA-256 against the card",
-        [Edit("LungSegCore/lungseg/models/cards.py",
-              'open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads)',
-              'open_session(folder / graph["file"], device, threads)')],
-        ["Testing/test_model.py::test_tampered_onnx_graphs_are_refused"]),
+        "O1",
+        "the ONNX graphs are loaded without checking their SHA-256 against the card",
+        [
+            Edit(
+                "LungSegCore/lungseg/models/cards.py",
+                'open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads)',
+                'open_session(folder / graph["file"], device, threads)',
+            )
+        ],
+        ["Testing/test_model.py::test_tampered_onnx_graphs_are_refused"],
+    ),
     Breakage(
-        "O2", "the inference path imports torch again",
-        [Edit("LungSegCore/lungseg/inference/segmenter.py",
-              "import numpy as np\nfrom scipy import ndimage\n",
-              "import numpy as np\nimport torch  # noqa: F401  (breakage)\nfrom scipy import ndimage\n")],
-        ["Testing/test_without_torch.py::test_segment_writes_every_output_without_torch",
-         "Testing/test_without_torch.py::test_evaluate_fit_qc_and_the_python_api_without_torch"]),
+        "O2",
+        "the inference path imports torch again",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/segmenter.py",
+                "import numpy as np\nfrom scipy import ndimage\n",
+                "import numpy as np\nimport torch  # noqa: F401  (breakage)\nfrom scipy import ndimage\n",
+            )
+        ],
+        [
+            "Testing/test_without_torch.py::test_segment_writes_every_output_without_torch",
+            "Testing/test_without_torch.py::test_evaluate_fit_qc_and_the_python_api_without_torch",
+        ],
+    ),
     Breakage(
-        "R1", "a reader's death is reported as a dead pool, which the batch takes for a finisher's",
-        [Edit("LungSegCore/lungseg/batch/reader.py",
-              '                raise ReaderDied(held, "a reader process ended abruptly") from exc\n',
-              "                raise\n")],
-        ["Testing/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"]),
+        "R1",
+        "a reader's death is reported as a dead pool, which the batch takes for a finisher's",
+        [
+            Edit(
+                "LungSegCore/lungseg/batch/reader.py",
+                '                raise ReaderDied(held, "a reader process ended abruptly") from exc\n',
+                "                raise\n",
+            )
+        ],
+        ["Testing/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"],
+    ),
 ]
 
 WRONG_REASONS = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError")
@@ -244,8 +382,10 @@ def apply(copy: Path, edits: list[Edit]) -> None:
         text = path.read_text(encoding="utf-8")
         count = text.count(edit.old)
         if count != 1:
-            raise LookupError(f"{edit.path}: the snippet {edit.old.strip()!r} occurs {count} times (expected once); "
-                              "the code moved: relocate this breakage")
+            raise LookupError(
+                f"{edit.path}: the snippet {edit.old.strip()!r} occurs {count} times (expected once); "
+                "the code moved: relocate this breakage"
+            )
         broken = text.replace(edit.old, edit.new)
         if path.suffix == ".py":
             compile(broken, str(path), "exec")  # a breakage that does not even compile would prove nothing
@@ -255,16 +395,43 @@ def apply(copy: Path, edits: list[Edit]) -> None:
 def run_tests(copy: Path, tests: list[str], report: Path) -> tuple[dict[str, str], dict[str, str], str]:
     """Outcome per node id ('passed', 'failed', 'skipped', 'missing'), the first failure message per node id,
     and the tail of pytest's output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy / "LungSegCore"), str(copy.parent / "guard")]),
-               BITE_COPY=str(copy), LUNGSEG_SHARED_DATA=str(SHARED_DATA), TQDM_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(copy / "LungSegCore"), str(copy.parent / "guard")]),
+        BITE_COPY=str(copy),
+        LUNGSEG_SHARED_DATA=str(SHARED_DATA),
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     env.pop("LUNGSEG_REQUIRE_DATA", None)  # a skip must show as a skip here: it is not a bite
-    check = subprocess.run([sys.executable, "-c", "import lungseg; print(lungseg.__file__)"], cwd=copy / "Testing",
-                           env=env, capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", "import lungseg; print(lungseg.__file__)"],
+        cwd=copy / "Testing",
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if not Path(check.stdout.strip()).resolve().is_relative_to(copy.resolve()):
         raise RuntimeError(f"lungseg resolves to {check.stdout.strip() or check.stderr} instead of the copy")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bite_guard", "-q",
-                             f"--junitxml={report}", *tests], cwd=copy, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "bite_guard",
+            "-q",
+            f"--junitxml={report}",
+            *tests,
+        ],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seen: dict[str, list[str]] = {test: [] for test in tests}
     messages: dict[str, str] = {}
     if report.exists():
@@ -272,8 +439,7 @@ def run_tests(copy: Path, tests: list[str], report: Path) -> tuple[dict[str, str
             node = f"{case.get('classname', '').split('.')[-1]}.py::{case.get('name')}"
             children = {child.tag for child in case}
             problem = next((child for child in case if child.tag in ("failure", "error")), None)
-            outcome = ("failed" if children & {"failure", "error"} else "skipped" if "skipped" in children
-                       else "passed")
+            outcome = "failed" if children & {"failure", "error"} else "skipped" if "skipped" in children else "passed"
             for test in tests:
                 key = short(test)
                 if node == key or node.startswith(key + "["):  # a parametrized test: each of its cases
@@ -281,8 +447,10 @@ def run_tests(copy: Path, tests: list[str], report: Path) -> tuple[dict[str, str
                     if problem is not None and test not in messages:
                         messages[test] = " ".join((problem.get("message") or problem.text or "").split())
     # a test bites when any of its cases fails; it passes only when no case failed and one passed
-    outcomes = {test: next((o for o in ("failed", "passed", "skipped") if o in found), "missing")
-                for test, found in seen.items()}
+    outcomes = {
+        test: next((o for o in ("failed", "passed", "skipped") if o in found), "missing")
+        for test, found in seen.items()
+    }
     return outcomes, messages, (result.stdout + result.stderr)[-3000:]
 
 
@@ -312,8 +480,10 @@ def main() -> int:
             t0 = time.perf_counter()
             outcomes, _, tail = run_tests(copy, tests, tmp / "baseline.xml")
             bad = {t: o for t, o in outcomes.items() if o != "passed"}
-            print(f"baseline (unbroken copy): {len(tests) - len(bad)} of {len(tests)} passed "
-                  f"in {time.perf_counter() - t0:.0f} s")
+            print(
+                f"baseline (unbroken copy): {len(tests) - len(bad)} of {len(tests)} passed "
+                f"in {time.perf_counter() - t0:.0f} s"
+            )
             for test, outcome in bad.items():
                 problems.append(f"baseline: {short(test)} {outcome} without any breakage")
             if bad:

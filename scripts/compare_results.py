@@ -8,6 +8,7 @@ relative difference of the right and of the left lung area, the difference of `q
 decision (`qc`) is the same. Prints the worst image of each measure and the share of identical QC decisions;
 used to check that a change of runtime (torch to ONNX Runtime) or version changes no answer that matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,30 @@ def compare_one(old: dict, new: dict) -> dict:
     for side in ("right", "left"):
         before, after = float(old[f"{side}_area_px"]), float(new[f"{side}_area_px"])
         areas[side] = abs(after - before) / before if before else float(after != before)
-    quality = (abs(float(new["quality"]) - float(old["quality"])) if old["quality"] and new["quality"]
-               else float(old["quality"] != new["quality"]))
-    return {"dice": 2 * same / lungs if lungs else 1.0, "right_area": areas["right"], "left_area": areas["left"],
-            "quality": quality, "same_qc": old["qc"] == new["qc"]}
+    quality = (
+        abs(float(new["quality"]) - float(old["quality"]))
+        if old["quality"] and new["quality"]
+        else float(old["quality"] != new["quality"])
+    )
+    return {
+        "dice": 2 * same / lungs if lungs else 1.0,
+        "right_area": areas["right"],
+        "left_area": areas["left"],
+        "quality": quality,
+        "same_qc": old["qc"] == new["qc"],
+    }
 
 
 def compare(old_folder: Path, new_folder: Path) -> dict:
     old, new = read_rows(old_folder), read_rows(new_folder)
     common = sorted(set(old) & set(new))
     per_image = {name: compare_one(old[name], new[name]) for name in common}
-    report = {"images": len(common), "only_old": len(set(old) - set(new)), "only_new": len(set(new) - set(old)),
-              "same_qc_share": sum(r["same_qc"] for r in per_image.values()) / max(len(common), 1)}
+    report = {
+        "images": len(common),
+        "only_old": len(set(old) - set(new)),
+        "only_new": len(set(new) - set(old)),
+        "same_qc_share": sum(r["same_qc"] for r in per_image.values()) / max(len(common), 1),
+    }
     for key, worst in (("dice", min), ("right_area", max), ("left_area", max), ("quality", max)):
         if per_image:
             name = worst(per_image, key=lambda n: per_image[n][key])

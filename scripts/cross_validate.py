@@ -10,6 +10,7 @@ Dice both/right/left, HD95 in mm and images; mean ± sd across folds; pooled per
 fixed schedule (no early stopping) and its final weights are scored; the held-out fold chooses nothing. Re-running
 resumes an unfinished fold at its exact step and skips finished ones; `--fold K` runs one fold (e.g. one per job).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run folder (fold-K/ and the summary go here)")
     p.add_argument("--data-root", help="folder holding the data sets (default: the recipe's data.root)")
     p.add_argument("--fold", type=int, help="train and score only this fold (0-based)")
-    p.add_argument("--also", action="append", default=[], metavar="SET:SPLIT",
-                   help="also score each fold's model on this set (e.g. covid-qu-ex:val); repeatable")
-    p.add_argument("--weights", choices=CHECKPOINTS, default="last",
-                   help="score each fold's final weights, last.pt (default), or best.pt, selected on the recipe's "
-                        "non-JSRT validation sets (e.g. covid-qu-ex val); the held-out fold selects neither")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="SET:SPLIT",
+        help="also score each fold's model on this set (e.g. covid-qu-ex:val); repeatable",
+    )
+    p.add_argument(
+        "--weights",
+        choices=CHECKPOINTS,
+        default="last",
+        help="score each fold's final weights, last.pt (default), or best.pt, selected on the recipe's "
+        "non-JSRT validation sets (e.g. covid-qu-ex val); the held-out fold selects neither",
+    )
     p.add_argument("--set", default="jsrt", help="the set to cross-validate (default jsrt)")
     p.add_argument("--spacing-mm", type=float, help="its pixel size for HD95 in mm (default: 0.7 for jsrt)")
     p.add_argument("--seed", type=int, help="seed of the fold assignment (default: the recipe's, else 0)")
@@ -45,10 +55,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        summary = cross_validate(load_config(args.config), args.output, folds=args.folds, data_root=args.data_root,
-                                 only_fold=args.fold, also=args.also, weights=args.weights, cv_set=args.set,
-                                 spacing_mm=args.spacing_mm, seed=args.seed, device=args.device,
-                                 max_steps=args.max_steps)
+        summary = cross_validate(
+            load_config(args.config),
+            args.output,
+            folds=args.folds,
+            data_root=args.data_root,
+            only_fold=args.fold,
+            also=args.also,
+            weights=args.weights,
+            cv_set=args.set,
+            spacing_mm=args.spacing_mm,
+            seed=args.seed,
+            device=args.device,
+            max_steps=args.max_steps,
+        )
     except LungSegError as exc:
         print(f"lungseg: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Side-by-side overlays of the best lung-field and full-extent models on one radiograph, for the README.
 
-    .venv/bin/python scripts/definition_figure.py [IMAGE] [-o LungSegCore/docs/lung-definitions.png]
+.venv/bin/python scripts/definition_figure.py [IMAGE] [-o LungSegCore/docs/lung-definitions.png]
 """
+
 import argparse
 
 import numpy as np
@@ -30,8 +31,7 @@ def main() -> None:
         size = (round(rgb.shape[0] * args.width / rgb.shape[1]), args.width)
         panels.append(resize(rgb, size, anti_aliasing=True, preserve_range=True).astype(np.uint8))
     gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
-    sitk.WriteImage(sitk.GetImageFromArray(np.concatenate([panels[0], gap, panels[1]], 1), isVector=True),
-                    args.output)
+    sitk.WriteImage(sitk.GetImageFromArray(np.concatenate([panels[0], gap, panels[1]], 1), isVector=True), args.output)
     print(f"wrote {args.output}")
 
 

@@ -41,6 +41,7 @@ Model outputs are cached per model weights, data set, perturbation and mode unde
 softmax), so refitting after a card was retrained segments only with that model, and the features can change
 without segmenting again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,6 +82,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # -- images, halves and the sources -------------------------------------------------------------------------
 
+
 def swap_halves(rows: list[dict]) -> list[dict]:
     """The rows with the halves exchanged: the same procedure fitted on the measure half and measured on the fit
     half, a second held-out estimate over as many other images (two-fold cross-fitting)."""
@@ -94,31 +96,47 @@ def add_source(run_dir: Path, name: str, sources_dir: Path, checkpoint: str = "l
     from lungseg.training.export import model_from_run
 
     model, state, config = model_from_run(run_dir, checkpoint)
-    card = {"name": name, "version": "qc-source", "definition": config.get("definition", "lung-fields"),
-            "network": config["network"], "input_size": config["input_size"], "data": config["data"],
-            "recipe": config, "training": {"checkpoint": checkpoint, "epoch": int(state.get("epoch", 0)),
-                                           "step": int(state.get("step", 0)), "run": str(run_dir)},
-            "note": "a failure source for scripts/fit_quality.py, not a model to use"}
+    card = {
+        "name": name,
+        "version": "qc-source",
+        "definition": config.get("definition", "lung-fields"),
+        "network": config["network"],
+        "input_size": config["input_size"],
+        "data": config["data"],
+        "recipe": config,
+        "training": {
+            "checkpoint": checkpoint,
+            "epoch": int(state.get("epoch", 0)),
+            "step": int(state.get("step", 0)),
+            "run": str(run_dir),
+        },
+        "note": "a failure source for scripts/fit_quality.py, not a model to use",
+    }
     sources_dir.mkdir(parents=True, exist_ok=True)
     return save_model(model, card, sources_dir)
 
 
 # -- features and Dice per image ----------------------------------------------------------------------------
 
+
 def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: str, cache: Path) -> dict:
     """`model_outputs` through a cache per model weights, data set and mode (a compressed .npz): items that an
     earlier run segmented (with any limit) are not segmented again, and the features can change freely."""
     path = cache / f"{card['name']}-{card['sha256'][:12]}-{dataset}-{mode}.npz"
-    maps = ("probabilities",) + (("spread",) if mode == "uncertainty" else ()) + \
-        (("member_spread",) if is_ensemble(card) else ())
+    maps = (
+        ("probabilities",)
+        + (("spread",) if mode == "uncertainty" else ())
+        + (("member_spread",) if is_ensemble(card) else ())
+    )
     known = {}
     if path.exists():
         with np.load(path) as data:  # each data[key] decompresses the whole array: once per key
             if all(m in data for m in maps):  # else written before a map was kept: segment again
                 names, arrays = data["names"], {m: data[m] for m in maps}
                 for i, name in enumerate(names):
-                    known[str(name)] = tuple(arrays[m][i] if m in arrays else None
-                                             for m in ("probabilities", "spread", "member_spread"))
+                    known[str(name)] = tuple(
+                        arrays[m][i] if m in arrays else None for m in ("probabilities", "spread", "member_spread")
+                    )
     missing = [it for it in items if item_key(*it) not in known]
     if missing:
         t0 = time.perf_counter()
@@ -134,13 +152,16 @@ def cached_outputs(card_path: str, card: dict, dataset: str, items: list, mode: 
         tmp = path.with_suffix(".partial.npz")
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
-        print(f"  {card['name']} on {dataset} ({mode}): {len(missing)} images in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
+        print(
+            f"  {card['name']} on {dataset} ({mode}): {len(missing)} images in {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
     return known
 
 
-def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int, variants: int,
-                 cache: Path) -> list[dict]:
+def dataset_rows(
+    card_path: str, dataset: str, root: Path, mode: str, limit: int, variants: int, cache: Path
+) -> list[dict]:
     """One model on the chosen images of one data set (and `variants` perturbations of each): the features, the
     rule flags and the Dice of each (`pool.scored_rows`)."""
     from lungseg.models.cards import read_card
@@ -153,6 +174,7 @@ def dataset_rows(card_path: str, dataset: str, root: Path, mode: str, limit: int
 
 
 # -- the pool of a card's fit -------------------------------------------------------------------------------
+
 
 def cv_fold_cards(run_dir: Path) -> list[str]:
     """The fold models (cards) of a `scripts/cross_validate.py` run, each to be scored on its held-out fold."""
@@ -175,9 +197,18 @@ def role_on(role: str, source_card: dict, dataset: str) -> str:
     return role
 
 
-def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode: str, limits: dict,
-             source_limits: dict[str, int], variants: dict[str, int], cache: Path,
-             folds: list[str] = ()) -> list[dict]:
+def pool_for(
+    card: dict,
+    peers: list[str],
+    failures: list[str],
+    root: Path,
+    mode: str,
+    limits: dict,
+    source_limits: dict[str, int],
+    variants: dict[str, int],
+    cache: Path,
+    folds: list[str] = (),
+) -> list[dict]:
     """Rows of the card's own model (real and perturbed images), its peers, the fold models of its recipe's
     cross-validation (`folds`, each on its held-out images only) and, in the default mode, the failure sources on
     every data set of the card's definition."""
@@ -195,15 +226,24 @@ def pool_for(card: dict, peers: list[str], failures: list[str], root: Path, mode
                     continue  # the failure sources are measured in the default mode only
                 if role == "cv" and not cross_validated(source_card, dataset):
                     continue  # a fold model stands in for the card's own model on its held-out fold only
-                limit = min(limits["failure" if role_here == "failure" else mode],
-                            source_limits.get(source_card["name"], limits[mode]))
+                limit = min(
+                    limits["failure" if role_here == "failure" else mode],
+                    source_limits.get(source_card["name"], limits[mode]),
+                )
                 if not cases_for(source_card, dataset, root, 1):
                     continue
                 count = variants.get(dataset, 1) if role == "own" else 0
                 for row in dataset_rows(source, dataset, root, mode, limit, count, cache):
-                    pool.append({**row, "dataset": dataset, "source": source_card["name"], "role": role_here,
-                                 "source_definition": source_card.get("definition", ""),
-                                 "in_domain": trained_on(source_card, dataset)})
+                    pool.append(
+                        {
+                            **row,
+                            "dataset": dataset,
+                            "source": source_card["name"],
+                            "role": role_here,
+                            "source_definition": source_card.get("definition", ""),
+                            "in_domain": trained_on(source_card, dataset),
+                        }
+                    )
     return pool
 
 
@@ -211,71 +251,129 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--sources-dir", default=str(REPO.parent / "runs" / "quality-sources" / "models"),
-                        help="failure-source models (cards and safetensors), see --add-source")
+    parser.add_argument(
+        "--sources-dir",
+        default=str(REPO.parent / "runs" / "quality-sources" / "models"),
+        help="failure-source models (cards and safetensors), see --add-source",
+    )
     parser.add_argument("--cache", default=str(REPO.parent / "runs" / "quality-cache"))
     parser.add_argument("--modes", nargs="+", default=["default", "uncertainty"], choices=MODES)
     parser.add_argument("--max-images", type=int, default=1000, help="per model and data set, default mode")
-    parser.add_argument("--max-images-uncertainty", type=int, default=120,
-                        help="per model and data set, uncertainty mode (9-16 forward passes per image)")
+    parser.add_argument(
+        "--max-images-uncertainty",
+        type=int,
+        default=120,
+        help="per model and data set, uncertainty mode (9-16 forward passes per image)",
+    )
     parser.add_argument("--max-images-failure", type=int, default=400, help="per failure source and data set")
-    parser.add_argument("--source-limit", action="append", default=["unetpp=150"], metavar="NAME=N",
-                        help="fewer images for a slow model (default: unetpp=150, 16x the U-Net's forward cost)")
-    parser.add_argument("--perturbations", action="append", default=["jsrt=6", "covid-qu-ex=1", "v7-full=4"],
-                        metavar="SET=K", help="perturbed copies of each image of a data set, own model only")
-    parser.add_argument("--cv-run", action="append", default=[], metavar="NAME=RUN",
-                        help="the cross-validation run (scripts/cross_validate.py -o RUN) of model NAME's recipe: "
-                             "its fold models on their held-out images join the fit and are measured apart")
+    parser.add_argument(
+        "--source-limit",
+        action="append",
+        default=["unetpp=150"],
+        metavar="NAME=N",
+        help="fewer images for a slow model (default: unetpp=150, 16x the U-Net's forward cost)",
+    )
+    parser.add_argument(
+        "--perturbations",
+        action="append",
+        default=["jsrt=6", "covid-qu-ex=1", "v7-full=4"],
+        metavar="SET=K",
+        help="perturbed copies of each image of a data set, own model only",
+    )
+    parser.add_argument(
+        "--cv-run",
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="the cross-validation run (scripts/cross_validate.py -o RUN) of model NAME's recipe: "
+        "its fold models on their held-out images join the fit and are measured apart",
+    )
     parser.add_argument("--no-peers", action="store_true", help="fit on the card's own model alone")
     parser.add_argument("--fit-failure-sources", action="store_true", help="also fit on the failure sources")
     parser.add_argument("--no-failure-sources", action="store_true", help="do not measure the failure sources")
-    parser.add_argument("--l2", default="auto", help="ridge penalty of the regression; auto (default): chosen "
-                        f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half")
-    parser.add_argument("--features", default="auto",
-                        choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
-                        help="feature set of the regression (lungseg.qc.features.FEATURE_SETS; with the shape prior "
-                        f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
-                        f"uncertainty mode with the samples' spread unless it "
-                        f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
-                        "the fit half")
-    parser.add_argument("--perturbed-weight", type=float, default=0.3,
-                        help="weight of a perturbed image in the regression (a real one weighs 1)")
-    parser.add_argument("--max-false-flags", type=float, default=0.10,
-                        help="the highest false-flag rate on real images (rules included) allowed on the fit half")
+    parser.add_argument(
+        "--l2",
+        default="auto",
+        help="ridge penalty of the regression; auto (default): chosen "
+        f"from {', '.join(map(str, L2_GRID))} by cross-validation within the fit half",
+    )
+    parser.add_argument(
+        "--features",
+        default="auto",
+        choices=("auto", *candidate_sets("uncertainty", with_prior=True, with_edges=True)),
+        help="feature set of the regression (lungseg.qc.features.FEATURE_SETS; with the shape prior "
+        f"where it says '{WITH_PRIOR}', with the image's edges where it says '{WITH_EDGES}'; in the "
+        f"uncertainty mode with the samples' spread unless it "
+        f"ends in '{NO_SPREAD}'); auto (default): chosen with the penalty by cross-validation within "
+        "the fit half",
+    )
+    parser.add_argument(
+        "--perturbed-weight",
+        type=float,
+        default=0.3,
+        help="weight of a perturbed image in the regression (a real one weighs 1)",
+    )
+    parser.add_argument(
+        "--max-false-flags",
+        type=float,
+        default=0.10,
+        help="the highest false-flag rate on real images (rules included) allowed on the fit half",
+    )
     parser.add_argument("--dice-limit", type=float, default=0.90)
     parser.add_argument("--write", action="store_true", help="write the qc block into each card")
     parser.add_argument("--report", help="also write the full report (JSON) here")
-    parser.add_argument("--add-source", nargs=2, metavar=("RUN_DIR", "NAME"),
-                        help="only turn RUN_DIR/last.pt into a failure-source model NAME in --sources-dir")
-    parser.add_argument("--dump-rows", help="also save every scored row (features, rules, Dice) to this pickle, "
-                        "for studying the method offline")
-    parser.add_argument("--table", action="store_true", help="only print the QC tables of the README and "
-                        "LungSegCore/docs/quality-control.md from the cards")
-    parser.add_argument("--swap-halves", action="store_true",
-                        help="fit on the measure half and measure on the fit half; --write then writes only the "
-                        "card's qc.swapped, for the both-directions table of --table")
+    parser.add_argument(
+        "--add-source",
+        nargs=2,
+        metavar=("RUN_DIR", "NAME"),
+        help="only turn RUN_DIR/last.pt into a failure-source model NAME in --sources-dir",
+    )
+    parser.add_argument(
+        "--dump-rows",
+        help="also save every scored row (features, rules, Dice) to this pickle, for studying the method offline",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="only print the QC tables of the README and LungSegCore/docs/quality-control.md from the cards",
+    )
+    parser.add_argument(
+        "--swap-halves",
+        action="store_true",
+        help="fit on the measure half and measure on the fit half; --write then writes only the "
+        "card's qc.swapped, for the both-directions table of --table",
+    )
     parser.add_argument("--threads", type=int, default=2)
     return parser
 
 
 def pool_settings(args) -> dict:
     """`pool_for`'s data root, image limits, perturbations and cache, from the options."""
-    return {"root": Path(args.data_root), "cache": Path(args.cache),
-            "limits": {"default": args.max_images, "uncertainty": args.max_images_uncertainty,
-                       "failure": args.max_images_failure},
-            "source_limits": {k: int(v) for k, v in (item.split("=") for item in args.source_limit)},
-            "variants": {k: int(v) for k, v in (item.split("=") for item in args.perturbations)}}
+    return {
+        "root": Path(args.data_root),
+        "cache": Path(args.cache),
+        "limits": {
+            "default": args.max_images,
+            "uncertainty": args.max_images_uncertainty,
+            "failure": args.max_images_failure,
+        },
+        "source_limits": {k: int(v) for k, v in (item.split("=") for item in args.source_limit)},
+        "variants": {k: int(v) for k, v in (item.split("=") for item in args.perturbations)},
+    }
 
 
 def fit_settings(args) -> dict:
     """`fit_qc_mode`'s options, from the command line."""
-    return {"dice_limit": args.dice_limit, "perturbed_weight": args.perturbed_weight,
-            "max_false_flags": args.max_false_flags,
-            "feature_sets": None if args.features == "auto" else [args.features],
-            "l2_grid": L2_GRID if args.l2 == "auto" else (float(args.l2),),
-            "fit_failure_sources": args.fit_failure_sources,
-            "command": shlex.join(["scripts/fit_quality.py", *sys.argv[1:]]),  # the options of this fit
-            "half": "measure" if args.swap_halves else "fit"}
+    return {
+        "dice_limit": args.dice_limit,
+        "perturbed_weight": args.perturbed_weight,
+        "max_false_flags": args.max_false_flags,
+        "feature_sets": None if args.features == "auto" else [args.features],
+        "l2_grid": L2_GRID if args.l2 == "auto" else (float(args.l2),),
+        "fit_failure_sources": args.fit_failure_sources,
+        "command": shlex.join(["scripts/fit_quality.py", *sys.argv[1:]]),  # the options of this fit
+        "half": "measure" if args.swap_halves else "fit",
+    }
 
 
 def card_sources(name: str, definition: str, shipped: list[str], extra: list[str], args) -> tuple[list, list]:
@@ -283,15 +381,22 @@ def card_sources(name: str, definition: str, shipped: list[str], extra: list[str
     other definition, and the weaker models of --sources-dir), as card paths."""
     from lungseg.models.cards import read_card
 
-    peers = [] if args.no_peers else [read_card(s)["card_path"] for s in shipped
-                                      if s != name and read_card(s).get("definition") == definition]
-    failures = [] if args.no_failure_sources else \
-        [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
+    peers = (
+        []
+        if args.no_peers
+        else [read_card(s)["card_path"] for s in shipped if s != name and read_card(s).get("definition") == definition]
+    )
+    failures = (
+        []
+        if args.no_failure_sources
+        else [read_card(s)["card_path"] for s in shipped if read_card(s).get("definition") != definition] + extra
+    )
     return peers, failures
 
 
-def fit_card(name: str, card: dict, sources: tuple[list, list], args, settings: dict,
-             cv_runs: dict[str, Path]) -> dict | None:
+def fit_card(
+    name: str, card: dict, sources: tuple[list, list], args, settings: dict, cv_runs: dict[str, Path]
+) -> dict | None:
     """The card's qc block, fitted mode by mode on its pool (`pool_for`); None where a fit fails (its error
     printed)."""
     from lungseg.errors import LungSegError
@@ -299,8 +404,9 @@ def fit_card(name: str, card: dict, sources: tuple[list, list], args, settings: 
     block = empty_qc_block(args.dice_limit, f"scripts/fit_quality.py --model {name} --write")
     for mode in args.modes:
         print(f"fit_quality: {name}, {mode} mode", file=sys.stderr)
-        pool = pool_for(card, *sources, mode=mode, folds=cv_fold_cards(cv_runs[name]) if name in cv_runs else [],
-                        **settings)
+        pool = pool_for(
+            card, *sources, mode=mode, folds=cv_fold_cards(cv_runs[name]) if name in cv_runs else [], **settings
+        )
         if args.swap_halves:
             pool = swap_halves(pool)
         if args.dump_rows:
@@ -309,12 +415,15 @@ def fit_card(name: str, card: dict, sources: tuple[list, list], args, settings: 
             Path(args.dump_rows).write_bytes(pickle.dumps({"card": name, "mode": mode, "rows": pool}))
         try:
             block["modes"][mode], block["validation"][mode] = fit_qc_mode(
-                pool, mode, card["definition"], ensemble=is_ensemble(card), **fit_settings(args))
+                pool, mode, card["definition"], ensemble=is_ensemble(card), **fit_settings(args)
+            )
         except LungSegError as exc:
             print(f"fit_quality: {name}: {exc}", file=sys.stderr)
             return None
-        print(f"  threshold {block['modes'][mode]['threshold']:.4f}\n"
-              + summary_line(name, block["validation"][mode]), file=sys.stderr)
+        print(
+            f"  threshold {block['modes'][mode]['threshold']:.4f}\n" + summary_line(name, block["validation"][mode]),
+            file=sys.stderr,
+        )
     block["threshold"] = block["modes"]["default"]["threshold"] if "default" in block["modes"] else None
     return block
 
@@ -327,9 +436,16 @@ def write_card_qc(card: dict, block: dict, swapped: bool) -> None:
     path = Path(card["card_path"])
     data = json.loads(path.read_text())
     if swapped:
-        other = {"modes": {mode: {**{k: fit["fitted_on"][k] for k in ("command", "feature_set", "l2")},
-                                  "threshold": fit["threshold"]} for mode, fit in block["modes"].items()},
-                 "validation": block["validation"]}
+        other = {
+            "modes": {
+                mode: {
+                    **{k: fit["fitted_on"][k] for k in ("command", "feature_set", "l2")},
+                    "threshold": fit["threshold"],
+                }
+                for mode, fit in block["modes"].items()
+            },
+            "validation": block["validation"],
+        }
         data["qc"]["swapped"] = merged_modes(data["qc"].get("swapped"), other)
     else:
         data["qc"] = merged_qc(data.get("qc"), block)
@@ -352,8 +468,11 @@ def main() -> int:
         print(add_source(Path(args.add_source[0]), args.add_source[1], sources_dir))
         return 0
     shipped = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json") if p.with_suffix(".safetensors").exists())
-    extra = sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists()) \
-        if sources_dir.is_dir() else []
+    extra = (
+        sorted(str(p) for p in sources_dir.glob("*.json") if p.with_suffix(".safetensors").exists())
+        if sources_dir.is_dir()
+        else []
+    )
     settings = pool_settings(args)
     cv_runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.cv_run)}
     report = {}
@@ -369,6 +488,7 @@ def main() -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

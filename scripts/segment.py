@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Headless `lungseg segment` (same arguments; see `--help`). A thin shell over the lungseg package."""
+
 import sys
 
 from lungseg.cli import main

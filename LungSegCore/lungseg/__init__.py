@@ -12,6 +12,7 @@ the Slicer panel imports it before any dependency is installed.
 The package, by job: `io` (reading and writing), `models` (cards and shipped weights), `inference` (one radiograph
 to its labelmap), `batch` (`lungseg segment`), `qc` (quality control), `evaluation`, `nets` and `training`.
 """
+
 from __future__ import annotations
 
 import importlib

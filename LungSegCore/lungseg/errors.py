@@ -3,6 +3,7 @@
 The command line prints a LungSegError as one line and exits with status 2; anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ zeroing included, on the next allocation. A network's activations are exactly su
 on every forward pass, so keeping freed memory in the heap makes the forward pass faster (the gain that
 PyTorch's CPU tuning notes get from jemalloc or tcmalloc; measured by scripts/benchmark.py).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +13,7 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLDS = (256 << 20, 32 << 20)  # older glibc caps the threshold at 32 MiB on 64-bit systems
-TRIM_THRESHOLD = 1 << 30                # free memory above 1 GiB at the heap's top still goes back to the OS
+TRIM_THRESHOLD = 1 << 30  # free memory above 1 GiB at the heap's top still goes back to the OS
 
 
 def keep_freed_memory() -> bool:

@@ -1,4 +1,5 @@
 """A name -> builder registry, as MONAI does it: configs name a builder and pass its parameters."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -15,6 +16,7 @@ class Registry(dict):
         def decorator(builder: Callable) -> Callable:
             self[name] = builder
             return builder
+
         return decorator
 
     def build(self, name: str, **params):

@@ -11,18 +11,19 @@ try:
     from slicer.i18n import tr as _
     from slicer.i18n import translate
 except ImportError:  # Slicer before 5.4: the module only says which versions it supports
+
     def _(text):
         return text
 
     def translate(context, text):
         return text
 
+
 SUPPORTED_SLICER = (5, 6)  # 5.6 to 5.12 were checked against Slicer's source (see the extension README)
 SUPPORTED_TEXT = "3D Slicer 5.6 or later (tested against 5.6, 5.8, 5.10 and 5.12)"
 # pydicom-data's adult chest CR (MIT licence), at the commit and with the SHA-256 that pydicom pins in its
 # data/urls.json and data/hashes.json
-SAMPLE_CR_URL = ("https://github.com/pydicom/pydicom-data/raw/39a2eb31815eec435dc26c322c27aec5cfcbddb6/data/"
-                 "RG1_UNCR.dcm")
+SAMPLE_CR_URL = "https://github.com/pydicom/pydicom-data/raw/39a2eb31815eec435dc26c322c27aec5cfcbddb6/data/RG1_UNCR.dcm"
 SAMPLE_CR_SHA256 = "946f28f48b9fbf360196a9b835c8fce83b0c654bf85a5107663c8a61df02e498"
 
 
@@ -30,8 +31,10 @@ def slicerVersionProblem():
     """Why this Slicer cannot run LungSeg, or "" when it can."""
     version = (int(getattr(slicer.app, "majorVersion", 0)), int(getattr(slicer.app, "minorVersion", 0)))
     if version < SUPPORTED_SLICER:
-        return _("LungSeg needs {supported}; this is Slicer {major}.{minor}. Install a newer Slicer from "
-                 "download.slicer.org.").format(supported=SUPPORTED_TEXT, major=version[0], minor=version[1])
+        return _(
+            "LungSeg needs {supported}; this is Slicer {major}.{minor}. Install a newer Slicer from "
+            "download.slicer.org."
+        ).format(supported=SUPPORTED_TEXT, major=version[0], minor=version[1])
     if sys.version_info < (3, 9):  # noqa: UP036  (a Slicer older than the Python 3.9 this targets)
         return _("LungSeg needs Python 3.9 or later in Slicer.")
     return ""
@@ -42,13 +45,18 @@ def registerSampleData():
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="Chest radiograph", sampleName="LungSegChestCR",
+        category="Chest radiograph",
+        sampleName="LungSegChestCR",
         thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LungSeg.png"),
-        uris=SAMPLE_CR_URL, fileNames="LungSegChestCR.dcm", nodeNames="LungSegChestCR",
-        checksums=f"SHA256:{SAMPLE_CR_SHA256}", loadFileProperties={"singleFile": True},
+        uris=SAMPLE_CR_URL,
+        fileNames="LungSegChestCR.dcm",
+        nodeNames="LungSegChestCR",
+        checksums=f"SHA256:{SAMPLE_CR_SHA256}",
+        loadFileProperties={"singleFile": True},
         # from Slicer 5.8 the default is the reader that claims the file first: for a .dcm the DICOM module's
         # import, which loads no volume; loadFileType is the name that 5.6 also knows (5.8+: deprecated alias)
-        loadFileType="VolumeFile")
+        loadFileType="VolumeFile",
+    )
 
 
 class LungSeg(ScriptedLoadableModule):  # noqa: F405
@@ -68,7 +76,8 @@ class LungSeg(ScriptedLoadableModule):  # noqa: F405
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer and ONNX Runtime (the models were trained with MONAI and PyTorch, which LungSeg does "
             "not install); the models' training data and licences are in their model cards. "
-            "The demo chest CR comes from pydicom-data (MIT licence).")
+            "The demo chest CR comes from pydicom-data (MIT licence)."
+        )
         if not slicerVersionProblem():
             slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -151,8 +160,11 @@ class LungSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         corePythonPath()
         missing = InstallLogic().missingRequirements()
         if missing:  # a test never changes the user's Python: report a skip, not a pass
-            self.skipTest("LungSeg's Python packages are not installed ({}); press Apply once to install them"
-                          .format(", ".join(missing)))
+            self.skipTest(
+                "LungSeg's Python packages are not installed ({}); press Apply once to install them".format(
+                    ", ".join(missing)
+                )
+            )
         from lungseg.samples import sample_pngs
 
         # the parameter node is what the panel needs first (the real wrapper writes every default)
@@ -175,8 +187,7 @@ class LungSegTest(ScriptedLoadableModuleTest):  # noqa: F405
             self.assertGreater(mask.mean(), 0.03, f"{name} is (nearly) empty")
             columns.append(np.nonzero(mask)[1].mean())
         self.assertLess(columns[0], columns[1], "the right lung must be on the image's left (PA view)")
-        self.assertEqual(slicer.util.arrayFromVolume(uncertainty).shape,
-                         slicer.util.arrayFromVolume(volume).shape[:3])
+        self.assertEqual(slicer.util.arrayFromVolume(uncertainty).shape, slicer.util.arrayFromVolume(volume).shape[:3])
 
         with tempfile.TemporaryDirectory() as folder:
             for name in ("lungs.nrrd", "lungs.png"):

@@ -6,6 +6,7 @@ from the repository root after `scripts/setup.sh test`:
 
     TQDM_DISABLE=1 .venv/bin/python LungSegExtension/Screenshots/render_panel.py
 """
+
 from __future__ import annotations
 
 import sys

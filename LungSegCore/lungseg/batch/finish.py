@@ -1,5 +1,6 @@
 """Finishing one input in a finisher process beside the model: post-processing, QC, and writing its outputs and
 record."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,16 @@ from .records import Options
 from .workers import WORKING
 
 
-def write_outputs(prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path,
-                  thumbnail=None) -> dict:
+def write_outputs(
+    prediction, image: Radiograph, paths: dict[str, Path], row: dict, record: Path, thumbnail=None
+) -> dict:
     t0 = time.perf_counter()
     if paths["output"].name.endswith(OUTPUT_FORMATS["dicom-seg"]):
         from ..io.dicomseg import write_dicom_seg
 
-        write_dicom_seg(prediction.label, image.path, paths["output"], row["model"], row["model_version"],
-                        row["definition"])
+        write_dicom_seg(
+            prediction.label, image.path, paths["output"], row["model"], row["model_version"], row["definition"]
+        )
     else:
         write_labelmap(prediction.label, image.reference, paths["output"])
     if "overlay" in paths:
@@ -46,26 +49,41 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
     probabilities, uncertainty, member_spread = output
-    prediction = postprocess(probabilities, image.shape, uncertainty, options.save_probabilities, image.display_flips,
-                             member_spread, item.get("model_image"))
+    prediction = postprocess(
+        probabilities,
+        image.shape,
+        uncertainty,
+        options.save_probabilities,
+        image.display_flips,
+        member_spread,
+        item.get("model_image"),
+    )
     flip_rows, flip_cols = image.display_flips
     assessment = assess(prediction, card)
-    row = {"rows": image.shape[0], "columns": image.shape[1],
-           "spacing_row_mm": image.spacing[0] if image.spacing else "",
-           "spacing_col_mm": image.spacing[1] if image.spacing else "",
-           **lung_areas(prediction.label, image.pixel_area_mm2),
-           "quality": "" if assessment.quality is None else assessment.quality,
-           "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons), "qc_threshold": assessment.threshold,
-           "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
-           if prediction.uncertainty is not None and (prediction.label > 0).any() else "",
-           "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
-           "read_ms": round(item["read_ms"], 1), "preprocess_ms": round(item["preprocess_ms"], 1),
-           "postprocess_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    row = {
+        "rows": image.shape[0],
+        "columns": image.shape[1],
+        "spacing_row_mm": image.spacing[0] if image.spacing else "",
+        "spacing_col_mm": image.spacing[1] if image.spacing else "",
+        **lung_areas(prediction.label, image.pixel_area_mm2),
+        "quality": "" if assessment.quality is None else assessment.quality,
+        "qc": assessment.qc,
+        "qc_reasons": "; ".join(assessment.reasons),
+        "qc_threshold": assessment.threshold,
+        "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
+        if prediction.uncertainty is not None and (prediction.label > 0).any()
+        else "",
+        "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
+        "read_ms": round(item["read_ms"], 1),
+        "preprocess_ms": round(item["preprocess_ms"], 1),
+        "postprocess_ms": round((time.perf_counter() - t0) * 1e3, 1),
+    }
     return prediction, row
 
 
-def finish_and_write(item: dict, output: tuple, options: Options, card: dict, paths: dict[str, Path], row: dict,
-                     record: Path) -> dict:
+def finish_and_write(
+    item: dict, output: tuple, options: Options, card: dict, paths: dict[str, Path], row: dict, record: Path
+) -> dict:
     """Post-processing, QC and writing of one input, run in a separate process beside the model."""
     with WORKING:
         prediction, stats = finish_row(item, output, options, card)

@@ -3,6 +3,7 @@
 Used by `lungseg segment --overlays`, its review page's thumbnails, `lungseg evaluate` (`worst_cases.png`) and the
 training report.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,12 @@ def write_overlay(pixels: np.ndarray, label: np.ndarray, path: str | Path, opaci
 THUMBNAIL_SIDE = 192  # the longest side of a review-page thumbnail (review.py), in pixels
 
 
-def thumbnail_base(model_input: np.ndarray, shape: tuple[int, int], flips: tuple[bool, bool] = (False, False),
-                   side: int = THUMBNAIL_SIDE) -> np.ndarray:
+def thumbnail_base(
+    model_input: np.ndarray,
+    shape: tuple[int, int],
+    flips: tuple[bool, bool] = (False, False),
+    side: int = THUMBNAIL_SIDE,
+) -> np.ndarray:
     """The picture of a thumbnail, made from the model's input (already resized and windowed, so it costs a
     fraction of a millisecond): (h, w) uint8 with the stored image's aspect ratio, a longest side of at most
     `side`, and the stored orientation (`flips` undone). Small enough to hand to another process.
@@ -69,8 +74,9 @@ def thumbnail_base(model_input: np.ndarray, shape: tuple[int, int], flips: tuple
     return np.rint(np.clip(small, 0, 1) * 255).astype(np.uint8)
 
 
-def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quality: int = 85,
-                    opacity: float = 0.35) -> None:
+def write_thumbnail(
+    base: np.ndarray, label: np.ndarray, path: str | Path, quality: int = 85, opacity: float = 0.35
+) -> None:
     """A small JPEG of the lungs over `thumbnail_base`'s picture, drawn as `overlay_rgb` draws them (fill and
     outline per lung); the labelmap is sampled down to the picture's size."""
     from PIL import Image
@@ -81,15 +87,20 @@ def write_thumbnail(base: np.ndarray, label: np.ndarray, path: str | Path, quali
     cols = ((np.arange(base.shape[1]) + 0.5) * label.shape[1] / base.shape[1]).astype(np.intp)
     small = label[np.ix_(rows, cols)]
     padded = np.pad(small, 1, mode="edge")
-    edge = ((padded[:-2, 1:-1] != small) | (padded[2:, 1:-1] != small) | (padded[1:-1, :-2] != small)
-            | (padded[1:-1, 2:] != small))
+    edge = (
+        (padded[:-2, 1:-1] != small)
+        | (padded[2:, 1:-1] != small)
+        | (padded[1:-1, :-2] != small)
+        | (padded[1:-1, 2:] != small)
+    )
     colours = np.zeros((256, 3), np.uint8)  # colour and opacity per label value, looked up in one pass each
     fill = np.zeros(256, np.uint8)
     for value, colour in LABEL_COLOURS.items():
         colours[value], fill[value] = colour, round(opacity * 255)
     alpha = np.where(edge & (fill[small] > 0), np.uint8(255), fill[small])
-    picture = Image.composite(Image.fromarray(colours[small]), Image.fromarray(base).convert("RGB"),
-                              Image.fromarray(alpha))  # PIL blends in C: a fraction of numpy's float arithmetic
+    picture = Image.composite(
+        Image.fromarray(colours[small]), Image.fromarray(base).convert("RGB"), Image.fromarray(alpha)
+    )  # PIL blends in C: a fraction of numpy's float arithmetic
     with atomic_path(path) as tmp:
         picture.save(tmp, format="JPEG", quality=quality)
 
@@ -113,8 +124,9 @@ def nearest(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(label, dtype=np.uint8)[rows[:, None], columns[None]]
 
 
-def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path,
-                     height: int = 256) -> None:
+def write_case_sheet(
+    cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path, height: int = 256
+) -> None:
     """PNG of one row per case, in the order given (worst first).
 
     Args:
@@ -134,10 +146,14 @@ def write_case_sheet(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]
         small = resize(pixels, (height, width), antialias=True)
         labels = [nearest(x, (height, width)) for x in (truth, prediction)]
         gray = np.repeat(display_uint8(small)[..., None], 3, axis=2)
-        tiles = [np.pad(t, ((0, 0), (0, tile - width), (0, 0)), constant_values=255)
-                 for t in (gray, overlay_rgb(small, labels[0]), overlay_rgb(small, labels[1]))]
+        tiles = [
+            np.pad(t, ((0, 0), (0, tile - width), (0, 0)), constant_values=255)
+            for t in (gray, overlay_rgb(small, labels[0]), overlay_rgb(small, labels[1]))
+        ]
         space = np.full((height, gap, 3), 255, np.uint8)
-        parts += [_text_line([(4, caption)], sheet_width),
-                  np.concatenate([tiles[0], space, tiles[1], space, tiles[2]], axis=1),
-                  np.full((gap, sheet_width, 3), 255, np.uint8)]
+        parts += [
+            _text_line([(4, caption)], sheet_width),
+            np.concatenate([tiles[0], space, tiles[1], space, tiles[2]], axis=1),
+            np.full((gap, sheet_width, 3), 255, np.uint8),
+        ]
     write_atomic(sitk.GetImageFromArray(np.concatenate(parts, axis=0), isVector=True), Path(path))

@@ -1,4 +1,5 @@
 """Reading the batch's inputs: each file is read and preprocessed in a reader process, a few batches ahead."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,9 @@ from .workers import ReaderDied, helper_process
 READER_PREFETCH = 2  # batches each reader process reads ahead
 
 
-def read_input(path: Path, size: int, keep_pixels: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               dicom_seg: bool = False) -> dict:
+def read_input(
+    path: Path, size: int, keep_pixels: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS, dicom_seg: bool = False
+) -> dict:
     """Read and preprocess one input; an unreadable file becomes an error item. `keep_pixels`: the full image is
     only needed for overlays, so it is not sent between processes otherwise. `dicom_seg`: only DICOM sources can be
     referenced by a DICOM Segmentation."""
@@ -48,18 +50,23 @@ def read_input(path: Path, size: int, keep_pixels: bool, max_pixels: int | None 
     return item
 
 
-def read_batches(inputs: list[Path], size: int, options: Options, batch_size: int, workers: int,
-                 method: str) -> Iterator[list[dict]]:
+def read_batches(
+    inputs: list[Path], size: int, options: Options, batch_size: int, workers: int, method: str
+) -> Iterator[list[dict]]:
     """Batches of `inputs` in their order, read in `workers` reader processes started with `method` (none: in this
     one), each up to READER_PREFETCH batches ahead. A reader that dies (killed for memory, or a decoder that
     crashed) raises ReaderDied naming the inputs that were being read; the rest are never read here."""
     args = (size, options.overlays, options.max_pixels, options.fmt == "dicom-seg")
     if not workers:
         for start in range(0, len(inputs), batch_size):
-            yield [read_input(path, *args) for path in inputs[start:start + batch_size]]
+            yield [read_input(path, *args) for path in inputs[start : start + batch_size]]
         return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
-                               initializer=helper_process, initargs=(method, "reader"))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=helper_process,
+        initargs=(method, "reader"),
+    )
     try:
         ahead, queue, batch = READER_PREFETCH * batch_size * workers, deque(), []
         upcoming = iter(inputs)

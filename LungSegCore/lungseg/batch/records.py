@@ -4,6 +4,7 @@ Every input gets a record `OUT_DIR/.lungseg/<name>.json`, written last and atomi
 complete, so a rerun skips it (unless `--overwrite`) and a killed run loses nothing. `results.csv` and `results.json`
 gather all records in the folder, which also makes the outputs of several `--shard I/N` jobs add up to one table.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +17,40 @@ from ..io.files import remove_partial_files, stem_of, write_atomic_text, write_c
 from ..io.radiograph import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 
 RESULT_FIELDS = [
-    "input", "status", "error", "output", "overlay", "probabilities", "uncertainty_map", "thumbnail", "model",
+    "input",
+    "status",
+    "error",
+    "output",
+    "overlay",
+    "probabilities",
+    "uncertainty_map",
+    "thumbnail",
+    "model",
     "model_version",
-    "definition", "device", "rows", "columns", "spacing_row_mm", "spacing_col_mm", "right_area_px", "left_area_px",
-    "right_area_mm2", "left_area_mm2", "lung_fraction", "right_left_ratio", "quality", "qc_threshold", "qc",
-    "qc_reasons", "uncertainty_mean",
-    "orientation_corrected", "read_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "write_ms"]
+    "definition",
+    "device",
+    "rows",
+    "columns",
+    "spacing_row_mm",
+    "spacing_col_mm",
+    "right_area_px",
+    "left_area_px",
+    "right_area_mm2",
+    "left_area_mm2",
+    "lung_fraction",
+    "right_left_ratio",
+    "quality",
+    "qc_threshold",
+    "qc",
+    "qc_reasons",
+    "uncertainty_mean",
+    "orientation_corrected",
+    "read_ms",
+    "preprocess_ms",
+    "inference_ms",
+    "postprocess_ms",
+    "write_ms",
+]
 RECORDS = ".lungseg"
 THUMBNAILS = "thumbs"  # OUT/.lungseg/thumbs/<name>.jpg, for the review page
 

@@ -5,6 +5,7 @@ process pool post-processes and writes each output (`finish`), so decoding, comp
 record (`records`) marks it complete, so a rerun skips it and a killed run loses nothing; `workers` starts the helper
 processes and recovers when one dies.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,14 +53,14 @@ from .workers import (
 
 @dataclass
 class RunSummary:
-    done: int = 0        # inputs processed in this run
+    done: int = 0  # inputs processed in this run
     failed: int = 0
-    skipped: int = 0     # completed by an earlier run
+    skipped: int = 0  # completed by an earlier run
     seconds: float = 0.0  # from the model being loaded to the last output written
     not_images: int = 0  # DICOM objects that hold no image (reports, presentation states, DICOMDIR): in `done`, skipped
-    to_check: int = 0    # segmented in this run, and flagged by QC (qc=check)
-    folder_results: int = 0    # segmented results in the output folder: this run's, earlier runs' and other shards'
-    folder_to_check: int = 0   # of those, flagged by QC: what the review page puts first
+    to_check: int = 0  # segmented in this run, and flagged by QC (qc=check)
+    folder_results: int = 0  # segmented results in the output folder: this run's, earlier runs' and other shards'
+    folder_to_check: int = 0  # of those, flagged by QC: what the review page puts first
 
     @property
     def images_per_second(self) -> float:
@@ -78,12 +79,14 @@ def run_segment(inputs: list[str], out_dir: str | Path, **kwargs) -> int:
         print(f"lungseg: no input images found in {', '.join(map(str, inputs))}", file=sys.stderr)
         return 2
     images = summary.done - summary.not_images
-    print(f"lungseg: {images - summary.failed} of {images} segmented, {summary.failed} failed"
-          + (f", {summary.not_images} non-image DICOM objects skipped" if summary.not_images else "")
-          + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
-          + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
-          f"results in {Path(out_dir) / 'results.csv'}; {summary.folder_to_check} of the folder's "
-          f"{summary.folder_results} results flagged by QC to check, review page {Path(out_dir) / REVIEW_PAGE}")
+    print(
+        f"lungseg: {images - summary.failed} of {images} segmented, {summary.failed} failed"
+        + (f", {summary.not_images} non-image DICOM objects skipped" if summary.not_images else "")
+        + (f", {summary.skipped} already done (skipped)" if summary.skipped else "")
+        + f", in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s); "
+        f"results in {Path(out_dir) / 'results.csv'}; {summary.folder_to_check} of the folder's "
+        f"{summary.folder_results} results flagged by QC to check, review page {Path(out_dir) / REVIEW_PAGE}"
+    )
     return 1 if summary.failed else 0
 
 
@@ -93,13 +96,24 @@ def stopped_message(exc: OSError, out_dir: Path) -> str:
     if not Path(os.path.abspath(name)).is_relative_to(os.path.abspath(out_dir)):
         return f"{name}: {exc.strerror}"
     fix = "free some space" if exc.errno in OUT_OF_SPACE else "make the folder writable"
-    return (f"writing to the output folder {out_dir} failed ({exc.strerror}: {name}); the run stopped. Every input "
-            f"finished before is complete and no partial file is left: {fix} and rerun the same command to resume")
+    return (
+        f"writing to the output folder {out_dir} failed ({exc.strerror}: {name}); the run stopped. Every input "
+        f"finished before is complete and no partial file is left: {fix} and rerun the same command to resume"
+    )
 
 
-def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", options: Options | None = None,
-                   device: str = "auto", recursive: bool = False, shard: str | None = None, batch_size: int = 4,
-                   workers: int | None = None, progress_lines: bool = False) -> RunSummary | None:
+def segment_inputs(
+    inputs: list[str],
+    out_dir: str | Path,
+    model: str = "unet",
+    options: Options | None = None,
+    device: str = "auto",
+    recursive: bool = False,
+    shard: str | None = None,
+    batch_size: int = 4,
+    workers: int | None = None,
+    progress_lines: bool = False,
+) -> RunSummary | None:
     """Segment every input (None when there is none); bad inputs become error rows, never exceptions."""
     from ..inference.segmenter import Segmenter
 
@@ -120,12 +134,17 @@ def segment_inputs(inputs: list[str], out_dir: str | Path, model: str = "unet", 
     prepare_output_folder(out_dir)  # a folder that cannot be created or written is one line, before any work
     (out_dir / RECORDS).mkdir(exist_ok=True)
 
-    todo = [p for p in paths if options.overwrite or not is_complete(record_path(out_dir, names[p]),
-                                                                      output_paths(out_dir, names[p], options))]
+    todo = [
+        p
+        for p in paths
+        if options.overwrite
+        or not is_complete(record_path(out_dir, names[p]), output_paths(out_dir, names[p], options))
+    ]
 
     segmenter = Segmenter(model, device)
-    run = BatchRun(segmenter, todo, names, out_dir, options, total=len(paths), batch_size=batch_size,
-                   progress_lines=progress_lines)
+    run = BatchRun(
+        segmenter, todo, names, out_dir, options, total=len(paths), batch_size=batch_size, progress_lines=progress_lines
+    )
     return run.run(default_workers() if workers is None else workers)
 
 
@@ -152,8 +171,7 @@ class Tally:
         self.bar.update(1)
         if self.progress_lines:
             status = "check" if flagged else row["status"]  # ok, check (segmented, flagged by QC), error, skipped
-            print(f"lungseg-progress {self.done + self.skipped}/{self.total} {status} {row['input']}",
-                  flush=True)
+            print(f"lungseg-progress {self.done + self.skipped}/{self.total} {status} {row['input']}", flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -161,9 +179,16 @@ class Tally:
     def summary(self, seconds: float, rows: list[dict]) -> RunSummary:
         """This run's counts, and those of the folder's `rows`: earlier runs and other shards too."""
         segmented = [r for r in rows if r.get("status") == "ok"]
-        return RunSummary(done=self.done, failed=self.failed, skipped=self.skipped, seconds=seconds,
-                          not_images=self.not_images, to_check=self.to_check, folder_results=len(segmented),
-                          folder_to_check=sum(r.get("qc") == "check" for r in segmented))
+        return RunSummary(
+            done=self.done,
+            failed=self.failed,
+            skipped=self.skipped,
+            seconds=seconds,
+            not_images=self.not_images,
+            to_check=self.to_check,
+            folder_results=len(segmented),
+            folder_to_check=sum(r.get("qc") == "check" for r in segmented),
+        )
 
 
 class BatchRun:
@@ -174,16 +199,29 @@ class BatchRun:
     input's outcome, which `tally` counts.
     """
 
-    def __init__(self, segmenter, todo: list[Path], names: dict[Path, str], out_dir: Path, options: Options,
-                 total: int, batch_size: int = 4, progress_lines: bool = False):
+    def __init__(
+        self,
+        segmenter,
+        todo: list[Path],
+        names: dict[Path, str],
+        out_dir: Path,
+        options: Options,
+        total: int,
+        batch_size: int = 4,
+        progress_lines: bool = False,
+    ):
         self.segmenter, self.todo, self.names, self.out_dir, self.options = segmenter, todo, names, out_dir, options
         self.batch_size = batch_size
         self.method = start_method()  # how the reader and finisher processes start
         self.pending: list[tuple[dict, Future]] = []  # submitted, in input order
         self.handed: set[Path] = set()  # inputs settled or submitted
         self.suspects: set[Path] = set()  # held by finishers when one died: each is finished alone
-        self.base = {"model": segmenter.name, "model_version": segmenter.card.get("version", ""),
-                     "definition": segmenter.definition, "device": str(segmenter.device)}
+        self.base = {
+            "model": segmenter.name,
+            "model_version": segmenter.card.get("version", ""),
+            "definition": segmenter.definition,
+            "device": str(segmenter.device),
+        }
         # what QC needs of the card, small enough to hand to the finishers with every input
         self.qc_card = {"definition": segmenter.definition, "qc": segmenter.card.get("qc")}
         self.qc_reads_image = reads_image(self.qc_card, self.options.uncertainty)  # else the input stays here
@@ -205,8 +243,12 @@ class BatchRun:
     def run_round(self, inputs: list[Path], workers: int) -> list[Path]:
         """Read, segment and finish `inputs` with new reader and finisher processes; returns the inputs left for
         another round when one of those processes died."""
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context(self.method),
-                                 initializer=helper_process, initargs=(self.method, "finisher")) as finisher:
+        with ProcessPoolExecutor(
+            max_workers=max(1, workers),
+            mp_context=multiprocessing.get_context(self.method),
+            initializer=helper_process,
+            initargs=(self.method, "finisher"),
+        ) as finisher:
             try:
                 self.read_and_segment(inputs, workers, finisher)
                 self.settle_all()
@@ -235,8 +277,11 @@ class BatchRun:
         except ReaderDied as died:
             suspects = [path for path in died.held if path not in self.handed]
             self.handed.update(suspects)
-            tqdm.write(f"lungseg: a reader process died (too little memory, or a crash decoding an image) while it "
-                       f"read {len(suspects)} input(s); the rest are read by new readers", file=sys.stderr)
+            tqdm.write(
+                f"lungseg: a reader process died (too little memory, or a crash decoding an image) while it "
+                f"read {len(suspects)} input(s); the rest are read by new readers",
+                file=sys.stderr,
+            )
             for row in reader_death_errors(suspects, died.reason, self.base):
                 self.settle(row)
         finally:
@@ -248,8 +293,9 @@ class BatchRun:
         good = [it for it in items if "error" not in it]
         for it in items:
             if "error" in it:
-                self.settle({**self.base, "input": str(it["path"]), "status": it.get("status", "error"),
-                             "error": it["error"]})
+                self.settle(
+                    {**self.base, "input": str(it["path"]), "status": it.get("status", "error"), "error": it["error"]}
+                )
                 self.handed.add(it["path"])
         if not good:
             return
@@ -261,14 +307,26 @@ class BatchRun:
             if alone:
                 self.settle_all()
             name = self.names[it["path"]]
-            row = {**self.base, "input": str(it["path"]), "status": "ok", "error": "",
-                   "inference_ms": round(inference_ms, 1)}
+            row = {
+                **self.base,
+                "input": str(it["path"]),
+                "status": "ok",
+                "error": "",
+                "inference_ms": round(inference_ms, 1),
+            }
             model_image = it.pop("input")[0]
             if self.qc_reads_image:
                 it["model_image"] = model_image
-            future = finisher.submit(finish_and_write, it, output.item(k), self.options, self.qc_card,
-                                     output_paths(self.out_dir, name, self.options), row,
-                                     record_path(self.out_dir, name))
+            future = finisher.submit(
+                finish_and_write,
+                it,
+                output.item(k),
+                self.options,
+                self.qc_card,
+                output_paths(self.out_dir, name, self.options),
+                row,
+                record_path(self.out_dir, name),
+            )
             self.pending.append((row, future))
             self.handed.add(it["path"])
             if alone:

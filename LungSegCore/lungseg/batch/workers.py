@@ -4,6 +4,7 @@ batch process, and what the batch does when one of them dies (killed for memory,
 Everything a helper runs is defined at module level: under `spawn` (Windows, macOS) it is pickled by name and
 imported again in the new process.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,10 @@ def start_method() -> str:
         return "fork" if sys.platform.startswith("linux") else "spawn"
     available = multiprocessing.get_all_start_methods()
     if method not in ("fork", "spawn") or method not in available:
-        raise LungSegError(f"{START_METHOD_VARIABLE}={method}: this platform starts processes with "
-                           f"{' or '.join(m for m in ('fork', 'spawn') if m in available)}")
+        raise LungSegError(
+            f"{START_METHOD_VARIABLE}={method}: this platform starts processes with "
+            f"{' or '.join(m for m in ('fork', 'spawn') if m in available)}"
+        )
     return method
 
 
@@ -115,18 +118,23 @@ class ReaderDied(RuntimeError):
 def reader_death_errors(suspects: list[Path], reason: str, base: dict) -> list[dict]:
     """The error rows of the inputs a dead reader process may have held. The inputs never read are not among them:
     they go to a new round, with new readers."""
-    error = (f"not segmented: a reader process died while this input was among the {len(suspects)} being read "
-             f"({reason}; too little memory, or a crash decoding one of them); a rerun retries it")
+    error = (
+        f"not segmented: a reader process died while this input was among the {len(suspects)} being read "
+        f"({reason}; too little memory, or a crash decoding one of them); a rerun retries it"
+    )
     return [{**base, "input": str(path), "status": "error", "error": error} for path in suspects]
 
 
-FINISHER_DIED_ALONE = ("not finished: a finisher process died while it held this input alone, after one died with "
-                       "it among others (too little memory, or a crash post-processing or writing it); a rerun "
-                       "retries it")
+FINISHER_DIED_ALONE = (
+    "not finished: a finisher process died while it held this input alone, after one died with "
+    "it among others (too little memory, or a crash post-processing or writing it); a rerun "
+    "retries it"
+)
 
 
-def recover_from_finisher_death(waiting: list[tuple[dict, Future]], handed: set[Path], suspects: set[Path],
-                                settle: Callable[..., None]) -> list[Path]:
+def recover_from_finisher_death(
+    waiting: list[tuple[dict, Future]], handed: set[Path], suspects: set[Path], settle: Callable[..., None]
+) -> list[Path]:
     """A finisher process died (killed for memory, or a crash): the pool failed every input it held (of `waiting`,
     the submitted rows and their futures), which are returned; the others are settled. A failed input is taken off
     `handed` and made a suspect, to be segmented again in the next round and finished alone; a suspect whose
@@ -145,6 +153,9 @@ def recover_from_finisher_death(waiting: list[tuple[dict, Future]], handed: set[
             settle({**row, "status": "error", "error": FINISHER_DIED_ALONE})
     retried = sum(path not in handed for path in interrupted)
     if retried:  # else the one input it held has its error line
-        tqdm.write(f"lungseg: a finisher process died (too little memory, or a crash) holding {retried} input(s): "
-                   "they are segmented again, each finished alone", file=sys.stderr)
+        tqdm.write(
+            f"lungseg: a finisher process died (too little memory, or a crash) holding {retried} input(s): "
+            "they are segmented again, each finished alone",
+            file=sys.stderr,
+        )
     return interrupted

@@ -11,6 +11,7 @@ over the lung) are left out of every score.
 HD95 is in mm where the image file states its pixel size, otherwise in pixels; `spacing_mm` (`--spacing-mm`) gives the
 pixel size of files that state none (PNG, JPEG), e.g. 0.7 mm for JSRT at 512² (its 2048² originals are 0.175 mm).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,19 @@ def summarize(rows: list[dict], regions: tuple[str, ...], worst: int = WORST_SHO
             key = f"{region}_{metric}"
             values = np.array([r[key] for r in rows if not math.isnan(r[key])], dtype=np.float64)
             if values.size:
-                summary[key] = {**{name: float(stat(values)) for name, stat in SUMMARY_STATS.items()},
-                                "n": int(values.size)}
+                summary[key] = {
+                    **{name: float(stat(values)) for name, stat in SUMMARY_STATS.items()},
+                    "n": int(values.size),
+                }
     ranked = sorted(rows, key=lambda r: r["both_dice"])
-    summary["worst_cases"] = [{"image": r["image"], "both_dice": r["both_dice"],
-                               **({"right_dice": r["right_dice"], "left_dice": r["left_dice"]}
-                                  if "right_dice" in r else {})} for r in ranked[:worst]]
+    summary["worst_cases"] = [
+        {
+            "image": r["image"],
+            "both_dice": r["both_dice"],
+            **({"right_dice": r["right_dice"], "left_dice": r["left_dice"]} if "right_dice" in r else {}),
+        }
+        for r in ranked[:worst]
+    ]
     return summary
 
 
@@ -56,10 +64,21 @@ def case_caption(image: Path, metrics: dict, scored: tuple[str, ...]) -> str:
     return f"{image.name}: Dice {metrics['both_dice']:.4f}" + (f" ({', '.join(sides)})" if sides else "")
 
 
-def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir: str | Path | None = None,
-             split: str | None = None, masks_right: str | Path | None = None, masks_left: str | Path | None = None,
-             device: str = "auto", segmenter=None, truth_definition: str | None = None,
-             uncertainty: bool = False, spacing_mm: float | None = None, names: list[str] | None = None) -> dict:
+def evaluate(
+    images: str | Path,
+    masks: str | Path,
+    model: str = "unet",
+    out_dir: str | Path | None = None,
+    split: str | None = None,
+    masks_right: str | Path | None = None,
+    masks_left: str | Path | None = None,
+    device: str = "auto",
+    segmenter=None,
+    truth_definition: str | None = None,
+    uncertainty: bool = False,
+    spacing_mm: float | None = None,
+    names: list[str] | None = None,
+) -> dict:
     """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`).
     `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured. `names`
     keeps only those image file names (a cross-validation fold); `spacing_mm` is the pixel size of images whose
@@ -76,23 +95,34 @@ def evaluate(images: str | Path, masks: str | Path, model: str = "unet", out_dir
 
     segmenter = segmenter or Segmenter(model, device)
     if truth_definition and truth_definition != segmenter.definition:
-        print(f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
-              f"segments '{segmenter.definition}'; the two protocols agree only at Dice ~0.86 on the same images, "
-              "so low scores here do not mean wrong segmentations", file=sys.stderr)
+        print(
+            f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
+            f"segments '{segmenter.definition}'; the two protocols agree only at Dice ~0.86 on the same images, "
+            "so low scores here do not mean wrong segmentations",
+            file=sys.stderr,
+        )
     rows, worst = score_cases(cases, segmenter, regions, uncertainty, spacing_mm)
-    summary = {"model": segmenter.name, "definition_model": segmenter.definition,
-               "definition_truth": truth_definition or "",
-               "images_dir": str(images), "masks_dir": str(masks), "split": split or "",
-               "regions": list(regions), "hd95_unit": "mm" if rows and all(r["hd95_unit"] == "mm" for r in rows)
-               else "px", "spacing_mm": spacing_mm, **summarize(rows, regions),
-               "qc_accuracy": qc_summary(rows, segmenter, uncertainty)}
+    summary = {
+        "model": segmenter.name,
+        "definition_model": segmenter.definition,
+        "definition_truth": truth_definition or "",
+        "images_dir": str(images),
+        "masks_dir": str(masks),
+        "split": split or "",
+        "regions": list(regions),
+        "hd95_unit": "mm" if rows and all(r["hd95_unit"] == "mm" for r in rows) else "px",
+        "spacing_mm": spacing_mm,
+        **summarize(rows, regions),
+        "qc_accuracy": qc_summary(rows, segmenter, uncertainty),
+    }
     if out_dir is not None:
         write_evaluation(rows, summary, worst, Path(out_dir))
     return summary
 
 
-def labelled_cases(images: Path, masks: Path, masks_right: Path, masks_left: Path, split: str | None,
-                   names: list[str] | None) -> list[Case]:
+def labelled_cases(
+    images: Path, masks: Path, masks_right: Path, masks_left: Path, split: str | None, names: list[str] | None
+) -> list[Case]:
     """The images in `images` that have a mask in `masks` (of the same name, or the same stem), as cases: those of
     `split` in splits.csv beside the images folder, and of `names`, when given."""
     paths = list_inputs([images])
@@ -108,8 +138,11 @@ def labelled_cases(images: Path, masks: Path, masks_right: Path, masks_left: Pat
     cases = [labelled_case(p, masks, splits.get(p.name, ""), find_mask, masks_right, masks_left) for p in paths]
     cases = [case for case in cases if case is not None]
     if not cases:
-        raise LungSegError(f"no image in {images} has a mask in {masks}" + (f" (split {split})" if split else "")
-                           + (" among the names given" if names is not None else ""))
+        raise LungSegError(
+            f"no image in {images} has a mask in {masks}"
+            + (f" (split {split})" if split else "")
+            + (" among the names given" if names is not None else "")
+        )
     return cases
 
 
@@ -122,8 +155,9 @@ def reference(case: Case, regions: tuple[str, ...]) -> tuple[np.ndarray, tuple[s
     return sides, regions
 
 
-def score_cases(cases: list[Case], segmenter, regions: tuple[str, ...], uncertainty: bool,
-                spacing_mm: float | None) -> tuple[list[dict], list[tuple]]:
+def score_cases(
+    cases: list[Case], segmenter, regions: tuple[str, ...], uncertainty: bool, spacing_mm: float | None
+) -> tuple[list[dict], list[tuple]]:
     """Segment and score every case: the rows, and the WORST_SHOWN lowest-Dice cases (dice, order, pixels, truth,
     prediction, scored, caption). An image that cannot be read, or whose masks do not fit it, is left out."""
     from tqdm import tqdm
@@ -139,8 +173,9 @@ def score_cases(cases: list[Case], segmenter, regions: tuple[str, ...], uncertai
     return rows, worst
 
 
-def score_case(case: Case, segmenter, regions: tuple[str, ...], uncertainty: bool,
-               spacing_mm: float | None) -> tuple[dict, tuple] | None:
+def score_case(
+    case: Case, segmenter, regions: tuple[str, ...], uncertainty: bool, spacing_mm: float | None
+) -> tuple[dict, tuple] | None:
     """One case's row, and what the case sheet shows of it (pixels, truth, prediction, scored, caption); None,
     with an error line, when it cannot be scored."""
     try:
@@ -152,22 +187,31 @@ def score_case(case: Case, segmenter, regions: tuple[str, ...], uncertainty: boo
     prediction, assessment = segmentation.label, assess(segmentation, segmenter)
     truth, scored = reference(case, regions)
     if truth.shape != prediction.shape:
-        print(f"lungseg: error: {case.mask}: mask is {truth.shape[::-1]} but the image is "
-              f"{prediction.shape[::-1]}", file=sys.stderr)
+        print(
+            f"lungseg: error: {case.mask}: mask is {truth.shape[::-1]} but the image is {prediction.shape[::-1]}",
+            file=sys.stderr,
+        )
         return None
     ignore = read_gray(case.mask_ignore) > 0 if case.mask_ignore else None
     if ignore is not None and ignore.shape != truth.shape:
-        print(f"lungseg: error: {case.mask_ignore}: ignore mask is {ignore.shape[::-1]} but the image is "
-              f"{truth.shape[::-1]}", file=sys.stderr)
+        print(
+            f"lungseg: error: {case.mask_ignore}: ignore mask is {ignore.shape[::-1]} but the image is "
+            f"{truth.shape[::-1]}",
+            file=sys.stderr,
+        )
         return None
     spacing = image.spacing or ((spacing_mm, spacing_mm) if spacing_mm else None)  # the file's own wins
     metrics = image_metrics(prediction, truth, spacing, regions=scored, ignore=ignore)
-    row = {"image": str(case.image), "both_dice": metrics["both_dice"],
-           "quality": math.nan if assessment.quality is None else assessment.quality,
-           "qc": assessment.qc, "qc_reasons": "; ".join(assessment.reasons),
-           "hd95_unit": "mm" if spacing else "px",
-           "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
-           **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS}}
+    row = {
+        "image": str(case.image),
+        "both_dice": metrics["both_dice"],
+        "quality": math.nan if assessment.quality is None else assessment.quality,
+        "qc": assessment.qc,
+        "qc_reasons": "; ".join(assessment.reasons),
+        "hd95_unit": "mm" if spacing else "px",
+        "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
+        **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS},
+    }
     return row, (image.pixels, truth, prediction, scored, case_caption(case.image, metrics, scored))
 
 
@@ -177,9 +221,13 @@ def write_evaluation(rows: list[dict], summary: dict, worst: list[tuple], out_di
     write_atomic_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     if worst:
         # a truth without sides is split for the sheet only (never scored), and only for the cases shown
-        write_case_sheet([(pixels, truth if scored != ("both",) else split_left_right(truth), prediction, caption)
-                          for _, _, pixels, truth, prediction, scored, caption in worst],
-                         out_dir / "worst_cases.png")
+        write_case_sheet(
+            [
+                (pixels, truth if scored != ("both",) else split_left_right(truth), prediction, caption)
+                for _, _, pixels, truth, prediction, scored, caption in worst
+            ],
+            out_dir / "worst_cases.png",
+        )
 
 
 def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
@@ -189,9 +237,13 @@ def qc_summary(rows: list[dict], segmenter, uncertainty: bool = False) -> dict:
     dice = [r["both_dice"] for r in rows]
     quality = [r["quality"] for r in rows]
     has_quality = fitted is not None and rows and not any(math.isnan(q) for q in quality)
-    out = {"dice_limit": DICE_LIMIT, "threshold": fitted.threshold if fitted else None,
-           "mode": mode if fitted else None, "fitted": fitted is not None,
-           "qc": qc_accuracy(dice, [r["qc"] == "check" for r in rows], quality if has_quality else None)}
+    out = {
+        "dice_limit": DICE_LIMIT,
+        "threshold": fitted.threshold if fitted else None,
+        "mode": mode if fitted else None,
+        "fitted": fitted is not None,
+        "qc": qc_accuracy(dice, [r["qc"] == "check" for r in rows], quality if has_quality else None),
+    }
     if has_quality:
         out["quality_only"] = qc_accuracy(dice, [q < fitted.threshold for q in quality], quality)
     return out

@@ -1,5 +1,6 @@
 """Overlap and distance metrics per lung and image, for `lungseg evaluate` and the QC fit, in NumPy and SciPy (MONAI's
 definitions; the training's batch metrics are `training.validation`)."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,12 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: list[float] | None) -> fl
     `compute_hausdorff_distance(..., percentile=95)` defines it: each mask's edge (the mask less its erosion), the
     distances from one edge to the other both ways, each one's 95th percentile (linear), the larger."""
     edges = [mask ^ ndimage.binary_erosion(mask) for mask in (pred, truth)]
-    return float(max(np.quantile(ndimage.distance_transform_edt(~to, sampling=spacing)[frm], 0.95)
-                     for frm, to in ((edges[0], edges[1]), (edges[1], edges[0]))))
+    return float(
+        max(
+            np.quantile(ndimage.distance_transform_edt(~to, sampling=spacing)[frm], 0.95)
+            for frm, to in ((edges[0], edges[1]), (edges[1], edges[0]))
+        )
+    )
 
 
 def dice_from_counts(tp: float, fp: float, fn: float) -> float:
@@ -41,8 +46,13 @@ def both_lung_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return dice_from_counts(tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp)
 
 
-def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] | None,
-                  regions=("both", "right", "left"), ignore: np.ndarray | None = None) -> dict[str, float]:
+def image_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: tuple[float, float] | None,
+    regions=("both", "right", "left"),
+    ignore: np.ndarray | None = None,
+) -> dict[str, float]:
     """Accuracy, precision, recall, IoU, Dice and HD95 for each region of one (H, W) label pair.
 
     HD95 is in mm when `spacing` (row, column) is known, otherwise in pixels; NaN when either mask is empty.
@@ -57,8 +67,11 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, flo
         tp = int(np.count_nonzero(p & t))
         fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
         tn = p.size - tp - fp - fn
-        for name, (numerator, denominator) in (("accuracy", (tp + tn, p.size)), ("precision", (tp, tp + fp)),
-                                               ("recall", (tp, tp + fn))):
+        for name, (numerator, denominator) in (
+            ("accuracy", (tp + tn, p.size)),
+            ("precision", (tp, tp + fp)),
+            ("recall", (tp, tp + fn)),
+        ):
             out[f"{region}_{name}"] = numerator / denominator if denominator else math.nan
         union = tp + fp + fn
         out[f"{region}_iou"] = tp / union if union else 1.0

@@ -4,6 +4,7 @@ Labels follow the patient's side (values in `definitions.py`). Arrays are (rows,
 stored pixel order of a radiograph, where the patient's right lies at low column indices (a PA or AP view
 displayed the standard way). Nothing here ever flips an image horizontally.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -107,9 +108,14 @@ def lung_areas(label: np.ndarray, pixel_area_mm2: float | None) -> dict:
     """Right and left lung areas in pixels (and mm² when the pixel size is known), their sum as a fraction of
     the image, and the right/left ratio."""
     right, left = int(np.count_nonzero(label == RIGHT_LUNG)), int(np.count_nonzero(label == LEFT_LUNG))
-    row = {"right_area_px": right, "left_area_px": left, "right_area_mm2": "", "left_area_mm2": "",
-           "lung_fraction": round((right + left) / label.size, 4),
-           "right_left_ratio": round(right / left, 3) if left else ""}
+    row = {
+        "right_area_px": right,
+        "left_area_px": left,
+        "right_area_mm2": "",
+        "left_area_mm2": "",
+        "lung_fraction": round((right + left) / label.size, 4),
+        "right_left_ratio": round(right / left, 3) if left else "",
+    }
     if pixel_area_mm2 is not None:
         row["right_area_mm2"] = round(right * pixel_area_mm2, 1)
         row["left_area_mm2"] = round(left * pixel_area_mm2, 1)

@@ -2,6 +2,7 @@
 `transforms.post` and lungmask's `postprocessing` are): the batch pipeline runs it in helper processes that hold no
 model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,9 @@ from .preprocess import resize
 
 @dataclass
 class Prediction:
-    label: np.ndarray                  # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
-    probabilities: np.ndarray | None   # (3, rows, columns) float32 softmax on the input grid, when kept
-    raw_label: np.ndarray              # argmax before clean-up at the model's resolution, for quality control
+    label: np.ndarray  # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
+    probabilities: np.ndarray | None  # (3, rows, columns) float32 softmax on the input grid, when kept
+    raw_label: np.ndarray  # argmax before clean-up at the model's resolution, for quality control
     uncertainty: np.ndarray | None = None  # (rows, columns) float32, when asked for
     # At the model's resolution and in the standard view, for the predicted quality (`qc/features.py`): the softmax
     # (3, S, S), the cleaned labelmap (S, S) and the uncertainty (S, S) when asked for. Views, not copies.
@@ -35,9 +36,12 @@ class Prediction:
         Flipping the grid keeps each label on the patient's side it marks."""
         if not any(flips):
             return self
-        return dataclasses.replace(self, label=reorient(self.label, flips),
-                                   probabilities=reorient(self.probabilities, flips),
-                                   uncertainty=reorient(self.uncertainty, flips))
+        return dataclasses.replace(
+            self,
+            label=reorient(self.label, flips),
+            probabilities=reorient(self.probabilities, flips),
+            uncertainty=reorient(self.uncertainty, flips),
+        )
 
 
 def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -61,9 +65,15 @@ def _winning_class(scores: np.ndarray) -> np.ndarray:
     return lung.view(np.uint8) * (1 + (left > right).view(np.uint8))
 
 
-def postprocess(probabilities: np.ndarray, shape: tuple[int, int], uncertainty: np.ndarray | None = None,
-                keep_probabilities: bool = False, display_flips: tuple[bool, bool] = (False, False),
-                member_spread: np.ndarray | None = None, model_image: np.ndarray | None = None) -> Prediction:
+def postprocess(
+    probabilities: np.ndarray,
+    shape: tuple[int, int],
+    uncertainty: np.ndarray | None = None,
+    keep_probabilities: bool = False,
+    display_flips: tuple[bool, bool] = (False, False),
+    member_spread: np.ndarray | None = None,
+    model_image: np.ndarray | None = None,
+) -> Prediction:
     """The cleaned labelmap of one model output, on the stored image's grid.
 
     Clean-up (largest component per lung, holes filled) runs at the model's resolution, where it is cheap; each
@@ -96,8 +106,15 @@ def postprocess(probabilities: np.ndarray, shape: tuple[int, int], uncertainty: 
     label = _winning_class(_resize_uint8(scores, shape))
     unc = resize(uncertainty, shape) if uncertainty is not None else None
     full = resize(probabilities, shape) if keep_probabilities else None
-    prediction = Prediction(label=label, probabilities=full, raw_label=raw_small, uncertainty=unc,
-                            model_probabilities=probabilities, model_label=clean_small,
-                            model_uncertainty=uncertainty, model_member_spread=member_spread,
-                            model_image=None if model_image is None else np.asarray(model_image))
+    prediction = Prediction(
+        label=label,
+        probabilities=full,
+        raw_label=raw_small,
+        uncertainty=unc,
+        model_probabilities=probabilities,
+        model_label=clean_small,
+        model_uncertainty=uncertainty,
+        model_member_spread=member_spread,
+        model_image=None if model_image is None else np.asarray(model_image),
+    )
     return prediction.reoriented(display_flips)

@@ -3,6 +3,7 @@
 Model input: a grayscale radiograph resized to `size`x`size` (antialiased) and scaled to [0, 1] between its
 0.5th and 99.5th intensity percentiles, so 8-bit PNGs, 12-bit DICOM and 16-bit TIFFs look alike to the network.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -26,8 +27,9 @@ def resize_weights(source: int, target: int, antialias: bool) -> sparse.csr_matr
         high = np.minimum(low + 1, source - 1)
         frac = (position - low).astype(np.float64)
         rows = np.repeat(np.arange(target), 2)
-        return sparse.csr_matrix((np.stack([1 - frac, frac], 1).ravel(), (rows, np.stack([low, high], 1).ravel())),
-                                 shape=(target, source))
+        return sparse.csr_matrix(
+            (np.stack([1 - frac, frac], 1).ravel(), (rows, np.stack([low, high], 1).ravel())), shape=(target, source)
+        )
     support = max(scale, 1.0)
     first = np.maximum((centres - support + 0.5).astype(np.int64), 0)
     last = np.minimum((centres + support + 0.5).astype(np.int64), source)
@@ -64,8 +66,10 @@ def percentiles(flat: np.ndarray, percents: tuple[float, ...]) -> list[np.ndarra
     below = [int(q) for q in positions]
     above = [min(i + 1, n - 1) for i in below]
     part = np.partition(flat, sorted(set(below + above)), axis=-1)
-    return [part[..., i:i + 1] + (part[..., j:j + 1] - part[..., i:i + 1]) * (q - i)
-            for q, i, j in zip(positions, below, above)]
+    return [
+        part[..., i : i + 1] + (part[..., j : j + 1] - part[..., i : i + 1]) * (q - i)
+        for q, i, j in zip(positions, below, above)
+    ]
 
 
 def normalize_intensity(image: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ Tuned for this workload (one small graph, many images): the CPU memory arena is 
 gigabytes for a 5 MB model; it gains nothing here, see `scripts/benchmark.py`), every graph optimisation is on, and
 one intra-op pool takes the threads asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ def providers(device: str = "auto") -> list:
     if kind != "cuda" or (index and not index.isdigit()):
         raise LungSegError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
     if "CUDAExecutionProvider" not in available:
-        raise LungSegError(f"--device {device} needs ONNX Runtime's CUDA provider, which this installation lacks: "
-                           "pip install 'lungseg[cuda]' (onnxruntime-gpu) on a machine with CUDA, or use --device cpu")
+        raise LungSegError(
+            f"--device {device} needs ONNX Runtime's CUDA provider, which this installation lacks: "
+            "pip install 'lungseg[cuda]' (onnxruntime-gpu) on a machine with CUDA, or use --device cpu"
+        )
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 

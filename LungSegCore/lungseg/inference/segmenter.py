@@ -6,6 +6,7 @@ augmentation without flips (small shifts, zooms and rotations, each undone on th
 ensemble's members give the same spread for free on every image (`member_spread`), which the predicted quality
 uses.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,17 @@ from .preprocess import model_input, resize
 from .runtime import device_name, run
 
 # (shift x, shift y as a fraction of the image, zoom, rotation in degrees); the identity comes first. No flips.
-TTA_AFFINES = ((0, 0, 1, 0), (0.04, 0, 1, 0), (-0.04, 0, 1, 0), (0, 0.04, 1, 0), (0, -0.04, 1, 0),
-               (0, 0, 1.08, 0), (0, 0, 0.92, 0), (0, 0, 1, 6), (0, 0, 1, -6))
+TTA_AFFINES = (
+    (0, 0, 1, 0),
+    (0.04, 0, 1, 0),
+    (-0.04, 0, 1, 0),
+    (0, 0.04, 1, 0),
+    (0, -0.04, 1, 0),
+    (0, 0, 1.08, 0),
+    (0, 0, 0.92, 0),
+    (0, 0, 1, 6),
+    (0, 0, 1, -6),
+)
 LATENT_DRAWS = 16
 LATENT_SEED = 0  # the same draws for every image: its uncertainty does not depend on its batch
 
@@ -51,6 +61,7 @@ def sample_spread(samples: np.ndarray) -> np.ndarray:
 class ModelOutput(NamedTuple):
     """One batch's model output: probabilities (B, 3, S, S); the sample spread of `--uncertainty` (B, S, S) or
     None; an ensemble's member spread (B, S, S) or None."""
+
     probabilities: np.ndarray
     uncertainty: np.ndarray | None
     member_spread: np.ndarray | None
@@ -103,16 +114,22 @@ class Segmenter:
     def tta_samples(self, batch: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) -> (T, B, 3, S, S): probabilities under each TTA affine, mapped back to the input frame."""
         transforms = [tta_transform(affine, self.size) for affine in TTA_AFFINES]
-        warped = np.stack([[ndimage.affine_transform(image[0], m, o, order=1, mode="constant", prefilter=False)
-                            for image in batch] for m, o in transforms])
-        probs = self.probabilities(warped.reshape(-1, 1, self.size, self.size)).reshape(len(transforms), len(batch),
-                                                                                          -1, self.size, self.size)
+        warped = np.stack(
+            [
+                [ndimage.affine_transform(image[0], m, o, order=1, mode="constant", prefilter=False) for image in batch]
+                for m, o in transforms
+            ]
+        )
+        probs = self.probabilities(warped.reshape(-1, 1, self.size, self.size)).reshape(
+            len(transforms), len(batch), -1, self.size, self.size
+        )
         for (matrix, offset), sample in zip(transforms, probs):
             back = np.linalg.inv(matrix)
             for maps in sample:
                 for c, plane in enumerate(maps):
-                    maps[c] = ndimage.affine_transform(plane, back, -back @ offset, order=1, mode="nearest",
-                                                       prefilter=False)
+                    maps[c] = ndimage.affine_transform(
+                        plane, back, -back @ offset, order=1, mode="nearest", prefilter=False
+                    )
         return probs
 
     def prior_samples(self, batch: np.ndarray, n: int = LATENT_DRAWS) -> np.ndarray:
@@ -132,8 +149,13 @@ class Segmenter:
         samples = self.prior_samples(batch) if self.latent else self.tta_samples(batch)
         return ModelOutput(samples.mean(0), sample_spread(samples), spread)
 
-    def segment(self, pixels: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
-                display_flips: tuple[bool, bool] = (False, False)) -> Prediction:
+    def segment(
+        self,
+        pixels: np.ndarray,
+        uncertainty: bool = False,
+        keep_probabilities: bool = False,
+        display_flips: tuple[bool, bool] = (False, False),
+    ) -> Prediction:
         """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
         standard view the model knows; the maps come back on the stored grid."""
         x = model_input(reorient(pixels, display_flips), self.size)

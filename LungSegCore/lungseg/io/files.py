@@ -3,6 +3,7 @@
 No image decoding here (that is `io.py`): a run killed at any moment leaves either the old file, the complete new
 one, or a hidden `.partial` file, never a truncated output.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,22 @@ from pathlib import Path
 
 from ..errors import LungSegError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr", ".nii",
-                  ".nii.gz", ".mha", ".mhd")
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".dcm",
+    ".dicom",
+    ".nrrd",
+    ".nhdr",
+    ".nii",
+    ".nii.gz",
+    ".mha",
+    ".mhd",
+)
 
 
 def suffix_of(path: Path | str) -> str:
@@ -67,9 +82,13 @@ def list_inputs(inputs: list[str | Path], recursive: bool = False) -> list[Path]
         elif item.is_dir():  # a folder named like a file (`study.dcm/`) is still a folder
             pattern = "**/*" if recursive else "*"
             # a subfolder named like an image is an input (an error row that says so) unless --recursive enters it
-            files = sorted(p for p in item.glob(pattern)
-                           if not p.name.startswith(".") and not (recursive and p.is_dir())
-                           and (suffix_of(p) in IMAGE_SUFFIXES or (p.is_file() and is_dicom(p))))
+            files = sorted(
+                p
+                for p in item.glob(pattern)
+                if not p.name.startswith(".")
+                and not (recursive and p.is_dir())
+                and (suffix_of(p) in IMAGE_SUFFIXES or (p.is_file() and is_dicom(p)))
+            )
         else:
             files = [item]
         for f in files:

@@ -5,6 +5,7 @@ Masks are 0/255 PNGs with the image's name. Right and left come from `masks_righ
 exist, otherwise from the merged mask split at the lung midline (`labels.split_left_right`). Pixels marked in
 `masks_ignore/` (devices or markup over the lung) get the label IGNORE and count neither way in training.
 """
+
 from __future__ import annotations
 
 import csv
@@ -65,8 +66,14 @@ def find_mask(folder: Path, image: Path) -> Path | None:
     return matches[0] if matches else None
 
 
-def labelled_case(image: Path, masks: Path, split: str, find: Callable[[Path, Path], Path | None] = exact_mask,
-                  masks_right: Path | None = None, masks_left: Path | None = None) -> Case | None:
+def labelled_case(
+    image: Path,
+    masks: Path,
+    split: str,
+    find: Callable[[Path, Path], Path | None] = exact_mask,
+    masks_right: Path | None = None,
+    masks_left: Path | None = None,
+) -> Case | None:
     """`image` as a case (None when `masks` has no mask for it, as `find` matches them): its sides where both
     `masks_right` and `masks_left` (by default the folders of those names beside `masks`) have its mask, its
     ignore mask where `masks_ignore/` beside `masks` has one."""

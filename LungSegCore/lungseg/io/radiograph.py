@@ -11,6 +11,7 @@
 
 Finding inputs and atomic writing are `files.py`; overlays and case sheets are `overlay.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,13 @@ from ..errors import LungSegError
 from .files import atomic_path, is_dicom, raise_if_out_of_space, suffix_of
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-OUTPUT_FORMATS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha", "png": ".png",
-                  "dicom-seg": ".seg.dcm"}  # DICOM inputs only, written by dicomseg.py
+OUTPUT_FORMATS = {
+    "nrrd": ".nrrd",
+    "nii.gz": ".nii.gz",
+    "mha": ".mha",
+    "png": ".png",
+    "dicom-seg": ".seg.dcm",
+}  # DICOM inputs only, written by dicomseg.py
 MIN_SIDE = 32
 # ITK's value for a PNG without a pHYs chunk, and the resolutions of 72, 96 and 300 DPI: not a detector pitch.
 SCREEN_SPACINGS_MM = (1.0, 25.4 / 72, 25.4 / 96, 25.4 / 300)
@@ -50,6 +56,7 @@ class NotAnImageError(ImageReadError):
 @dataclass(frozen=True)
 class Grid:
     """The input's pixel grid (2D, or 3D with one slice): what every output is written on. Small and picklable."""
+
     size: tuple[int, ...]
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
@@ -73,10 +80,10 @@ class Grid:
 @dataclass
 class Radiograph:
     path: Path
-    pixels: np.ndarray | None      # (rows, columns) float32 grayscale, air dark
-    reference: Grid                # the input grid
+    pixels: np.ndarray | None  # (rows, columns) float32 grayscale, air dark
+    reference: Grid  # the input grid
     spacing: tuple[float, float] | None  # (row, column) mm, None when unknown
-    photometric: str = ""          # DICOM PhotometricInterpretation, else ""
+    photometric: str = ""  # DICOM PhotometricInterpretation, else ""
     # DICOM PatientOrientation says the image is stored mirrored (columns run toward the patient's right) or
     # upside down (rows run toward the head): (flip rows, flip columns) that bring it to the standard display.
     display_flips: tuple[bool, bool] = (False, False)
@@ -146,15 +153,19 @@ def non_image_object(ds) -> str | None:
     return uid.name if uid.type == "SOP Class" and "Image Storage" not in uid.name else None
 
 
-def check_pixel_count(path: Path | str, columns: int, rows: int, frames: int = 1,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+def check_pixel_count(
+    path: Path | str, columns: int, rows: int, frames: int = 1, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
     """ImageReadError when a header declares more than `max_pixels` pixels (None: no limit): before decoding."""
     count = int(columns) * int(rows) * max(1, int(frames))
     if max_pixels is not None and count > max_pixels:
         size = f"{columns}x{rows}" + (f"x{frames} frames" if frames > 1 else "")
-        raise ImageReadError(path, f"declares {size} pixels ({count / 1e6:.1f} Mpx), above the limit of "
-                                   f"{max_pixels / 1e6:g} Mpx; refused before decoding (a decompression bomb or not a "
-                                   "radiograph; raise --max-pixels if it is a real image)")
+        raise ImageReadError(
+            path,
+            f"declares {size} pixels ({count / 1e6:.1f} Mpx), above the limit of "
+            f"{max_pixels / 1e6:g} Mpx; refused before decoding (a decompression bomb or not a "
+            "radiograph; raise --max-pixels if it is a real image)",
+        )
 
 
 def image_dicom_header(path: Path | str):
@@ -172,8 +183,9 @@ def image_dicom_header(path: Path | str):
     return ds
 
 
-def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float, float] | None, str,
-                                                                     tuple[bool, bool]]:
+def dicom_header(
+    path: Path, max_pixels: int | None = None
+) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
     """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; NotAnImageError for an object that
     holds no image, ImageReadError for a file that is no readable DICOM image or declares more than `max_pixels`."""
     import pydicom
@@ -189,8 +201,11 @@ def dicom_header(path: Path, max_pixels: int | None = None) -> tuple[tuple[float
         full = pydicom.dcmread(str(path), force=True)
         if "PixelData" not in full:
             raise ImageReadError(path, "DICOM file has no pixel data (PixelData element missing)")
-    return dicom_pixel_spacing(ds), str(ds.get("PhotometricInterpretation", "")), \
-        display_flips(ds.get("PatientOrientation"))
+    return (
+        dicom_pixel_spacing(ds),
+        str(ds.get("PhotometricInterpretation", "")),
+        display_flips(ds.get("PatientOrientation")),
+    )
 
 
 def gray_pixels(array: np.ndarray, components: int, path: Path | str) -> np.ndarray:
@@ -204,9 +219,15 @@ def gray_pixels(array: np.ndarray, components: int, path: Path | str) -> np.ndar
     return array.astype(np.float32, copy=False)
 
 
-def radiograph_from_array(array: np.ndarray, path: Path | str, components: int = 1, reference: Grid | None = None,
-                          spacing: tuple[float, float] | None = None, photometric: str = "",
-                          display_flips: tuple[bool, bool] = (False, False)) -> Radiograph:
+def radiograph_from_array(
+    array: np.ndarray,
+    path: Path | str,
+    components: int = 1,
+    reference: Grid | None = None,
+    spacing: tuple[float, float] | None = None,
+    photometric: str = "",
+    display_flips: tuple[bool, bool] = (False, False),
+) -> Radiograph:
     """Check pixels and make them a model-ready radiograph: the one place where this happens, for files
     (`read_radiograph`) and for arrays that another program loaded (the Slicer module).
 
@@ -230,15 +251,17 @@ def radiograph_from_array(array: np.ndarray, path: Path | str, components: int =
     if pixels.ndim == 3:
         if pixels.shape[0] != 1:
             depth, rows, columns = pixels.shape
-            raise ImageReadError(path, f"is a 3D volume of {depth} slices ({columns}x{rows}x{depth}); "
-                                       "LungSeg segments 2D radiographs")
+            raise ImageReadError(
+                path, f"is a 3D volume of {depth} slices ({columns}x{rows}x{depth}); LungSeg segments 2D radiographs"
+            )
         pixels = pixels[0]
     elif pixels.ndim != 2:
         raise ImageReadError(path, f"has {pixels.ndim} dimensions; expected a 2D radiograph")
     rows, columns = pixels.shape
     if min(rows, columns) < MIN_SIDE:
-        raise ImageReadError(path, f"is too small ({columns}x{rows} pixels); a radiograph needs at least "
-                                   f"{MIN_SIDE} pixels per side")
+        raise ImageReadError(
+            path, f"is too small ({columns}x{rows} pixels); a radiograph needs at least {MIN_SIDE} pixels per side"
+        )
     finite = np.isfinite(pixels)
     if not finite.any():
         raise ImageReadError(path, "has no finite pixel values (all NaN or infinite)")
@@ -248,8 +271,14 @@ def radiograph_from_array(array: np.ndarray, path: Path | str, components: int =
         raise ImageReadError(path, f"has no contrast (every pixel is {pixels.min():g})")
     if reference is None:
         reference = Grid((columns, rows), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
-    return Radiograph(path=Path(path), pixels=pixels, reference=reference, spacing=spacing, photometric=photometric,
-                      display_flips=display_flips)
+    return Radiograph(
+        path=Path(path),
+        pixels=pixels,
+        reference=reference,
+        spacing=spacing,
+        photometric=photometric,
+        display_flips=display_flips,
+    )
 
 
 def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Radiograph:
@@ -279,15 +308,23 @@ def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXEL
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line for line in first if "ERROR" not in line and line.strip()), first[-1] if first else "")
-        raise ImageReadError(path, f"cannot be read as an image (corrupt, truncated or not an image format): "
-                                   f"{detail.strip()[:200]}") from exc
+        raise ImageReadError(
+            path, f"cannot be read as an image (corrupt, truncated or not an image format): {detail.strip()[:200]}"
+        ) from exc
 
     if image.GetDimension() not in (2, 3):
         raise ImageReadError(path, f"has {image.GetDimension()} dimensions; expected a 2D radiograph")
     if not dicom:
         spacing = stated_spacing(float(image.GetSpacing()[1]), float(image.GetSpacing()[0]), path)
-    return radiograph_from_array(sitk.GetArrayFromImage(image), path, image.GetNumberOfComponentsPerPixel(),
-                                 Grid.of(image), spacing, photometric, flips)
+    return radiograph_from_array(
+        sitk.GetArrayFromImage(image),
+        path,
+        image.GetNumberOfComponentsPerPixel(),
+        Grid.of(image),
+        spacing,
+        photometric,
+        flips,
+    )
 
 
 def inverted_against_file(pixels: np.ndarray, path: Path | str) -> bool | None:

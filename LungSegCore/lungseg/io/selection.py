@@ -3,6 +3,7 @@ a list), a seeded `ratios` split, or one part of a K-fold cross-validation (`fol
 held_out`, stratified by the `group` column, patients never split; see `fold_assignment`). Training, export,
 cross-validation and the QC fit share it; it needs no torch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,9 @@ def split_by_ratio(cases: list[Case], ratios: dict[str, float], seed: int = 0) -
     return splits
 
 
-def assign_folds(strata: dict[str, str], folds: int, seed: int = 0,
-                 patients: dict[str, str] | None = None) -> dict[str, int]:
+def assign_folds(
+    strata: dict[str, str], folds: int, seed: int = 0, patients: dict[str, str] | None = None
+) -> dict[str, int]:
     """Fold (0..folds-1) of each name: stratified by `strata`, seeded, every patient's names in one fold.
 
     The patients are ordered stratum by stratum, shuffled within each, and dealt round-robin into the folds, so the
@@ -52,8 +54,9 @@ def assign_folds(strata: dict[str, str], folds: int, seed: int = 0,
     return {name: position % folds for position, patient in enumerate(order) for name in names_of[patient]}
 
 
-def fold_assignment(root: str | Path, folds: int, split: str | list[str] | None = None,
-                    seed: int = 0) -> dict[str, int]:
+def fold_assignment(
+    root: str | Path, folds: int, split: str | list[str] | None = None, seed: int = 0
+) -> dict[str, int]:
     """Fold of each image file of a set (those of `split` in splits.csv), stratified by splits.csv's `group` and
     kept together by its `patient` column where it has one. The one assignment every config, script and test uses."""
     table = read_split_table(Path(root))
@@ -67,8 +70,9 @@ def fold_selector(entry: dict) -> tuple[int, int, str]:
     """(folds, fold, part) of a data entry with `folds`, checked."""
     folds, fold, part = int(entry["folds"]), entry.get("fold"), entry.get("part")
     if fold is None or not 0 <= int(fold) < folds or part not in FOLD_PARTS:
-        raise LungSegError(f"data entry {entry}: `folds: {folds}` needs `fold` in 0..{folds - 1} and `part` "
-                           f"{' or '.join(FOLD_PARTS)}")
+        raise LungSegError(
+            f"data entry {entry}: `folds: {folds}` needs `fold` in 0..{folds - 1} and `part` {' or '.join(FOLD_PARTS)}"
+        )
     if "ratios" in entry:
         raise LungSegError(f"data entry {entry}: choose `ratios` or `folds`, not both")
     return folds, int(fold), part

@@ -7,6 +7,7 @@ before torch is installed). Models are looked up by name in the package's `model
 folders of `LUNGSEG_MODELS_PATH`; a name found in two of them is an error, not a silent choice. `--model` also
 takes the path of a card or weights file (offline import).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,9 +49,11 @@ def find_card(name_or_path: str | Path) -> Path:
         return candidate.with_suffix(".json")
     found = cards_named(str(name_or_path))
     if len(found) > 1:  # a user's model named like a shipped one: never pick one of them silently
-        raise LungSegError(f"model '{name_or_path}' is in more than one models folder ({', '.join(map(str, found))}); "
-                           f"give the card's path (--model {found[-1]}), or export it under another name "
-                           "(lungseg export --name)")
+        raise LungSegError(
+            f"model '{name_or_path}' is in more than one models folder ({', '.join(map(str, found))}); "
+            f"give the card's path (--model {found[-1]}), or export it under another name "
+            "(lungseg export --name)"
+        )
     if found:
         return found[0]
     known = ", ".join(sorted(c["name"] for c in list_models())) or "none"
@@ -74,7 +77,11 @@ def list_models() -> list[dict]:
             except ValueError:
                 continue  # not a card
             # a card beside what inference runs (its graphs) or what training loads (its weights)
-            if isinstance(data, dict) and "network" in data and ("onnx" in data or card.with_suffix(".safetensors").exists()):
+            if (
+                isinstance(data, dict)
+                and "network" in data
+                and ("onnx" in data or card.with_suffix(".safetensors").exists())
+            ):
                 data["card_path"] = str(card)
                 cards.append(data)
     return cards
@@ -106,8 +113,10 @@ def verified(path: Path, expected: str, model: str) -> Path:
         raise LungSegError(f"{path}: file missing for model '{model}'")
     actual = sha256_of(path)
     if actual != expected:
-        raise LungSegError(f"{path}: checksum mismatch (expected {expected}, got {actual}); "
-                           "the file is corrupt or not the one the card describes")
+        raise LungSegError(
+            f"{path}: checksum mismatch (expected {expected}, got {actual}); "
+            "the file is corrupt or not the one the card describes"
+        )
     return path
 
 
@@ -117,11 +126,18 @@ def load_graphs(name_or_path: str | Path, device: str = "auto", threads: int | N
 
     card = read_card(name_or_path)
     if "onnx" not in card:
-        raise LungSegError(f"model '{card['name']}' has no ONNX graph ({card['card_path']}); add one with "
-                           f"`lungseg export --from-model {card['card_path']}` (needs lungseg[train])")
+        raise LungSegError(
+            f"model '{card['name']}' has no ONNX graph ({card['card_path']}); add one with "
+            f"`lungseg export --from-model {card['card_path']}` (needs lungseg[train])"
+        )
     folder = Path(card["card_path"]).parent
-    graphs = [(open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads),
-               int(graph["input_size"])) for graph in card["onnx"]["graphs"]]
+    graphs = [
+        (
+            open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads),
+            int(graph["input_size"]),
+        )
+        for graph in card["onnx"]["graphs"]
+    ]
     return graphs, card
 
 

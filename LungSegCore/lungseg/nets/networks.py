@@ -1,4 +1,5 @@
 """One registry: a network name maps to a builder that takes the config's parameters."""
+
 from __future__ import annotations
 
 import platform
@@ -31,8 +32,11 @@ def environment_entry(device: torch.device) -> dict:
     count) and the versions of torch and MONAI."""
     import monai
 
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    )
     return {"hardware": hardware, "torch": torch.__version__.split("+")[0], "monai": monai.__version__}
 
 
@@ -46,25 +50,51 @@ def predict_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @register("unet")
-def unet(in_channels: int = 1, out_channels: int = NUM_CLASSES, channels=(16, 32, 64, 128, 256),
-         strides=None, num_res_units: int = 2, dropout: float = 0.0, norm: str = "batch") -> torch.nn.Module:
+def unet(
+    in_channels: int = 1,
+    out_channels: int = NUM_CLASSES,
+    channels=(16, 32, 64, 128, 256),
+    strides=None,
+    num_res_units: int = 2,
+    dropout: float = 0.0,
+    norm: str = "batch",
+) -> torch.nn.Module:
     """MONAI U-Net; depth follows the length of `channels`."""
     from monai.networks.nets import UNet
 
     channels = tuple(channels)
     strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
-                strides=strides, num_res_units=num_res_units, dropout=dropout, norm=norm)
+    return UNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=channels,
+        strides=strides,
+        num_res_units=num_res_units,
+        dropout=dropout,
+        norm=norm,
+    )
 
 
 @register("unetpp")
-def unetpp(in_channels: int = 1, out_channels: int = NUM_CLASSES, features=(16, 16, 32, 64, 128, 16),
-           deep_supervision: bool = True, dropout: float = 0.0) -> torch.nn.Module:
+def unetpp(
+    in_channels: int = 1,
+    out_channels: int = NUM_CLASSES,
+    features=(16, 16, 32, 64, 128, 16),
+    deep_supervision: bool = True,
+    dropout: float = 0.0,
+) -> torch.nn.Module:
     """MONAI BasicUNetPlusPlus (nested U-Net); width set by `features` (MONAI's default is 2x this, 4x slower)."""
     from monai.networks.nets import BasicUNetPlusPlus
 
-    return BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
-                             features=tuple(features), deep_supervision=deep_supervision, dropout=dropout)
+    return BasicUNetPlusPlus(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=tuple(features),
+        deep_supervision=deep_supervision,
+        dropout=dropout,
+    )
 
 
 @register("prob_unet")
@@ -94,8 +124,11 @@ class Ensemble(torch.nn.Module):
         size = tuple(x.shape[-2:])
         out = []
         for net, s in zip(self.members, self.sizes):
-            xs = x if size == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
-                                                        antialias=s < size[0])
+            xs = (
+                x
+                if size == (s, s)
+                else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=s < size[0])
+            )
             probs = torch.softmax(predict_logits(net, xs).float(), dim=1)
             if probs.shape[-2:] != size:
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)

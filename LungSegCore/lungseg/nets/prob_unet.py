@@ -5,6 +5,7 @@ latent space. A latent sample is tiled over the image and joined to the U-Net fe
 Training draws from the posterior and adds beta * KL(posterior || prior); inference draws from the prior only,
 so N samples give a mean segmentation and a per-pixel uncertainty (their spread).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,15 +49,30 @@ class AxisAlignedGaussianEncoder(nn.Module):
 class ProbabilisticUNet(nn.Module):
     uses_labels_in_training = True
 
-    def __init__(self, in_channels: int = 1, out_channels: int = NUM_CLASSES, channels=(16, 32, 64, 128, 256),
-                 num_res_units: int = 2, feature_channels: int = 8, latent_dim: int = 6,
-                 encoder_channels=(16, 32, 64, 128), beta: float = 1.0, fcomb_layers: int = 2):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = NUM_CLASSES,
+        channels=(16, 32, 64, 128, 256),
+        num_res_units: int = 2,
+        feature_channels: int = 8,
+        latent_dim: int = 6,
+        encoder_channels=(16, 32, 64, 128),
+        beta: float = 1.0,
+        fcomb_layers: int = 2,
+    ):
         super().__init__()
         from monai.networks.nets import UNet
 
         self.out_channels, self.beta = out_channels, beta
-        self.unet = UNet(spatial_dims=2, in_channels=in_channels, out_channels=feature_channels,
-                         channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_res_units=num_res_units)
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=feature_channels,
+            channels=tuple(channels),
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=num_res_units,
+        )
         self.prior = AxisAlignedGaussianEncoder(in_channels, encoder_channels, latent_dim)
         self.posterior = AxisAlignedGaussianEncoder(in_channels + out_channels, encoder_channels, latent_dim)
         layers, width = [], feature_channels + latent_dim

@@ -13,6 +13,7 @@ output at the model's resolution (no second forward pass).
 - with `--uncertainty`, also the spread of the test-time-augmentation or latent samples inside the lungs;
 - for an ensemble, the spread of its members, in every mode (they run anyway).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,23 +28,23 @@ EPS = 1e-6
 # The features, in a fixed order. Two-sided features enter the regression as their distance from the centre of
 # good segmentations in the fitting data (stored in the card), so that too much and too little both count.
 OUTPUT_FEATURES = (  # how sure the model is of its own output
-    "expected_dice",      # the Dice the softmax expects of its own cleaned labelmap, mean of the two lungs
-    "uncertain_mass",     # pixels with lung probability in 0.2-0.8, per lung pixel
-    "entropy",            # mean normalized entropy of the softmax inside the lungs
-    "outside_mass",       # lung probability outside the kept lungs, per lung pixel
-    "confidence",         # mean winning-class probability over the whole image
-    "cleanup_change",     # pixels that clean-up removed or filled, per lung pixel
+    "expected_dice",  # the Dice the softmax expects of its own cleaned labelmap, mean of the two lungs
+    "uncertain_mass",  # pixels with lung probability in 0.2-0.8, per lung pixel
+    "entropy",  # mean normalized entropy of the softmax inside the lungs
+    "outside_mass",  # lung probability outside the kept lungs, per lung pixel
+    "confidence",  # mean winning-class probability over the whole image
+    "cleanup_change",  # pixels that clean-up removed or filled, per lung pixel
 )
 SHAPE_FEATURES = (  # how plausible the lungs' shape and position are
-    "lung_fraction",      # log of the lung area as a fraction of the image (two-sided)
-    "right_left_ratio",   # log of the right/left area ratio (two-sided)
-    "box_fill",           # the smaller lung's area over its bounding box
-    "outline",            # boundary pixels over the square root of the area, the larger over the two lungs
-    "centre_x",           # mean column of the two lungs' centroids, as a fraction of the width (two-sided)
-    "centre_y",           # mean row of the two lungs' centroids, as a fraction of the height (two-sided)
-    "height",             # rows spanned by the lungs, as a fraction of the height (two-sided)
-    "solidity",           # the smaller lung's area over its convex hull's: a bite out of a lung (an opacity missed)
-    "height_ratio",       # log of the right/left lung height ratio (two-sided): one lung cut short at its base or apex
+    "lung_fraction",  # log of the lung area as a fraction of the image (two-sided)
+    "right_left_ratio",  # log of the right/left area ratio (two-sided)
+    "box_fill",  # the smaller lung's area over its bounding box
+    "outline",  # boundary pixels over the square root of the area, the larger over the two lungs
+    "centre_x",  # mean column of the two lungs' centroids, as a fraction of the width (two-sided)
+    "centre_y",  # mean row of the two lungs' centroids, as a fraction of the height (two-sided)
+    "height",  # rows spanned by the lungs, as a fraction of the height (two-sided)
+    "solidity",  # the smaller lung's area over its convex hull's: a bite out of a lung (an opacity missed)
+    "height_ratio",  # log of the right/left lung height ratio (two-sided): one lung cut short at its base or apex
 )
 FEATURES = OUTPUT_FEATURES + SHAPE_FEATURES
 # The regressions a fit chooses among (scripts/fit_quality.py, by cross-validation within the fit half). The
@@ -53,12 +54,12 @@ FEATURES = OUTPUT_FEATURES + SHAPE_FEATURES
 BOUNDARY_FEATURES = ("expected_dice", "uncertain_mass", "outside_mass", "cleanup_change")
 FEATURE_SETS = {"boundary": BOUNDARY_FEATURES, "output": OUTPUT_FEATURES, "output+shape": FEATURES}
 UNCERTAINTY_FEATURES = (
-    "uncertainty_mean",   # mean sample spread (std of the probabilities) inside the lungs
-    "uncertain_border",   # pixels near the lungs with a spread above 0.2, per lung pixel
+    "uncertainty_mean",  # mean sample spread (std of the probabilities) inside the lungs
+    "uncertain_border",  # pixels near the lungs with a spread above 0.2, per lung pixel
 )
 # An ensemble's members disagree where its result is doubtful; they run anyway, so this costs nothing extra.
 MEMBER_FEATURES = (
-    "member_spread",      # mean member spread (std of the members' probabilities) inside the lungs
+    "member_spread",  # mean member spread (std of the members' probabilities) inside the lungs
     "member_disagreement",  # pixels near the lungs where the members' spread exceeds 0.2, per lung pixel
 )
 # How far each lung's shape lies from the reference lungs' (`shape_prior_distance`). It needs a shape model fitted
@@ -67,13 +68,13 @@ PRIOR_FEATURE = "shape_prior"
 # Whether the outline follows the image's lung edge (`edge_support`). It reads the network's input, which the batch
 # hands to the QC only for a regression that reads it, so a fit offers each set with it too.
 EDGE_FEATURE = "edge_support"
-EDGE_SIGMA = 1.5   # pixels at the model's resolution: the image is smoothed this much before its gradient is taken
-EDGE_MARGIN = 8    # pixels around the lungs' bounding box whose gradients set the scale of the image's edges
+EDGE_SIGMA = 1.5  # pixels at the model's resolution: the image is smoothed this much before its gradient is taken
+EDGE_MARGIN = 8  # pixels around the lungs' bounding box whose gradients set the scale of the image's edges
 SHAPE_GRID = (24, 16)  # rows, columns of a lung scaled to its bounding box
-SHAPE_MODES = 6        # principal modes of the reference shapes; what they cannot express is the distance
+SHAPE_MODES = 6  # principal modes of the reference shapes; what they cannot express is the distance
 TWO_SIDED = ("lung_fraction", "right_left_ratio", "centre_x", "centre_y", "height", "height_ratio")
-LOG_LIMIT = math.log(10.0)   # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
-PER_LUNG_LIMIT = 1.0         # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
+LOG_LIMIT = math.log(10.0)  # log ratios are clipped to +-log(10); a lost lung counts as a ratio of 10
+PER_LUNG_LIMIT = 1.0  # per-lung-pixel features are clipped at 1 (beyond it the lungs are mostly lost)
 
 
 def _lung_stats(mask: np.ndarray) -> tuple[int, tuple[float, float], tuple[int, int, int, int]]:
@@ -154,7 +155,9 @@ def adaptive_mean(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     of n over length L spans floor(i L / n) to ceil((i + 1) L / n), as torch's adaptive average pooling)."""
     total = np.zeros((values.shape[0] + 1, values.shape[1] + 1))
     total[1:, 1:] = np.asarray(values, dtype=np.float64).cumsum(0).cumsum(1)
-    edges = [(np.arange(n) * length // n, -(-(np.arange(n) + 1) * length // n)) for n, length in zip(grid, values.shape)]
+    edges = [
+        (np.arange(n) * length // n, -(-(np.arange(n) + 1) * length // n)) for n, length in zip(grid, values.shape)
+    ]
     (r0, r1), (c0, c1) = edges
     sums = total[r1][:, c1] - total[r0][:, c1] - total[r1][:, c0] + total[r0][:, c0]
     return (sums / np.outer(r1 - r0, c1 - c0)).astype(np.float32)
@@ -169,8 +172,12 @@ def fit_shape_prior(shapes: np.ndarray, modes: int = SHAPE_MODES) -> dict:
         mean = shapes[:, k].mean(0)
         components.append(np.linalg.svd(shapes[:, k] - mean, full_matrices=False)[2][:modes])
         means.append(mean)
-    return {"grid": list(SHAPE_GRID), "images": len(shapes),
-            "mean": np.round(means, 4).tolist(), "components": np.round(components, 4).tolist()}
+    return {
+        "grid": list(SHAPE_GRID),
+        "images": len(shapes),
+        "mean": np.round(means, 4).tolist(),
+        "components": np.round(components, 4).tolist(),
+    }
 
 
 def shape_prior_distances(shapes: np.ndarray, prior: dict) -> np.ndarray:
@@ -180,7 +187,7 @@ def shape_prior_distances(shapes: np.ndarray, prior: dict) -> np.ndarray:
     x = np.asarray(shapes, dtype=np.float64) - np.asarray(prior["mean"])  # (n, 2, P)
     basis = np.asarray(prior["components"])  # (2, modes, P)
     residual = x - np.einsum("nkm,kmp->nkp", np.einsum("nkp,kmp->nkm", x, basis), basis)
-    return np.sqrt((residual ** 2).mean(2)).mean(1)
+    return np.sqrt((residual**2).mean(2)).mean(1)
 
 
 def shape_prior_distance(shapes: np.ndarray, prior: dict) -> float:
@@ -223,8 +230,9 @@ def edge_support(image: np.ndarray, label: np.ndarray, probabilities: np.ndarray
     return min(rises)
 
 
-def quality_features(prediction, shape: bool = True, prior: dict | None = None,
-                     edges: bool = False) -> dict[str, float]:
+def quality_features(
+    prediction, shape: bool = True, prior: dict | None = None, edges: bool = False
+) -> dict[str, float]:
     """The features of one segmentation (see FEATURES), from its maps at the model's resolution; the
     uncertainty and member features too when the prediction carries those maps, PRIOR_FEATURE with a shape
     model (`fit_shape_prior`), and EDGE_FEATURE with `edges` (the prediction must carry the network's input).
@@ -259,8 +267,9 @@ def quality_features(prediction, shape: bool = True, prior: dict | None = None,
         "expected_dice": float(np.mean(expected)),
         "uncertain_mass": min(uncertain / lung_area, PER_LUNG_LIMIT),
         "entropy": entropy,
-        "outside_mass": min(max(float(lung_probability.sum()) - float(lung_probability[lungs].sum()), 0.0)
-                            / lung_area, PER_LUNG_LIMIT),
+        "outside_mass": min(
+            max(float(lung_probability.sum()) - float(lung_probability[lungs].sum()), 0.0) / lung_area, PER_LUNG_LIMIT
+        ),
         "confidence": float(probabilities.max(0).mean()),
         "cleanup_change": min(changed / lung_area, PER_LUNG_LIMIT),
     }
@@ -272,8 +281,10 @@ def quality_features(prediction, shape: bool = True, prior: dict | None = None,
         if prediction.model_image is None:
             raise ValueError(f"{EDGE_FEATURE} reads the network's input: give postprocess its model_image")
         features[EDGE_FEATURE] = edge_support(prediction.model_image, label, probabilities)
-    for names, spread in ((UNCERTAINTY_FEATURES, prediction.model_uncertainty),
-                          (MEMBER_FEATURES, prediction.model_member_spread)):
+    for names, spread in (
+        (UNCERTAINTY_FEATURES, prediction.model_uncertainty),
+        (MEMBER_FEATURES, prediction.model_member_spread),
+    ):
         if spread is not None:
             features.update(zip(names, _spread_features(spread, lungs, lung_area)))
     return features
@@ -290,15 +301,17 @@ def _shape_features(label: np.ndarray, masks: dict, stats: dict) -> dict[str, fl
     return {
         "lung_fraction": max(math.log(max(right + left, 1) / size), -2 * LOG_LIMIT),
         "right_left_ratio": float(np.clip(math.log(right / left), -LOG_LIMIT, LOG_LIMIT)) if both else LOG_LIMIT,
-        "box_fill": min((a / max((b[1] - b[0]) * (b[3] - b[2]), 1) if a else 0.0)
-                        for a, b in ((right, rbox), (left, lbox))),
+        "box_fill": min(
+            (a / max((b[1] - b[0]) * (b[3] - b[2]), 1) if a else 0.0) for a, b in ((right, rbox), (left, lbox))
+        ),
         "outline": max((edge / math.sqrt(a) if a else 0.0) for a, edge in ((right, rb), (left, lb))),
         "centre_x": (rx + lx) / 2 / cols if both else 0.0,
         "centre_y": (ry + ly) / 2 / rows if both else 0.0,
         "height": (max(rbox[1], lbox[1]) - min(rbox[0], lbox[0])) / rows if both else 0.0,
         "solidity": min(_solidity(right_mask), _solidity(left_mask)) if both else 0.0,
         "height_ratio": float(np.clip(math.log((rbox[1] - rbox[0]) / (lbox[1] - lbox[0])), -LOG_LIMIT, LOG_LIMIT))
-        if both else LOG_LIMIT,
+        if both
+        else LOG_LIMIT,
     }
 
 

@@ -15,6 +15,7 @@ models, failure sources, cross-validation folds) and a cache. Both go through th
 4. measure it on the `measure` half (`group_measures`): every number a card's `validation` holds is from images
    the fit never saw.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,12 +45,15 @@ from .selection import (
 from .stats import DICE_LIMIT, qc_accuracy_text
 
 MODES = ("default", "uncertainty")
-METHOD = ("fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
-          "within the fit half) of the both-lung Dice on features of the model's own output (lungseg/quality.py); "
-          "flag below the threshold")  # as every fitted card holds it: a refit keeps the same words
+METHOD = (
+    "fractional logistic regression (quasi-binomial GLM, IRLS; feature set and L2 chosen by cross-validation "
+    "within the fit half) of the both-lung Dice on features of the model's own output (lungseg/quality.py); "
+    "flag below the threshold"
+)  # as every fitted card holds it: a refit keeps the same words
 
 
 # -- the card's qc block ---------------------------------------------------------------------------------------
+
 
 def merged_modes(old: dict | None, new: dict) -> dict:
     """`new`'s modes, and `old`'s other modes as they were, in each part (`modes`, `validation`)."""
@@ -70,8 +74,9 @@ def merged_qc(old: dict | None, new: dict) -> dict:
     merged.pop("swapped", None)
     swapped = (old or {}).get("swapped")
     if swapped:
-        kept = {part: {m: v for m, v in swapped[part].items() if m not in new["modes"]}
-                for part in ("modes", "validation")}
+        kept = {
+            part: {m: v for m, v in swapped[part].items() if m not in new["modes"]} for part in ("modes", "validation")
+        }
         if kept["modes"]:
             merged["swapped"] = kept
     return merged
@@ -79,17 +84,36 @@ def merged_qc(old: dict | None, new: dict) -> dict:
 
 # -- one card's fit ---------------------------------------------------------------------------------------------
 
+
 def empty_qc_block(dice_limit: float, script: str) -> dict:
     """A card's `qc` block before its modes are fitted (`fit_qc_mode` fills `modes` and `validation`)."""
-    return {"method": METHOD, "target": "both-lung Dice against masks of the card's lung definition",
-            "dice_limit": dice_limit, "fitted": date.today().isoformat(), "script": script,
-            "modes": {}, "validation": {}, "threshold": None}
+    return {
+        "method": METHOD,
+        "target": "both-lung Dice against masks of the card's lung definition",
+        "dice_limit": dice_limit,
+        "fitted": date.today().isoformat(),
+        "script": script,
+        "modes": {},
+        "validation": {},
+        "threshold": None,
+    }
 
 
-def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool = False,
-                dice_limit: float = DICE_LIMIT, perturbed_weight: float = 0.3, max_false_flags: float = 0.10,
-                feature_sets=None, l2_grid=L2_GRID, fit_failure_sources: bool = False, command: str = "",
-                half: str = "fit") -> tuple[dict, dict]:
+def fit_qc_mode(
+    pool: list[dict],
+    mode: str,
+    definition: str,
+    *,
+    ensemble: bool = False,
+    dice_limit: float = DICE_LIMIT,
+    perturbed_weight: float = 0.3,
+    max_false_flags: float = 0.10,
+    feature_sets=None,
+    l2_grid=L2_GRID,
+    fit_failure_sources: bool = False,
+    command: str = "",
+    half: str = "fit",
+) -> tuple[dict, dict]:
     """One mode of a card's QC, fitted on the pool's `fit` half and measured on its `measure` half.
 
     Args:
@@ -101,15 +125,18 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
         The mode's block for the card (the regression, its threshold and `fitted_on`: what it was fitted on and
         how it was chosen) and its measurements on the measure half (`group_measures`).
     """
+
     def fit_half(rows: list[dict]) -> list[dict]:
         return [r for r in rows if r["half"] == "fit" and (r["role"] != "failure" or fit_failure_sources)]
 
     fit_rows = fit_half(pool)
     below = int(sum(r["dice"] < dice_limit for r in fit_rows))
     if not below:
-        raise LungSegError(f"no segmentation below Dice {dice_limit} among the {len(fit_rows)} results of the fit "
-                           "half, so there is nothing to learn what a failure looks like from: add degraded "
-                           "copies (--perturbations) or more images")
+        raise LungSegError(
+            f"no segmentation below Dice {dice_limit} among the {len(fit_rows)} results of the fit "
+            "half, so there is nothing to learn what a failure looks like from: add degraded "
+            "copies (--perturbations) or more images"
+        )
     fragments_rule, fragments_rate = keeps_fragments_rule(fit_rows, definition, max_false_flags, dice_limit)
     if not fragments_rule:  # fitted and measured as users will get it: without that rule
         pool = without_fragments_rule(pool, definition)
@@ -119,40 +146,67 @@ def fit_qc_mode(pool: list[dict], mode: str, definition: str, *, ensemble: bool 
         pool = with_prior_feature(pool, prior)
         fit_rows = fit_half(pool)
     elif any(WITH_PRIOR in s for s in feature_sets or ()):
-        raise LungSegError(f"a feature set{WITH_PRIOR} needs the reference masks of at least {MIN_SUBSET} real "
-                           "images in the fit half, to fit the shape model on; this fit half has fewer")
+        raise LungSegError(
+            f"a feature set{WITH_PRIOR} needs the reference masks of at least {MIN_SUBSET} real "
+            "images in the fit half, to fit the shape model on; this fit half has fewer"
+        )
     if any(WITH_EDGES in s for s in feature_sets or ()) and not all(EDGE_FEATURE in r["features"] for r in pool):
-        raise LungSegError(f"a feature set{WITH_EDGES} needs {EDGE_FEATURE} in every row: rows scored from the "
-                           "network's input (`scored_row`)")
-    feature_set, l2, cv_scores = choose_regression(fit_rows, mode, definition, dice_limit, perturbed_weight,
-                                                   ensemble, feature_sets, l2_grid)
-    model = fit_mode(fit_rows, mode, definition, l2, max_false_flags, dice_limit, perturbed_weight, ensemble,
-                     feature_set)
-    model = dataclasses.replace(model, fragments_rule=fragments_rule,
-                                shape_prior=prior if PRIOR_FEATURE in model.features else None)
+        raise LungSegError(
+            f"a feature set{WITH_EDGES} needs {EDGE_FEATURE} in every row: rows scored from the "
+            "network's input (`scored_row`)"
+        )
+    feature_set, l2, cv_scores = choose_regression(
+        fit_rows, mode, definition, dice_limit, perturbed_weight, ensemble, feature_sets, l2_grid
+    )
+    model = fit_mode(
+        fit_rows, mode, definition, l2, max_false_flags, dice_limit, perturbed_weight, ensemble, feature_set
+    )
+    model = dataclasses.replace(
+        model, fragments_rule=fragments_rule, shape_prior=prior if PRIOR_FEATURE in model.features else None
+    )
     budget, rules_alone = false_flag_budget(fit_rows, definition, max_false_flags, dice_limit)
-    block = {**model.to_dict(), "fitted_on": {
-        "command": command, "feature_set": feature_set, "l2": l2,
-        "fragments_rule_false_flags": round(fragments_rate, 4),
-        "shape_prior_references": prior["images"] if prior else 0,
-        "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
-        "images": len(fit_rows), "below_limit": below,
-        "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
-        "perturbed_weight": perturbed_weight, "max_false_flags_fit": max_false_flags,
-        "false_flag_budget": {k: round(v, 4) for k, v in budget.items()},
-        "rules_alone_false_flags": {k: round(v, 4) for k, v in rules_alone.items()},
-        "models": sorted({r["source"] for r in fit_rows}), "datasets": sorted({r["dataset"] for r in fit_rows}),
-        "half": half, "date": date.today().isoformat()}}
+    block = {
+        **model.to_dict(),
+        "fitted_on": {
+            "command": command,
+            "feature_set": feature_set,
+            "l2": l2,
+            "fragments_rule_false_flags": round(fragments_rate, 4),
+            "shape_prior_references": prior["images"] if prior else 0,
+            "cross_validated_spearman": {k: {str(l2): v for l2, v in row.items()} for k, row in cv_scores.items()},
+            "images": len(fit_rows),
+            "below_limit": below,
+            "perturbed": int(sum(bool(r["perturbation"]) for r in fit_rows)),
+            "perturbed_weight": perturbed_weight,
+            "max_false_flags_fit": max_false_flags,
+            "false_flag_budget": {k: round(v, 4) for k, v in budget.items()},
+            "rules_alone_false_flags": {k: round(v, 4) for k, v in rules_alone.items()},
+            "models": sorted({r["source"] for r in fit_rows}),
+            "datasets": sorted({r["dataset"] for r in fit_rows}),
+            "half": half,
+            "date": date.today().isoformat(),
+        },
+    }
     return block, group_measures(model, pool, definition, dice_limit)
 
 
 DEFAULT_PERTURBATIONS = 4  # degraded copies of each image: the failures a good model's own images lack
 
 
-def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
-                perturbations: int = DEFAULT_PERTURBATIONS, uncertainty: bool = False, device: str = "auto",
-                write: bool = False, overwrite: bool = False, max_false_flags: float = 0.10, batch_size: int = 4,
-                command: str = "lungseg fit-qc") -> tuple[dict, list[str]]:
+def fit_card_qc(
+    model: str,
+    data: str | Path,
+    *,
+    split: str | None = None,
+    perturbations: int = DEFAULT_PERTURBATIONS,
+    uncertainty: bool = False,
+    device: str = "auto",
+    write: bool = False,
+    overwrite: bool = False,
+    max_false_flags: float = 0.10,
+    batch_size: int = 4,
+    command: str = "lungseg fit-qc",
+) -> tuple[dict, list[str]]:
     """Fit a model's QC on a labelled data set and measure it on the half it was not fitted on (`lungseg fit-qc`).
 
     Args:
@@ -192,21 +246,29 @@ def fit_card_qc(model: str, data: str | Path, *, split: str | None = None,
     for mode in modes:
         pool = own_pool(segmenter, items, mode, data.name, groups, batch_size)
         block["modes"][mode], block["validation"][mode] = fit_qc_mode(
-            pool, mode, segmenter.definition, ensemble=is_ensemble(card), max_false_flags=max_false_flags,
-            command=command)
+            pool,
+            mode,
+            segmenter.definition,
+            ensemble=is_ensemble(card),
+            max_false_flags=max_false_flags,
+            command=command,
+        )
     block["threshold"] = block["modes"]["default"]["threshold"]
     if write:
         write_card_qc(card, block)
     return block, problems
 
 
-def check_fit_options(card: dict, modes: list[str], write: bool, overwrite: bool, perturbations: int,
-                      max_false_flags: float) -> None:
+def check_fit_options(
+    card: dict, modes: list[str], write: bool, overwrite: bool, perturbations: int, max_false_flags: float
+) -> None:
     """`fit_card_qc`'s options, checked before minutes of segmenting, not after."""
     fitted = sorted(set(modes) & set((card.get("qc") or {}).get("modes") or {}))
     if write and fitted and not overwrite:
-        raise LungSegError(f"{card['card_path']}: the card already has a fitted QC for the {' and '.join(fitted)} "
-                           f"mode ({(card['qc'] or {}).get('fitted', 'date unknown')}); --overwrite replaces it")
+        raise LungSegError(
+            f"{card['card_path']}: the card already has a fitted QC for the {' and '.join(fitted)} "
+            f"mode ({(card['qc'] or {}).get('fitted', 'date unknown')}); --overwrite replaces it"
+        )
     if perturbations < 0:
         raise LungSegError(f"--perturbations {perturbations}: give 0 or more degraded copies per image")
     if not 0 <= max_false_flags < 1:
@@ -221,10 +283,14 @@ def unseen_cases(card: dict, data: Path, split: str | None) -> list:
     if not cases:
         known = sorted({case.split for case in list_cases(data)} - {""})
         if split and split not in known:
-            raise LungSegError(f"{data}: no labelled image is in split '{split}' (splits.csv names "
-                               f"{', '.join(known) or 'none'})")
-        raise LungSegError(f"{data}: every labelled image" + (f" of split '{split}'" if split else "")
-                           + f" is in a split that model '{card['name']}' trained on")
+            raise LungSegError(
+                f"{data}: no labelled image is in split '{split}' (splits.csv names {', '.join(known) or 'none'})"
+            )
+        raise LungSegError(
+            f"{data}: every labelled image"
+            + (f" of split '{split}'" if split else "")
+            + f" is in a split that model '{card['name']}' trained on"
+        )
     return cases
 
 
@@ -233,11 +299,22 @@ def own_pool(segmenter, items: list, mode: str, dataset: str, groups: dict[str, 
     images need not stay in memory."""
     from tqdm import tqdm
 
-    outputs = tqdm(iter_outputs(segmenter, items, mode, batch_size), total=len(items),
-                   desc=f"segmenting ({mode} mode)", unit="image")
-    return [{**scored_row(case, variant, maps, dataset, groups, seen), "dataset": dataset,
-             "source": segmenter.card["name"], "role": "own", "in_domain": True}
-            for (case, variant), maps, seen in outputs]
+    outputs = tqdm(
+        iter_outputs(segmenter, items, mode, batch_size),
+        total=len(items),
+        desc=f"segmenting ({mode} mode)",
+        unit="image",
+    )
+    return [
+        {
+            **scored_row(case, variant, maps, dataset, groups, seen),
+            "dataset": dataset,
+            "source": segmenter.card["name"],
+            "role": "own",
+            "in_domain": True,
+        }
+        for (case, variant), maps, seen in outputs
+    ]
 
 
 def write_card_qc(card: dict, block: dict) -> None:
@@ -260,17 +337,27 @@ def fit_summary(block: dict) -> list[str]:
         fitted = block["modes"][mode]["fitted_on"]
         references = fitted.get("shape_prior_references", 0)
         edges = any(WITH_EDGES in name for name in fitted.get("cross_validated_spearman", {}))
-        lines.append(f"{mode} mode: features '{fitted['feature_set']}' (chosen by cross-validation within the fit "
-                     "half; " + ("the image's edges were a candidate; " if edges else "")
-                     + (f"the shape prior from {references} reference masks was a candidate)" if references
-                        else "too few reference masks in the fit half for a shape prior)"))
+        lines.append(
+            f"{mode} mode: features '{fitted['feature_set']}' (chosen by cross-validation within the fit "
+            "half; "
+            + ("the image's edges were a candidate; " if edges else "")
+            + (
+                f"the shape prior from {references} reference masks was a candidate)"
+                if references
+                else "too few reference masks in the fit half for a shape prior)"
+            )
+        )
         if not block["modes"][mode].get("fragments_rule", True):
             rate = fitted["fragments_rule_false_flags"]
-            lines.append(f"{mode} mode: the fragments rule is off, for it alone flagged {rate:.1%} of the model's "
-                         "good results in the fit half; the clean-up's change still counts in the quality")
+            lines.append(
+                f"{mode} mode: the fragments rule is off, for it alone flagged {rate:.1%} of the model's "
+                "good results in the fit half; the clean-up's change still counts in the quality"
+            )
         for group, measured in groups.items():
             if group in ("own", "own+perturbed") or " (shipped models)" in group:
                 continue  # the same images as the data set's own group here
-            lines.append(f"{mode} mode, threshold {threshold:.3f}, held-out {group} ({measured['qc']['images']} "
-                         f"results): {qc_accuracy_text(measured['qc'])}")
+            lines.append(
+                f"{mode} mode, threshold {threshold:.3f}, held-out {group} ({measured['qc']['images']} "
+                f"results): {qc_accuracy_text(measured['qc'])}"
+            )
     return lines

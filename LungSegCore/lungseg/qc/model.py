@@ -9,6 +9,7 @@ written by `scripts/fit_quality.py` or `lungseg fit-qc` (fitted on one half of t
 `assess` is the one entry point: the batch, `lungseg evaluate` and the Slicer module all call it with the
 Prediction and the model (or its card), for every image.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,13 +50,14 @@ FEATURE_TEXT = {
 @dataclass(frozen=True)
 class QualityModel:
     """One fitted regression of the card's `qc` block (one per mode: default, and uncertainty)."""
+
     features: tuple[str, ...]
-    centre: tuple[float, ...]    # two-sided features: centre of good segmentations; others 0 (unused)
-    mean: tuple[float, ...]      # standardization of the transformed features
+    centre: tuple[float, ...]  # two-sided features: centre of good segmentations; others 0 (unused)
+    mean: tuple[float, ...]  # standardization of the transformed features
     scale: tuple[float, ...]
     weights: tuple[float, ...]
     bias: float
-    threshold: float             # quality below this: check
+    threshold: float  # quality below this: check
     # whether the fragments rule (rules.FRAGMENTS) still flags on its own: a fit turns it off when it flags too many
     # of the model's good results (selection.keeps_fragments_rule); cards fitted before it was a choice keep it
     fragments_rule: bool = True
@@ -64,16 +66,30 @@ class QualityModel:
 
     @classmethod
     def from_dict(cls, block: dict) -> QualityModel:
-        return cls(tuple(block["features"]), tuple(block["centre"]), tuple(block["mean"]), tuple(block["scale"]),
-                   tuple(block["weights"]), float(block["bias"]), float(block["threshold"]),
-                   bool(block.get("fragments_rule", True)), block.get("shape_prior"))
+        return cls(
+            tuple(block["features"]),
+            tuple(block["centre"]),
+            tuple(block["mean"]),
+            tuple(block["scale"]),
+            tuple(block["weights"]),
+            float(block["bias"]),
+            float(block["threshold"]),
+            bool(block.get("fragments_rule", True)),
+            block.get("shape_prior"),
+        )
 
     def to_dict(self) -> dict:
-        return {"features": list(self.features), "centre": [round(v, 6) for v in self.centre],
-                "mean": [round(v, 6) for v in self.mean], "scale": [round(v, 6) for v in self.scale],
-                "weights": [round(v, 6) for v in self.weights], "bias": round(self.bias, 6),
-                "threshold": round(self.threshold, 4), "fragments_rule": self.fragments_rule,
-                **({"shape_prior": self.shape_prior} if self.shape_prior is not None else {})}
+        return {
+            "features": list(self.features),
+            "centre": [round(v, 6) for v in self.centre],
+            "mean": [round(v, 6) for v in self.mean],
+            "scale": [round(v, 6) for v in self.scale],
+            "weights": [round(v, 6) for v in self.weights],
+            "bias": round(self.bias, 6),
+            "threshold": round(self.threshold, 4),
+            "fragments_rule": self.fragments_rule,
+            **({"shape_prior": self.shape_prior} if self.shape_prior is not None else {}),
+        }
 
     def standardized(self, values: dict[str, float]) -> np.ndarray:
         return standardize(transform(values, self.features, self.centre), self.mean, self.scale)
@@ -91,8 +107,9 @@ class QualityModel:
 
 def transform(values: dict[str, float], names, centre) -> np.ndarray:
     """The regression's inputs: two-sided features as their distance from the centre, the others as they are."""
-    return np.array([abs(values[n] - c) if n in TWO_SIDED else values[n] for n, c in zip(names, centre)],
-                    dtype=np.float64)
+    return np.array(
+        [abs(values[n] - c) if n in TWO_SIDED else values[n] for n, c in zip(names, centre)], dtype=np.float64
+    )
 
 
 def standardize(x: np.ndarray, mean, scale) -> np.ndarray:
@@ -102,10 +119,11 @@ def standardize(x: np.ndarray, mean, scale) -> np.ndarray:
 @dataclass
 class Assessment:
     """The QC of one segmentation: `qc` is "check" when any rule fired or `quality` is below the threshold."""
-    quality: float | None        # predicted Dice; None when the model card has no fitted `qc` block
+
+    quality: float | None  # predicted Dice; None when the model card has no fitted `qc` block
     threshold: float | None
     reasons: list[str] = field(default_factory=list)
-    mode: str = "default"        # the card's regression used: "default", or "uncertainty"
+    mode: str = "default"  # the card's regression used: "default", or "uncertainty"
 
     @property
     def qc(self) -> str:
@@ -116,7 +134,7 @@ def quality_model(card: dict, uncertainty: bool = False) -> tuple[QualityModel |
     """The card's fitted regression for this mode (falling back on the default mode), and the mode's name."""
     block = (card or {}).get("qc") or {}
     modes = block.get("modes") or {}
-    for mode in (("uncertainty", "default") if uncertainty else ("default",)):
+    for mode in ("uncertainty", "default") if uncertainty else ("default",):
         if mode in modes:
             return QualityModel.from_dict(modes[mode]), mode
     return None, "default"
@@ -149,13 +167,21 @@ def assess(prediction, model) -> Assessment:
     card = _card_of(model)
     fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
     predicted = fitted is not None and prediction.model_probabilities is not None
-    reasons = quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty,
-                            card.get("definition") or DEFAULT_DEFINITION,  # an unknown one falls back there
-                            fragments=not predicted or fitted.fragments_rule)  # off only where quality stands in
+    reasons = quality_flags(
+        prediction.label,
+        prediction.raw_label,
+        prediction.uncertainty,
+        card.get("definition") or DEFAULT_DEFINITION,  # an unknown one falls back there
+        fragments=not predicted or fitted.fragments_rule,
+    )  # off only where quality stands in
     if not predicted:
         return Assessment(None, None, reasons, mode)
-    values = quality_features(prediction, shape=any(name in SHAPE_FEATURES for name in fitted.features),
-                              prior=fitted.shape_prior, edges=EDGE_FEATURE in fitted.features)
+    values = quality_features(
+        prediction,
+        shape=any(name in SHAPE_FEATURES for name in fitted.features),
+        prior=fitted.shape_prior,
+        edges=EDGE_FEATURE in fitted.features,
+    )
     quality = fitted.predict(values)
     if quality < fitted.threshold:
         why = ", ".join(FEATURE_TEXT[name] for name in fitted.lowering(values)) or "several weak signals"

@@ -2,6 +2,7 @@
 (fit and measure) they fall in, and, per image or degraded copy (`perturb.py`), the model's maps, the features,
 the rule flags and the true Dice (`scored_row`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,13 +21,14 @@ from .rules import quality_flags
 
 # -- images, halves and what a model trained on ----------------------------------------------------------------
 
+
 def read_groups(root: Path) -> dict[str, str]:
     """File -> the unit the halves keep together: the patient where splits.csv names one, else the file."""
     return {name: row.get("patient") or name for name, row in read_split_table(root).items()}
 
 
 def half_of(dataset: str, group: str) -> str:
-    """"fit" or "measure", by a hash of the data set and the group: fixed, and the same for every model."""
+    """ "fit" or "measure", by a hash of the data set and the group: fixed, and the same for every model."""
     return "fit" if int(hashlib.sha1(f"{dataset}/{group}".encode()).hexdigest()[:8], 16) % 2 == 0 else "measure"
 
 
@@ -44,8 +46,12 @@ def cases_for(card: dict, dataset: str, root: Path, limit: int | None = None) ->
     """The labelled images of `dataset` (the folder `root / dataset`) that the model never trained on (whole
     splits, or a cross-validation fold's held-out part), at most `limit` (a fixed subset chosen by hash, so that
     both halves keep their share)."""
-    seen = {case.image.name for entry in training_entries(card) if entry["set"] == dataset
-            for case in entry_cases(root, entry)}
+    seen = {
+        case.image.name
+        for entry in training_entries(card)
+        if entry["set"] == dataset
+        for case in entry_cases(root, entry)
+    }
     cases = [c for c in list_cases(root / dataset) if c.image.name not in seen]
     if limit is not None and len(cases) > limit:
         cases = sorted(cases, key=lambda c: hashlib.sha1(c.image.name.encode()).hexdigest())[:limit]
@@ -67,14 +73,17 @@ def usable_cases(cases: list) -> tuple[list, list[str]]:
             problems.append(f"{case.image.name}: a reference mask cannot be read ({' '.join(str(exc).split())})")
             continue
         if pixels.shape != truth.shape:
-            problems.append(f"{case.mask}: the reference is {truth.shape[1]}x{truth.shape[0]} pixels but the image "
-                            f"{case.image.name} is {pixels.shape[1]}x{pixels.shape[0]}")
+            problems.append(
+                f"{case.mask}: the reference is {truth.shape[1]}x{truth.shape[0]} pixels but the image "
+                f"{case.image.name} is {pixels.shape[1]}x{pixels.shape[0]}"
+            )
             continue
         usable.append(case)
     return usable, problems
 
 
 # -- segmenting them: features, rules and the true Dice per image ----------------------------------------------
+
 
 def case_arrays(case, variant: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Pixels (stored view; the data sets hold no display flips), reference labels and the perturbation of one
@@ -101,7 +110,7 @@ def iter_outputs(segmenter, items: list, mode: str, batch_size: int = 8):
         return None if maps is None else np.clip(np.rint(maps[k] * UNCERTAINTY_SCALE), 0, 255).astype(np.uint8)
 
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         seen = []
         for case, variant in chunk:
             pixels, truth, kind = case_arrays(case, variant)
@@ -117,8 +126,9 @@ def model_outputs(segmenter, items: list, mode: str, batch_size: int = 8) -> dic
     return {item_key(*item): maps for item, maps, _ in iter_outputs(segmenter, items, mode, batch_size)}
 
 
-def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, str],
-               seen: tuple | None = None) -> dict:
+def scored_row(
+    case, variant: int, maps: tuple, dataset: str, groups: dict[str, str], seen: tuple | None = None
+) -> dict:
     """One item's row from the model's maps (`iter_outputs`): the features (EDGE_FEATURE too, from the network's
     input), the rule flags of each lung definition and the true Dice, with its perturbation, group (`read_groups`)
     and half. `seen` is what `iter_outputs` gave the model; without it (maps from a cache) the image is read and
@@ -132,19 +142,30 @@ def scored_row(case, variant: int, maps: tuple, dataset: str, groups: dict[str, 
         pixels, truth, kind = case_arrays(case, variant)
         seen = model_input(pixels, u8.shape[-1])[0], truth, kind
     model_image, truth, kind = seen
-    prediction = postprocess(u8 / 255, truth.shape, None if spread is None else spread / UNCERTAINTY_SCALE,
-                             member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE,
-                             model_image=model_image)
+    prediction = postprocess(
+        u8 / 255,
+        truth.shape,
+        None if spread is None else spread / UNCERTAINTY_SCALE,
+        member_spread=None if member_spread is None else member_spread / UNCERTAINTY_SCALE,
+        model_image=model_image,
+    )
     group = groups.get(case.image.name, case.image.name)
-    return {"image": case.image.name, "perturbation": kind, "split": case.split, "group": group,
-            "half": half_of(dataset, group), "dice": both_lung_dice(prediction.label, truth),
-            "features": quality_features(prediction, edges=True),
-            # for PRIOR_FEATURE: the shape model is fitted on the fit half's real references, once the halves are
-            # known (a degraded copy's reference is moved alike, no shape to learn)
-            "shapes": lung_shapes(prediction.model_label).astype(np.float16),
-            "reference_shapes": None if kind else lung_shapes(truth).astype(np.float16),
-            "rules": {d: quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, d)
-                      for d in DEFINITIONS}}
+    return {
+        "image": case.image.name,
+        "perturbation": kind,
+        "split": case.split,
+        "group": group,
+        "half": half_of(dataset, group),
+        "dice": both_lung_dice(prediction.label, truth),
+        "features": quality_features(prediction, edges=True),
+        # for PRIOR_FEATURE: the shape model is fitted on the fit half's real references, once the halves are
+        # known (a degraded copy's reference is moved alike, no shape to learn)
+        "shapes": lung_shapes(prediction.model_label).astype(np.float16),
+        "reference_shapes": None if kind else lung_shapes(truth).astype(np.float16),
+        "rules": {
+            d: quality_flags(prediction.label, prediction.raw_label, prediction.uncertainty, d) for d in DEFINITIONS
+        },
+    }
 
 
 def scored_rows(outputs: dict[str, tuple], items: list, dataset: str, groups: dict[str, str]) -> list[dict]:
@@ -158,4 +179,3 @@ def item_key(case, variant: int) -> str:
 
 def is_ensemble(card: dict) -> bool:
     return card["network"]["name"] == "ensemble"
-

@@ -2,6 +2,7 @@
 
 The plausible areas depend on the model's lung definition; they are part of it (`definitions.QcLimits`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,19 @@ from scipy import ndimage
 
 from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LEFT_LUNG, RIGHT_LUNG
 
-TINY_LUNG = 0.2             # a lung smaller than this fraction of the other
-LARGE_COMPONENT = 0.005     # of the image area, for counting fragments before clean-up
-HIGH_UNCERTAINTY = 0.12     # mean uncertainty inside the lungs
+TINY_LUNG = 0.2  # a lung smaller than this fraction of the other
+LARGE_COMPONENT = 0.005  # of the image area, for counting fragments before clean-up
+HIGH_UNCERTAINTY = 0.12  # mean uncertainty inside the lungs
 FRAGMENTS = "large lung components before clean-up"  # the fragments rule's reason, which a card may turn off
 
 
-def quality_flags(label: np.ndarray, raw_label: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
-                  definition: str = DEFAULT_DEFINITION, fragments: bool = True) -> list[str]:
+def quality_flags(
+    label: np.ndarray,
+    raw_label: np.ndarray | None = None,
+    uncertainty: np.ndarray | None = None,
+    definition: str = DEFAULT_DEFINITION,
+    fragments: bool = True,
+) -> list[str]:
     """Reasons to look at this segmentation; an empty list means nothing looks wrong.
 
     `fragments=False` leaves out the fragments rule (more than two large lung components before clean-up): a
@@ -40,8 +46,10 @@ def quality_flags(label: np.ndarray, raw_label: np.ndarray | None = None, uncert
         if not low <= ratio <= high:
             reasons.append(f"implausible right/left area ratio {ratio:.2f} (expected {low}-{high})")
         elif limits.mirrored_below and ratio < limits.mirrored_below:
-            reasons.append(f"possibly mirrored image: right/left area ratio {ratio:.2f} is typical of a flipped "
-                           "radiograph (heart on the image's left)")
+            reasons.append(
+                f"possibly mirrored image: right/left area ratio {ratio:.2f} is typical of a flipped "
+                "radiograph (heart on the image's left)"
+            )
     if raw_label is not None and fragments:
         components = 0
         for value in (RIGHT_LUNG, LEFT_LUNG):

@@ -2,6 +2,7 @@
 the fragments rule kept or turned off, the threshold within the false-flag budgets; and measuring the result on
 the measure half, by group.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,9 +37,13 @@ def feature_names(mode: str, ensemble: bool = False, feature_set: str = "output+
     edges = base.endswith(WITH_EDGES)
     base = base.removesuffix(WITH_EDGES)
     prior = base.endswith(WITH_PRIOR)
-    return FEATURE_SETS[base.removesuffix(WITH_PRIOR)] + ((PRIOR_FEATURE,) if prior else ()) + \
-        ((EDGE_FEATURE,) if edges else ()) + (UNCERTAINTY_FEATURES if spread else ()) + \
-        (MEMBER_FEATURES if ensemble else ())
+    return (
+        FEATURE_SETS[base.removesuffix(WITH_PRIOR)]
+        + ((PRIOR_FEATURE,) if prior else ())
+        + ((EDGE_FEATURE,) if edges else ())
+        + (UNCERTAINTY_FEATURES if spread else ())
+        + (MEMBER_FEATURES if ensemble else ())
+    )
 
 
 def candidate_sets(mode: str, with_prior: bool, with_edges: bool = False) -> list[str]:
@@ -103,8 +108,9 @@ def false_flag_rates(flagged: np.ndarray, subsets: dict[str, np.ndarray]) -> dic
     return {name: float((flagged & subset).sum() / max(subset.sum(), 1)) for name, subset in subsets.items()}
 
 
-def false_flag_budget(rows: list[dict], definition: str, max_false_flags: float,
-                      limit: float) -> tuple[dict[str, float], dict[str, float]]:
+def false_flag_budget(
+    rows: list[dict], definition: str, max_false_flags: float, limit: float
+) -> tuple[dict[str, float], dict[str, float]]:
     """(budgets, rules alone), per subset (`good_real_subsets`): the false-flag rate the threshold may reach is
     `max_false_flags`, unless the rules alone (a missing or tiny lung, fragments, an implausible area) already flag
     more of that subset's good images; then the threshold may not raise that rate (a model out of its domain:
@@ -118,14 +124,16 @@ def false_flag_budget(rows: list[dict], definition: str, max_false_flags: float,
 def fragments_false_flags(rows: list[dict], definition: str, limit: float) -> tuple[float, int]:
     """The share of the card's own model's good real results, on data sets it trained on, that the fragments rule
     (rules.FRAGMENTS) flags, and how many such results there are."""
-    good = [r for r in rows if r.get("role", "own") == "own" and r.get("in_domain", True)
-            and not r["perturbation"] and r["dice"] >= limit]
+    good = [
+        r
+        for r in rows
+        if r.get("role", "own") == "own" and r.get("in_domain", True) and not r["perturbation"] and r["dice"] >= limit
+    ]
     flagged = sum(any(FRAGMENTS in reason for reason in r["rules"][definition]) for r in good)
     return flagged / max(len(good), 1), len(good)
 
 
-def keeps_fragments_rule(rows: list[dict], definition: str, max_false_flags: float,
-                         limit: float) -> tuple[bool, float]:
+def keeps_fragments_rule(rows: list[dict], definition: str, max_false_flags: float, limit: float) -> tuple[bool, float]:
     """Whether the fragments rule stays a flag of its own for this model, and the share it flags
     (`fragments_false_flags`).
 
@@ -140,12 +148,15 @@ def keeps_fragments_rule(rows: list[dict], definition: str, max_false_flags: flo
 
 def without_fragments_rule(rows: list[dict], definition: str) -> list[dict]:
     """The rows as a card without the fragments rule judges them: that rule's reason struck from their flags."""
-    return [{**r, "rules": {**r["rules"], definition: [x for x in r["rules"][definition] if FRAGMENTS not in x]}}
-            for r in rows]
+    return [
+        {**r, "rules": {**r["rules"], definition: [x for x in r["rules"][definition] if FRAGMENTS not in x]}}
+        for r in rows
+    ]
 
 
-def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max_false_flags: float,
-                     limit: float) -> float:
+def choose_threshold(
+    rows: list[dict], quality: np.ndarray, definition: str, max_false_flags: float, limit: float
+) -> float:
     """The threshold with the highest recall of Dice < limit on these rows (real and perturbed) whose false-flag
     rate on the good real images, rules included, stays within its budget in every subset (`false_flag_budget`:
     all of them and the card's own model's, each pooled and per data set); the lowest such threshold."""
@@ -162,8 +173,17 @@ def choose_threshold(rows: list[dict], quality: np.ndarray, definition: str, max
     return best[1]
 
 
-def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_false_flags: float, limit: float,
-             perturbed_weight: float, ensemble: bool = False, feature_set: str = "output+shape"):
+def fit_mode(
+    fit_rows: list[dict],
+    mode: str,
+    definition: str,
+    l2: float,
+    max_false_flags: float,
+    limit: float,
+    perturbed_weight: float,
+    ensemble: bool = False,
+    feature_set: str = "output+shape",
+):
     names = feature_names(mode, ensemble, feature_set)
     real = [r for r in fit_rows if not r["perturbation"]] or fit_rows
     # the centre of good segmentations; a barely trained model may have none at 0.95, or even at the limit
@@ -182,9 +202,17 @@ def fit_mode(fit_rows: list[dict], mode: str, definition: str, l2: float, max_fa
 L2_GRID = (1.0, 3.0, 10.0, 30.0)
 
 
-def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: float, perturbed_weight: float,
-                      ensemble: bool, feature_sets=None, l2_grid=L2_GRID,
-                      folds: int = 5) -> tuple[str, float, dict[str, dict[float, float]]]:
+def choose_regression(
+    fit_rows: list[dict],
+    mode: str,
+    definition: str,
+    limit: float,
+    perturbed_weight: float,
+    ensemble: bool,
+    feature_sets=None,
+    l2_grid=L2_GRID,
+    folds: int = 5,
+) -> tuple[str, float, dict[str, dict[float, float]]]:
     """The feature set (features.FEATURE_SETS) and ridge penalty whose predicted quality ranks the real images of
     the fit half best within each data set (the mean over the data sets with at least MIN_SUBSET of them of the
     Spearman with their Dice: the targets hold per data set, and a pooled Spearman also rewards telling JSRT from
@@ -197,8 +225,11 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
     from scipy.stats import spearmanr
 
     if feature_sets is None:
-        feature_sets = candidate_sets(mode, all(PRIOR_FEATURE in r["features"] for r in fit_rows),
-                                      all(EDGE_FEATURE in r["features"] for r in fit_rows))
+        feature_sets = candidate_sets(
+            mode,
+            all(PRIOR_FEATURE in r["features"] for r in fit_rows),
+            all(EDGE_FEATURE in r["features"] for r in fit_rows),
+        )
     feature_sets = list(feature_sets)
     fold = [int(hashlib.sha1(f"l2/{r['group']}".encode()).hexdigest()[:8], 16) % folds for r in fit_rows]
     scores = {}
@@ -213,8 +244,11 @@ def choose_regression(fit_rows: list[dict], mode: str, definition: str, limit: f
                 dice += [r["dice"] for r in held]
                 dataset += [r.get("dataset", "") for r in held]
             quality, dice, dataset = np.array(quality), np.array(dice), np.array(dataset)
-            per_set = [spearmanr(quality[dataset == d], dice[dataset == d])[0] for d in sorted(set(dataset))
-                       if (dataset == d).sum() >= MIN_SUBSET]
+            per_set = [
+                spearmanr(quality[dataset == d], dice[dataset == d])[0]
+                for d in sorted(set(dataset))
+                if (dataset == d).sum() >= MIN_SUBSET
+            ]
             score = np.mean(per_set) if per_set else spearmanr(quality, dice)[0]
             scores.setdefault(feature_set, {})[l2] = round(float(score), 4)
     candidates = [(s, l2) for s in feature_sets for l2 in l2_grid]
@@ -226,9 +260,11 @@ def measure(model, rows: list[dict], definition: str, limit: float) -> dict:
     """QC accuracy on rows: with the rules (what users get), the quality alone, and the rules alone."""
     dice = np.array([r["dice"] for r in rows])
     quality = np.array([model.predict(r["features"]) for r in rows])
-    return {"qc": qc_accuracy(dice, flags(rows, quality, model.threshold, definition), quality, limit),
-            "quality_only": qc_accuracy(dice, quality < model.threshold, None, limit),
-            "rules_only": qc_accuracy(dice, flags(rows, quality, -1.0, definition), None, limit)}
+    return {
+        "qc": qc_accuracy(dice, flags(rows, quality, model.threshold, definition), quality, limit),
+        "quality_only": qc_accuracy(dice, quality < model.threshold, None, limit),
+        "rules_only": qc_accuracy(dice, flags(rows, quality, -1.0, definition), None, limit),
+    }
 
 
 def group_measures(model, pool: list[dict], definition: str, limit: float) -> dict:
@@ -238,8 +274,10 @@ def group_measures(model, pool: list[dict], definition: str, limit: float) -> di
     real images segmented by every shipped model of the definition, `own` and `own+perturbed` the card's own
     model over every data set."""
     held_out = [r for r in pool if r["half"] == "measure"]
-    groups = {"own": [r for r in held_out if r["role"] == "own" and not r["perturbation"]],
-              "own+perturbed": [r for r in held_out if r["role"] == "own"]}
+    groups = {
+        "own": [r for r in held_out if r["role"] == "own" and not r["perturbation"]],
+        "own+perturbed": [r for r in held_out if r["role"] == "own"],
+    }
     for r in held_out:
         if r["role"] == "own":
             groups.setdefault(r["dataset"] + (" (perturbed)" if r["perturbation"] else ""), []).append(r)

@@ -2,6 +2,7 @@
 QC flags found the bad segmentations of a labelled set. Used by the fit (`fit.py`, `selection.py`) and `lungseg
 evaluate`, never per image in the batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ from .features import EPS
 DICE_LIMIT = 0.90  # the issue's line between a usable and a bad segmentation; flags aim below it
 
 
-def fit_regression(x: np.ndarray, dice: np.ndarray, l2: float = 1.0, sample_weight: np.ndarray | None = None,
-                   iterations: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def fit_regression(
+    x: np.ndarray, dice: np.ndarray, l2: float = 1.0, sample_weight: np.ndarray | None = None, iterations: int = 100
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Fractional logistic regression of the Dice on the features (quasi-binomial GLM, Papke and Wooldridge
     1996): Newton steps (iteratively reweighted least squares) on the Bernoulli quasi-likelihood with an L2
     penalty on the standardized weights, halving a step whenever it would not lower the penalized loss (the loss
@@ -41,7 +43,7 @@ def fit_regression(x: np.ndarray, dice: np.ndarray, l2: float = 1.0, sample_weig
 
     def loss(beta: np.ndarray) -> float:
         eta = design @ beta  # -log-likelihood = sum(log(1 + e^eta) - y * eta), computed stably
-        return float(weight @ (np.logaddexp(0, eta) - y * eta) + 0.5 * penalty @ beta ** 2)
+        return float(weight @ (np.logaddexp(0, eta) - y * eta) + 0.5 * penalty @ beta**2)
 
     beta = np.zeros(design.shape[1])
     beta[-1] = math.log((y.mean() + EPS) / (1 - y.mean() + EPS))
@@ -93,13 +95,20 @@ def qc_accuracy(dice, flagged, quality=None, limit: float = DICE_LIMIT, severe: 
     dice = np.asarray(dice, dtype=np.float64)
     flagged = np.asarray(flagged, dtype=bool)
     bad = dice < limit
-    out = {"images": int(dice.size), "dice_limit": limit, "below": int(bad.sum()),
-           "flagged_below": int((flagged & bad).sum()),
-           "recall": round(float((flagged & bad).sum() / bad.sum()), 4) if bad.any() else None,
-           "at_or_above": int((~bad).sum()), "flagged_at_or_above": int((flagged & ~bad).sum()),
-           "false_flag_rate": round(float((flagged & ~bad).sum() / (~bad).sum()), 4) if (~bad).any() else None,
-           "flagged": int(flagged.sum()), "severe_limit": severe, "below_severe": int((dice < severe).sum()),
-           "flagged_below_severe": int((flagged & (dice < severe)).sum())}
+    out = {
+        "images": int(dice.size),
+        "dice_limit": limit,
+        "below": int(bad.sum()),
+        "flagged_below": int((flagged & bad).sum()),
+        "recall": round(float((flagged & bad).sum() / bad.sum()), 4) if bad.any() else None,
+        "at_or_above": int((~bad).sum()),
+        "flagged_at_or_above": int((flagged & ~bad).sum()),
+        "false_flag_rate": round(float((flagged & ~bad).sum() / (~bad).sum()), 4) if (~bad).any() else None,
+        "flagged": int(flagged.sum()),
+        "severe_limit": severe,
+        "below_severe": int((dice < severe).sum()),
+        "flagged_below_severe": int((flagged & (dice < severe)).sum()),
+    }
     if quality is not None:
         quality = np.asarray(quality, dtype=np.float64)
         rho = spearman(quality, dice)
@@ -112,10 +121,15 @@ def qc_accuracy_text(qc: dict) -> str:
     """`qc_accuracy`'s result in words: `7 of 8 below Dice 0.90 flagged (recall 0.88; 3 of 3 below 0.80), false
     flags 3.1% (12 of 390), Spearman(quality, Dice) 0.71` (a part without its numbers left out). The clear failures
     are counted apart: most of a weak model's results below 0.90 lie just under it."""
-    severe = f"; {qc['flagged_below_severe']} of {qc['below_severe']} below {qc['severe_limit']:.2f}" \
-        if qc.get("below_severe") else ""
-    parts = [f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged"
-             + (f" (recall {qc['recall']:.2f}{severe})" if qc["recall"] is not None else "")]
+    severe = (
+        f"; {qc['flagged_below_severe']} of {qc['below_severe']} below {qc['severe_limit']:.2f}"
+        if qc.get("below_severe")
+        else ""
+    )
+    parts = [
+        f"{qc['flagged_below']} of {qc['below']} below Dice {qc['dice_limit']:.2f} flagged"
+        + (f" (recall {qc['recall']:.2f}{severe})" if qc["recall"] is not None else "")
+    ]
     if qc["false_flag_rate"] is not None:
         parts.append(f"false flags {qc['false_flag_rate']:.1%} ({qc['flagged_at_or_above']} of {qc['at_or_above']})")
     if qc.get("spearman") is not None:

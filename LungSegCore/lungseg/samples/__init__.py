@@ -1,5 +1,6 @@
 """Demo radiographs: three pediatric PNGs shipped here (CC BY 4.0, see ATTRIBUTION.md) and, when the
 `pydicom-data` package is installed, its adult chest CR `RG1_UNCR.dcm` (MONOCHROME1)."""
+
 from __future__ import annotations
 
 from pathlib import Path

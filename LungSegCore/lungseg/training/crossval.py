@@ -13,6 +13,7 @@ validation sets) are saved as a model with a card and scored by `evaluate` on th
 the set's pixel size, and on any `also` sets; the scores are kept in RUN/fold-k/cv_fold.json and summarised by
 `cv_report` into RUN/cv_summary.json and RUN/cv_summary.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,17 +45,26 @@ def fold_config(recipe: dict, fold: int, folds: int, cv_set: str = "jsrt", split
     data = cfg["data"]
     if not any(entry["set"] == cv_set for entry in data["train"]):
         raise LungSegError(f"config '{recipe['name']}' does not train on '{cv_set}', the set to cross-validate")
-    data["train"] = [dict({k: v for k, v in entry.items() if k in KEPT_IN_TRAIN_ENTRY},
-                          **fold_entry(cv_set, folds, fold, "train", splits, seed))
-                     if entry["set"] == cv_set else entry for entry in data["train"]]
+    data["train"] = [
+        dict(
+            {k: v for k, v in entry.items() if k in KEPT_IN_TRAIN_ENTRY},
+            **fold_entry(cv_set, folds, fold, "train", splits, seed),
+        )
+        if entry["set"] == cv_set
+        else entry
+        for entry in data["train"]
+    ]
     # the held-out fold selects nothing: not best.pt, not early stopping (the trainer only logs `data.test`)
     data["val"] = [entry for entry in data.get("val") or [] if entry["set"] != cv_set]
     if not data["val"]:
-        raise LungSegError(f"config '{recipe['name']}' validates on no set but '{cv_set}', whose images are all in "
-                           "the folds; add another validation set (e.g. covid-qu-ex val) for the trainer's best.pt")
+        raise LungSegError(
+            f"config '{recipe['name']}' validates on no set but '{cv_set}', whose images are all in "
+            "the folds; add another validation set (e.g. covid-qu-ex val) for the trainer's best.pt"
+        )
     # the set's other test entries go too: its images are all in the folds now
-    data["test"] = [fold_entry(cv_set, folds, fold, "held_out", splits, seed)] + \
-        [entry for entry in data.get("test") or [] if entry["set"] != cv_set]
+    data["test"] = [fold_entry(cv_set, folds, fold, "held_out", splits, seed)] + [
+        entry for entry in data.get("test") or [] if entry["set"] != cv_set
+    ]
     cfg["training"].pop("early_stopping_patience", None)  # every fold trains the same fixed schedule
     cfg["training"].update(fold_start(recipe, fold))
     cfg["name"] = f"{recipe['name']}-fold{fold}"
@@ -69,9 +79,11 @@ def fold_start(recipe: dict, fold: int) -> dict:
     if not start:
         return {}
     if "{fold}" not in str(start):
-        raise LungSegError(f"config '{recipe['name']}' starts every fold from '{start}', weights that may have "
-                           "seen the held-out images; name each fold's own start with {fold}, e.g. "
-                           "runs/unet-jsrt-cv/fold-{fold}/last.pt")
+        raise LungSegError(
+            f"config '{recipe['name']}' starts every fold from '{start}', weights that may have "
+            "seen the held-out images; name each fold's own start with {fold}, e.g. "
+            "runs/unet-jsrt-cv/fold-{fold}/last.pt"
+        )
     return {"init_from": str(start).replace("{fold}", str(fold))}
 
 
@@ -101,8 +113,10 @@ def check_run_config(out: Path, cfg: dict) -> None:
     """A fold folder resumes only the config it was started with."""
     saved = out / "config.yaml"
     if saved.exists() and yaml.safe_load(saved.read_text()) != cfg:
-        raise LungSegError(f"{out} holds a run of a different config than {cfg['name']} derived from this recipe "
-                           "and these options; use a new output folder")
+        raise LungSegError(
+            f"{out} holds a run of a different config than {cfg['name']} derived from this recipe "
+            "and these options; use a new output folder"
+        )
 
 
 def train_fold(cfg: dict, out: Path, data_root: Path, device: str = "auto", max_steps: int | None = None) -> bool:
@@ -135,8 +149,16 @@ def parse_also(spec: str) -> tuple[str, str | None]:
     return name, split or None
 
 
-def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float | None, also=(),
-               weights: str = "last", device: str = "auto") -> dict:
+def score_fold(
+    cfg: dict,
+    out: Path,
+    root: Path,
+    cv_set: str,
+    spacing_mm: float | None,
+    also=(),
+    weights: str = "last",
+    device: str = "auto",
+) -> dict:
     """The fold's held-out scores (`<set>/held_out`) and those on each `also` set, kept in out/cv_fold.json;
     scores already there for the same checkpoint are reused."""
     from ..evaluation.evaluate import evaluate
@@ -160,19 +182,43 @@ def score_fold(cfg: dict, out: Path, root: Path, cv_set: str, spacing_mm: float 
             continue
         folder = root / name
         print(f"lungseg: {cfg['name']}: scoring {weights} weights on {key}", flush=True)
-        scores[key] = evaluate(folder / "images", folder / "masks", model=str(card), split=split, names=only,
-                               spacing_mm=spacing, device=device,
-                               out_dir=out / f"eval-{weights}-{key.replace('/', '-')}")
-    result = {"fold": held_out_entry(cfg)["fold"], "name": cfg["name"], "weights": weights, "source_sha256": source,
-              "card": str(card), "held_out": names, "scores": scores}
+        scores[key] = evaluate(
+            folder / "images",
+            folder / "masks",
+            model=str(card),
+            split=split,
+            names=only,
+            spacing_mm=spacing,
+            device=device,
+            out_dir=out / f"eval-{weights}-{key.replace('/', '-')}",
+        )
+    result = {
+        "fold": held_out_entry(cfg)["fold"],
+        "name": cfg["name"],
+        "weights": weights,
+        "source_sha256": source,
+        "card": str(card),
+        "held_out": names,
+        "scores": scores,
+    }
     write_atomic_text(json.dumps(result, indent=1) + "\n", path)
     return result
 
 
-def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root: str | Path | None = None,
-                   only_fold: int | None = None, also=(), weights: str = "last", cv_set: str = "jsrt",
-                   spacing_mm: float | None = None, seed: int | None = None, device: str = "auto",
-                   max_steps: int | None = None) -> dict:
+def cross_validate(
+    recipe: dict,
+    run_dir: str | Path,
+    folds: int = 5,
+    data_root: str | Path | None = None,
+    only_fold: int | None = None,
+    also=(),
+    weights: str = "last",
+    cv_set: str = "jsrt",
+    spacing_mm: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    max_steps: int | None = None,
+) -> dict:
     """Train and score every fold (or only `only_fold`), then summarise the folds scored so far; returns the
     summary written to run_dir/cv_summary.json. `weights`: "last" (each fold's final weights, the default) or
     "best" (best.pt, selected on the recipe's validation sets other than `cv_set`). `seed` (of the fold
@@ -199,8 +245,17 @@ def cross_validate(recipe: dict, run_dir: str | Path, folds: int = 5, data_root:
                 results[fold] = kept
     val = fold_config(recipe, 0, folds, cv_set, seed=seed)["data"]["val"]  # the same in every fold
     selected_on = [f"{entry['set']}-{selection_tag(entry)}" for entry in val]
-    settings = {"recipe": recipe["name"], "folds": folds, "cv_set": cv_set, "splits": list(CV_SPLITS),
-                "seed": seed, "weights": weights, "checkpoint": checkpoint_file(weights), "spacing_mm": spacing_mm,
-                "held_out_used_for_selection": False, "early_stopping": False,
-                "selected_on": selected_on if weights == "best" else None}
+    settings = {
+        "recipe": recipe["name"],
+        "folds": folds,
+        "cv_set": cv_set,
+        "splits": list(CV_SPLITS),
+        "seed": seed,
+        "weights": weights,
+        "checkpoint": checkpoint_file(weights),
+        "spacing_mm": spacing_mm,
+        "held_out_used_for_selection": False,
+        "early_stopping": False,
+        "selected_on": selected_on if weights == "best" else None,
+    }
     return write_report(run_dir, settings, [results[k] for k in sorted(results)])

@@ -4,6 +4,7 @@ For each scored set (the held-out folds, and any `also` set): per fold the mean 
 the mean HD95 and the number of images; across folds the mean and the sample standard deviation (n - 1) of those
 fold means; and pooled, the mean and standard deviation over every image of every fold.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ def fold_rows(results: list[dict], key: str) -> list[dict]:
     for result in results:
         summary = result["scores"].get(key)
         if summary:
-            rows.append({"fold": result["fold"], "images": summary["images"], "hd95_unit": summary["hd95_unit"],
-                         **{m: summary[m]["mean"] for m in REPORTED if m in summary}})
+            rows.append(
+                {
+                    "fold": result["fold"],
+                    "images": summary["images"],
+                    "hd95_unit": summary["hd95_unit"],
+                    **{m: summary[m]["mean"] for m in REPORTED if m in summary},
+                }
+            )
     return rows
 
 
@@ -35,8 +42,11 @@ def across_folds(rows: list[dict]) -> dict:
     for metric in REPORTED:
         values = np.array([r[metric] for r in rows if metric in r], dtype=np.float64)
         if values.size:
-            out[metric] = {"mean": float(values.mean()),
-                           "sd": float(values.std(ddof=1)) if values.size > 1 else None, "folds": int(values.size)}
+            out[metric] = {
+                "mean": float(values.mean()),
+                "sd": float(values.std(ddof=1)) if values.size > 1 else None,
+                "folds": int(values.size),
+            }
     return out
 
 
@@ -49,17 +59,21 @@ def pooled(results: list[dict], key: str) -> dict:
         if n:
             mean = sum(p["n"] * p["mean"] for p in parts) / n
             second = sum(p["n"] * (p["std"] ** 2 + p["mean"] ** 2) for p in parts) / n
-            out[metric] = {"mean": mean, "sd": math.sqrt(max(second - mean ** 2, 0.0)), "n": n}
+            out[metric] = {"mean": mean, "sd": math.sqrt(max(second - mean**2, 0.0)), "n": n}
     return out
 
 
 def note(settings: dict) -> str:
     """Which weights were scored and what chose them; the held-out fold chose nothing."""
-    unused = (f"the held-out {settings['cv_set']} fold was not used for training, checkpoint selection or early "
-              "stopping (logged only)")
+    unused = (
+        f"the held-out {settings['cv_set']} fold was not used for training, checkpoint selection or early "
+        "stopping (logged only)"
+    )
     if settings["weights"] == "best":
-        return (f"best.pt, the epoch with the best validation Dice on {', '.join(settings.get('selected_on') or [])} "
-                f"(the recipe's validation sets other than {settings['cv_set']}); {unused}")
+        return (
+            f"best.pt, the epoch with the best validation Dice on {', '.join(settings.get('selected_on') or [])} "
+            f"(the recipe's validation sets other than {settings['cv_set']}); {unused}"
+        )
     return f"last.pt, the final weights after the recipe's fixed schedule (no early stopping); {unused}"
 
 
@@ -69,14 +83,22 @@ def summarize_folds(settings: dict, results: list[dict]) -> dict:
     for key in keys:
         rows = fold_rows(results, key)
         units = {r["hd95_unit"] for r in rows}
-        evaluations[key] = {"hd95_unit": units.pop() if len(units) == 1 else "mixed", "per_fold": rows,
-                            "images": sum(r["images"] for r in rows), "across_folds": across_folds(rows),
-                            "pooled_per_image": pooled(results, key)}
+        evaluations[key] = {
+            "hd95_unit": units.pop() if len(units) == 1 else "mixed",
+            "per_fold": rows,
+            "images": sum(r["images"] for r in rows),
+            "across_folds": across_folds(rows),
+            "pooled_per_image": pooled(results, key),
+        }
     done = [r["fold"] for r in results]
-    return {**settings, "folds_done": done, "complete": len(done) == settings["folds"],
-            "note": note(settings),
-            "evaluations": evaluations,
-            "assignment": {name: r["fold"] for r in results for name in r["held_out"]}}
+    return {
+        **settings,
+        "folds_done": done,
+        "complete": len(done) == settings["folds"],
+        "note": note(settings),
+        "evaluations": evaluations,
+        "assignment": {name: r["fold"] for r in results for name in r["held_out"]},
+    }
 
 
 def _cell(metric: str, stats: dict | None) -> str:
@@ -89,24 +111,41 @@ def _cell(metric: str, stats: dict | None) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"# Cross-validation of {summary['recipe']}: {summary['folds']} folds over {summary['cv_set']} "
-             f"{'+'.join(summary['splits'])}",
-             "",
-             f"Folds scored: {len(summary['folds_done'])} of {summary['folds']}"
-             + ("" if summary["complete"] else " (incomplete)") + f". Scored, each fold's "
-             f"{summary['note']}. Across folds: mean ± sample sd of the fold means; pooled: mean ± sd over "
-             "images."]
+    lines = [
+        f"# Cross-validation of {summary['recipe']}: {summary['folds']} folds over {summary['cv_set']} "
+        f"{'+'.join(summary['splits'])}",
+        "",
+        f"Folds scored: {len(summary['folds_done'])} of {summary['folds']}"
+        + ("" if summary["complete"] else " (incomplete)")
+        + f". Scored, each fold's "
+        f"{summary['note']}. Across folds: mean ± sample sd of the fold means; pooled: mean ± sd over "
+        "images.",
+    ]
     for key, ev in summary["evaluations"].items():
         header = [COLUMNS[m] + (f" ({ev['hd95_unit']})" if m.endswith("hd95") else "") for m in REPORTED]
-        lines += ["", f"## {key}", "", "| fold | images | " + " | ".join(header) + " |",
-                  "|---" * (len(REPORTED) + 2) + "|"]
+        lines += [
+            "",
+            f"## {key}",
+            "",
+            "| fold | images | " + " | ".join(header) + " |",
+            "|---" * (len(REPORTED) + 2) + "|",
+        ]
         for row in ev["per_fold"]:
-            lines.append(f"| {row['fold']} | {row['images']} | "
-                         + " | ".join(_cell(m, {"mean": row[m]} if m in row else None) for m in REPORTED) + " |")
-        lines.append(f"| mean ± sd (folds) | {ev['images']} | "
-                     + " | ".join(_cell(m, ev["across_folds"].get(m)) for m in REPORTED) + " |")
-        lines.append(f"| pooled per image | {ev['images']} | "
-                     + " | ".join(_cell(m, ev["pooled_per_image"].get(m)) for m in REPORTED) + " |")
+            lines.append(
+                f"| {row['fold']} | {row['images']} | "
+                + " | ".join(_cell(m, {"mean": row[m]} if m in row else None) for m in REPORTED)
+                + " |"
+            )
+        lines.append(
+            f"| mean ± sd (folds) | {ev['images']} | "
+            + " | ".join(_cell(m, ev["across_folds"].get(m)) for m in REPORTED)
+            + " |"
+        )
+        lines.append(
+            f"| pooled per image | {ev['images']} | "
+            + " | ".join(_cell(m, ev["pooled_per_image"].get(m)) for m in REPORTED)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

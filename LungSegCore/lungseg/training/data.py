@@ -4,6 +4,7 @@ arrays.
 The sets follow the layout of `io.labelled`: that of the sets in `../shared/data`, and the one a user follows to
 retrain on their own cohort.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ def cache_dir() -> Path:
 
 def load_arrays(cases: list[Case], size: int, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Model-ready images (N,1,S,S float16 in [0,1]) and labels (N,1,S,S uint8), cached on disk by content."""
-    key = hashlib.sha1(f"v2|{size}|".encode() + "|".join(
-        f"{c.image}:{c.image.stat().st_mtime_ns}:{c.mask}:{c.mask_ignore}" for c in cases).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        f"v2|{size}|".encode()
+        + "|".join(f"{c.image}:{c.image.stat().st_mtime_ns}:{c.mask}:{c.mask_ignore}" for c in cases).encode()
+    ).hexdigest()[:16]
     path = cache_dir() / f"{desc or 'cases'}-{size}-{key}.pt"
     if path.exists():
         cached = torch.load(path, weights_only=True)
@@ -57,8 +60,10 @@ class ArrayDataset(torch.utils.data.Dataset):
             if seed is not None:
                 self.transform.set_random_state(seed=seed)
             item = self.transform(item)
-        return {"image": torch.as_tensor(item["image"]).float().clamp(0, 1),
-                "label": torch.as_tensor(item["label"]).round().long()}  # nearest resampling keeps IGNORE
+        return {
+            "image": torch.as_tensor(item["image"]).float().clamp(0, 1),
+            "label": torch.as_tensor(item["label"]).round().long(),
+        }  # nearest resampling keeps IGNORE
 
     def __getitem__(self, i: int) -> dict:
         return self.item(i)

@@ -8,6 +8,7 @@ ensemble) and the model card with the graphs' checksums and speed, then measures
 `lungseg evaluate` on every validation set of the run's config (in full) and records those summaries in the card.
 `lungseg export --from-model NAME` does the same for a model that already exists, from its safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,7 @@ def run_environment(run_dir: str | Path) -> list[dict] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def build_card(config: dict, history: list[dict], best_epoch: int,
-               environment: list[dict] | None = None) -> dict:
+def build_card(config: dict, history: list[dict], best_epoch: int, environment: list[dict] | None = None) -> dict:
     definition = config.get("definition", DEFAULT_DEFINITION)
     return {
         "name": config["name"],
@@ -87,22 +87,32 @@ def cross_validation_record(summary_path: str | Path, recipe: str, weights: str)
     folds and each fold's scores."""
     path = Path(summary_path)
     if not path.is_file():
-        raise LungSegError(f"{path}: no such cross-validation summary (scripts/cross_validate.py writes "
-                           "cv_summary.json)")
+        raise LungSegError(
+            f"{path}: no such cross-validation summary (scripts/cross_validate.py writes cv_summary.json)"
+        )
     summary = json.loads(path.read_text())
     if summary.get("recipe") != recipe:
-        raise LungSegError(f"{path}: cross-validates the recipe '{summary.get('recipe')}', not '{recipe}', the "
-                           "exported run's")
+        raise LungSegError(
+            f"{path}: cross-validates the recipe '{summary.get('recipe')}', not '{recipe}', the exported run's"
+        )
     if not summary.get("complete"):
-        raise LungSegError(f"{path}: only folds {summary.get('folds_done')} of {summary.get('folds')} are scored; "
-                           "finish the cross-validation first")
+        raise LungSegError(
+            f"{path}: only folds {summary.get('folds_done')} of {summary.get('folds')} are scored; "
+            "finish the cross-validation first"
+        )
     if summary.get("weights") != weights:
-        raise LungSegError(f"{path}: scored each fold's {summary.get('weights')}.pt; the card's weights are "
-                           f"{weights}.pt (cross_validate.py --weights {weights})")
+        raise LungSegError(
+            f"{path}: scored each fold's {summary.get('weights')}.pt; the card's weights are "
+            f"{weights}.pt (cross_validate.py --weights {weights})"
+        )
     kept = ("recipe", "folds", "cv_set", "seed", "weights", "held_out_used_for_selection", "early_stopping", "note")
-    return dict({k: summary[k] for k in kept}, evaluations={
-        key: {k: value[k] for k in ("images", "hd95_unit", "across_folds", "per_fold")}
-        for key, value in summary["evaluations"].items()})
+    return dict(
+        {k: summary[k] for k in kept},
+        evaluations={
+            key: {k: value[k] for k in ("images", "hd95_unit", "across_folds", "per_fold")}
+            for key, value in summary["evaluations"].items()
+        },
+    )
 
 
 def forward_speed(onnx: dict, folder: Path, repeats: int = 5) -> dict:
@@ -127,8 +137,13 @@ def forward_speed(onnx: dict, folder: Path, repeats: int = 5) -> dict:
             run(session, **inputs)
             times.append(time.perf_counter() - start)
         total += sorted(times[1:])[repeats // 2]
-    return {"forward_ms_per_image": round(1000 * total, 1), "threads": 1, "hardware": f"{platform.machine()} CPU",
-            "runtime": "onnxruntime", "note": "ONNX Runtime forward, batch 1, one CPU thread, median"}
+    return {
+        "forward_ms_per_image": round(1000 * total, 1),
+        "threads": 1,
+        "hardware": f"{platform.machine()} CPU",
+        "runtime": "onnxruntime",
+        "note": "ONNX Runtime forward, batch 1, one CPU thread, median",
+    }
 
 
 def ensemble_card(members: list[tuple[dict, list[dict], int, list[dict] | None]], name: str) -> dict:
@@ -140,18 +155,32 @@ def ensemble_card(members: list[tuple[dict, list[dict], int, list[dict] | None]]
     first = configs[0]
     for config, definition in zip(configs[1:], definitions[1:]):
         if definition != definitions[0]:
-            raise LungSegError(f"cannot ensemble '{first['name']}' ({definitions[0]}) with '{config['name']}' "
-                               f"({definition}): they segment different lung definitions")
+            raise LungSegError(
+                f"cannot ensemble '{first['name']}' ({definitions[0]}) with '{config['name']}' "
+                f"({definition}): they segment different lung definitions"
+            )
         if config["data"]["val"] != first["data"]["val"]:
-            raise LungSegError(f"cannot ensemble '{first['name']}' with '{config['name']}': they validate on "
-                               "different data, so the ensemble's card would have no common measurement")
+            raise LungSegError(
+                f"cannot ensemble '{first['name']}' with '{config['name']}': they validate on "
+                "different data, so the ensemble's card would have no common measurement"
+            )
     card = build_card(dict(first, name=name), *members[0][1:])
-    card["network"] = {"name": "ensemble", "params": {"members": [
-        {"name": c["network"]["name"], "params": c["network"].get("params", {}), "input_size": c["input_size"]}
-        for c in configs]}}
+    card["network"] = {
+        "name": "ensemble",
+        "params": {
+            "members": [
+                {"name": c["network"]["name"], "params": c["network"].get("params", {}), "input_size": c["input_size"]}
+                for c in configs
+            ]
+        },
+    }
     card["input_size"] = max(c["input_size"] for c in configs)
-    card["recipe"] = {"name": name, "definition": card["definition"], "ensemble": configs,
-                      "note": "softmax probabilities of the members averaged, each member at its own input size"}
+    card["recipe"] = {
+        "name": name,
+        "definition": card["definition"],
+        "ensemble": configs,
+        "note": "softmax probabilities of the members averaged, each member at its own input size",
+    }
     member_training = [training_record(history, best, environment) for _, history, best, environment in members]
     card["training"] = {"seconds": round(sum(t["seconds"] for t in member_training), 1), "members": member_training}
     return card
@@ -163,17 +192,28 @@ def check_destination(name: str, out_dir: Path, overwrite: bool = False) -> None
     holds (`--model NAME` could not tell the two apart)."""
     here = [path for path in (out_dir / f"{name}.json", out_dir / f"{name}.safetensors") if path.exists()]
     if here and not overwrite:
-        raise LungSegError(f"{here[0]}: a model named '{name}' is already there; --overwrite replaces it (its card "
-                           "and any fitted QC with it), or --name exports this one under another name")
+        raise LungSegError(
+            f"{here[0]}: a model named '{name}' is already there; --overwrite replaces it (its card "
+            "and any fitted QC with it), or --name exports this one under another name"
+        )
     elsewhere = [card.parent for card in cards_named(name) if card.parent.resolve() != out_dir.resolve()]
     if elsewhere:
-        raise LungSegError(f"a model named '{name}' is already in {elsewhere[0]}; export this one under another name "
-                           "(--name), so that --model can tell the two apart")
+        raise LungSegError(
+            f"a model named '{name}' is already in {elsewhere[0]}; export this one under another name "
+            "(--name), so that --model can tell the two apart"
+        )
 
 
-def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS, data_root: str | Path | None = None,
-               device: str = "auto", name: str | None = None, weights: str = "best",
-               cross_validation: str | Path | None = None, overwrite: bool = False) -> Path:
+def export_run(
+    run_dirs: str | Path | list,
+    out_dir: str | Path = PACKAGE_MODELS,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    name: str | None = None,
+    weights: str = "best",
+    cross_validation: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export one run's best (or last) checkpoint, or with several runs their ensemble; `name` overrides the
     recipe's; `cross_validation` is the recipe's `cv_summary.json`, recorded in the card. A model of that name
     already in `out_dir` is replaced only with `overwrite` (`check_destination`)."""
@@ -192,8 +232,13 @@ def export_run(run_dirs: str | Path | list, out_dir: str | Path = PACKAGE_MODELS
         model, _, config = loaded[0]
         card = build_card(dict(config, name=name or config["name"]), histories[0], epochs[0], run_environment(runs[0]))
     else:
-        card = ensemble_card([(config, history, epoch, run_environment(run_dir)) for (_, _, config), history, epoch,
-                              run_dir in zip(loaded, histories, epochs, runs)], name or loaded[0][2]["name"])
+        card = ensemble_card(
+            [
+                (config, history, epoch, run_environment(run_dir))
+                for (_, _, config), history, epoch, run_dir in zip(loaded, histories, epochs, runs)
+            ],
+            name or loaded[0][2]["name"],
+        )
         model = Ensemble(card["network"]["params"]["members"])
         for member, (trained, _, _) in zip(model.members, loaded):
             member.load_state_dict(trained.state_dict())
@@ -234,13 +279,19 @@ def measure(card_path: Path, config: dict, data_root: str | Path | None, device:
         # in full (`every` thins validation during training only); a fold or ratio split by its image names
         selected = "folds" in entry or "ratios" in entry or not isinstance(entry.get("split", ""), str)
         names = [case.image.name for case in entry_cases(root, entry)] if selected else None
-        summary = evaluate(folder / "images", folder / "masks", model=str(card_path),
-                           split=None if selected else entry.get("split"), names=names, device=device)
+        summary = evaluate(
+            folder / "images",
+            folder / "masks",
+            model=str(card_path),
+            split=None if selected else entry.get("split"),
+            names=names,
+            device=device,
+        )
         metrics[f"{entry['set']}/{selection_tag(entry)}"] = {
-            k: v for k, v in summary.items() if k not in ("images_dir", "masks_dir", "model")}
+            k: v for k, v in summary.items() if k not in ("images_dir", "masks_dir", "model")
+        }
     card = json.loads(card_path.read_text())
     card["metrics"] = metrics
-    card["metrics_note"] = ("measured by `lungseg evaluate` on the exported ONNX graphs; Dice per image, then "
-                            "averaged")
+    card["metrics_note"] = "measured by `lungseg evaluate` on the exported ONNX graphs; Dice per image, then averaged"
     write_atomic_text(json.dumps(card, indent=2) + "\n", card_path)
     return card_path

@@ -6,6 +6,7 @@ folds. The probabilistic U-Net's graph takes a second input `noise` (N, B, L) of
 the logits of each, (N, B, 3, S, S), for z = prior mean + prior sigma * noise: zeros give the prior mean (the
 default prediction), and N draws the latent samples of `--uncertainty`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,8 +71,16 @@ def write_graph(net: nn.Module, size: int, path: Path) -> None:
     if "noise" in inputs:
         axes = {"image": {0: "batch"}, "noise": {0: "draws", 1: "batch"}, "logits": {0: "draws", 1: "batch"}}
     with atomic_path(path) as tmp, torch.no_grad():
-        torch.onnx.export(graph, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["logits"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            graph,
+            tuple(inputs.values()),
+            str(tmp),
+            input_names=list(inputs),
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def graph_difference(net: nn.Module, size: int, path: Path) -> float:
@@ -93,7 +102,9 @@ def export_graphs(model: nn.Module, card: dict, out_dir: Path) -> dict:
     from ..errors import LungSegError
 
     if isinstance(model, Ensemble):
-        members = [(net, int(spec["input_size"])) for net, spec in zip(model.members, card["network"]["params"]["members"])]
+        members = [
+            (net, int(spec["input_size"])) for net, spec in zip(model.members, card["network"]["params"]["members"])
+        ]
     else:
         members = [(model, int(card["input_size"]))]
     graphs = []
@@ -102,8 +113,16 @@ def export_graphs(model: nn.Module, card: dict, out_dir: Path) -> dict:
         write_graph(net, size, Path(out_dir) / file)
         difference = graph_difference(net, size, Path(out_dir) / file)
         if difference > TOLERANCE:
-            raise LungSegError(f"{file}: the ONNX graph's logits differ from torch's by {difference:.2g} "
-                               f"(more than {TOLERANCE}); not exported")
-        graphs.append({"file": file, "input_size": size, "sha256": sha256_of(Path(out_dir) / file),
-                       "max_logit_difference": float(f"{difference:.2g}")})
+            raise LungSegError(
+                f"{file}: the ONNX graph's logits differ from torch's by {difference:.2g} "
+                f"(more than {TOLERANCE}); not exported"
+            )
+        graphs.append(
+            {
+                "file": file,
+                "input_size": size,
+                "sha256": sha256_of(Path(out_dir) / file),
+                "max_logit_difference": float(f"{difference:.2g}"),
+            }
+        )
     return {"opset": OPSET, "graphs": graphs}

@@ -1,4 +1,5 @@
 """Loss registry: a config name maps to a MONAI loss over (B, C, H, W) logits and (B, 1, H, W) labels."""
+
 from __future__ import annotations
 
 import torch

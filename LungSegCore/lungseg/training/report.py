@@ -1,4 +1,5 @@
 """End-of-training figures: learning curves and the worst and best validation cases."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
             else:
                 suffix = f"/{metric}" if metric != "dice" else "/dice_both"
                 prefix = "test:" if part == "test" else ""
-                keys = sorted({k for h in history for k in h if k.startswith(prefix) and k.endswith(suffix)
-                               and (part == "test" or ":" not in k) and not k.startswith("train/")})
+                keys = sorted(
+                    {
+                        k
+                        for h in history
+                        for k in h
+                        if k.startswith(prefix)
+                        and k.endswith(suffix)
+                        and (part == "test" or ":" not in k)
+                        and not k.startswith("train/")
+                    }
+                )
                 series = {k.removeprefix(prefix).split("/")[0]: [h.get(k) for h in history] for k in keys}
             for label, values in series.items():
                 points = [(e, v) for e, v in zip(epochs, values) if v is not None]
@@ -58,20 +68,22 @@ def plot_cases(model, sets: dict, per_image: dict, device, path: Path, count: in
 
     from ..batch.overlay import LABEL_COLOURS
 
-    cmap = ListedColormap([(0, 0, 0, 0)] + [tuple(c / 255 for c in LABEL_COLOURS[v]) + (0.5,)
-                                            for v in (RIGHT_LUNG, LEFT_LUNG)])
+    cmap = ListedColormap(
+        [(0, 0, 0, 0)] + [tuple(c / 255 for c in LABEL_COLOURS[v]) + (0.5,) for v in (RIGHT_LUNG, LEFT_LUNG)]
+    )
     ranked = sorted(((float(d), name, i) for name, dice in per_image.items() for i, d in enumerate(dice)))
     chosen = ranked[:count] + ranked[-count:]
     model.eval()
     fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.5 * len(chosen)))
     for row, (dice, name, i) in enumerate(chosen):
         images, labels = sets[name]
-        x = images[i:i + 1].float().to(device)
+        x = images[i : i + 1].float().to(device)
         pred = predict_logits(model, x).argmax(1)[0].cpu().numpy()
         image = x[0, 0].cpu().numpy()
         tag = "worst" if row < count else "best"
-        for col, (title, overlay) in enumerate((("image", None), ("truth", labels[i, 0].numpy()),
-                                                ("prediction", pred))):
+        for col, (title, overlay) in enumerate(
+            (("image", None), ("truth", labels[i, 0].numpy()), ("prediction", pred))
+        ):
             ax = axes[row, col]
             ax.imshow(image, cmap="gray")
             if overlay is not None:

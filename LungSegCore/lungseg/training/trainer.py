@@ -10,6 +10,7 @@ end of training draws `curves.png` and `cases.png` (worst and best validation ca
 Multi-GPU and multi-node: `torchrun --nproc_per_node=N -m lungseg train --config ...` (PyTorch DDP; NCCL on
 CUDA, gloo on CPU). Each rank takes every N-th sample of the epoch's draw; rank 0 validates and writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,12 @@ def _load_sets(cfg: dict, root: Path, key: str, size: int) -> dict[str, tuple[to
 
 def _rng_state() -> dict:
     """The global RNG states as tensors and plain values, which `torch.load(weights_only=True)` accepts."""
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": list(random.getstate()[1]),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -122,6 +127,7 @@ def initial_weights(source: str) -> dict:
         start = torch.load(source, weights_only=True, map_location="cpu")
         return start.get("model", start)
     from ..models.cards import load_network
+
     return load_network(source)[0].state_dict()
 
 
@@ -146,8 +152,9 @@ class Trainer:
     data, model, optimization), the steps of one epoch, the end of an epoch (validation, best checkpoint, early
     stopping), and the checkpoint to resume from."""
 
-    def __init__(self, config: dict, data_root: str | Path | None = None, out_dir: str | Path | None = None,
-                 device: str = "auto"):
+    def __init__(
+        self, config: dict, data_root: str | Path | None = None, out_dir: str | Path | None = None, device: str = "auto"
+    ):
         self.config, self.tcfg = config, config["training"]
         self.size = int(config["input_size"])
         self.root = Path(data_root or config["data"]["root"])
@@ -184,8 +191,11 @@ class Trainer:
             images.append(x)
             labels.append(y)
             weights.append(torch.full((len(cases),), float(entry.get("weight", 1.0)) / len(cases), dtype=torch.double))
-        self.dataset = ArrayDataset(torch.cat(images), torch.cat(labels),
-                                    training_augmentation(dict(self.config.get("augment", {}), size=self.size)))
+        self.dataset = ArrayDataset(
+            torch.cat(images),
+            torch.cat(labels),
+            training_augmentation(dict(self.config.get("augment", {}), size=self.size)),
+        )
         self.sample_weights = torch.cat(weights)
         self.val_sets = _load_sets(self.config, self.root, "val", self.size)
         self.test_sets = _load_sets(self.config, self.root, "test", self.size)
@@ -203,16 +213,21 @@ class Trainer:
         self.core = self.model
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     def _build_optimization(self) -> None:
         """Loss, AdamW, a cosine learning-rate schedule over the epochs, and mixed precision on CUDA."""
         loss_cfg = self.tcfg.get("loss", "dice_ce")
-        self.loss_fn = build_loss(loss_cfg) if isinstance(loss_cfg, str) else \
-            build_loss(loss_cfg["name"], **loss_cfg.get("params", {}))
+        self.loss_fn = (
+            build_loss(loss_cfg)
+            if isinstance(loss_cfg, str)
+            else build_loss(loss_cfg["name"], **loss_cfg.get("params", {}))
+        )
         self.epochs = int(self.tcfg["epochs"])
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.tcfg["lr"]),
-                                           weight_decay=float(self.tcfg.get("weight_decay", 0)))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=float(self.tcfg["lr"]), weight_decay=float(self.tcfg.get("weight_decay", 0))
+        )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.epochs)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -222,10 +237,18 @@ class Trainer:
         """`last.pt` (everything a resumed run needs, mid-epoch included) and `history.json`; rank 0 only."""
         if not self.main:
             return
-        state = {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
-                 "epoch": self.epoch, "step": self.step, "best": self.best, "stale": self.stale,
-                 "running": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.running.items()}}
+        state = {
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "stale": self.stale,
+            "running": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.running.items()},
+        }
         save_checkpoint(state, self.out / "last.pt")
         write_atomic_text(json.dumps(self.history, indent=1), self.out / "history.json")
 
@@ -261,14 +284,18 @@ class Trainer:
         seed fixed by (seed, epoch, position): the same whatever the resume point or the worker count."""
         seed = int(self.tcfg.get("seed", 0))
         generator = torch.Generator().manual_seed(seed * 1000 + self.epoch)
-        draw = list(torch.utils.data.WeightedRandomSampler(self.sample_weights, int(self.tcfg["samples_per_epoch"]),
-                                                           replacement=True, generator=generator))
+        draw = list(
+            torch.utils.data.WeightedRandomSampler(
+                self.sample_weights, int(self.tcfg["samples_per_epoch"]), replacement=True, generator=generator
+            )
+        )
         seeds = [(seed * 1_000_003 + self.epoch * 100_003 + k) % 2**31 for k in range(len(draw))]
         batch = int(self.tcfg["batch_size"])
-        keep = len(draw[self.rank::self.world]) // batch * batch
+        keep = len(draw[self.rank :: self.world]) // batch * batch
         start = self.step * batch
-        return EpochSamples(self.dataset, draw[self.rank::self.world][start:keep],
-                            seeds[self.rank::self.world][start:keep])
+        return EpochSamples(
+            self.dataset, draw[self.rank :: self.world][start:keep], seeds[self.rank :: self.world][start:keep]
+        )
 
     def run_epoch(self, max_steps: int | None) -> bool:
         """Train until the epoch ends (True) or `max_steps` total steps were taken in this call (False)."""
@@ -276,8 +303,13 @@ class Trainer:
         from tqdm import tqdm
 
         samples = self.epoch_samples()
-        loader = DataLoader(samples, batch_size=int(self.tcfg["batch_size"]), shuffle=False,
-                            num_workers=int(self.tcfg.get("num_workers", 0)), drop_last=True)
+        loader = DataLoader(
+            samples,
+            batch_size=int(self.tcfg["batch_size"]),
+            shuffle=False,
+            num_workers=int(self.tcfg.get("num_workers", 0)),
+            drop_last=True,
+        )
         every = int(self.tcfg.get("checkpoint_every_steps", 50))
         remaining = len(samples) // int(self.tcfg["batch_size"])
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False, disable=not self.main or None)
@@ -311,17 +343,25 @@ class Trainer:
         """The history record of the epoch that just ended: train means, `val_score` (the mean both-lung Dice
         over the val sets), then the val and (prefixed `test:`) test scores."""
         train = {k: float(np.mean(v)) for k, v in self.running.items()}
-        return {"epoch": self.epoch + 1, "train_loss": train["loss"], **{f"train/{k}": v for k, v in train.items()},
-                "val_score": float(np.mean([v for k, v in val.items() if k.endswith("dice_both")])),
-                "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
-                **val, **{f"test:{k}": v for k, v in test.items()}}
+        return {
+            "epoch": self.epoch + 1,
+            "train_loss": train["loss"],
+            **{f"train/{k}": v for k, v in train.items()},
+            "val_score": float(np.mean([v for k, v in val.items() if k.endswith("dice_both")])),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            **val,
+            **{f"test:{k}": v for k, v in test.items()},
+        }
 
     def keep_best(self, score: float, val: dict) -> None:
         """`best.pt` when the validation score improved; otherwise one more epoch without improvement."""
         if score > self.best:
             self.best, self.stale = score, 0
-            save_checkpoint({"model": self.core.state_dict(), "epoch": self.epoch, "scores": val,
-                             "config": self.config}, self.out / "best.pt")
+            save_checkpoint(
+                {"model": self.core.state_dict(), "epoch": self.epoch, "scores": val, "config": self.config},
+                self.out / "best.pt",
+            )
         else:
             self.stale += 1
 
@@ -401,8 +441,14 @@ class Trainer:
         plot_cases(self.core, self.val_sets, per_image, self.device, self.out / "cases.png")
 
 
-def train(config: dict, data_root: str | Path | None = None, out_dir: str | Path | None = None,
-          device: str = "auto", max_steps: int | None = None, resume: bool = True) -> Path:
+def train(
+    config: dict,
+    data_root: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    max_steps: int | None = None,
+    resume: bool = True,
+) -> Path:
     """Train the network described by `config`; returns the run folder holding `best.pt` and `last.pt`.
 
     `max_steps` stops after that many optimizer steps (saving `last.pt`), for smoke runs and kill tests.

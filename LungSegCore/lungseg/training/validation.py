@@ -1,5 +1,6 @@
 """Validation metrics during training (torch and MONAI): Dice, IoU and loss of label batches at the model's
 resolution. The per-image metrics of `lungseg evaluate` are `evaluation.metrics`, in NumPy."""
+
 from __future__ import annotations
 
 import torch
@@ -44,16 +45,21 @@ def evaluate_sets(model, loss_fn, sets: dict, device: torch.device, batch_size: 
     for name, (images, labels) in sets.items():
         losses, dice = [], {"both": [], "right": [], "left": []}
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].float().to(device)
-            y = labels[i:i + batch_size].long()
+            x = images[i : i + batch_size].float().to(device)
+            y = labels[i : i + batch_size].long()
             logits = predict_logits(model, x).float()
             losses.append(float(loss_fn(logits, y.to(device))) * len(x))
             pred = logits.argmax(1, keepdim=True).cpu()
             for region in dice:
                 dice[region].append(batch_dice(pred, scorable(pred, y), region))
         both = torch.cat(dice["both"])
-        scores.update({f"{name}/loss": sum(losses) / len(images), f"{name}/iou": float(iou_from_dice(both).mean()),
-                       **{f"{name}/dice_{r}": float(torch.cat(v).mean()) for r, v in dice.items()}})
+        scores.update(
+            {
+                f"{name}/loss": sum(losses) / len(images),
+                f"{name}/iou": float(iou_from_dice(both).mean()),
+                **{f"{name}/dice_{r}": float(torch.cat(v).mean()) for r, v in dice.items()},
+            }
+        )
         per_image[name] = both
     model.train()
     return scores, per_image

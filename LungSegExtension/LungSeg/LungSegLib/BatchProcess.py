@@ -5,6 +5,7 @@ a QTimer). Cancel returns at once: it interrupts the whole process group, which 
 kills what is left after a grace period. The core writes every output atomically (a hidden temporary file renamed
 into place), so no half-written output remains; a killed run's temporary file is deleted here.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,9 +41,17 @@ class BatchProcess:
             group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
         else:
             group = {"start_new_session": True}  # PythonSlicer is a launcher: cancel must reach its child too
-        self._process = subprocess.Popen(self.args, env=self.environment, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                         encoding="utf-8", errors="replace", **group)
+        self._process = subprocess.Popen(
+            self.args,
+            env=self.environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            **group,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -129,8 +138,11 @@ class BatchProcess:
         self.cancelled = True
         if os.name == "nt":
             # taskkill is a console program: without this flag it flashes a console window over Slicer
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
-                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            subprocess.run(
+                ["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
+                capture_output=True,
+                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            )
             return
         os.killpg(self._process.pid, signal.SIGINT)  # KeyboardInterrupt: the core stops between two steps
         threading.Thread(target=self._killAfterGrace, daemon=True).start()

@@ -7,6 +7,7 @@ constraints file, so pip resolves against them and never replaces them. No PyTor
 training (the core's `[train]` extra).
 The `lungseg` core package ships inside the extension (see README): it is found, never downloaded.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -99,9 +100,10 @@ class InstallLogic:
         if not missing:
             return True
         if self.doAskConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "LungSeg needs these Python packages, which will be installed into Slicer's Python now "
-                "(a download of about 15-30 MB; it needs the internet):\n\n" + "\n".join(missing),
-                "LungSeg: install Python packages"):
+            "LungSeg needs these Python packages, which will be installed into Slicer's Python now "
+            "(a download of about 15-30 MB; it needs the internet):\n\n" + "\n".join(missing),
+            "LungSeg: install Python packages",
+        ):
             return False
         self.installPackages(missing)
         importlib.invalidate_caches()
@@ -116,15 +118,19 @@ class InstallLogic:
         runtime = sys.modules.get("onnxruntime")
         installed = self._installedVersion("onnxruntime")
         if runtime is not None and installed and getattr(runtime, "__version__", installed) != installed:
-            raise RuntimeError(f"ONNX Runtime was updated from {runtime.__version__} to {installed} while Slicer "
-                               "was running: restart Slicer, then press Apply again.")
+            raise RuntimeError(
+                f"ONNX Runtime was updated from {runtime.__version__} to {installed} while Slicer "
+                "was running: restart Slicer, then press Apply again."
+            )
 
     @staticmethod
     def failureMessage(missing: list[str]) -> str:
-        return (f"LungSeg could not install {', '.join(missing)} into Slicer's Python {platform.python_version()} "
-                f"on {platform.system()} {platform.machine()}: pip found no version that fits this Python and "
-                "system together with the numpy, scipy, SimpleITK, pydicom and Pillow that Slicer ships (or the "
-                "download failed). pip's own message is in the Python console.")
+        return (
+            f"LungSeg could not install {', '.join(missing)} into Slicer's Python {platform.python_version()} "
+            f"on {platform.system()} {platform.machine()}: pip found no version that fits this Python and "
+            "system together with the numpy, scipy, SimpleITK, pydicom and Pillow that Slicer ships (or the "
+            "download failed). pip's own message is in the Python console."
+        )
 
     def installPackages(self, requirements: list[str]) -> None:
         """One pip resolution of `requirements` with Slicer's packages pinned: `slicer.packaging.pip_ensure`
@@ -133,8 +139,10 @@ class InstallLogic:
         versions = {name: self._installedVersion(name) for name in SLICER_PACKAGES}
         arguments = pipArguments(requirements, versions, tempfile.mkdtemp(prefix="LungSeg-"))
         constraints = arguments[1]
-        logging.info(f"LungSeg: installing {', '.join(requirements)} "
-                     f"(keeping {', '.join(constraintPins(versions)) or 'nothing pinned'})")
+        logging.info(
+            f"LungSeg: installing {', '.join(requirements)} "
+            f"(keeping {', '.join(constraintPins(versions)) or 'nothing pinned'})"
+        )
         try:
             from slicer.packaging import pip_ensure
         except ImportError:
@@ -142,8 +150,13 @@ class InstallLogic:
         try:
             if pip_ensure is not None:
                 # LungSeg asked already, and checkRestartNeeded says what a restart is for
-                pip_ensure(requirements, constraints=constraints, prompt_install=False, prompt_restart=False,
-                           requester="LungSeg")
+                pip_ensure(
+                    requirements,
+                    constraints=constraints,
+                    prompt_install=False,
+                    prompt_restart=False,
+                    requester="LungSeg",
+                )
             else:
                 slicer.util.pip_install(arguments)
         except subprocess.CalledProcessError as error:

@@ -1,4 +1,5 @@
 """The module's parameter node: the panel's choices, saved with the scene."""
+
 from typing import Annotated, Optional, Union
 
 import slicer

@@ -7,6 +7,7 @@ radiograph takes well under a second, and Slicer's main thread holds Python's GI
 starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
 command in a PythonSlicer child process.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ _segmenters: dict = {}  # (model, device) -> lungseg Segmenter, shared by every 
 @dataclass
 class RadiographInput:
     """The input volume as the core's radiograph, and whether it must be inverted before segmenting."""
-    radiograph: object                  # lungseg.io.radiograph.Radiograph
-    invert: bool | None                 # None: decide from the intensities (no file to compare with)
+
+    radiograph: object  # lungseg.io.radiograph.Radiograph
+    invert: bool | None  # None: decide from the intensities (no file to compare with)
     inversionSource: str = ""
 
     @property
@@ -60,11 +62,11 @@ class RadiographInput:
 
 @dataclass
 class SegmentationResult:
-    label: np.ndarray                   # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
+    label: np.ndarray  # (rows, columns) uint8: 0 background, 1 right lung, 2 left lung
     uncertainty: np.ndarray | None
     qcReasons: list
     card: dict
-    quality: float | None               # predicted Dice (`lungseg.qc.model.assess`), None for a card without `qc`
+    quality: float | None  # predicted Dice (`lungseg.qc.model.assess`), None for a card without `qc`
     inverted: bool
     inversionSource: str
     seconds: float
@@ -73,6 +75,7 @@ class SegmentationResult:
 @dataclass
 class SegmentationSummary:
     """What the status line shows; returned by `process`."""
+
     model: str
     definition: str
     definitionText: str
@@ -90,8 +93,9 @@ class SegmentationSummary:
         if self.rightAreaMm2 is not None:
             areas = f"Right lung {self.rightAreaMm2:,.0f} mm², left lung {self.leftAreaMm2:,.0f} mm²"
         else:
-            areas = (f"Right lung {self.rightAreaPx:,} px, left lung {self.leftAreaPx:,} px "
-                     "(no pixel spacing, so no mm²)")
+            areas = (
+                f"Right lung {self.rightAreaPx:,} px, left lung {self.leftAreaPx:,} px (no pixel spacing, so no mm²)"
+            )
         text = f"{areas} — model {self.model}, {self.definition} definition."
         if self.inverted:
             text += f" Inverted before segmenting ({self.inversionSource})."
@@ -152,8 +156,9 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
 
     # --- one radiograph -------------------------------------------------------------------------------------
 
-    def process(self, inputVolume, outputSegmentation, model: str = "unet", device: str = "auto",
-                uncertaintyVolume=None) -> SegmentationSummary:
+    def process(
+        self, inputVolume, outputSegmentation, model: str = "unet", device: str = "auto", uncertaintyVolume=None
+    ) -> SegmentationSummary:
         """Fill `outputSegmentation` with the right and left lung of `inputVolume` (and `uncertaintyVolume` with the
         per-pixel uncertainty, when given); returns the summary for the status line."""
         radiograph = self.readInput(inputVolume)
@@ -180,14 +185,16 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         else:
             column, row = inputVolume.GetSpacing()[:2]
             spacing, photometric, flips = stated_spacing(row, column, path or inputVolume.GetName()), "", (False, False)
-        radiograph = radiograph_from_array(array, inputVolume.GetName(), components, spacing=spacing,
-                                           photometric=photometric, display_flips=flips)
+        radiograph = radiograph_from_array(
+            array, inputVolume.GetName(), components, spacing=spacing, photometric=photometric, display_flips=flips
+        )
         invert = inverted_against_file(radiograph.pixels, path) if dicom else None
         source = f"loaded without inverting DICOM {photometric}" if invert else ""
         return RadiographInput(radiograph, invert, source)
 
-    def compute(self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto",
-                uncertainty: bool = False) -> SegmentationResult:
+    def compute(
+        self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto", uncertainty: bool = False
+    ) -> SegmentationResult:
         """The model run on the core's radiograph; touches no MRML node."""
         from lungseg.qc.model import assess
 
@@ -202,11 +209,25 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             pixels = pixels.max() - pixels
         prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.display_flips)
         assessment = assess(prediction, segmenter)  # the batch's QC: the same rules and predicted quality
-        return SegmentationResult(prediction.label, prediction.uncertainty, assessment.reasons, segmenter.card,
-                                  assessment.quality, invert, source if invert else "", time.time() - start)
+        return SegmentationResult(
+            prediction.label,
+            prediction.uncertainty,
+            assessment.reasons,
+            segmenter.card,
+            assessment.quality,
+            invert,
+            source if invert else "",
+            time.time() - start,
+        )
 
-    def writeOutputs(self, inputVolume, radiographInput: RadiographInput, result: SegmentationResult,
-                     outputSegmentation, uncertaintyVolume=None) -> SegmentationSummary:
+    def writeOutputs(
+        self,
+        inputVolume,
+        radiographInput: RadiographInput,
+        result: SegmentationResult,
+        outputSegmentation,
+        uncertaintyVolume=None,
+    ) -> SegmentationSummary:
         from lungseg.batch.overlay import LABEL_COLOURS
         from lungseg.inference.labels import lung_areas
 
@@ -230,28 +251,38 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             inputVolume.GetIJKToRASMatrix(matrix)
             uncertaintyVolume.SetIJKToRASMatrix(matrix)
             uncertaintyVolume.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
-            slicer.util.updateVolumeFromArray(uncertaintyVolume,
-                                              result.uncertainty.astype(np.float32).reshape(radiographInput.arrayShape))
+            slicer.util.updateVolumeFromArray(
+                uncertaintyVolume, result.uncertainty.astype(np.float32).reshape(radiographInput.arrayShape)
+            )
             if uncertaintyVolume.GetDisplayNode() is None:
                 uncertaintyVolume.CreateDefaultDisplayNodes()
         areas = lung_areas(result.label, radiographInput.radiograph.pixel_area_mm2)
         card = result.card
         self.lastSummary = SegmentationSummary(
-            model=card["name"], definition=card.get("definition", ""), definitionText=card.get("definition_text", ""),
-            rightAreaPx=areas["right_area_px"], leftAreaPx=areas["left_area_px"],
+            model=card["name"],
+            definition=card.get("definition", ""),
+            definitionText=card.get("definition_text", ""),
+            rightAreaPx=areas["right_area_px"],
+            leftAreaPx=areas["left_area_px"],
             rightAreaMm2=areas["right_area_mm2"] if areas["right_area_mm2"] != "" else None,
             leftAreaMm2=areas["left_area_mm2"] if areas["left_area_mm2"] != "" else None,
-            qcReasons=list(result.qcReasons), quality=result.quality, inverted=result.inverted,
-            inversionSource=result.inversionSource, seconds=result.seconds)
+            qcReasons=list(result.qcReasons),
+            quality=result.quality,
+            inverted=result.inverted,
+            inversionSource=result.inversionSource,
+            seconds=result.seconds,
+        )
         return self.lastSummary
 
     @staticmethod
     def _setTerminology(segment, laterality: tuple) -> None:
         entry = slicer.vtkSlicerTerminologyEntry()
         entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
-        for coded, (scheme, value, meaning) in ((entry.GetCategoryObject(), LUNG_CATEGORY),
-                                                (entry.GetTypeObject(), LUNG_TYPE),
-                                                (entry.GetTypeModifierObject(), laterality)):
+        for coded, (scheme, value, meaning) in (
+            (entry.GetCategoryObject(), LUNG_CATEGORY),
+            (entry.GetTypeObject(), LUNG_TYPE),
+            (entry.GetTypeModifierObject(), laterality),
+        ):
             coded.SetCodingSchemeDesignator(scheme)
             coded.SetCodeValue(value)
             coded.SetCodeMeaning(meaning)
@@ -287,7 +318,8 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
         for value, segmentId in SEGMENT_IDS.items():
             name = LUNG_SEGMENT_NAMES[value]
             found = segmentation.GetSegmentIdBySegmentName(name) or (
-                segmentId if segmentation.GetSegment(segmentId) else "")
+                segmentId if segmentation.GetSegment(segmentId) else ""
+            )
             if not found:
                 raise ValueError(f"'{segmentationNode.GetName()}' has no '{name}' segment; segment the lungs first.")
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, found, referenceVolume)
@@ -315,8 +347,16 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("PythonSlicer executable not found; the batch needs Slicer's own Python launcher")
         return executable
 
-    def processFolder(self, inputDir, outputDir, model: str = "unet", device: str = "auto", overlays: bool = True,
-                      labelmapFormat: str = "nrrd", python: str | None = None) -> BatchProcess:
+    def processFolder(
+        self,
+        inputDir,
+        outputDir,
+        model: str = "unet",
+        device: str = "auto",
+        overlays: bool = True,
+        labelmapFormat: str = "nrrd",
+        python: str | None = None,
+    ) -> BatchProcess:
         """Start `lungseg segment` on every image of `inputDir` in a child process and return it: poll its
         progress, `cancel()` it, or `wait()` for the exit status (0 all segmented, 1 some failed, 2 usage error,
         3 crash, 130 interrupted; `ranToEnd()` tells a crash from a finished run).
@@ -326,14 +366,29 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{inputDir}: not a folder")
         if outputDir.resolve() == inputDir.resolve():
             raise ValueError("Choose an output folder other than the input folder.")
-        args = [python or self.pythonExecutable(), "-m", "lungseg", "segment", str(inputDir), "-o", str(outputDir),
-                "--model", model, "--device", device, "--format", labelmapFormat, "--progress-lines"]
+        args = [
+            python or self.pythonExecutable(),
+            "-m",
+            "lungseg",
+            "segment",
+            str(inputDir),
+            "-o",
+            str(outputDir),
+            "--model",
+            model,
+            "--device",
+            device,
+            "--format",
+            labelmapFormat,
+            "--progress-lines",
+        ]
         if overlays:
             args.append("--overlays")
         environment = slicer.util.startupEnvironment()  # as launchConsoleProcess does for PythonSlicer
         # the child finds the core that ships with the extension
         environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(corePythonPath()), environment.get("PYTHONPATH", "")) if p)
+            p for p in (str(corePythonPath()), environment.get("PYTHONPATH", "")) if p
+        )
         # a pipe otherwise gets the ANSI code page on Windows; BatchProcess reads UTF-8
         environment["PYTHONIOENCODING"] = "utf-8"
         process = BatchProcess(args, environment, outputDir)

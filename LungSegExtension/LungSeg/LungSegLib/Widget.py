@@ -5,6 +5,7 @@ model is loaded, and in Slicer the main thread holds Python's GIL while it waits
 releases it), so a Python worker thread would crawl. A folder runs the core's batch command in a child process,
 whose progress a QTimer reads.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,11 @@ class Widget(VTKObservationMixin):
         """Bind the panel to a parameter node, once per node: Slicer 5.6 and 5.8 cannot undo a connection fully
         (`connectGui` returns no tag there, and `disconnectGui` leaves the node's observer), so rebinding on every
         `enter()` would pile connections up. `connectParametersToGui` returns its tag in every version."""
-        if parameterNode is not None and self._parameterNode is not None \
-                and parameterNode.parameterNode is self._parameterNode.parameterNode:
+        if (
+            parameterNode is not None
+            and self._parameterNode is not None
+            and parameterNode.parameterNode is self._parameterNode.parameterNode
+        ):
             return
         if self._parameterNode is not None:
             from .Parameter import retire
@@ -111,8 +115,11 @@ class Widget(VTKObservationMixin):
         self._parameterNode, self._parameterNodeGuiTag = parameterNode, None
         if parameterNode is not None:
             if parameterNode.inputVolume is None:  # save the user a click
-                volumes = [v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                           if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+                volumes = [
+                    v
+                    for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                    if not v.IsA("vtkMRMLLabelMapVolumeNode")
+                ]
                 parameterNode.inputVolume = volumes[0] if volumes else None
             if parameterNode.model not in self._cards and self._cards:
                 parameterNode.model = sorted(self._cards)[0]
@@ -140,8 +147,9 @@ class Widget(VTKObservationMixin):
         busy = self._busy or self._batch is not None
         canApply = self._parameterNode is not None and self._parameterNode.inputVolume is not None
         self.ui.applyButton.setEnabled(canApply and not busy)
-        self.ui.applyButton.setToolTip(_("Segment the lungs of the input volume") if canApply
-                                       else _("Select an input volume"))
+        self.ui.applyButton.setToolTip(
+            _("Segment the lungs of the input volume") if canApply else _("Select an input volume")
+        )
         self.ui.batchRunButton.setEnabled(not busy)
         self.ui.batchCancelButton.setEnabled(self._batch is not None)
 
@@ -184,20 +192,24 @@ class Widget(VTKObservationMixin):
         radiograph = self.logic.readInput(inputVolume)
         if parameterNode.outputSegmentation is None:
             parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} lungs"))
+                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} lungs")
+            )
         if parameterNode.uncertainty and parameterNode.uncertaintyVolume is None:
             parameterNode.uncertaintyVolume = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} uncertainty"))
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} uncertainty")
+            )
         uncertaintyVolume = parameterNode.uncertaintyVolume if parameterNode.uncertainty else None
         if isModelLoaded(model, device):
             message = _("Segmenting {name} with {model}...").format(name=inputVolume.GetName(), model=model)
         else:
             message = _("Loading the model {model} (first use), then segmenting {name}...").format(
-                name=inputVolume.GetName(), model=model)
+                name=inputVolume.GetName(), model=model
+            )
         self._setBusy(True, message)
         result = self.logic.compute(radiograph, model, device, uncertaintyVolume is not None)
-        summary = self.logic.writeOutputs(inputVolume, radiograph, result, parameterNode.outputSegmentation,
-                                          uncertaintyVolume)
+        summary = self.logic.writeOutputs(
+            inputVolume, radiograph, result, parameterNode.outputSegmentation, uncertaintyVolume
+        )
         self.ui.statusLabel.setText(summary.statusText())
 
     # --- labelmap export ------------------------------------------------------------------------------------
@@ -213,15 +225,20 @@ class Widget(VTKObservationMixin):
                 return
             written = self.logic.exportLabelmap(segmentation, reference, path)
             self._exportFolder = str(written.parent)
-            self.ui.statusLabel.setText(_("Labelmap (0 background, 1 right, 2 left) written to {path}").format(
-                path=written))
+            self.ui.statusLabel.setText(
+                _("Labelmap (0 background, 1 right, 2 left) written to {path}").format(path=written)
+            )
 
     def _askLabelmapPath(self, reference) -> str:
         """A save dialog that opens in the last export folder (else the radiograph's folder, else Slicer's default
         scene folder) and gives a name typed without a suffix the one of the chosen filter."""
         source = sourceFile(reference)
-        folder = self._exportFolder or (os.path.dirname(source) if source and reference.GetStorageNode() else "") \
-            or getattr(slicer.app, "defaultScenePath", "") or qt.QDir.homePath()
+        folder = (
+            self._exportFolder
+            or (os.path.dirname(source) if source and reference.GetStorageNode() else "")
+            or getattr(slicer.app, "defaultScenePath", "")
+            or qt.QDir.homePath()
+        )
         dialog = qt.QFileDialog(self.uiWidget, _("Export labelmap"))
         dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
         dialog.setNameFilters(list(EXPORT_FILTERS))
@@ -252,9 +269,13 @@ class Widget(VTKObservationMixin):
                 if not self._ensureDependencies():
                     return
                 parameterNode = self._parameterNode
-                self._batch = self.logic.processFolder(inputDir, outputDir, model=parameterNode.model,
-                                                       device=parameterNode.device,
-                                                       overlays=self.ui.batchOverlaysCheckBox.isChecked())
+                self._batch = self.logic.processFolder(
+                    inputDir,
+                    outputDir,
+                    model=parameterNode.model,
+                    device=parameterNode.device,
+                    overlays=self.ui.batchOverlaysCheckBox.isChecked(),
+                )
                 self.ui.batchProgressBar.setRange(0, 0)
                 self.ui.batchStatusLabel.setText(_("Starting..."))
                 self._timer.start()
@@ -278,22 +299,26 @@ class Widget(VTKObservationMixin):
             self.ui.batchProgressBar.setValue(done)
         if batch.running:
             if not batch.cancelled:
-                self.ui.batchStatusLabel.setText(_("{done} of {total} done, {failed} failed").format(
-                    done=done, total=total or "?", failed=failed))
+                self.ui.batchStatusLabel.setText(
+                    _("{done} of {total} done, {failed} failed").format(done=done, total=total or "?", failed=failed)
+                )
             return
         self._batch = None
         self._timer.stop()
         if batch.cancelled:
             text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
-                done=done, total=total or "?")
+                done=done, total=total or "?"
+            )
         elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which
             text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
-                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir)
+                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir
+            )
             if batch.skipped:
                 text += " " + _("({skipped} non-image DICOM objects skipped)").format(skipped=batch.skipped)
             flagged, segmented = batch.flaggedInFolder() or (batch.toCheck, done - failed - batch.skipped)
-            text += " " + _("{flagged} of the folder's {segmented} results flagged by QC to check: open review.html "
-                            "there.").format(flagged=flagged, segmented=segmented)
+            text += " " + _(
+                "{flagged} of the folder's {segmented} results flagged by QC to check: open review.html there."
+            ).format(flagged=flagged, segmented=segmented)
         else:
             # a crash, a usage error or a kill: no counts, which would point to a results.csv not written
             text = _("Failed: {reason}").format(reason=batch.failureReason())
