@@ -14,6 +14,7 @@ does not count as a bite.
     .venv/bin/python scripts/check_tests_bite.py            # every breakage
     .venv/bin/python scripts/check_tests_bite.py T3 T5      # some of them
     .venv/bin/python scripts/check_tests_bite.py --list
+    .venv/bin/python scripts/check_tests_bite.py --snippets  # only: each snippet occurs once, the result compiles
 
 Exit status 0 when every breakage makes each of its tests fail; 1 when a breakage survives (a test still passes
 or skips), a snippet no longer matches the code (relocate it), or a baseline test does not pass.
@@ -254,7 +255,7 @@ BREAKAGES: list[Breakage] = [
     Breakage(
         "N3",
         "the demo CR is registered in Sample Data without loadFileType (Slicer 5.8+ loads no volume)",
-        [Edit("LungSegExtension/LungSeg/LungSeg.py", '        loadFileType="VolumeFile")', "        )")],
+        [Edit("LungSegExtension/LungSeg/LungSeg.py", '        loadFileType="VolumeFile",\n', "")],
         [
             "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.8]",
             "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.12]",
@@ -278,8 +279,8 @@ BREAKAGES: list[Breakage] = [
         [
             Edit(
                 "LungSegExtension/LungSeg/LungSegLib/BatchProcess.py",
-                ', capture_output=True,\n                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))',
-                ", capture_output=True)",
+                '                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),\n',
+                "",
             )
         ],
         ["Testing/test_slicer_logic.py::test_cancel_on_windows_runs_taskkill_without_a_console_window"],
@@ -376,20 +377,40 @@ def make_copy(source: Path, root: Path) -> Path:
     return copy
 
 
-def apply(copy: Path, edits: list[Edit]) -> None:
+def broken_files(root: Path, edits: list[Edit]) -> dict[Path, str]:
+    """The text of each file the edits touch, with the breakage applied (files under `root` are not written)."""
+    texts: dict[Path, str] = {}
     for edit in edits:
-        path = copy / edit.path
-        text = path.read_text(encoding="utf-8")
+        path = root / edit.path
+        text = texts[path] if path in texts else path.read_text(encoding="utf-8")
         count = text.count(edit.old)
         if count != 1:
             raise LookupError(
                 f"{edit.path}: the snippet {edit.old.strip()!r} occurs {count} times (expected once); "
                 "the code moved: relocate this breakage"
             )
-        broken = text.replace(edit.old, edit.new)
+        texts[path] = text.replace(edit.old, edit.new)
+    for path, broken in texts.items():
         if path.suffix == ".py":
             compile(broken, str(path), "exec")  # a breakage that does not even compile would prove nothing
+    return texts
+
+
+def apply(copy: Path, edits: list[Edit]) -> None:
+    for path, broken in broken_files(copy, edits).items():
         path.write_text(broken, encoding="utf-8")
+
+
+def check_snippets(chosen: list[Breakage]) -> int:
+    """--snippets: every breakage's snippets occur exactly once in this checkout and the broken code compiles."""
+    problems = []
+    for b in chosen:
+        try:
+            broken_files(REPO, b.edits)
+        except (LookupError, SyntaxError) as exc:
+            problems.append(f"{b.id}: {exc}")
+    print("\n".join(problems) if problems else f"every snippet of {len(chosen)} breakages occurs once and compiles")
+    return 1 if problems else 0
 
 
 def run_tests(copy: Path, tests: list[str], report: Path) -> tuple[dict[str, str], dict[str, str], str]:
@@ -463,8 +484,11 @@ def main() -> int:
     parser.add_argument("ids", nargs="*", help="breakages to check (default: all)")
     parser.add_argument("--list", action="store_true", help="list the breakages and their tests")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unbroken copy")
+    parser.add_argument("--snippets", action="store_true", help="only check that the snippets match (no tests run)")
     args = parser.parse_args()
     chosen = [b for b in BREAKAGES if not args.ids or b.id in args.ids]
+    if args.snippets:
+        return check_snippets(chosen)
     if args.list or not chosen:
         for b in BREAKAGES:
             print(f"{b.id}: {b.what}\n    " + "\n    ".join(b.tests))

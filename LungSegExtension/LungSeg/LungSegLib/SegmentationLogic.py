@@ -2,8 +2,8 @@
 
 `process` segments a radiograph volume into a "Right lung" and a "Left lung" segment: `readInput` turns the volume
 into the core's radiograph (`lungseg.io.radiograph.radiograph_from_array`, the same checks and gray conversion as
-the batch command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread: a
-radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
+the batch command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread:
+a radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
 starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
 command in a PythonSlicer child process.
 """
