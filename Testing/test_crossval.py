@@ -21,7 +21,8 @@ from lungseg.errors import LungSegError
 from lungseg.training.export import export_run
 from lungseg.io.labelled import list_cases, read_split_table
 from lungseg.io.selection import assign_folds, entry_cases, fold_assignment
-from lungseg.training.trainer import load_config, train
+from lungseg.training.config import load_config
+from lungseg.training.trainer import train
 
 torch.set_num_threads(1)
 JSRT_POOL = ["train", "val"]
@@ -103,7 +104,7 @@ def test_the_held_out_fold_chooses_nothing(jsrt):
     """nnU-Net style: a fold's held-out images are in neither its training nor its validation selection (which
     picks best.pt and would drive early stopping), and every fold runs the recipe's fixed schedule."""
     from lungseg.training.crossval import held_out_names
-    from lungseg.training.trainer import training_ended
+    from lungseg.training.config import training_ended
 
     root = jsrt.parent
     for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
@@ -144,7 +145,7 @@ def test_a_staged_recipe_starts_each_fold_from_that_folds_first_stage():
 
 
 def test_a_missing_first_stage_is_named(tmp_path):
-    from lungseg.training.trainer import initial_weights
+    from lungseg.training.config import initial_weights
 
     with pytest.raises(LungSegError, match=r"fold-3/last.pt does not exist \(train the run it names first\)"):
         initial_weights(str(tmp_path / "fold-3" / "last.pt"))

@@ -7,7 +7,7 @@ import torch
 from lungseg.errors import LungSegError
 from lungseg.training.losses import build_loss
 from lungseg.nets.networks import NETWORKS, build_network, predict_logits
-from lungseg.training.trainer import training_loss
+from lungseg.training.losses import training_loss
 
 SMALL = {"unet": {"channels": [8, 16, 32]},
          "unetpp": {"features": [8, 8, 16, 32, 64, 8]},

@@ -11,7 +11,8 @@ import torch
 from lungseg.errors import LungSegError
 from lungseg.training.export import build_card, export_run, run_environment
 from lungseg.models.cards import load_network
-from lungseg.training.trainer import load_config, train
+from lungseg.training.config import load_config
+from lungseg.training.trainer import train
 
 
 def make_dataset(root, n=8, size=64, seed=0):
@@ -236,12 +237,12 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     assert (state["epoch"], state["step"]) == (1, 0)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.training.trainer", fromlist=["x"]).PACKAGE_CONFIGS
+@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.training.config", fromlist=["x"]).PACKAGE_CONFIGS
                                         .glob("*.yaml")))
 def test_packaged_configs_build_and_find_their_data(name):
     from conftest import SHARED_DATA, require_or_skip
 
-    from lungseg.training.trainer import data_sources
+    from lungseg.training.config import data_sources
     from lungseg.training.augment import training_augmentation
 
     cfg = load_config(name)

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# size: a maintainer script; each measurement beside the others it is compared with
 """Speed and memory of LungSeg, measured (never asserted in tests).
 
     .venv/bin/python scripts/benchmark.py                          # this checkout: 1024² PNGs, end to end
@@ -211,6 +212,7 @@ def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace)
     return float(re.search(r"\(([\d.]+) images/s\)", run.stdout).group(1))
 
 
+# size: the alternating measurements of each checkout, one after the other as they run
 def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args: argparse.Namespace) -> dict:
     """The same command-line measurements of each checkout, alternating: cold start of one image (median of
     `--repeats`) beside the import reference, end-to-end images/s (median of `--repeats` runs), and with
@@ -292,8 +294,8 @@ def training_rates(device: str, batch_size: int = 8, steps: int = 6) -> dict:
     import torch
 
     from lungseg.nets.networks import NETWORKS, build_network
-    from lungseg.training.losses import build_loss
-    from lungseg.training.trainer import load_config, training_loss
+    from lungseg.training.config import load_config
+    from lungseg.training.losses import build_loss, training_loss
 
     rates = {}
     for name in sorted(NETWORKS):  # each network with its shipped config's parameters

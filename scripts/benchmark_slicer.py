@@ -37,6 +37,7 @@ def record_busy_changes(panel) -> list[tuple[float, bool]]:
     return marks
 
 
+# size: one scripted Slicer session, step by step, timed in the order a user meets them
 def measure(threads: int = 2) -> dict:
     """Run in a fresh process: the first Apply must import onnxruntime and open the model's session itself, as
     after installation."""

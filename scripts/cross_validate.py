@@ -19,8 +19,8 @@ from pathlib import Path
 
 from lungseg.errors import LungSegError
 from lungseg.io.files import CHECKPOINTS
+from lungseg.training.config import load_config
 from lungseg.training.crossval import cross_validate
-from lungseg.training.trainer import load_config
 
 
 def parser() -> argparse.ArgumentParser:

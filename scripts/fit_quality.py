@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# size: a maintainer script: the fitting is lungseg/qc/fit.py; here the sources, pools and report tables
 """Fit the predicted quality (`lungseg/qc/model.py`) of shipped models and write each card's `qc` block.
 
 The fitting itself is `lungseg/qc/fit.py` (and the modules it calls), which `lungseg fit-qc` also uses for a
@@ -247,6 +248,7 @@ def pool_for(
     return pool
 
 
+# size: the argparse table of the script's options
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="shipped model(s) to fit (default: every shipped model)")

@@ -1,3 +1,4 @@
+# size: the argparse table (parser) is half of the file; the rest are the subcommands' thin entry points
 """The `lungseg` command: segment, evaluate, fit-qc, train, export and models."""
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def _fit_qc(args) -> int:
 
 
 def _train(args) -> int:
-    from .training.trainer import load_config, train
+    from .training.config import load_config
+    from .training.trainer import train
 
     config = load_config(args.config)
     if args.seed is not None:  # another member of an ensemble: same recipe, its own run folder
@@ -217,6 +219,7 @@ def _at_least(minimum: int):
     return count
 
 
+# size: the argparse table of every subcommand and option, read top to bottom as the command's reference
 def parser() -> argparse.ArgumentParser:
     # --debug is accepted before and after the command; SUPPRESS keeps a subcommand from resetting it
     common = argparse.ArgumentParser(add_help=False)

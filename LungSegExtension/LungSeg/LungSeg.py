@@ -132,7 +132,7 @@ class LungSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa:
 
 
 class LungSegLogic(SegmentationLogic):
-    """process / exportLabelmap / processFolder: see LungSegLib/SegmentationLogic.py."""
+    """process / exportLabelmap / processFolder: see LungSegLib/SegmentationLogic.py and FileLogic.py."""
 
     def getParameterNode(self):
         from LungSegLib.Parameter import parameterNodeFor

@@ -146,6 +146,7 @@ def _case(row: dict, out_dir: Path) -> str:
     )
 
 
+# size: the review page's HTML, CSS and script as one template, in page order
 def review_html(rows: list[dict], out_dir: Path, threshold: float | None = None) -> str:
     out_dir = Path(out_dir)
     ordered = review_order(rows)

@@ -191,6 +191,7 @@ class Tally:
         )
 
 
+# size: one run's state (pool, pending batches, tallies) that submit, settle and tally share
 class BatchRun:
     """One `lungseg segment` run over `todo`, the inputs of this shard that no earlier run completed.
 

@@ -99,6 +99,7 @@ def empty_qc_block(dice_limit: float, script: str) -> dict:
     }
 
 
+# size: the fit of one mode as one procedure, step by step (features, subset search, rules, accuracy)
 def fit_qc_mode(
     pool: list[dict],
     mode: str,
@@ -193,6 +194,7 @@ def fit_qc_mode(
 DEFAULT_PERTURBATIONS = 4  # degraded copies of each image: the failures a good model's own images lack
 
 
+# size: a keyword-only signature of the fit's options and their checks before the long segmentation
 def fit_card_qc(
     model: str,
     data: str | Path,

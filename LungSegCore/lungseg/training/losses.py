@@ -53,3 +53,16 @@ def dice_ce_ignore(lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> torch.nn
     from ..definitions import IGNORE
 
     return _DiceCEIgnoring(IGNORE, lambda_dice, lambda_ce)
+
+
+def training_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): the segmentation loss, averaged over deep-supervision outputs, plus the network's own term
+    (the probabilistic U-Net's beta * KL) for networks that see the labels in training."""
+    core = model.module if hasattr(model, "module") else model
+    if getattr(core, "uses_labels_in_training", False):
+        logits = model(x, y)
+        return loss_fn(logits, y) + core.auxiliary_loss(), logits
+    logits = model(x)
+    if isinstance(logits, (list, tuple)):
+        return sum(loss_fn(o, y) for o in logits) / len(logits), logits[-1]
+    return loss_fn(logits, y), logits

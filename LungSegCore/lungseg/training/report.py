@@ -1,7 +1,9 @@
-"""End-of-training figures: learning curves and the worst and best validation cases."""
+"""End-of-training figures: learning curves and the worst and best validation cases; and each epoch's
+TensorBoard scalars."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ import torch
 
 from ..definitions import LEFT_LUNG, RIGHT_LUNG
 from ..nets.networks import predict_logits
+
+log = logging.getLogger("lungseg.train")
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -93,3 +97,21 @@ def plot_cases(model, sets: dict, per_image: dict, device, path: Path, count: in
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def add_scalars(board, record: dict) -> None:
+    """One epoch's history record as TensorBoard scalars (`test:` becomes a `test/` folder)."""
+    for key, value in record.items():
+        if key != "epoch":
+            board.add_scalar(key.replace(":", "/"), value, record["epoch"])
+    board.flush()
+
+
+def summary_writer(folder: Path):
+    """TensorBoard scalars when tensorboard is installed (the `train` extra); training runs without it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed; no TensorBoard scalars for this run")
+        return None
+    return SummaryWriter(str(folder))

@@ -26,39 +26,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..errors import LungSegError
 from ..io.files import save_checkpoint, write_atomic_text
-from ..io.selection import entry_cases, selection_tag
 from ..nets.networks import build_network, environment_entry, select_device
 from .augment import training_augmentation
+from .config import data_sources, entry_tag, initial_weights, training_ended
 from .data import ArrayDataset, EpochSamples, load_arrays
-from .losses import build_loss
+from .losses import build_loss, training_loss
+from .report import add_scalars, summary_writer
 from .validation import evaluate_sets, overlap
 
 log = logging.getLogger("lungseg.train")
-
-PACKAGE_CONFIGS = Path(__file__).parents[1] / "configs"
-
-
-def load_config(path: str | Path) -> dict:
-    """Read a YAML config; a bare name such as `unet` means the packaged `configs/unet.yaml`."""
-    path = Path(path)
-    if not path.exists() and (PACKAGE_CONFIGS / f"{path.name}.yaml").exists():
-        path = PACKAGE_CONFIGS / f"{path.name}.yaml"
-    if not path.exists():
-        raise LungSegError(f"{path}: config file not found")
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def data_sources(cfg: dict, root: Path, key: str) -> list[tuple[dict, list]]:
-    """The cases of each entry of `data.<key>` (a split, a `ratios` split or a fold; see `data.entry_cases`),
-    every `every`-th of them."""
-    return [(entry, entry_cases(root, entry)[:: entry.get("every", 1)]) for entry in cfg["data"].get(key) or []]
-
-
-def entry_tag(entry: dict) -> str:
-    return f"{entry['set']}-{selection_tag(entry)}"
 
 
 def _load_sets(cfg: dict, root: Path, key: str, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -87,57 +64,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def _add_scalars(board, record: dict) -> None:
-    """One epoch's history record as TensorBoard scalars (`test:` becomes a `test/` folder)."""
-    for key, value in record.items():
-        if key != "epoch":
-            board.add_scalar(key.replace(":", "/"), value, record["epoch"])
-    board.flush()
-
-
-def _summary_writer(folder: Path):
-    """TensorBoard scalars when tensorboard is installed (the `train` extra); training runs without it."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed; no TensorBoard scalars for this run")
-        return None
-    return SummaryWriter(str(folder))
-
-
-def training_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits): the segmentation loss, averaged over deep-supervision outputs, plus the network's own term
-    (the probabilistic U-Net's beta * KL) for networks that see the labels in training."""
-    core = model.module if hasattr(model, "module") else model
-    if getattr(core, "uses_labels_in_training", False):
-        logits = model(x, y)
-        return loss_fn(logits, y) + core.auxiliary_loss(), logits
-    logits = model(x)
-    if isinstance(logits, (list, tuple)):
-        return sum(loss_fn(o, y) for o in logits) / len(logits), logits[-1]
-    return loss_fn(logits, y), logits
-
-
-def initial_weights(source: str) -> dict:
-    """State dict to start from: a run's checkpoint (`.pt`, read with weights_only) or a model that `--model`
-    accepts (a shipped name, a card or a safetensors file, checksum-verified)."""
-    if str(source).endswith(".pt"):
-        if not Path(source).is_file():
-            raise LungSegError(f"init_from: {source} does not exist (train the run it names first)")
-        start = torch.load(source, weights_only=True, map_location="cpu")
-        return start.get("model", start)
-    from ..models.cards import load_network
-
-    return load_network(source)[0].state_dict()
-
-
-def training_ended(epoch: int, stale: int, tcfg: dict) -> bool:
-    """Whether a run that completed `epoch` epochs, the last `stale` of them without improvement, is over: all its
-    epochs, or early stopping."""
-    epochs = int(tcfg["epochs"])
-    return epoch >= epochs or stale >= int(tcfg.get("early_stopping_patience", epochs))
-
-
 def run_finished(out_dir: str | Path, config: dict) -> bool:
     """Whether the run folder's `last.pt` is a finished run of `config` (resuming it would train no further)."""
     last = Path(out_dir) / "last.pt"
@@ -147,6 +73,8 @@ def run_finished(out_dir: str | Path, config: dict) -> bool:
     return training_ended(state["epoch"], state["stale"], config["training"])
 
 
+# size: one class for a training run, as nnU-Net's trainer: the model, optimizer, scheduler, scaler, RNG and
+# early-stopping state that every step, checkpoint and resume shares
 class Trainer:
     """One training run, in parts with one job each, as MONAI's engine and handlers split it: set-up (processes,
     data, model, optimization), the steps of one epoch, the end of an epoch (validation, best checkpoint, early
@@ -409,7 +337,7 @@ class Trainer:
             self.resume()
         if self.main and not training_ended(self.epoch, self.stale, self.tcfg):
             self.record_environment()
-        board = _summary_writer(self.out / "tensorboard") if self.main else None
+        board = summary_writer(self.out / "tensorboard") if self.main else None
         try:
             while not training_ended(self.epoch, self.stale, self.tcfg):
                 t0 = time.time()
@@ -417,7 +345,7 @@ class Trainer:
                     break
                 self.end_epoch(time.time() - t0)
                 if board is not None and self.history:
-                    _add_scalars(board, self.history[-1])
+                    add_scalars(board, self.history[-1])
                 if max_steps is not None:
                     break
             if self.main and self.history and training_ended(self.epoch, self.stale, self.tcfg):

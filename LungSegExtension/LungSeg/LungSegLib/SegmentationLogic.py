@@ -5,13 +5,12 @@ into the core's radiograph (`lungseg.io.radiograph.radiograph_from_array`, the s
 the batch command), `compute` runs the model and `writeOutputs` fills the MRML nodes. All three run on the main thread:
 a radiograph takes well under a second, and Slicer's main thread holds Python's GIL while idle (PythonQt), which
 starves any Python worker thread. `exportLabelmap` writes 0/1/2 labelmaps and `processFolder` runs the core's batch
-command in a PythonSlicer child process.
+command in a PythonSlicer child process (both in FileLogic.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from .BatchProcess import BatchProcess
+from .FileLogic import SEGMENT_IDS, FileLogic
 from .InstallLogic import corePythonPath
 
 # The segments carry the codes of Slicer's "3D Slicer General Anatomy list" (Modules/Loadable/Terminologies/Resources/
@@ -30,18 +29,13 @@ from .InstallLogic import corePythonPath
 corePythonPath()
 # pure Python: importable before torch
 from lungseg.definitions import (  # noqa: E402
-    LEFT_LUNG,
     LUNG_CATEGORY,
     LUNG_LATERALITY,
     LUNG_SEGMENT_NAMES,
     LUNG_TYPE,
-    RIGHT_LUNG,
 )
 
-SEGMENT_IDS = {RIGHT_LUNG: "RightLung", LEFT_LUNG: "LeftLung"}  # the module's segment IDs, by label value
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".png")
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 _segmenters: dict = {}  # (model, device) -> lungseg Segmenter, shared by every logic instance
 
@@ -139,17 +133,9 @@ def sourceFile(volumeNode) -> str:
     return path if os.path.isfile(path) else ""
 
 
-def _ijkToLps(volumeNode):
-    """(spacing, origin, direction) of the volume's grid in ITK's LPS convention."""
-    matrix = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(matrix)
-    ijkToRas = slicer.util.arrayFromVTKMatrix(matrix)
-    axes = RAS_TO_LPS @ ijkToRas[:3, :3]
-    spacing = np.linalg.norm(axes, axis=0)
-    return spacing, RAS_TO_LPS @ ijkToRas[:3, 3], axes / spacing
+class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
+    """One radiograph segmented into the scene; `FileLogic` adds the labelmap export and the folder batch."""
 
-
-class SegmentationLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastSummary: SegmentationSummary | None = None
@@ -291,106 +277,3 @@ class SegmentationLogic(ScriptedLoadableModuleLogic):
             segment.SetTerminology(text)
         else:
             segment.SetTag(segment.GetTerminologyEntryTagName(), text)
-
-    # --- labelmap export ------------------------------------------------------------------------------------
-
-    def exportLabelmap(self, segmentationNode, referenceVolume, path) -> Path:
-        """Write the lungs as a labelmap (0 background, 1 right, 2 left) on the reference volume's grid.
-
-        .nrrd and .nii.gz keep the full geometry (a single-slice volume that overlays the input exactly);
-        .png keeps the pixel spacing, which is all a PNG can hold. Where the lungs overlap after editing, left wins.
-        """
-        import SimpleITK as sitk
-
-        corePythonPath()
-        from lungseg.io.files import suffix_of
-        from lungseg.io.radiograph import write_labelmap
-
-        path = Path(path)
-        suffix = suffix_of(path)
-        if suffix not in LABELMAP_SUFFIXES:
-            raise ValueError(f"{path.name}: choose a labelmap file ending in {', '.join(LABELMAP_SUFFIXES)}")
-        dimensions = referenceVolume.GetImageData().GetDimensions()
-        if dimensions[2] != 1:
-            raise ValueError(f"'{referenceVolume.GetName()}' has {dimensions[2]} slices; export needs a radiograph.")
-        segmentation = segmentationNode.GetSegmentation()
-        label = np.zeros((dimensions[1], dimensions[0]), np.uint8)
-        for value, segmentId in SEGMENT_IDS.items():
-            name = LUNG_SEGMENT_NAMES[value]
-            found = segmentation.GetSegmentIdBySegmentName(name) or (
-                segmentId if segmentation.GetSegment(segmentId) else ""
-            )
-            if not found:
-                raise ValueError(f"'{segmentationNode.GetName()}' has no '{name}' segment; segment the lungs first.")
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, found, referenceVolume)
-            label[mask[0] > 0] = value
-        spacing, origin, direction = _ijkToLps(referenceVolume)
-        if suffix == ".png":
-            reference = sitk.Image(dimensions[0], dimensions[1], sitk.sitkUInt8)
-            reference.SetSpacing([float(s) for s in spacing[:2]])
-        else:
-            reference = sitk.Image(list(dimensions), sitk.sitkUInt8)
-            reference.SetSpacing([float(s) for s in spacing])
-            reference.SetOrigin([float(o) for o in origin])
-            reference.SetDirection([float(d) for d in direction.flatten()])
-        write_labelmap(label, reference, path)
-        return path
-
-    # --- a folder, in a child process -----------------------------------------------------------------------
-
-    @staticmethod
-    def pythonExecutable() -> str:
-        """Slicer's PythonSlicer, which runs Slicer's Python with its environment. Inside Slicer `sys.executable`
-        is the application itself, so there is no fallback (as slicer.util._executePythonModule)."""
-        executable = shutil.which("PythonSlicer")
-        if not executable:
-            raise RuntimeError("PythonSlicer executable not found; the batch needs Slicer's own Python launcher")
-        return executable
-
-    def processFolder(
-        self,
-        inputDir,
-        outputDir,
-        model: str = "unet",
-        device: str = "auto",
-        overlays: bool = True,
-        labelmapFormat: str = "nrrd",
-        python: str | None = None,
-    ) -> BatchProcess:
-        """Start `lungseg segment` on every image of `inputDir` in a child process and return it: poll its
-        progress, `cancel()` it, or `wait()` for the exit status (0 all segmented, 1 some failed, 2 usage error,
-        3 crash, 130 interrupted; `ranToEnd()` tells a crash from a finished run).
-        Labelmaps, overlays and results.csv go to `outputDir`."""
-        inputDir, outputDir = Path(inputDir), Path(outputDir)
-        if not inputDir.is_dir():
-            raise ValueError(f"{inputDir}: not a folder")
-        if outputDir.resolve() == inputDir.resolve():
-            raise ValueError("Choose an output folder other than the input folder.")
-        args = [
-            python or self.pythonExecutable(),
-            "-m",
-            "lungseg",
-            "segment",
-            str(inputDir),
-            "-o",
-            str(outputDir),
-            "--model",
-            model,
-            "--device",
-            device,
-            "--format",
-            labelmapFormat,
-            "--progress-lines",
-        ]
-        if overlays:
-            args.append("--overlays")
-        environment = slicer.util.startupEnvironment()  # as launchConsoleProcess does for PythonSlicer
-        # the child finds the core that ships with the extension
-        environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(corePythonPath()), environment.get("PYTHONPATH", "")) if p
-        )
-        # a pipe otherwise gets the ANSI code page on Windows; BatchProcess reads UTF-8
-        environment["PYTHONIOENCODING"] = "utf-8"
-        process = BatchProcess(args, environment, outputDir)
-        process.start()
-        return process

@@ -3,7 +3,7 @@
 One radiograph runs on the main thread while the panel shows that it is busy: it takes well under a second once the
 model is loaded, and in Slicer the main thread holds Python's GIL while it waits for events (PythonQt never
 releases it), so a Python worker thread would crawl. A folder runs the core's batch command in a child process,
-whose progress a QTimer reads.
+whose progress a QTimer reads (BatchPanel.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import vtk
 from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
+from .BatchPanel import BatchPanel
 from .InstallLogic import InstallLogic
 from .SegmentationLogic import availableModels, isModelLoaded, sourceFile
 
-POLL_MS = 100
 # the export dialog's filters and the suffix each one gives a name typed without one
 EXPORT_FILTERS = {"NRRD (*.nrrd)": ".nrrd", "NIfTI (*.nii.gz)": ".nii.gz", "PNG (*.png)": ".png"}
 
@@ -38,6 +38,8 @@ def _value(widget, name):
     return value() if callable(value) else value
 
 
+# size: one parameter node shared by the model choice, the single radiograph and the labelmap export (the batch
+# folder section is BatchPanel.py)
 class Widget(VTKObservationMixin):
     def __init__(self, uiPath: str, logic, installLogic: InstallLogic | None = None):
         VTKObservationMixin.__init__(self)
@@ -49,25 +51,26 @@ class Widget(VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._busy = False  # a segmentation or an installation is under way: a second click is ignored
-        self._batch = None
         self._exportFolder = ""
-        # a ctkDirectoryButton shows "." until a folder is picked (CTK): only a picked folder counts, signalled by
-        # directorySelected; directoryChanged misses a pick equal to "." (ctkDirectoryButton.cpp:143-165, CTK 868d56c7)
-        self._folders = {"input": "", "output": ""}
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._pollBatch)
         self._cards = {card["name"]: card for card in availableModels()}
         self._fillModels()
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.batchInputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("input", folder))
-        self.ui.batchOutputDirectoryButton.directorySelected.connect(lambda folder: self._pickFolder("output", folder))
-        self.ui.batchRunButton.clicked.connect(self.onRunBatch)
-        self.ui.batchCancelButton.clicked.connect(self.onCancelBatch)
+        self.batchPanel = BatchPanel(self)  # the batch folder section
         self._updateButtons()
+
+    @property
+    def _batch(self):
+        """The batch child process under way, or None."""
+        return self.batchPanel.batch
+
+    def onRunBatch(self):
+        self.batchPanel.onRunBatch()
+
+    def onCancelBatch(self):
+        self.batchPanel.onCancelBatch()
 
     def _fillModels(self):
         """Models grouped by lung definition; a disabled header per group, the card's text as tooltip."""
@@ -253,84 +256,9 @@ class Widget(VTKObservationMixin):
             path += EXPORT_FILTERS.get(dialog.selectedNameFilter(), ".nrrd")
         return path
 
-    # --- batch folder ---------------------------------------------------------------------------------------
-
-    def _pickFolder(self, role: str, folder: str):
-        self._folders[role] = folder
-
-    def onRunBatch(self):
-        if self._busy or self._batch is not None:
-            return
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to start the batch segmentation."), waitCursor=True):
-                inputDir, outputDir = self._folders["input"], self._folders["output"]
-                if not inputDir or not outputDir:
-                    raise ValueError(_("Choose an input folder and an output folder."))
-                if not self._ensureDependencies():
-                    return
-                parameterNode = self._parameterNode
-                self._batch = self.logic.processFolder(
-                    inputDir,
-                    outputDir,
-                    model=parameterNode.model,
-                    device=parameterNode.device,
-                    overlays=self.ui.batchOverlaysCheckBox.isChecked(),
-                )
-                self.ui.batchProgressBar.setRange(0, 0)
-                self.ui.batchStatusLabel.setText(_("Starting..."))
-                self._timer.start()
-        finally:
-            self._setBusy(False)
-
-    def onCancelBatch(self):
-        if self._batch is not None:
-            self._batch.cancel()  # returns at once; the timer sees the end
-            self.ui.batchStatusLabel.setText(_("Cancelling..."))
-            self.ui.batchCancelButton.setEnabled(False)
-
-    def _pollBatch(self):
-        batch = self._batch
-        if batch is None:
-            self._timer.stop()
-            return
-        done, total, failed, lastInput = batch.progress()
-        if total:
-            self.ui.batchProgressBar.setRange(0, total)
-            self.ui.batchProgressBar.setValue(done)
-        if batch.running:
-            if not batch.cancelled:
-                self.ui.batchStatusLabel.setText(
-                    _("{done} of {total} done, {failed} failed").format(done=done, total=total or "?", failed=failed)
-                )
-            return
-        self._batch = None
-        self._timer.stop()
-        if batch.cancelled:
-            text = _("Cancelled after {done} of {total}; run again to continue (finished images are skipped).").format(
-                done=done, total=total or "?"
-            )
-        elif batch.ranToEnd():  # all segmented, or some inputs failed: results.csv says which
-            text = _("{ok} of {total} segmented, {failed} failed; see results.csv in {folder}").format(
-                ok=done - failed - batch.skipped, total=total, failed=failed, folder=batch.outputDir
-            )
-            if batch.skipped:
-                text += " " + _("({skipped} non-image DICOM objects skipped)").format(skipped=batch.skipped)
-            flagged, segmented = batch.flaggedInFolder() or (batch.toCheck, done - failed - batch.skipped)
-            text += " " + _(
-                "{flagged} of the folder's {segmented} results flagged by QC to check: open review.html there."
-            ).format(flagged=flagged, segmented=segmented)
-        else:
-            # a crash, a usage error or a kill: no counts, which would point to a results.csv not written
-            text = _("Failed: {reason}").format(reason=batch.failureReason())
-        self.ui.batchStatusLabel.setText(text)
-        self.ui.batchProgressBar.setRange(0, max(total, 1))
-        self.ui.batchProgressBar.setValue(done)
-        self._updateButtons()
-
     # --- lifetime -------------------------------------------------------------------------------------------
 
     def cleanup(self):
-        self.onCancelBatch()
-        self._timer.stop()
+        self.batchPanel.cleanup()
         self.setParameterNode(None)
         self.removeObservers()
