@@ -20,6 +20,7 @@ Two traps of 2D projection radiographs (CR, most DX) are handled here:
   patient space (dcmqi, the converter of Slicer's QuantitativeReporting) cannot read such a SEG, while readers that
   match frames to the source by its SOP instance (highdicom, OHIF-style viewers) can.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,10 @@ def require_highdicom() -> None:
     import importlib.util
 
     if importlib.util.find_spec("highdicom") is None:
-        raise LungSegError("--format dicom-seg needs the Python package highdicom (Python 3.10 or newer); install "
-                           "it with: pip install 'lungseg[dicom-seg]'")
+        raise LungSegError(
+            "--format dicom-seg needs the Python package highdicom (Python 3.10 or newer); install "
+            "it with: pip install 'lungseg[dicom-seg]'"
+        )
 
 
 def check_source(path: Path | str) -> None:
@@ -62,8 +65,11 @@ def check_source(path: Path | str) -> None:
     NotAnImageError for a DICOM object without an image (a DICOMDIR has no study), which a batch skips."""
     path = Path(path)
     if not is_dicom(path):
-        raise ImageReadError(path, "is not a DICOM file; --format dicom-seg writes a DICOM Segmentation, which must "
-                                   "reference a DICOM source image (use nrrd, nii.gz, mha or png for other inputs)")
+        raise ImageReadError(
+            path,
+            "is not a DICOM file; --format dicom-seg writes a DICOM Segmentation, which must "
+            "reference a DICOM source image (use nrrd, nii.gz, mha or png for other inputs)",
+        )
     ds = image_dicom_header(path)
     missing = [k for k in REQUIRED_UIDS if not ds.get(k)]
     if missing:
@@ -85,15 +91,23 @@ def segment_descriptions(model: str, version: str, definition: str) -> list:
     from ..batch.overlay import LABEL_COLOURS
 
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=model, version=version or "unversioned", family=codes.cid7162.ArtificialIntelligence, source="LungSeg",
-        parameters={"lung_definition": definition})
+        name=model,
+        version=version or "unversioned",
+        family=codes.cid7162.ArtificialIntelligence,
+        source="LungSeg",
+        parameters={"lung_definition": definition},
+    )
     descriptions = []
     for number, value in enumerate((RIGHT_LUNG, LEFT_LUNG), start=1):
         description = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=LUNG_SEGMENT_NAMES[value],
-            segmented_property_category=_coded(LUNG_CATEGORY), segmented_property_type=_coded(LUNG_TYPE),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*LABEL_COLOURS[value]))
+            segment_number=number,
+            segment_label=LUNG_SEGMENT_NAMES[value],
+            segmented_property_category=_coded(LUNG_CATEGORY),
+            segmented_property_type=_coded(LUNG_TYPE),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*LABEL_COLOURS[value]),
+        )
         description.SegmentedPropertyTypeModifierCodeSequence = [_coded(LUNG_LATERALITY[value])]
         description.SegmentDescription = f"{LUNG_SEGMENT_NAMES[value]}, {definition} definition"[:64]
         descriptions.append(description)
@@ -139,22 +153,37 @@ def build_dicom_seg(label: np.ndarray, source, model: str, version: str, definit
         raise ValueError(f"labelmap {label.shape} is not on the source grid ({source.Rows}, {source.Columns})")
     spacing = dicom_pixel_spacing(source)  # PixelSpacing, else ImagerPixelSpacing, when above zero
     thickness = slice_thickness(source)
-    pixel_measures = None if spacing is None else hd.PixelMeasuresSequence(pixel_spacing=spacing,
-                                                                           slice_thickness=thickness)
+    pixel_measures = (
+        None if spacing is None else hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness)
+    )
     masks = np.stack([label == RIGHT_LUNG, label == LEFT_LUNG], axis=-1)[None]  # (frame, rows, columns, segment)
     now = datetime.datetime.now()
     seg = hd.seg.Segmentation(
-        source_images=[_source_for_highdicom(source, thickness)], pixel_array=masks,
+        source_images=[_source_for_highdicom(source, thickness)],
+        pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(model, version, definition),
-        series_instance_uid=hd.UID(), series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="LungSeg", manufacturer_model_name=model, software_versions=f"lungseg {__version__}",
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="LungSeg",
+        manufacturer_model_name=model,
+        software_versions=f"lungseg {__version__}",
         device_serial_number="0",  # software: it has no serial number, and highdicom requires one
-        pixel_measures=pixel_measures, omit_empty_frames=False,  # a lung that was not found stays an empty segment
-        content_label="LUNGS", content_description=f"Right and left lung ({DEFINITIONS[definition].title})"[:64]
-        if definition in DEFINITIONS else "Right and left lung",
-        series_description=f"LungSeg lungs ({model}, {definition})"[:64], content_qualification="RESEARCH",
-        series_date=now.date(), series_time=now.time(), content_date=now.date(), content_time=now.time())
+        pixel_measures=pixel_measures,
+        omit_empty_frames=False,  # a lung that was not found stays an empty segment
+        content_label="LUNGS",
+        content_description=f"Right and left lung ({DEFINITIONS[definition].title})"[:64]
+        if definition in DEFINITIONS
+        else "Right and left lung",
+        series_description=f"LungSeg lungs ({model}, {definition})"[:64],
+        content_qualification="RESEARCH",
+        series_date=now.date(),
+        series_time=now.time(),
+        content_date=now.date(),
+        content_time=now.time(),
+    )
     # Type 2 attributes (present, possibly empty) that highdicom leaves out when it has no value; DCMTK-based readers
     # (dcmqi) warn about them.
     if "ContentCreatorName" not in seg:
@@ -164,8 +193,9 @@ def build_dicom_seg(label: np.ndarray, source, model: str, version: str, definit
     return seg
 
 
-def write_dicom_seg(label: np.ndarray, source: Path | str, path: Path | str, model: str, version: str,
-                    definition: str) -> None:
+def write_dicom_seg(
+    label: np.ndarray, source: Path | str, path: Path | str, model: str, version: str, definition: str
+) -> None:
     """Write the SEG of `label` for the DICOM file `source` to `path`, atomically (a temporary name, then a rename)."""
     import pydicom
 
