@@ -4,6 +4,10 @@ Missing data or optional packages: on a user's machine the tests that need them 
 `LUNGSEG_REQUIRE_DATA=1` (set by `.ci/run`) every such skip is a failure instead, so CI cannot go green by
 skipping: call `require_or_skip(reason)` or `importorskip(module)` from here, never `pytest.skip` or
 `pytest.importorskip` directly. As a safety net, any other skip under the flag is reported as a failure too.
+
+Markers (pytest.ini): `slicer` (every test under Testing/slicer/) and `data` (every test that uses the `jsrt` or
+`covid_qu_ex` fixture) are applied here; `data` is explicit on tests that call `shared_set` or read SHARED_DATA
+themselves, and `slow` is explicit. Fast subset, no ../shared needed: pytest Testing -m "not data and not slow".
 """
 from __future__ import annotations
 
@@ -83,6 +87,19 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skips(outcome.get_result())
+
+
+SLICER_TESTS = Path(__file__).resolve().parent / "slicer"
+DATA_FIXTURES = {"jsrt", "covid_qu_ex"}  # the research data sets of ../shared/data (shared_set)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slicer` by folder, `data` by the fixtures a test uses (directly or through another fixture)."""
+    for item in items:
+        if SLICER_TESTS in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.slicer)
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
 
 
 def shared_set(name: str) -> Path:

@@ -1,5 +1,6 @@
-"""What several QC test files share (test files do not import each other): the shipped models' names, the batch's
-results.csv, synthetic scored rows, and the shipped `unet` as a user's own model."""
+"""What several test files share (test files never import each other; fixtures and skips live in conftest.py): the
+shipped models' names, the batch's results.csv, synthetic scored rows, the shipped `unet` as a user's own model, an
+image written with its grid, a folder of bad inputs, and the retrocardiac left-lung count."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
+from lungseg.inference.labels import LEFT_LUNG
 from lungseg.models.cards import PACKAGE_MODELS, read_card
 from lungseg.qc.features import FEATURES
 
@@ -48,3 +51,51 @@ def users_model(tmp_path, name: str = "my-unet") -> Path:
     stored["name"] = name
     (folder / f"{name}.json").write_text(json.dumps(stored, indent=2))
     return folder / f"{name}.json"
+
+
+def write_image(array: np.ndarray, path, vector=False, spacing=None, origin=None, direction=None):
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if spacing:
+        image.SetSpacing(spacing)
+    if origin:
+        image.SetOrigin(origin)
+    if direction:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def bad_inputs(tmp_path, gray8, chest_dicom):
+    """One unreadable input of each kind in `tmp_path`: {file name: the problem its error names}."""
+    import pydicom
+
+    cases = {}
+    (tmp_path / "empty.png").write_bytes(b"")
+    cases["empty.png"] = "empty file"
+    (tmp_path / "text.png").write_text("this is not an image\n")
+    cases["text.png"] = "cannot be read"
+    write_image(gray8, tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "whole.png").unlink()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    cases["truncated.png"] = "cannot be read"
+    (tmp_path / "folder.png").mkdir()
+    cases["folder.png"] = "is a folder"
+    write_image(np.arange(16, dtype=np.uint8).reshape(4, 4).repeat(3, 0)[:12, :3].copy(), tmp_path / "tiny.png")
+    cases["tiny.png"] = "too small"
+    write_image(np.random.default_rng(0).integers(0, 1000, (40, 64, 64)).astype(np.int16), tmp_path / "ct.nrrd")
+    cases["ct.nrrd"] = "3D volume of 40 slices"
+    write_image(np.full((64, 64), np.nan, np.float32), tmp_path / "nan.nrrd")
+    cases["nan.nrrd"] = "no finite pixel values"
+    ds = pydicom.dcmread(chest_dicom)
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm")
+    cases["nopixels.dcm"] = "no pixel data"
+    return cases
+
+
+def retrocardiac_left_lung(label: np.ndarray) -> int:
+    """Left-lung pixels in the lower medial band of the image's right half, where the heart shadow lies."""
+    rows, cols = label.shape
+    band = label[int(0.55 * rows):int(0.9 * rows), int(0.5 * cols):int(0.68 * cols)]
+    return int((band == LEFT_LUNG).sum())

@@ -43,7 +43,7 @@ def measure(threads: int = 2) -> dict:
     after installation."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the session's intra-op threads (lungseg.inference.runtime)
     assert "onnxruntime" not in sys.modules, "onnxruntime already imported: the first Apply would not pay for it"
-    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "support"))
     import slicer_app
 
     slicer, application = slicer_app.start_gui()

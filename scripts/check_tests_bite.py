@@ -70,8 +70,8 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_slicer_logic.py::test_monochrome1_through_the_dicom_module_is_not_inverted_twice",
-            "Testing/test_slicer_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch",
+            "Testing/slicer/test_logic.py::test_monochrome1_through_the_dicom_module_is_not_inverted_twice",
+            "Testing/slicer/test_logic.py::test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch",
         ],
     ),
     Breakage(
@@ -79,8 +79,8 @@ BREAKAGES: list[Breakage] = [
         "sharding disabled: every shard takes every input",
         [Edit("LungSegCore/lungseg/batch/records.py", "    return digest % count == index - 1\n", "    return True\n")],
         [
-            "Testing/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
-            "Testing/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard",
+            "Testing/core/test_batch.py::test_shards_cover_inputs_without_overlap_and_lists_of_paths",
+            "Testing/core/test_batch.py::test_in_shard_puts_every_path_in_exactly_one_shard",
         ],
     ),
     Breakage(
@@ -94,8 +94,8 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
-            "Testing/test_cli.py::test_definition_without_a_model_is_a_clear_error",
+            "Testing/core/test_cli.py::test_definition_picks_the_best_model_of_that_definition",
+            "Testing/core/test_cli.py::test_definition_without_a_model_is_a_clear_error",
         ],
     ),
     Breakage(
@@ -108,7 +108,7 @@ BREAKAGES: list[Breakage] = [
                 "    pass  # breakage: the trained weights are never loaded\n",
             )
         ],
-        ["Testing/test_train.py::test_export_writes_safetensors_and_a_measured_card"],
+        ["Testing/core/test_training.py::test_export_writes_safetensors_and_a_measured_card"],
     ),
     Breakage(
         "T5",
@@ -121,8 +121,8 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
-            "Testing/test_definitions.py::test_ignore_mask_leaves_out_exactly_its_pixels",
+            "Testing/core/test_definitions.py::test_evaluate_honours_v7_ignore_masks",
+            "Testing/core/test_definitions.py::test_ignore_mask_leaves_out_exactly_its_pixels",
         ],
     ),
     Breakage(
@@ -135,7 +135,7 @@ BREAKAGES: list[Breakage] = [
                 "    pass  # breakage: keep_freed_memory() removed; this process is ours alone",
             )
         ],
-        ["Testing/test_batch.py::test_command_line_keeps_freed_memory_for_the_next_forward_pass"],
+        ["Testing/core/test_batch.py::test_command_line_keeps_freed_memory_for_the_next_forward_pass"],
     ),
     # ---- T8 (core): untested surface that is tested now
     Breakage(
@@ -148,7 +148,7 @@ BREAKAGES: list[Breakage] = [
                 "    array = values.reshape(values.shape[1], values.shape[2], -1) if vector else values\n",
             )
         ],
-        ["Testing/test_io.py::test_float_maps_are_written_on_the_reference_grid"],
+        ["Testing/core/test_io.py::test_float_maps_are_written_on_the_reference_grid"],
     ),
     Breakage(
         "T8b",
@@ -160,7 +160,7 @@ BREAKAGES: list[Breakage] = [
                 "    return out[0] if isinstance(out, (list, tuple)) else out\n",
             )
         ],
-        ["Testing/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"],
+        ["Testing/core/test_networks.py::test_unetpp_deep_supervision_gives_the_full_depth_output_last"],
     ),
     # ---- the second Slicer review (Windows and macOS batch, crashes, a folder named like a file)
     Breakage(
@@ -174,8 +174,8 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_batch.py::test_batch_runs_where_only_spawn_exists",
-            "Testing/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced",
+            "Testing/core/test_batch.py::test_batch_runs_where_only_spawn_exists",
+            "Testing/core/test_batch.py::test_start_method_follows_the_platform_and_can_be_forced",
         ],
     ),
     Breakage(
@@ -188,7 +188,7 @@ BREAKAGES: list[Breakage] = [
                 "    threading.Event().wait()\n",
             )
         ],
-        ["Testing/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"],
+        ["Testing/core/test_batch.py::test_killed_run_resumes_without_loss_or_partial_files[spawn]"],
     ),
     Breakage(
         "N2",
@@ -200,7 +200,7 @@ BREAKAGES: list[Breakage] = [
                 "    except ArithmeticError as exc:  # breakage: other errors escape with status 1\n",
             )
         ],
-        ["Testing/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"],
+        ["Testing/core/test_batch.py::test_a_crash_has_its_own_exit_status_and_keeps_its_traceback"],
     ),
     Breakage(
         "F1",
@@ -212,7 +212,7 @@ BREAKAGES: list[Breakage] = [
                 "        elif item.is_dir() and suffix_of(item) not in IMAGE_SUFFIXES:  # a folder named like a file",
             )
         ],
-        ["Testing/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"],
+        ["Testing/core/test_batch.py::test_a_folder_named_like_a_file_is_a_folder"],
     ),
     Breakage(
         "N2p",
@@ -224,7 +224,7 @@ BREAKAGES: list[Breakage] = [
                 "        elif batch.returnCode in (0, 1):",
             )
         ],
-        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[traceback]"],
+        ["Testing/slicer/test_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[traceback]"],
     ),
     Breakage(
         "N2q",
@@ -237,7 +237,7 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure"
+            "Testing/slicer/test_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure"
             "[traceback-after-an-earlier-run]"
         ],
     ),
@@ -251,15 +251,15 @@ BREAKAGES: list[Breakage] = [
                 "            return last",
             )
         ],
-        ["Testing/test_slicer_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[killed]"],
+        ["Testing/slicer/test_widget.py::test_batch_child_that_crashes_is_reported_as_a_failure[killed]"],
     ),
     Breakage(
         "N3",
         "the demo CR is registered in Sample Data without loadFileType (Slicer 5.8+ loads no volume)",
         [Edit("LungSegExtension/LungSeg/LungSeg.py", '        loadFileType="VolumeFile",\n', "")],
         [
-            "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.8]",
-            "Testing/test_slicer_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.12]",
+            "Testing/slicer/test_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.8]",
+            "Testing/slicer/test_install.py::test_demo_cr_in_sample_data_loads_as_a_volume[5.12]",
         ],
     ),
     Breakage(
@@ -272,7 +272,7 @@ BREAKAGES: list[Breakage] = [
                 "        self.ui.batchInputDirectoryButton.directoryChanged.connect(",
             )
         ],
-        ["Testing/test_slicer_widget.py::test_batch_accepts_the_folder_the_dialog_opens_in"],
+        ["Testing/slicer/test_widget.py::test_batch_accepts_the_folder_the_dialog_opens_in"],
     ),
     Breakage(
         "N6",
@@ -284,7 +284,7 @@ BREAKAGES: list[Breakage] = [
                 "",
             )
         ],
-        ["Testing/test_slicer_logic.py::test_cancel_on_windows_runs_taskkill_without_a_console_window"],
+        ["Testing/slicer/test_logic.py::test_cancel_on_windows_runs_taskkill_without_a_console_window"],
     ),
     Breakage(
         "N7",
@@ -296,7 +296,7 @@ BREAKAGES: list[Breakage] = [
                 '        dialog.selectFile(f"{reference.GetName()}-lungs")',
             )
         ],
-        ["Testing/test_slicer_widget.py::test_export_dialog_proposes_a_file_name_windows_accepts"],
+        ["Testing/slicer/test_widget.py::test_export_dialog_proposes_a_file_name_windows_accepts"],
     ),
     # ---- inference on ONNX Runtime
     Breakage(
@@ -309,7 +309,7 @@ BREAKAGES: list[Breakage] = [
                 'open_session(folder / graph["file"], device, threads)',
             )
         ],
-        ["Testing/test_model.py::test_tampered_onnx_graphs_are_refused"],
+        ["Testing/core/test_models.py::test_tampered_onnx_graphs_are_refused"],
     ),
     Breakage(
         "O2",
@@ -322,8 +322,8 @@ BREAKAGES: list[Breakage] = [
             )
         ],
         [
-            "Testing/test_without_torch.py::test_segment_writes_every_output_without_torch",
-            "Testing/test_without_torch.py::test_evaluate_fit_qc_and_the_python_api_without_torch",
+            "Testing/core/test_without_torch.py::test_segment_writes_every_output_without_torch",
+            "Testing/core/test_without_torch.py::test_evaluate_fit_qc_and_the_python_api_without_torch",
         ],
     ),
     Breakage(
@@ -336,7 +336,7 @@ BREAKAGES: list[Breakage] = [
                 "                raise\n",
             )
         ],
-        ["Testing/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"],
+        ["Testing/core/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"],
     ),
 ]
 

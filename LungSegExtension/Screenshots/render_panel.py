@@ -1,7 +1,7 @@
 """Render the LungSeg panel after segmenting a shipped sample radiograph: LungSeg-panel.png beside this script is the
 README's and the Extensions Index's screenshot.
 
-It runs outside Slicer, on slicer-core (real MRML) and PySide6 offscreen with the stand-ins of Testing/slicer_support,
+It runs outside Slicer, on slicer-core (real MRML) and PySide6 offscreen with the stand-ins of Testing/slicer/support,
 from the repository root after `scripts/setup.sh test`:
 
     TQDM_DISABLE=1 .venv/bin/python LungSegExtension/Screenshots/render_panel.py
@@ -17,7 +17,7 @@ SCREENSHOT = Path(__file__).resolve().parent / "LungSeg-panel.png"
 
 
 def render(path: str | Path = SCREENSHOT, width: int = 460, height: int = 660) -> Path:
-    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "support"))
     import slicer_app
 
     slicer, application = slicer_app.start_gui()

@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import require_or_skip
+from helpers import bad_inputs
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.qc.rules import quality_flags
 from lungseg.samples import sample_pngs
 from lungseg.errors import LungSegError
 from lungseg.batch.workers import START_METHOD_VARIABLE, start_method
-from test_io import _bad_inputs
 
 
 # Every way the batch starts its reader and finisher processes: fork (Linux) and spawn (Windows, macOS), forced here
@@ -91,7 +91,7 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     good = tmp_path / "inputs"
     make_valid_inputs(good, radiograph, chest_dicom)
     (tmp_path / "bad").mkdir()
-    bad = _bad_inputs(tmp_path / "bad", radiograph, chest_dicom)
+    bad = bad_inputs(tmp_path / "bad", radiograph, chest_dicom)
     (tmp_path / "odd").mkdir()  # valid, but only the patient's right half: segmented, and flagged for a look
     one_lung = np.ascontiguousarray(radiograph[:, :radiograph.shape[1] // 2])
     sitk.WriteImage(sitk.GetImageFromArray(one_lung), str(tmp_path / "odd" / "one lung.png"))
@@ -156,6 +156,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", START_METHODS)
 def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph, method):
     inputs = tmp_path / "in"

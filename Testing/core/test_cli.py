@@ -120,7 +120,7 @@ def test_models_lists_the_card():
 def test_definition_picks_the_best_model_of_that_definition(tmp_path, segmenter):
     """`--definition full-extent` segments with the best full-extent model: its labelmaps are that model's, and
     they cover more lung (the retrocardiac lung above all) than the lung-field labelmaps of the same images."""
-    from test_definitions import retrocardiac_left_lung
+    from helpers import retrocardiac_left_lung
 
     from lungseg.inference.segmenter import Segmenter
     from lungseg.io.radiograph import read_radiograph

@@ -200,6 +200,7 @@ def cross_validate_script():
     return load_script("cross_validate").main
 
 
+@pytest.mark.slow
 def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"

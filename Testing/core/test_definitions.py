@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import require_or_skip
+from helpers import retrocardiac_left_lung
 from lungseg.io.radiograph import read_radiograph
 from lungseg.inference.labels import LEFT_LUNG
 from lungseg.models.cards import best_model, list_models
@@ -17,13 +18,6 @@ def full_extent():
     from lungseg.inference.segmenter import Segmenter
 
     return Segmenter(best_model("full-extent"), "cpu")
-
-
-def retrocardiac_left_lung(label: np.ndarray) -> int:
-    """Left-lung pixels in the lower medial band of the image's right half, where the heart shadow lies."""
-    rows, cols = label.shape
-    band = label[int(0.55 * rows):int(0.9 * rows), int(0.5 * cols):int(0.68 * cols)]
-    return int((band == LEFT_LUNG).sum())
 
 
 def test_full_extent_covers_more_retrocardiac_lung(full_extent, segmenter, chest_dicom):
@@ -43,6 +37,8 @@ def test_full_extent_card_and_selection(full_extent):
     assert best_model("lung-fields") != best_model("full-extent")
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_full_extent_meets_its_target_on_v7_full_val(full_extent, tmp_path):
     """Issue 14's full-extent target, measured on the shipped weights: v7-full val mean Dice >= 0.960 with every
     image >= 0.88, scored with masks_ignore; the card holds this measurement and the members' recipes. (val also
@@ -77,6 +73,7 @@ def test_ignore_masks_count_neither_way():
     assert scored["both_dice"] == 1 and scored["right_dice"] == 1 and scored["both_hd95"] == 0
 
 
+@pytest.mark.data
 def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
     """v7-full marks devices over the lung in masks_ignore/; `lungseg evaluate` leaves exactly those pixels out:
     each image's scores are `image_metrics` of its prediction and reference with that image's ignore mask."""

@@ -174,6 +174,7 @@ def test_non_image_objects_are_skipped_also_when_writing_dicom_seg(export):
         assert item.get("status") == "skipped" and item["error"].startswith("not an image: a DICOM "), item
 
 
+@pytest.mark.slow
 def test_batch_over_an_export_skips_non_images_with_a_note(export, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")

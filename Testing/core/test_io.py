@@ -6,6 +6,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from helpers import bad_inputs, write_image
 from lungseg.io.radiograph import ImageReadError, read_radiograph, write_labelmap
 from lungseg.samples import sample_pngs
 
@@ -16,18 +17,6 @@ ORIGIN = (-12.5, 30.25)
 @pytest.fixture(scope="module")
 def gray8() -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
-
-
-def _write(array: np.ndarray, path, vector=False, spacing=None, origin=None, direction=None):
-    image = sitk.GetImageFromArray(array, isVector=vector)
-    if spacing:
-        image.SetSpacing(spacing)
-    if origin:
-        image.SetOrigin(origin)
-    if direction:
-        image.SetDirection(direction)
-    sitk.WriteImage(image, str(path))
-    return image
 
 
 def _variants(gray8):
@@ -47,7 +36,7 @@ def _variants(gray8):
 def test_formats_read_as_gray_and_labelmaps_round_trip(tmp_path, gray8, name):
     array, vector, spacing = _variants(gray8)[name]
     path = tmp_path / name
-    reference = _write(array, path, vector=vector, spacing=spacing, origin=ORIGIN if spacing else None)
+    reference = write_image(array, path, vector=vector, spacing=spacing, origin=ORIGIN if spacing else None)
     image = read_radiograph(path)
 
     assert image.shape == gray8.shape
@@ -82,7 +71,7 @@ def test_float_maps_are_written_on_the_reference_grid(tmp_path, gray8, suffix):
     rng = np.random.default_rng(0)
     rows, columns = 40, 70  # not square: a transpose cannot pass
     source = tmp_path / f"source{suffix}"
-    _write(gray8[:rows, :columns].astype(np.int16), source, spacing=SPACING, origin=ORIGIN)
+    write_image(gray8[:rows, :columns].astype(np.int16), source, spacing=SPACING, origin=ORIGIN)
     single = tmp_path / "single.nrrd"
     volume = sitk.GetImageFromArray(gray8[None, :rows, :columns].astype(np.int16))
     volume.SetSpacing((*SPACING, 2.5))
@@ -111,7 +100,7 @@ def test_single_slice_volume_keeps_its_third_axis(tmp_path, gray8):
     volume = gray8[None].astype(np.int16)
     path = tmp_path / "slice.nrrd"
     direction = (1, 0, 0, 0, -1, 0, 0, 0, 1)
-    reference = _write(volume, path, spacing=(0.2, 0.3, 2.5), origin=(1.0, 2.0, 3.0), direction=direction)
+    reference = write_image(volume, path, spacing=(0.2, 0.3, 2.5), origin=(1.0, 2.0, 3.0), direction=direction)
     image = read_radiograph(path)
     assert image.shape == gray8.shape and image.spacing == pytest.approx((0.3, 0.2))
 
@@ -162,34 +151,8 @@ def test_dicom_spacing_from_imager_pixel_spacing_and_monochrome2_not_inverted(tm
     assert corr > 0.999
 
 
-def _bad_inputs(tmp_path, gray8, chest_dicom):
-    cases = {}
-    (tmp_path / "empty.png").write_bytes(b"")
-    cases["empty.png"] = "empty file"
-    (tmp_path / "text.png").write_text("this is not an image\n")
-    cases["text.png"] = "cannot be read"
-    _write(gray8, tmp_path / "whole.png")
-    data = (tmp_path / "whole.png").read_bytes()
-    (tmp_path / "whole.png").unlink()
-    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
-    cases["truncated.png"] = "cannot be read"
-    (tmp_path / "folder.png").mkdir()
-    cases["folder.png"] = "is a folder"
-    _write(np.arange(16, dtype=np.uint8).reshape(4, 4).repeat(3, 0)[:12, :3].copy(), tmp_path / "tiny.png")
-    cases["tiny.png"] = "too small"
-    _write(np.random.default_rng(0).integers(0, 1000, (40, 64, 64)).astype(np.int16), tmp_path / "ct.nrrd")
-    cases["ct.nrrd"] = "3D volume of 40 slices"
-    _write(np.full((64, 64), np.nan, np.float32), tmp_path / "nan.nrrd")
-    cases["nan.nrrd"] = "no finite pixel values"
-    ds = pydicom.dcmread(chest_dicom)
-    del ds.PixelData
-    ds.save_as(tmp_path / "nopixels.dcm")
-    cases["nopixels.dcm"] = "no pixel data"
-    return cases
-
-
 def test_bad_inputs_raise_clear_errors_naming_the_file(tmp_path, gray8, chest_dicom):
-    for name, problem in _bad_inputs(tmp_path, gray8, chest_dicom).items():
+    for name, problem in bad_inputs(tmp_path, gray8, chest_dicom).items():
         with pytest.raises(ImageReadError) as err:
             read_radiograph(tmp_path / name)
         assert str(tmp_path / name) in str(err.value)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, require_or_skip
 from lungseg.samples import sample_pngs
 
@@ -26,6 +27,7 @@ def python39() -> str:
     require_or_skip("no Python 3.9 on this machine (set LUNGSEG_PYTHON39 to one)")
 
 
+@pytest.mark.slow
 def test_python39_with_slicers_numpy_segments_like_this_python(tmp_path):
     venv = tmp_path / "py39"
     subprocess.run([python39(), "-m", "venv", str(venv)], check=True)

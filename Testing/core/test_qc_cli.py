@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from helpers import SHIPPED, users_model
@@ -65,6 +66,7 @@ def with_two_unusable_images(jsrt, tmp_path) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_the_other_half(
         tmp_path, jsrt, monkeypatch, capsys):
     """`lungseg fit-qc --write`: the model's QC is fitted on one half of the labelled images it never trained on

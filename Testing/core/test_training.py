@@ -215,6 +215,7 @@ def test_resume_mid_epoch_continues_at_the_same_step(tmp_path, config, monkeypat
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     """`torchrun --nproc_per_node=2 -m lungseg train`: both ranks train, rank 0 alone validates and writes."""
     import subprocess
@@ -237,6 +238,7 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
     assert (state["epoch"], state["step"]) == (1, 0)
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.training.config", fromlist=["x"]).PACKAGE_CONFIGS
                                         .glob("*.yaml")))
 def test_packaged_configs_build_and_find_their_data(name):

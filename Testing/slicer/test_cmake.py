@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import require_or_skip
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "LungSegExtension" / "LungSeg"
 CORE = REPO / "LungSegCore"
 CMAKELISTS = MODULE / "CMakeLists.txt"

@@ -1,5 +1,5 @@
 """How the extension reaches users: the catalog entry, the "additional module path" install from a checkout, the
-Python of the oldest supported Slicer and the demo CR in Sample Data (the README's figures: test_docs.py)."""
+Python of the oldest supported Slicer and the demo CR in Sample Data (the README's figures: core/test_docs.py)."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import importorskip, require_or_skip
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXTENSION = REPO / "LungSegExtension"
 MODULE = EXTENSION / "LungSeg"
 CORE = REPO / "LungSegCore" / "lungseg"
@@ -51,7 +51,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__modu
 sys.path[:] = [p for p in sys.path if "LungSegCore" not in p]
 import importlib.util
 assert importlib.util.find_spec("lungseg") is None, "lungseg still importable"
-sys.path.insert(0, {str(REPO / "Testing" / "slicer_support")!r})
+sys.path.insert(0, {str(REPO / "Testing" / "slicer" / "support")!r})
 import slicer_app
 slicer_app.start()
 sys.path.insert(0, {str(MODULE)!r})
@@ -98,16 +98,16 @@ def test_module_and_core_compile_with_python_39():
 def test_demo_cr_in_sample_data_loads_as_a_volume(monkeypatch, tmp_path, version):
     """Sample Data > Chest radiograph: pydicom-data's CR at the commit and SHA-256 that pydicom itself pins, loaded
     as a volume. From Slicer 5.8 a source without a file type goes to the reader that claims the file first, and
-    for a .dcm that is the DICOM module's import, which loads nothing (stand-in: slicer_support/SampleData.py)."""
+    for a .dcm that is the DICOM module's import, which loads nothing (stand-in: slicer/support/SampleData.py)."""
     importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
-    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "support"))
     import slicer_app
 
     slicer = slicer_app.start()
     import SampleData
     import slicer.parameterNodeWrapper as wrapper
 
-    assert Path(SampleData.__file__).parent == REPO / "Testing" / "slicer_support"
+    assert Path(SampleData.__file__).parent == REPO / "Testing" / "slicer" / "support"
     monkeypatch.setattr(wrapper, "SLICER_VERSION", version)
     monkeypatch.setattr(slicer.modules, "sampleDataSources", {}, raising=False)
     monkeypatch.setattr(slicer, "dicomDatabase", None)
@@ -238,7 +238,7 @@ def pypi():
 @pytest.fixture(scope="module")
 def install_logic():
     importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
-    sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "support"))
     import slicer_app
 
     slicer_app.start()

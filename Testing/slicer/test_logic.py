@@ -1,6 +1,6 @@
 """The LungSeg Slicer module's logic on real MRML nodes (slicer-core) made from real radiographs.
 
-The module code runs unchanged; Testing/slicer_support provides only what slicer-core lacks (see slicer_app.py).
+The module code runs unchanged; Testing/slicer/support provides only what slicer-core lacks (see slicer_app.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIR
 
 importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
                                    "Testing/requirements-slicer.txt)")
-sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_support"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import slicer_app  # noqa: E402
 
 slicer = slicer_app.start()
@@ -455,7 +455,7 @@ def test_install_logic_installs_onnxruntime_only_and_pins_slicers_packages(monke
     """What the first Apply hands to pip: only onnxruntime (and tqdm where absent), never torch or MONAI; Slicer's
     numpy, scipy, SimpleITK, pydicom and Pillow pinned in the constraints file; pip_ensure (5.12+) without
     skip_packages (it would mean --no-deps per package); before 5.12 one pip_install call. pip itself resolves these
-    arguments in test_slicer_install.py::test_pip_resolves_onnxruntime_against_slicers_packages."""
+    arguments in test_install.py::test_pip_resolves_onnxruntime_against_slicers_packages."""
     import inspect
 
     confirm = Recorder(True)
@@ -551,7 +551,7 @@ for name in ("torch", "monai"):
         raise SystemExit(name + " is importable: the block does not work")
     except ImportError:
         pass
-sys.path.insert(0, {str(Path(__file__).resolve().parent / "slicer_support")!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent / "support")!r})
 import slicer_app
 slicer = slicer_app.start()
 from LungSeg import LungSegLogic

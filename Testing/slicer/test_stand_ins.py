@@ -1,4 +1,4 @@
-"""The stand-ins in Testing/slicer_support behave as real Slicer does, where the module can tell the difference.
+"""The stand-ins in Testing/slicer/support behave as real Slicer does, where the module can tell the difference.
 
 Each test pins one behaviour against the Slicer/CTK/PythonQt source that the stand-in names:
 - parameterNodeWrapper: Slicer Base/Python/slicer/parameterNodeWrapper/ (wrapper.py, serializers.py,
@@ -28,7 +28,7 @@ from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIR
 
 importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
                                    "Testing/requirements-slicer.txt)")
-sys.path.insert(0, str(Path(__file__).resolve().parent / "slicer_support"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import slicer_app  # noqa: E402
 
 slicer, application = slicer_app.start_gui()

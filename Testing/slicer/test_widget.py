@@ -14,8 +14,8 @@ from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIR
 
 importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test)")
 importorskip("PySide6", reason="PySide6 is not installed (scripts/setup.sh test)")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "Testing" / "slicer_support"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Testing" / "slicer" / "support"))
 import slicer_app  # noqa: E402
 
 slicer, application = slicer_app.start_gui()
@@ -163,7 +163,7 @@ def test_a_second_click_during_installation_does_not_install_again(module_widget
 
 def test_a_failed_installation_names_what_could_not_be_installed(module_widget, monkeypatch):
     """pip's resolution fails (e.g. Python 3.12 on an Intel Mac before macOS 11: no onnxruntime wheel; see
-    test_slicer_install.py): the status line and the error dialog name onnxruntime, and the panel is usable again."""
+    test_install.py): the status line and the error dialog name onnxruntime, and the panel is usable again."""
     import subprocess
 
     widget, _ = module_widget

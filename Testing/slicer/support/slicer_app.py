@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 
 SUPPORT = Path(__file__).resolve().parent
-REPO = SUPPORT.parents[1]
+REPO = SUPPORT.parents[2]
 MODULE_DIR = REPO / "LungSegExtension" / "LungSeg"
 
 
@@ -176,7 +176,7 @@ def load_volume(path: str | Path, name: str | None = None):
 
     slicer-core's ITK has no PNG/JPEG reader, so the pixels come from SimpleITK (the same ITK reader the application
     uses) and the node gets the application's geometry: ITK's LPS grid turned to RAS, RGB as a vector volume, and a
-    storage node naming the file. `test_slicer_logic` checks this against Slicer's own reader on an NRRD copy.
+    storage node naming the file. `slicer/test_logic.py` checks this against Slicer's own reader on an NRRD copy.
     """
     import numpy as np
     import SimpleITK as sitk
@@ -321,7 +321,7 @@ def load_dicom_volume(path: str | Path, name: str | None = None, approach: str =
     - the default name: DICOMPlugin.defaultSeriesNodeName, "SeriesNumber: SeriesDescription" ("Unnamed Series"
       without a description), cleaned by cleanNodeName.
 
-    What slicer-core's reader gives (pinned in Testing/test_slicer_stand_ins.py):
+    What slicer-core's reader gives (pinned in Testing/slicer/test_stand_ins.py):
     - GDCM turns MONOCHROME1 into MONOCHROME2 on read (ITK GDCMImageIO::Read), so the voxels correlate at -1 with
       pydicom's stored `pixel_array`;
     - spacing of CR/DX (ComputedRadiography/DigitalXRay storage): GDCM takes ImagerPixelSpacing (0018,1164) only
