@@ -9,6 +9,7 @@ Markers (pytest.ini): `slicer` (every test under Testing/slicer/) and `data` (ev
 `covid_qu_ex` fixture) are applied here; `data` is explicit on tests that call `shared_set` or read SHARED_DATA
 themselves, and `slow` is explicit. Fast subset, no ../shared needed: pytest Testing -m "not data and not slow".
 """
+
 from __future__ import annotations
 
 import os
@@ -105,8 +106,10 @@ def pytest_collection_modifyitems(config, items):
 def shared_set(name: str) -> Path:
     folder = SHARED_DATA / name
     if not (folder / "images").is_dir():
-        require_or_skip(f"research data set '{name}' not found at {folder} (it lives in ../shared/data on the "
-                        "developers' and CI machines and is never distributed)")
+        require_or_skip(
+            f"research data set '{name}' not found at {folder} (it lives in ../shared/data on the "
+            "developers' and CI machines and is never distributed)"
+        )
     return folder
 
 

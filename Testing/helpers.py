@@ -1,6 +1,7 @@
 """What several test files share (test files never import each other; fixtures and skips live in conftest.py): the
 shipped models' names, the batch's results.csv, synthetic scored rows, the shipped `unet` as a user's own model, an
 image written with its grid, a folder of bad inputs, and the retrocardiac left-lung count."""
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,9 @@ def synthetic_rows(informative: str, n: int = 80, seed: int = 1) -> list[dict]:
         dice = float(rng.uniform(0.80, 0.99))
         features = {name: float(rng.normal()) for name in FEATURES}
         features[informative] = dice + float(rng.normal(0, 0.02))
-        rows.append({"group": f"p{i}", "dice": dice, "perturbation": "", "features": features,
-                     "rules": {"lung-fields": []}})
+        rows.append(
+            {"group": f"p{i}", "dice": dice, "perturbation": "", "features": features, "rules": {"lung-fields": []}}
+        )
     return rows
 
 
@@ -97,5 +99,5 @@ def bad_inputs(tmp_path, gray8, chest_dicom):
 def retrocardiac_left_lung(label: np.ndarray) -> int:
     """Left-lung pixels in the lower medial band of the image's right half, where the heart shadow lies."""
     rows, cols = label.shape
-    band = label[int(0.55 * rows):int(0.9 * rows), int(0.5 * cols):int(0.68 * cols)]
+    band = label[int(0.55 * rows) : int(0.9 * rows), int(0.5 * cols) : int(0.68 * cols)]
     return int((band == LEFT_LUNG).sum())

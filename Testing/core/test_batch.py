@@ -1,4 +1,5 @@
 """Batch segmentation as a product: bad inputs, hard-but-valid inputs, resume after a kill, shards, lists, QC."""
+
 from __future__ import annotations
 
 import csv
@@ -14,15 +15,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from conftest import require_or_skip
 from helpers import bad_inputs
+
+from lungseg.batch.workers import START_METHOD_VARIABLE, start_method
+from lungseg.errors import LungSegError
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.qc.rules import quality_flags
 from lungseg.samples import sample_pngs
-from lungseg.errors import LungSegError
-from lungseg.batch.workers import START_METHOD_VARIABLE, start_method
-
 
 # Every way the batch starts its reader and finisher processes: fork (Linux) and spawn (Windows, macOS), forced here
 START_METHODS = ["fork", "spawn"]
@@ -37,8 +37,14 @@ def cli_env(method: str | None = None) -> dict:
 
 def run_cli(*args, method=None, **kwargs):
     env = cli_env(method)
-    return subprocess.run([sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=900, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "lungseg", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        **kwargs,
+    )
 
 
 def results(out):
@@ -93,11 +99,12 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     (tmp_path / "bad").mkdir()
     bad = bad_inputs(tmp_path / "bad", radiograph, chest_dicom)
     (tmp_path / "odd").mkdir()  # valid, but only the patient's right half: segmented, and flagged for a look
-    one_lung = np.ascontiguousarray(radiograph[:, :radiograph.shape[1] // 2])
+    one_lung = np.ascontiguousarray(radiograph[:, : radiograph.shape[1] // 2])
     sitk.WriteImage(sitk.GetImageFromArray(one_lung), str(tmp_path / "odd" / "one lung.png"))
     out = tmp_path / "out"
-    result = run_cli("segment", good, tmp_path / "bad", tmp_path / "odd", "-o", out, "--batch-size", "3",
-                     "--progress-lines")
+    result = run_cli(
+        "segment", good, tmp_path / "bad", tmp_path / "odd", "-o", out, "--batch-size", "3", "--progress-lines"
+    )
     assert result.returncode == 1, result.stderr
     rows = results(out)
 
@@ -121,12 +128,19 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
     assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
     summary = result.stdout.strip().splitlines()[-1]
     assert f"{len(valid) + 1} of {len(valid) + len(bad) + 1} segmented, {len(bad)} failed" in summary
-    assert summary.endswith(f"; 1 of the folder's {len(valid) + 1} results flagged by QC to check, review page "
-                            f"{out / 'review.html'}"), summary
-    progress = {line.split(" ", 3)[3]: line.split(" ", 3)[2] for line in result.stdout.splitlines()
-                if line.startswith("lungseg-progress ")}  # input: ok, check (flagged by QC) or error
-    assert progress == {**{r["input"]: "ok" for n, r in rows.items() if n in valid},
-                        **{rows[name]["input"]: "error" for name in bad}, odd["input"]: "check"}, progress
+    assert summary.endswith(
+        f"; 1 of the folder's {len(valid) + 1} results flagged by QC to check, review page {out / 'review.html'}"
+    ), summary
+    progress = {
+        line.split(" ", 3)[3]: line.split(" ", 3)[2]
+        for line in result.stdout.splitlines()
+        if line.startswith("lungseg-progress ")
+    }  # input: ok, check (flagged by QC) or error
+    assert progress == {
+        **{r["input"]: "ok" for n, r in rows.items() if n in valid},
+        **{rows[name]["input"]: "error" for name in bad},
+        odd["input"]: "check",
+    }, progress
     assert len(json.loads((out / "results.json").read_text(encoding="utf-8"))) == len(valid) + len(bad) + 1
 
 
@@ -145,8 +159,9 @@ def live_children(pid: int) -> set[int]:
 
 def batch_helpers(pid: int) -> set[int]:
     """The batch's reader and finisher processes: its children, less the resource tracker that spawn starts."""
-    return {child for child in live_children(pid)
-            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()}
+    return {
+        child for child in live_children(pid) if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    }
 
 
 def running(pid: int) -> bool:
@@ -166,8 +181,21 @@ def test_killed_run_resumes_without_loss_or_partial_files(tmp_path, radiograph, 
     for i in range(10):
         sitk.WriteImage(sitk.Cast(big, sitk.sitkUInt8), str(inputs / f"case{i:02d}.png"))
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--overlays",
-            "--batch-size", "1", "--workers", "1", "--progress-lines"]  # a reader and a finisher
+    args = [
+        sys.executable,
+        "-m",
+        "lungseg",
+        "segment",
+        str(inputs),
+        "-o",
+        str(out),
+        "--overlays",
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+        "--progress-lines",
+    ]  # a reader and a finisher
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=cli_env(method))
     first = proc.stdout.readline()
     assert first.startswith("lungseg-progress 1/10 ok"), first
@@ -242,10 +270,28 @@ def test_shards_cover_inputs_without_overlap_and_lists_of_paths(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("# two of them, relative to this file\nin/img1.png\nin/img7.png\n")
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    jobs = {index: subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o",
-                                     str(tmp_path / f"shard{index}"), "--shard", f"{index}/3", "--workers", "0"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for index in (1, 2, 3)}
+    jobs = {
+        index: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lungseg",
+                "segment",
+                str(inputs),
+                "-o",
+                str(tmp_path / f"shard{index}"),
+                "--shard",
+                f"{index}/3",
+                "--workers",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for index in (1, 2, 3)
+    }
     shards = {}
     for index, job in jobs.items():
         stdout, stderr = job.communicate(timeout=900)
@@ -267,8 +313,9 @@ def test_in_shard_puts_every_path_in_exactly_one_shard():
 
     from lungseg.batch.records import in_shard
 
-    paths = [Path(f"/data/set/case{i:04d}.png") for i in range(600)] + \
-            [Path(f"relative/Thorax ü 胸部 {i}.dcm") for i in range(60)]
+    paths = [Path(f"/data/set/case{i:04d}.png") for i in range(600)] + [
+        Path(f"relative/Thorax ü 胸部 {i}.dcm") for i in range(60)
+    ]
     assert all(in_shard(p, None) for p in paths), "no --shard: every input"
     for count in (1, 2, 3, 7):
         shards = [{p for p in paths if in_shard(p, (index, count))} for index in range(1, count + 1)]
@@ -293,8 +340,9 @@ def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom,
     assert (ignored[mirrored > 0] != mirrored[mirrored > 0]).mean() > 0.5
 
     (tmp_path / "masks").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(((normal[:, ::-1] > 0) * 255).astype(np.uint8)),
-                    str(tmp_path / "masks" / "mirrored.png"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(((normal[:, ::-1] > 0) * 255).astype(np.uint8)), str(tmp_path / "masks" / "mirrored.png")
+    )
     summary = evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / "eval", segmenter=segmenter)
     assert summary["images"] == 1 and summary["both_dice"]["mean"] > 0.99
 
@@ -341,13 +389,32 @@ def kill_a_helper_mid_batch(image, inputs: Path, out: Path, helper: str, method:
     inputs.mkdir()
     for i in range(24):
         sitk.WriteImage(image, str(inputs / f"case{i:02d}.png"))
-    proc = subprocess.Popen([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--batch-size",
-                             "1", "--workers", "1", "--progress-lines"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(method))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lungseg",
+            "segment",
+            str(inputs),
+            "-o",
+            str(out),
+            "--batch-size",
+            "1",
+            "--workers",
+            "1",
+            "--progress-lines",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(method),
+    )
     first = proc.stdout.readline()
     assert first.startswith("lungseg-progress 1/24 ok"), first
-    kind = {pid: "reader" if Path(f"/proc/{pid}/comm").read_text().strip() == "lungseg-reader" else "finisher"
-            for pid in batch_helpers(proc.pid)}
+    kind = {
+        pid: "reader" if Path(f"/proc/{pid}/comm").read_text().strip() == "lungseg-reader" else "finisher"
+        for pid in batch_helpers(proc.pid)
+    }
     chosen = [pid for pid, name in kind.items() if name == helper]
     assert len(chosen) == 1, kind
     os.kill(chosen[0], signal.SIGKILL)
@@ -365,8 +432,9 @@ def test_a_reader_process_that_dies_costs_only_the_inputs_it_held(tmp_path, radi
     half sent, and its death was taken for the failure of whichever input was being written. The batch now says a
     reader died, records the inputs it was reading (none if it was idle, at most the 2 it reads ahead) as errors
     that say why, reads the rest with new readers, and a rerun completes those inputs."""
-    big = sitk.Resample(sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0),
-                        [0.25, 0.25])
+    big = sitk.Resample(
+        sitk.GetImageFromArray(radiograph), [1024, 1024], sitk.Transform(), sitk.sitkLinear, (0, 0), [0.25, 0.25]
+    )
     inputs, out = tmp_path / "in", tmp_path / "out"
     stdout, stderr, proc = kill_a_helper_mid_batch(sitk.Cast(big, sitk.sitkUInt8), inputs, out, "reader", method)
     assert "lungseg: a reader process died" in stderr and "a finisher process died" not in stderr, stderr
@@ -405,8 +473,13 @@ def test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again(tmp_
     inputs.mkdir()
     for i in range(8):
         sitk.WriteImage(sitk.GetImageFromArray(radiograph), str(inputs / f"case{i}.png"))
-    run = subprocess.run([sys.executable, "-c", CRASHING_READER, "case3.png", str(inputs), str(out)],
-                         capture_output=True, text=True, env=cli_env("fork"), timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", CRASHING_READER, "case3.png", str(inputs), str(out)],
+        capture_output=True,
+        text=True,
+        env=cli_env("fork"),
+        timeout=300,
+    )
     assert run.returncode == 1, run.stderr
     rows = results(out)
     failed = {name for name, row in rows.items() if row["status"] != "ok"}
@@ -420,8 +493,7 @@ def test_a_finisher_process_that_dies_costs_no_input(tmp_path, radiograph, metho
     shutdown waited on a pipe the reader processes also held. The inputs the pool held are now segmented again
     with new readers and finishers, and the batch completes them all."""
     inputs, out = tmp_path / "in", tmp_path / "out"
-    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.GetImageFromArray(radiograph), inputs, out, "finisher",
-                                                   method)
+    stdout, stderr, proc = kill_a_helper_mid_batch(sitk.GetImageFromArray(radiograph), inputs, out, "finisher", method)
     assert proc.returncode == 0, stderr
     assert "a finisher process died" in stderr and "they are segmented again" in stderr, stderr
     rows = results(out)
@@ -453,15 +525,21 @@ def test_an_input_that_kills_its_finisher_every_time_becomes_an_error(tmp_path, 
         sitk.WriteImage(sitk.GetImageFromArray(radiograph), str(inputs / f"case{i:02d}.png"))
     out = tmp_path / "out"
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", CRASHING_FINISHER, "case04.png", str(inputs), str(out)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", CRASHING_FINISHER, "case04.png", str(inputs), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 1, run.stderr
     assert run.stderr.count("they are segmented again, each finished alone") == 1, run.stderr
     rows = results(out)
     failed = {name for name, row in rows.items() if row["status"] != "ok"}
     assert len(rows) == 10 and failed == {"case04.png"}, rows
-    assert rows["case04.png"]["error"].startswith("not finished: a finisher process died while it held this input "
-                                                  "alone"), rows["case04.png"]
+    assert rows["case04.png"]["error"].startswith(
+        "not finished: a finisher process died while it held this input alone"
+    ), rows["case04.png"]
     assert "a rerun retries it" in rows["case04.png"]["error"]
     assert "9 of 10 segmented, 1 failed" in run.stdout
     assert not [p for p in out.rglob("*") if "partial" in p.name], "no half-written file is left"
@@ -500,8 +578,16 @@ def test_command_line_keeps_freed_memory_for_the_next_forward_pass():
         require_or_skip("glibc malloc tuning applies on Linux only")
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     modes = {"default": [], "keep_freed_memory()": [], "python -m lungseg": ["models", "--json"]}
-    jobs = {mode: subprocess.Popen([sys.executable, "-c", MALLOC_PROBE, mode, *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env) for mode, args in modes.items()}
+    jobs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-c", MALLOC_PROBE, mode, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for mode, args in modes.items()
+    }
     probes = {}
     for mode, job in jobs.items():
         stdout, stderr = job.communicate(timeout=300)
@@ -523,13 +609,35 @@ def test_outputs_are_identical_whether_helpers_are_forked_or_spawned(tmp_path, c
     outputs = {}
     for method in START_METHODS:
         out = tmp_path / method
-        result = run_cli("segment", inputs, "-o", out, "--overlays", "--uncertainty", "--batch-size", "2",
-                         "--workers", "1", method=method)
+        result = run_cli(
+            "segment",
+            inputs,
+            "-o",
+            out,
+            "--overlays",
+            "--uncertainty",
+            "--batch-size",
+            "2",
+            "--workers",
+            "1",
+            method=method,
+        )
         assert result.returncode == 0, result.stderr
-        files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
-                 and p.parent.name != ".lungseg" and p.name not in ("results.csv", "results.json", "review.html")}
-        rows = {name: {k: v for k, v in row.items() if not k.endswith("_ms") and k not in
-                       ("output", "overlay", "uncertainty_map", "thumbnail")} for name, row in results(out).items()}
+        files = {
+            p.relative_to(out): p.read_bytes()
+            for p in out.rglob("*")
+            if p.is_file()
+            and p.parent.name != ".lungseg"
+            and p.name not in ("results.csv", "results.json", "review.html")
+        }
+        rows = {
+            name: {
+                k: v
+                for k, v in row.items()
+                if not k.endswith("_ms") and k not in ("output", "overlay", "uncertainty_map", "thumbnail")
+            }
+            for name, row in results(out).items()
+        }
         outputs[method] = files, rows
     (fork_files, fork_rows), (spawn_files, spawn_rows) = outputs["fork"], outputs["spawn"]
     assert len(fork_files) == 3 * 4, sorted(fork_files)  # labelmap, overlay, uncertainty map and thumbnail each
@@ -558,8 +666,13 @@ def test_batch_runs_where_only_spawn_exists(tmp_path):
     env = cli_env()
     env.pop(START_METHOD_VARIABLE, None)
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-c", SPAWN_ONLY_PLATFORM, str(sample_pngs()[0].parent), str(out)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SPAWN_ONLY_PLATFORM, str(sample_pngs()[0].parent), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     rows = results(out)
     assert len(rows) == 3 and all(row["status"] == "ok" for row in rows.values()), rows
@@ -606,8 +719,13 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_a_crash_has_its_own_exit_status_and_keeps_its_traceback(tmp_path):
     """An unexpected error used to leave with status 1, the status of "some inputs failed", so the Slicer panel
     reported "0 of 0 segmented, 0 failed" for a results file that did not exist."""
-    run = subprocess.run([sys.executable, "-c", CRASHING_COMMAND, "segment", str(sample_pngs()[0]), "-o",
-                          str(tmp_path / "out")], capture_output=True, text=True, env=cli_env(), timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", CRASHING_COMMAND, "segment", str(sample_pngs()[0]), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert run.returncode == 3, (run.returncode, run.stderr)
     assert "Traceback (most recent call last)" in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("lungseg: internal error: MemoryError: no memory left")

@@ -1,4 +1,5 @@
 """The command line: `lungseg segment`, `lungseg evaluate` and `lungseg models`, run as a user runs them."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,14 @@ from lungseg.samples import sample_pngs
 
 def lungseg(*args, cwd=None):
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lungseg", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def read_rows(path):
@@ -54,7 +61,8 @@ def test_segment_folder_with_a_bad_file(tmp_path, chest_dicom):
         assert int(row["right_area_px"]) > 0 and int(row["left_area_px"]) > 0
         assert os.path.exists(row["overlay"])
     assert float(rows["spaced.nrrd"]["right_area_mm2"]) == pytest.approx(
-        int(rows["spaced.nrrd"]["right_area_px"]) * 0.5 * 0.4, abs=0.05)
+        int(rows["spaced.nrrd"]["right_area_px"]) * 0.5 * 0.4, abs=0.05
+    )
     assert rows["cr.dcm"]["right_area_mm2"] == "", "unknown spacing (PixelSpacing 0.000) must not give mm²"
     assert sitk.ReadImage(rows["spaced.nrrd"]["output"]).GetSpacing() == pytest.approx((0.5, 0.4))
     assert not [p for p in out.iterdir() if "partial" in p.name]
@@ -106,7 +114,7 @@ def test_evaluate_writes_per_image_csv_and_summary(tmp_path, jsrt):
     row = TEXT_ROWS + 256 + 4  # a caption (file name, Dice), the image, truth and prediction, a gap
     assert sheet.shape[0] == TEXT_ROWS + 3 * row and sheet.shape[2] == 3, "column titles, then one row per case"
     for top in [0] + [TEXT_ROWS + k * row for k in range(3)]:
-        assert (sheet[top:top + TEXT_ROWS] < 100).any(), f"text at row {top}"
+        assert (sheet[top : top + TEXT_ROWS] < 100).any(), f"text at row {top}"
     assert (sheet[..., 0] != sheet[..., 1]).any(), "the lungs are drawn in colour"
 
 
@@ -128,8 +136,9 @@ def test_definition_picks_the_best_model_of_that_definition(tmp_path, segmenter)
 
     labels = {}
     for definition in ("lung-fields", "full-extent"):
-        result = lungseg("segment", *sample_pngs(), "-o", tmp_path / definition, "--definition", definition,
-                         "--workers", "0")
+        result = lungseg(
+            "segment", *sample_pngs(), "-o", tmp_path / definition, "--definition", definition, "--workers", "0"
+        )
         assert result.returncode == 0, result.stderr
         rows = read_rows(tmp_path / definition / "results.csv")
         assert len(rows) == len(sample_pngs())
@@ -157,8 +166,9 @@ def test_definition_without_a_model_is_a_clear_error(tmp_path, monkeypatch, caps
     cards = [c for c in lungseg.models.cards.list_models() if c.get("definition") != "full-extent"]
     monkeypatch.setattr(lungseg.models.cards, "list_models", lambda: cards)
     monkeypatch.setattr(lungseg.cli, "keep_freed_memory", lambda: False, raising=False)  # not in pytest's process
-    status = lungseg.cli.main(["segment", str(sample_pngs()[0]), "-o", str(tmp_path / "out"),
-                               "--definition", "full-extent", "--workers", "0"])
+    status = lungseg.cli.main(
+        ["segment", str(sample_pngs()[0]), "-o", str(tmp_path / "out"), "--definition", "full-extent", "--workers", "0"]
+    )
     err = capsys.readouterr().err
     assert status == 2, err
     assert "no available model follows the 'full-extent' definition" in err
@@ -181,8 +191,19 @@ def test_segment_saves_probabilities_and_uncertainty_of_nested_inputs(tmp_path, 
     assert list_inputs([inputs]) == [inputs / "top.png"], "without --recursive the subfolders are not searched"
 
     out = tmp_path / "out"
-    result = lungseg("segment", inputs, "-o", out, "--recursive", "--save-probabilities", "--uncertainty",
-                     "--format", "png", "--workers", "0")
+    result = lungseg(
+        "segment",
+        inputs,
+        "-o",
+        out,
+        "--recursive",
+        "--save-probabilities",
+        "--uncertainty",
+        "--format",
+        "png",
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     rows = read_rows(out / "results.csv")
     assert sorted(rows) == ["nested.nrrd", "top.png"]
@@ -217,8 +238,17 @@ def test_evaluate_warns_when_the_truth_follows_another_definition(tmp_path, jsrt
         (data / folder).mkdir(parents=True)
         name = sorted(p.name for p in (jsrt / "images").iterdir())[0]
         os.symlink(jsrt / folder / name, data / folder / name)
-    result = lungseg("evaluate", "--images", data / "images", "--masks", data / "masks", "-o", tmp_path / "ev",
-                     "--truth-definition", "full-extent")
+    result = lungseg(
+        "evaluate",
+        "--images",
+        data / "images",
+        "--masks",
+        data / "masks",
+        "-o",
+        tmp_path / "ev",
+        "--truth-definition",
+        "full-extent",
+    )
     assert result.returncode == 0, result.stderr
     assert "reference masks follow 'full-extent' but model 'unet' segments 'lung-fields'" in result.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())

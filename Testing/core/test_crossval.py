@@ -1,5 +1,6 @@
 """Cross-validation over JSRT (issue 14): stratified folds from the data layer, fold configs, HD95 in mm for files
 without spacing, and scripts/cross_validate.py end to end on a tiny recipe, resumed and re-run."""
+
 from __future__ import annotations
 
 import csv
@@ -11,17 +12,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-
 from conftest import load_script
 from safetensors.torch import load_file
 
 from lungseg.cli import main as cli_main
-from lungseg.training.crossval import fold_config, fold_dir
 from lungseg.errors import LungSegError
-from lungseg.training.export import export_run
 from lungseg.io.labelled import list_cases, read_split_table
 from lungseg.io.selection import assign_folds, entry_cases, fold_assignment
 from lungseg.training.config import load_config
+from lungseg.training.crossval import fold_config, fold_dir
+from lungseg.training.export import export_run
 from lungseg.training.trainer import train
 
 torch.set_num_threads(1)
@@ -42,8 +42,12 @@ def make_set(folder, n, size=64, seed=0):
         left = ((xx - (1 - cx)) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
         image = 180 - 120 * (right | left) + rng.normal(0, 8, right.shape)
         name = f"case{i:02d}.png"
-        for sub, pixels in (("images", np.clip(image, 0, 255)), ("masks", (right | left) * 255),
-                            ("masks_right", right * 255), ("masks_left", left * 255)):
+        for sub, pixels in (
+            ("images", np.clip(image, 0, 255)),
+            ("masks", (right | left) * 255),
+            ("masks_right", right * 255),
+            ("masks_left", left * 255),
+        ):
             sitk.WriteImage(sitk.GetImageFromArray(pixels.astype(np.uint8)), str(folder / sub / name))
         rows.append(f"{name},{'val' if i % 4 == 0 else 'train'},{'nodule' if i % 3 else 'non-nodule'}")
     (folder / "splits.csv").write_text("\n".join(rows) + "\n")
@@ -65,8 +69,13 @@ def test_jsrt_folds_are_a_stratified_balanced_deterministic_partition(jsrt):
 
     root = jsrt.parent
     for fold in range(5):
-        part = {p: {c.image.name for c in entry_cases(root, {"set": "jsrt", "split": JSRT_POOL, "folds": 5,
-                                                              "fold": fold, "part": p})} for p in ("train", "held_out")}
+        part = {
+            p: {
+                c.image.name
+                for c in entry_cases(root, {"set": "jsrt", "split": JSRT_POOL, "folds": 5, "fold": fold, "part": p})
+            }
+            for p in ("train", "held_out")
+        }
         assert not part["train"] & part["held_out"] and part["train"] | part["held_out"] == names
         assert part["held_out"] == {n for n, f in folds.items() if f == fold}
 
@@ -95,16 +104,16 @@ def test_fold_configs_resolve_to_the_folds_cases(jsrt):
         assert [e["set"] for e in cfg["data"]["val"]] == ["covid-qu-ex"]
         assert {c.image.name for c in entry_cases(root, held_out)} == {n for n, f in folds.items() if f == 3}
         assert {c.image.name for c in entry_cases(root, train_entry)} == {n for n, f in folds.items() if f != 3}
-    assert fold_config(load_config("unet-jsrt-cv"), 0, 5) == dict(load_config("unet-jsrt-cv"),
-                                                                  name="unet-jsrt-cv-fold0"), \
-        "the packaged recipe is fold 0 as written"
+    assert fold_config(load_config("unet-jsrt-cv"), 0, 5) == dict(
+        load_config("unet-jsrt-cv"), name="unet-jsrt-cv-fold0"
+    ), "the packaged recipe is fold 0 as written"
 
 
 def test_the_held_out_fold_chooses_nothing(jsrt):
     """nnU-Net style: a fold's held-out images are in neither its training nor its validation selection (which
     picks best.pt and would drive early stopping), and every fold runs the recipe's fixed schedule."""
-    from lungseg.training.crossval import held_out_names
     from lungseg.training.config import training_ended
+    from lungseg.training.crossval import held_out_names
 
     root = jsrt.parent
     for recipe in (load_config("unet-jsrt-cv"), load_config("unet")):
@@ -114,13 +123,18 @@ def test_the_held_out_fold_chooses_nothing(jsrt):
             assert len(held) in (39, 40)
             assert not any(e["set"] == "jsrt" for e in cfg["data"]["val"]), "the held-out fold must not validate"
             for key in ("train", "val"):
-                chosen = {c.image.name for entry in cfg["data"][key] if entry["set"] == "jsrt"
-                          for c in entry_cases(root, entry)}
+                chosen = {
+                    c.image.name
+                    for entry in cfg["data"][key]
+                    if entry["set"] == "jsrt"
+                    for c in entry_cases(root, entry)
+                }
                 assert not chosen & held, (key, fold)
             assert "early_stopping_patience" not in cfg["training"]
             epochs = cfg["training"]["epochs"]
-            assert not training_ended(epochs - 1, epochs - 1, cfg["training"]), \
+            assert not training_ended(epochs - 1, epochs - 1, cfg["training"]), (
                 "no early stopping: a fold that never improved still trains all its epochs"
+            )
 
 
 def test_a_recipe_validating_only_on_the_cross_validated_set_is_refused():
@@ -153,9 +167,9 @@ def test_a_missing_first_stage_is_named(tmp_path):
 
 def test_quality_fitting_scores_a_fold_model_on_its_held_out_fold_only(jsrt):
     """scripts/fit_quality.py --cv-run: a fold model stands in for its recipe on the images it never saw."""
+    from lungseg.models.cards import read_card
     from lungseg.qc.pool import cases_for
     from lungseg.training.crossval import held_out_names
-    from lungseg.models.cards import read_card
 
     fit_quality = load_script("fit_quality")
     root = jsrt.parent
@@ -187,9 +201,25 @@ def test_evaluate_spacing_mm_on_the_command_line(tmp_path):
     summaries = {}
     for option in ([], ["--spacing-mm", "0.7"]):
         out = tmp_path / f"out{len(option)}"
-        assert main(["evaluate", "--images", str(tmp_path / "set" / "images"), "--masks",
-                     str(tmp_path / "set" / "masks"), "--model", "unet", "--device", "cpu", "-o", str(out),
-                     *option]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--images",
+                    str(tmp_path / "set" / "images"),
+                    "--masks",
+                    str(tmp_path / "set" / "masks"),
+                    "--model",
+                    "unet",
+                    "--device",
+                    "cpu",
+                    "-o",
+                    str(out),
+                    *option,
+                ]
+            )
+            == 0
+        )
         summaries[len(option)] = json.loads((out / "summary.json").read_text())
         rows = list(csv.DictReader(open(out / "evaluation.csv")))
         assert {r["hd95_unit"] for r in rows} == {"mm" if option else "px"}
@@ -207,10 +237,14 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     make_set(data / "jsrt", 12)
     make_set(data / "other", 4, seed=1)
     recipe = load_config("unet-jsrt-cv")
-    recipe.update(name="tiny", input_size=64, network={"name": "unet", "params": {"channels": [8, 16, 32],
-                                                                                   "num_res_units": 1}})
-    recipe["data"] = {"root": str(data), "train": [{"set": "jsrt", "split": "train"}],
-                      "val": [{"set": "jsrt", "split": "val"}, {"set": "other", "split": "val"}]}
+    recipe.update(
+        name="tiny", input_size=64, network={"name": "unet", "params": {"channels": [8, 16, 32], "num_res_units": 1}}
+    )
+    recipe["data"] = {
+        "root": str(data),
+        "train": [{"set": "jsrt", "split": "train"}],
+        "val": [{"set": "jsrt", "split": "val"}, {"set": "other", "split": "val"}],
+    }
     recipe["training"].update(epochs=1, samples_per_epoch=8, batch_size=4, num_workers=0, checkpoint_every_steps=1)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     run = tmp_path / "cv"
@@ -218,37 +252,58 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     # fold 0 killed after one of its two steps: the script continues it at that step
     train(fold_config(recipe, 0, 2), data_root=data, out_dir=fold_dir(run, 0), device="cpu", max_steps=1)
     main = cross_validate_script()
-    args = ["--config", str(tmp_path / "tiny.yaml"), "--folds", "2", "-o", str(run), "--data-root", str(data),
-            "--device", "cpu", "--also", "other:val"]
+    args = [
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+        "--folds",
+        "2",
+        "-o",
+        str(run),
+        "--data-root",
+        str(data),
+        "--device",
+        "cpu",
+        "--also",
+        "other:val",
+    ]
     assert main(args) == 0
     assert "resumed from" in (fold_dir(run, 0) / "train.log").read_text()
     assert "step 1" in (fold_dir(run, 0) / "train.log").read_text()
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["complete"] and summary["folds_done"] == [0, 1] and summary["spacing_mm"] == 0.7
     # by default the final weights are scored, and the held-out fold chose nothing
-    assert (summary["weights"], summary["checkpoint"], summary["held_out_used_for_selection"]) == \
-        ("last", "last.pt", False)
+    assert (summary["weights"], summary["checkpoint"], summary["held_out_used_for_selection"]) == (
+        "last",
+        "last.pt",
+        False,
+    )
     assert summary["early_stopping"] is False and summary["selected_on"] is None
     assert "last.pt" in summary["note"] and "not used for training, checkpoint selection" in summary["note"]
     assert "optimistic" not in summary["note"]
     for fold in (0, 1):
         assert json.loads((fold_dir(run, fold) / "cv_fold.json").read_text())["weights"] == "last"
         last = torch.load(fold_dir(run, fold) / "last.pt", weights_only=True)
-        state = json.loads((fold_dir(run, fold) / "model-last" / "tiny-fold{}.json".format(fold)).read_text())
+        state = json.loads((fold_dir(run, fold) / "model-last" / f"tiny-fold{fold}.json").read_text())
         assert state["training"]["best_epoch"] == len(state["training"]["history"]) == last["epoch"]
         (record,) = json.loads((fold_dir(run, fold) / "history.json").read_text())
         assert "test:jsrt/dice_both" in record and "jsrt/dice_both" not in record  # logged, never validated on
         assert record["val_score"] == record["other/dice_both"]
     held = summary["evaluations"]["jsrt/held_out"]
-    assert held["hd95_unit"] == "mm" and held["images"] == 12 and sorted(summary["assignment"]) == \
-        sorted(f"case{i:02d}.png" for i in range(12))
+    assert (
+        held["hd95_unit"] == "mm"
+        and held["images"] == 12
+        and sorted(summary["assignment"]) == sorted(f"case{i:02d}.png" for i in range(12))
+    )
     assert [row["images"] for row in held["per_fold"]] == [6, 6]
     for metric in ("both_dice", "right_dice", "left_dice", "both_hd95"):
         fold_means = [row[metric] for row in held["per_fold"]]
         assert held["across_folds"][metric]["mean"] == pytest.approx(np.mean(fold_means))
         assert held["across_folds"][metric]["sd"] == pytest.approx(np.std(fold_means, ddof=1))
-        per_image = [float(r[metric]) for fold in (0, 1) for r in csv.DictReader(
-            open(fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv"))]
+        per_image = [
+            float(r[metric])
+            for fold in (0, 1)
+            for r in csv.DictReader(open(fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv"))
+        ]
         assert held["pooled_per_image"][metric]["mean"] == pytest.approx(np.mean(per_image))
         assert held["pooled_per_image"][metric]["sd"] == pytest.approx(np.std(per_image))
     other = summary["evaluations"]["other/val"]
@@ -258,8 +313,11 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     assert "Scored, each fold's last.pt" in table and "optimistic" not in table
 
     # a second call trains and scores nothing again
-    stamps = {p: p.stat().st_mtime_ns for fold in (0, 1) for p in (
-        fold_dir(run, fold) / "last.pt", fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv")}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for fold in (0, 1)
+        for p in (fold_dir(run, fold) / "last.pt", fold_dir(run, fold) / "eval-last-jsrt-held_out" / "evaluation.csv")
+    }
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -279,15 +337,37 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     # a second stage (lr 0: its parameters stay where they start; batch-norm statistics still move) starts each
     # fold from that fold's first stage
     stage2 = dict(recipe, name="tiny2")
-    stage2["training"] = dict(recipe["training"], init_from=str(run / "fold-{fold}" / "last.pt"), lr=0.0,
-                              weight_decay=0.0)
+    stage2["training"] = dict(
+        recipe["training"], init_from=str(run / "fold-{fold}" / "last.pt"), lr=0.0, weight_decay=0.0
+    )
     (tmp_path / "tiny2.yaml").write_text(yaml.safe_dump(stage2))
     run2 = tmp_path / "cv2"
-    assert main(["--config", str(tmp_path / "tiny2.yaml"), "--folds", "2", "-o", str(run2), "--data-root",
-                 str(data), "--device", "cpu"]) == 0
-    weights = {(r, fold): {k: v for k, v in torch.load(fold_dir(r, fold) / "last.pt", weights_only=True)["model"]
-                           .items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-               for r in (run, run2) for fold in (0, 1)}
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "tiny2.yaml"),
+                "--folds",
+                "2",
+                "-o",
+                str(run2),
+                "--data-root",
+                str(data),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    weights = {
+        (r, fold): {
+            k: v
+            for k, v in torch.load(fold_dir(r, fold) / "last.pt", weights_only=True)["model"].items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        }
+        for r in (run, run2)
+        for fold in (0, 1)
+    }
     for fold in (0, 1):
         same = weights[run, fold]
         assert all(torch.equal(same[k], v) for k, v in weights[run2, fold].items())
@@ -300,8 +380,9 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     with pytest.raises(LungSegError, match="scored each fold's best.pt; the card's weights are last.pt"):
         export_run(final, tmp_path / "models", device="cpu", weights="last", cross_validation=run / "cv_summary.json")
     assert main(args) == 0  # the summary of the final weights again (scores kept from the first call)
-    card_path = export_run(final, tmp_path / "models", device="cpu", weights="last",
-                           cross_validation=run / "cv_summary.json")
+    card_path = export_run(
+        final, tmp_path / "models", device="cpu", weights="last", cross_validation=run / "cv_summary.json"
+    )
     card = json.loads(card_path.read_text())
     last = torch.load(final / "last.pt", weights_only=True)["model"]
     exported = load_file(str(card_path.with_suffix(".safetensors")))
@@ -309,21 +390,26 @@ def test_cross_validation_runs_resumes_and_skips_finished_folds(tmp_path, monkey
     assert card["training"]["best_epoch"] == card["training"]["epochs_run"] == 1
     recorded = card["cross_validation"]
     assert (recorded["recipe"], recorded["folds"], recorded["weights"]) == ("tiny", 2, "last")
-    assert recorded["evaluations"]["jsrt/held_out"]["across_folds"] == \
-        json.loads((run / "cv_summary.json").read_text())["evaluations"]["jsrt/held_out"]["across_folds"]
+    assert (
+        recorded["evaluations"]["jsrt/held_out"]["across_folds"]
+        == json.loads((run / "cv_summary.json").read_text())["evaluations"]["jsrt/held_out"]["across_folds"]
+    )
     monkeypatch.setenv("LUNGSEG_MODELS_PATH", str(tmp_path / "models"))
     capsys.readouterr()
     assert cli_main(["models"]) == 0
     held = recorded["evaluations"]["jsrt/held_out"]["across_folds"]["both_dice"]
-    assert f"recipe's 2-fold cross-validation, jsrt/held_out: Dice {held['mean']:.4f} ± {held['sd']:.4f}" \
+    assert (
+        f"recipe's 2-fold cross-validation, jsrt/held_out: Dice {held['mean']:.4f} ± {held['sd']:.4f}"
         in capsys.readouterr().out
+    )
 
 
 def test_an_unfinished_cross_validation_is_not_recorded_in_a_card(tmp_path):
     from lungseg.training.export import cross_validation_record
 
-    (tmp_path / "cv_summary.json").write_text(json.dumps({"recipe": "unet-512", "complete": False, "folds": 5,
-                                                          "folds_done": [0, 1]}))
+    (tmp_path / "cv_summary.json").write_text(
+        json.dumps({"recipe": "unet-512", "complete": False, "folds": 5, "folds_done": [0, 1]})
+    )
     with pytest.raises(LungSegError, match=r"only folds \[0, 1\] of 5 are scored"):
         cross_validation_record(tmp_path / "cv_summary.json", "unet-512", "last")
     with pytest.raises(LungSegError, match="no such cross-validation summary"):
@@ -338,4 +424,3 @@ def test_a_fold_folder_refuses_another_recipe(tmp_path, monkeypatch):
     check_run_config(tmp_path, cfg)
     with pytest.raises(LungSegError, match="different config"):
         check_run_config(tmp_path, fold_config(load_config("unet-jsrt-cv"), 1, 4))
-

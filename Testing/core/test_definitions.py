@@ -1,13 +1,14 @@
 """Two lung definitions: the full-extent model covers the retrocardiac lung that lung-field models leave out."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import require_or_skip
 from helpers import retrocardiac_left_lung
-from lungseg.io.radiograph import read_radiograph
+
 from lungseg.inference.labels import LEFT_LUNG
+from lungseg.io.radiograph import read_radiograph
 from lungseg.models.cards import best_model, list_models
 
 
@@ -44,6 +45,7 @@ def test_full_extent_meets_its_target_on_v7_full_val(full_extent, tmp_path):
     image >= 0.88, scored with masks_ignore; the card holds this measurement and the members' recipes. (val also
     chose each member's best epoch and the ensemble, so this guards against regressions, not against optimism.)"""
     from conftest import shared_set
+
     from lungseg.evaluation.evaluate import evaluate
 
     v7 = shared_set("v7-full")
@@ -51,8 +53,7 @@ def test_full_extent_meets_its_target_on_v7_full_val(full_extent, tmp_path):
     assert summary["images"] == 54
     assert summary["both_dice"]["mean"] >= 0.960 and summary["both_dice"]["min"] >= 0.88, summary["both_dice"]
     card = full_extent.card
-    assert summary["both_dice"]["mean"] == pytest.approx(card["metrics"]["v7-full/val"]["both_dice"]["mean"],
-                                                         abs=2e-4)
+    assert summary["both_dice"]["mean"] == pytest.approx(card["metrics"]["v7-full/val"]["both_dice"]["mean"], abs=2e-4)
     members = card["network"]["params"]["members"]
     assert card["network"]["name"] == "ensemble" and [m["input_size"] for m in members] == [256, 384]
     assert [c["input_size"] for c in card["recipe"]["ensemble"]] == [256, 384]
@@ -65,7 +66,7 @@ def test_ignore_masks_count_neither_way():
     truth = np.zeros((64, 64), np.uint8)
     truth[10:50, 8:28], truth[10:50, 36:56] = 1, 2
     pred = truth.copy()
-    pred[50:60, 8:28] = 1          # spills over a pacemaker the annotators could not label
+    pred[50:60, 8:28] = 1  # spills over a pacemaker the annotators could not label
     ignore = np.zeros_like(truth, bool)
     ignore[50:60, :] = True
     assert image_metrics(pred, truth, None)["both_dice"] < 1
@@ -82,10 +83,11 @@ def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
     from pathlib import Path
 
     from conftest import shared_set
-    from lungseg.io.labelled import read_gray
+
     from lungseg.evaluation.evaluate import evaluate
-    from lungseg.inference.labels import merge_sides
     from lungseg.evaluation.metrics import image_metrics
+    from lungseg.inference.labels import merge_sides
+    from lungseg.io.labelled import read_gray
 
     v7 = shared_set("v7-full")
     names = sorted(p.name for p in (v7 / "masks_ignore").iterdir())[:2]
@@ -102,12 +104,16 @@ def test_evaluate_honours_v7_ignore_masks(full_extent, tmp_path):
         image = read_radiograph(tmp_path / "images" / name)
         prediction = full_extent.segment(image.pixels, display_flips=image.display_flips).label
         sided = all((tmp_path / side / name).exists() for side in ("masks_right", "masks_left"))
-        truth = merge_sides(read_gray(tmp_path / "masks_right" / name), read_gray(tmp_path / "masks_left" / name)) \
-            if sided else (read_gray(tmp_path / "masks" / name) > 0).astype(np.uint8)
+        truth = (
+            merge_sides(read_gray(tmp_path / "masks_right" / name), read_gray(tmp_path / "masks_left" / name))
+            if sided
+            else (read_gray(tmp_path / "masks" / name) > 0).astype(np.uint8)
+        )
         ignore = read_gray(tmp_path / "masks_ignore" / name) > 0
         assert int(row["ignored_pixels"]) == int(ignore.sum()) > 0, name
-        expected = image_metrics(prediction, truth, image.spacing, regions=("both", "right", "left") if sided
-                                 else ("both",), ignore=ignore)
+        expected = image_metrics(
+            prediction, truth, image.spacing, regions=("both", "right", "left") if sided else ("both",), ignore=ignore
+        )
         for key, value in expected.items():
             assert float(row[key]) == pytest.approx(value, abs=1e-9, nan_ok=True), (name, key)
         unignored = image_metrics(prediction, truth, image.spacing, regions=("both",))
@@ -128,7 +134,7 @@ def test_ignore_mask_leaves_out_exactly_its_pixels(segmenter, tmp_path):
     prediction = segmenter.segment(read_radiograph(source).pixels).label
     rows = prediction.shape[0]
     device = np.zeros(prediction.shape, bool)
-    device[int(0.55 * rows):int(0.7 * rows), :] = True  # a band across both lungs
+    device[int(0.55 * rows) : int(0.7 * rows), :] = True  # a band across both lungs
     assert (prediction[device] == 1).sum() > 200 and (prediction[device] == LEFT_LUNG).sum() > 200
     truth = np.where(device, 0, prediction)
 
@@ -137,8 +143,11 @@ def test_ignore_mask_leaves_out_exactly_its_pixels(segmenter, tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(tmp_path / folder / name))
 
     def scores(reference, out):
-        for folder, mask in (("masks", reference > 0), ("masks_right", reference == 1),
-                             ("masks_left", reference == LEFT_LUNG)):
+        for folder, mask in (
+            ("masks", reference > 0),
+            ("masks_right", reference == 1),
+            ("masks_left", reference == LEFT_LUNG),
+        ):
             write(folder, source.name, mask)
         return evaluate(tmp_path / "images", tmp_path / "masks", out_dir=tmp_path / out, segmenter=segmenter)
 
@@ -150,7 +159,7 @@ def test_ignore_mask_leaves_out_exactly_its_pixels(segmenter, tmp_path):
         assert perfect[f"{region}_dice"]["mean"] == 1.0, region
         assert perfect[f"{region}_hd95"]["mean"] == 0.0, region
     elsewhere = truth.copy()
-    elsewhere[int(0.3 * rows):int(0.4 * rows)] = 0  # a miss outside the mask still counts
+    elsewhere[int(0.3 * rows) : int(0.4 * rows)] = 0  # a miss outside the mask still counts
     assert scores(elsewhere, "b")["both_dice"]["mean"] < 0.97
     (tmp_path / "masks_ignore" / source.name).unlink()
     assert scores(truth, "c")["both_dice"]["mean"] < 0.97, "without the mask the device band counts"

@@ -1,6 +1,7 @@
 """DICOM inputs as archives hand them over (issue 13): compressed transfer syntaxes, PACS/CD exports with files
 without an extension and a DICOMDIR, and non-image objects (reports, presentation states, segmentations) beside the
 images, which are skipped with a note instead of failing."""
+
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (BasicTextSRStorage, ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage,
-                         generate_uid)
-
 from conftest import importorskip, pydicom_data_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    generate_uid,
+)
+
 from lungseg.io.files import list_inputs
 from lungseg.io.radiograph import ImageReadError, NotAnImageError, non_image_object, read_radiograph
 
@@ -57,8 +62,9 @@ def test_compressed_dicom_reads_like_the_uncompressed_file(tmp_path, kind):
         path = jpeg_lossless_copy(pydicom_data_file("RG1_UNCR.dcm"), tmp_path / "jpeg_lossless.dcm")
     else:
         importorskip("jpeg_ls", reason="pyjpegls (a highdicom dependency) encodes JPEG-LS")
-        path = pydicom_compressed_copy(pydicom_data_file("RG1_UNCR.dcm"), tmp_path / "c.dcm",
-                                       pydicom.uid.JPEGLSLossless)
+        path = pydicom_compressed_copy(
+            pydicom_data_file("RG1_UNCR.dcm"), tmp_path / "c.dcm", pydicom.uid.JPEGLSLossless
+        )
     syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     assert syntax.is_compressed, syntax
     image = read_radiograph(path)
@@ -80,8 +86,18 @@ def dataset(sop_class, modality, study):
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
-    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+    for key in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
         setattr(ds, key, study.get(key, ""))
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber, ds.Modality = generate_uid(), 99, 1, modality
     ds.ContentDate, ds.ContentTime = "20240101", "120000"
@@ -96,8 +112,12 @@ def code(value, scheme, meaning):
 
 def report(study):
     sr = dataset(BasicTextSRStorage, "SR", study)
-    sr.ValueType, sr.ContinuityOfContent, sr.CompletionFlag, sr.VerificationFlag = \
-        "CONTAINER", "SEPARATE", "COMPLETE", "UNVERIFIED"
+    sr.ValueType, sr.ContinuityOfContent, sr.CompletionFlag, sr.VerificationFlag = (
+        "CONTAINER",
+        "SEPARATE",
+        "COMPLETE",
+        "UNVERIFIED",
+    )
     sr.ConceptNameCodeSequence = [code("18748-4", "LN", "Diagnostic imaging report")]
     text = Dataset()
     text.RelationshipType, text.ValueType, text.TextValue = "CONTAINS", "TEXT", "Lungs clear."
@@ -146,8 +166,14 @@ def export(tmp_path_factory):
 
 def test_export_finds_extensionless_dicom_recursively(export):
     found = {p.relative_to(export).as_posix() for p in list_inputs([export], recursive=True)}
-    assert found == {"DICOMDIR", "PT000000/ST000000/SE000000/IM000000", "PT000000/ST000000/SE000001/SR000000",
-                     "PT000000/ST000000/SE000002/PR000000", "more/deeper/chest j2k.dcm", "more/deeper/earlier.seg.dcm"}
+    assert found == {
+        "DICOMDIR",
+        "PT000000/ST000000/SE000000/IM000000",
+        "PT000000/ST000000/SE000001/SR000000",
+        "PT000000/ST000000/SE000002/PR000000",
+        "more/deeper/chest j2k.dcm",
+        "more/deeper/earlier.seg.dcm",
+    }
     assert {p.name for p in list_inputs([export])} == {"DICOMDIR"}, "without --recursive only the top folder"
 
 
@@ -155,9 +181,14 @@ def test_non_image_objects_are_named_by_their_sop_class(export):
     kinds = {}
     for path in list_inputs([export], recursive=True):
         kinds[path.name] = non_image_object(pydicom.dcmread(path, stop_before_pixels=True, force=True))
-    assert kinds == {"DICOMDIR": "Media Storage Directory Storage", "IM000000": None,
-                     "SR000000": "Basic Text SR Storage", "PR000000": "Grayscale Softcopy Presentation State Storage",
-                     "chest j2k.dcm": None, "earlier.seg.dcm": "Segmentation Storage"}
+    assert kinds == {
+        "DICOMDIR": "Media Storage Directory Storage",
+        "IM000000": None,
+        "SR000000": "Basic Text SR Storage",
+        "PR000000": "Grayscale Softcopy Presentation State Storage",
+        "chest j2k.dcm": None,
+        "earlier.seg.dcm": "Segmentation Storage",
+    }
     with pytest.raises(NotAnImageError, match="not an image: a DICOM Basic Text SR Storage object"):
         read_radiograph(export / "PT000000" / "ST000000" / "SE000001" / "SR000000")
     assert issubclass(NotAnImageError, ImageReadError)
@@ -178,16 +209,24 @@ def test_non_image_objects_are_skipped_also_when_writing_dicom_seg(export):
 def test_batch_over_an_export_skips_non_images_with_a_note(export, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "lungseg", "segment", str(export), "--recursive", "-o", str(out)],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "lungseg", "segment", str(export), "--recursive", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr  # skipped objects are not failures
     assert "2 of 2 segmented, 0 failed, 4 non-image DICOM objects skipped" in result.stdout
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         rows = {os.path.basename(r["input"]): r for r in csv.DictReader(f)}
     assert set(rows) == {"DICOMDIR", "IM000000", "SR000000", "PR000000", "chest j2k.dcm", "earlier.seg.dcm"}
-    for name, kind in (("DICOMDIR", "Media Storage Directory Storage"), ("SR000000", "Basic Text SR Storage"),
-                       ("PR000000", "Grayscale Softcopy Presentation State Storage"),
-                       ("earlier.seg.dcm", "Segmentation Storage")):
+    for name, kind in (
+        ("DICOMDIR", "Media Storage Directory Storage"),
+        ("SR000000", "Basic Text SR Storage"),
+        ("PR000000", "Grayscale Softcopy Presentation State Storage"),
+        ("earlier.seg.dcm", "Segmentation Storage"),
+    ):
         assert rows[name]["status"] == "skipped", rows[name]
         assert rows[name]["error"] == f"not an image: a DICOM {kind} object"
         assert name not in result.stderr, "a skip is a note in results.csv, not an error message"

@@ -5,6 +5,7 @@ RG1_J2KI lossy), a DX stored mirrored (PatientOrientation R/F, ImagerPixelSpacin
 module (orientation, position, frame of reference), plus a PNG that must fail alone. A second batch writes LungSeg's
 own NRRD labelmaps of the same DICOM files: highdicom's reader must give the same masks, pixel for pixel.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from conftest import importorskip, pydicom_data_file, require_or_skip
+
 from lungseg.definitions import LEFT_LUNG, LUNG_CATEGORY, LUNG_LATERALITY, LUNG_SEGMENT_NAMES, LUNG_TYPE, RIGHT_LUNG
 from lungseg.samples import sample_pngs
 
@@ -31,8 +32,9 @@ DX_SPACING = [0.15, 0.16]  # (row, column) mm
 
 def run_cli(*args):
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lungseg", *map(str, args)], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def rows_of(out):
@@ -99,8 +101,9 @@ def lung_masks(seg_file, source_uid):
     seg = hd.seg.segread(seg_file)
     numbers = {value: seg.get_segment_numbers(segment_label=name) for value, name in LUNG_SEGMENT_NAMES.items()}
     assert all(len(n) == 1 for n in numbers.values()), numbers
-    pixels = seg.get_pixels_by_source_instance([source_uid], segment_numbers=[numbers[RIGHT_LUNG][0],
-                                                                              numbers[LEFT_LUNG][0]])
+    pixels = seg.get_pixels_by_source_instance(
+        [source_uid], segment_numbers=[numbers[RIGHT_LUNG][0], numbers[LEFT_LUNG][0]]
+    )
     assert pixels.shape[0] == 1 and pixels.shape[-1] == 2
     return {RIGHT_LUNG: pixels[0, ..., 0].astype(bool), LEFT_LUNG: pixels[0, ..., 1].astype(bool)}
 
@@ -134,8 +137,9 @@ def test_seg_references_its_source_and_names_the_algorithm(batches, name):
 
     (series,) = seg.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == source.SeriesInstanceUID
-    assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series.ReferencedInstanceSequence] == \
-        [(source.SOPClassUID, source.SOPInstanceUID)]
+    assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series.ReferencedInstanceSequence] == [
+        (source.SOPClassUID, source.SOPInstanceUID)
+    ]
     assert [r.ReferencedSOPInstanceUID for r in seg.SourceImageSequence] == [source.SOPInstanceUID]
     frames = seg.PerFrameFunctionalGroupsSequence
     assert int(seg.NumberOfFrames) == len(frames) == 2
@@ -149,8 +153,9 @@ def test_seg_references_its_source_and_names_the_algorithm(batches, name):
     shared = seg.SharedFunctionalGroupsSequence[0]
     if "FrameOfReferenceUID" in source:
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
-        assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == \
-            [float(v) for v in source.ImageOrientationPatient]
+        assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
+            float(v) for v in source.ImageOrientationPatient
+        ]
     else:
         assert "FrameOfReferenceUID" not in seg, "a CR without a frame of reference must not get an invented one"
     if name in CR_FILES:  # PixelSpacing "0.000": unknown, so not copied
@@ -176,6 +181,7 @@ def test_seg_references_its_source_and_names_the_algorithm(batches, name):
 def test_mirrored_dx_keeps_the_patients_right_lung_as_right_lung(batches):
     """The mirrored DX stores the patient's right on the image's right; its "Right lung" must be there too, and be
     the normal CR's "Right lung" mirrored."""
+
     def masks(name):
         uid = pydicom.dcmread(batches[0] / name, stop_before_pixels=True).SOPInstanceUID
         return lung_masks(seg_path(batches, name), uid)
@@ -203,8 +209,9 @@ def test_a_non_dicom_input_fails_alone(batches):
 
 def dcmqi_tool():
     importorskip("dcmqi")
-    tool = shutil.which("segimage2itkimage", path=os.path.dirname(sys.executable) + os.pathsep
-                        + os.environ.get("PATH", ""))
+    tool = shutil.which(
+        "segimage2itkimage", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
     if tool is None:
         require_or_skip("dcmqi's segimage2itkimage is not on the PATH")
     return tool
@@ -212,9 +219,21 @@ def dcmqi_tool():
 
 def test_dcmqi_reads_the_seg_of_an_oriented_source_back_to_the_same_labelmap(batches, tmp_path):
     tool = dcmqi_tool()
-    result = subprocess.run([tool, "--inputDICOM", seg_path(batches, "oriented_dx.dcm"), "--outputDirectory",
-                             str(tmp_path), "--outputType", "nrrd", "--mergeSegments"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            tool,
+            "--inputDICOM",
+            seg_path(batches, "oriented_dx.dcm"),
+            "--outputDirectory",
+            str(tmp_path),
+            "--outputType",
+            "nrrd",
+            "--mergeSegments",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (merged,) = tmp_path.glob("*.nrrd")
     image = sitk.ReadImage(str(merged))
@@ -231,9 +250,21 @@ def test_dcmqi_cannot_read_a_seg_whose_source_has_no_orientation(batches, tmp_pa
     """The limitation the README states: a CR (no Image Plane module) gives a SEG without plane orientation, which
     dcmqi, and so Slicer's QuantitativeReporting, refuses; highdicom reads it (the tests above)."""
     tool = dcmqi_tool()
-    result = subprocess.run([tool, "--inputDICOM", seg_path(batches, "rg1_uncr.dcm"), "--outputDirectory",
-                             str(tmp_path), "--outputType", "nrrd", "--mergeSegments"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            tool,
+            "--inputDICOM",
+            seg_path(batches, "rg1_uncr.dcm"),
+            "--outputDirectory",
+            str(tmp_path),
+            "--outputType",
+            "nrrd",
+            "--mergeSegments",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Plane Orientation (Patient) is missing" in result.stdout + result.stderr
 

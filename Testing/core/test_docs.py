@@ -1,13 +1,14 @@
 """The documentation's numbers are the shipped files': the QC tables and the README's QC summary are the cards', the
 model tables' validation Dice are the cards', the extension README's weights size is the shipped weights', and every
 relative link of the Markdown files points to a file (and a heading) that exists."""
+
 from __future__ import annotations
 
 import re
 
 import pytest
-
 from conftest import REPO, load_script
+
 from lungseg.models.cards import PACKAGE_MODELS, read_card
 
 SHIPPED = sorted(p.stem for p in PACKAGE_MODELS.glob("*.json"))
@@ -41,8 +42,10 @@ def test_the_qc_tables_in_the_qc_record_and_the_readme_summary_are_the_cards():
 
     covid = next(row.split(" | ") for row in both if row.startswith("| covid-qu-ex | default |"))
     flagged, recall = re.fullmatch(r"(\d+) \(([\d.]+)\)", covid[5]).groups()
-    summary = f"it flags {flagged} of {covid[4]} failures (Dice < 0.90; recall {recall}) at " \
-              f"{covid[6].rstrip('%')} % false flags"
+    summary = (
+        f"it flags {flagged} of {covid[4]} failures (Dice < 0.90; recall {recall}) at "
+        f"{covid[6].rstrip('%')} % false flags"
+    )
     assert summary in flat(README), summary
 
 

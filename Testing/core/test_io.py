@@ -1,12 +1,13 @@
 """Reading every supported format, keeping the pixel grid, DICOM policy, and clear errors for bad files."""
+
 from __future__ import annotations
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from helpers import bad_inputs, write_image
+
 from lungseg.io.radiograph import ImageReadError, read_radiograph, write_labelmap
 from lungseg.samples import sample_pngs
 
@@ -24,15 +25,34 @@ def _variants(gray8):
     rgb = np.stack([gray8] * 3, axis=-1)
     rgba = np.concatenate([rgb, np.full(gray8.shape + (1,), 255, np.uint8)], axis=-1)
     return {
-        "gray8.png": (gray8, False, None), "gray16.png": (gray16, False, None), "rgb.png": (rgb, True, None),
-        "rgba.png": (rgba, True, None), "gray.jpg": (gray8, False, None), "gray16.tif": (gray16, False, None),
-        "rgb.bmp": (rgb, True, None), "spaced.nrrd": (gray16, False, SPACING), "spaced.mha": (gray8, False, SPACING),
+        "gray8.png": (gray8, False, None),
+        "gray16.png": (gray16, False, None),
+        "rgb.png": (rgb, True, None),
+        "rgba.png": (rgba, True, None),
+        "gray.jpg": (gray8, False, None),
+        "gray16.tif": (gray16, False, None),
+        "rgb.bmp": (rgb, True, None),
+        "spaced.nrrd": (gray16, False, SPACING),
+        "spaced.mha": (gray8, False, SPACING),
         "spaced.nii.gz": (gray8.astype(np.int16) * 100, False, SPACING),
     }
 
 
-@pytest.mark.parametrize("name", ["gray8.png", "gray16.png", "rgb.png", "rgba.png", "gray.jpg", "gray16.tif",
-                                  "rgb.bmp", "spaced.nrrd", "spaced.mha", "spaced.nii.gz"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gray8.png",
+        "gray16.png",
+        "rgb.png",
+        "rgba.png",
+        "gray.jpg",
+        "gray16.tif",
+        "rgb.bmp",
+        "spaced.nrrd",
+        "spaced.mha",
+        "spaced.nii.gz",
+    ],
+)
 def test_formats_read_as_gray_and_labelmaps_round_trip(tmp_path, gray8, name):
     array, vector, spacing = _variants(gray8)[name]
     path = tmp_path / name

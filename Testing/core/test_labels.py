@@ -1,10 +1,11 @@
 """Left/right derivation from merged masks and per-lung clean-up."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from lungseg.io.labelled import list_cases, read_gray
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG, clean_labelmap, merge_sides, split_left_right
+from lungseg.io.labelled import list_cases, read_gray
 
 
 def _dice(a, b):
@@ -36,9 +37,9 @@ def test_clean_keeps_one_component_per_lung_and_fills_holes():
     label = np.zeros((80, 100), np.uint8)
     label[10:70, 10:45] = RIGHT_LUNG
     label[10:70, 55:90] = LEFT_LUNG
-    label[30:35, 20:25] = 0            # hole in the right lung
-    label[2:5, 2:5] = LEFT_LUNG        # stray speck of "left lung" on the right side
-    label[75:78, 80:83] = RIGHT_LUNG   # stray speck of "right lung"
+    label[30:35, 20:25] = 0  # hole in the right lung
+    label[2:5, 2:5] = LEFT_LUNG  # stray speck of "left lung" on the right side
+    label[75:78, 80:83] = RIGHT_LUNG  # stray speck of "right lung"
     out = clean_labelmap(label)
     assert (out[30:35, 20:25] == RIGHT_LUNG).all()
     assert (out[2:5, 2:5] == 0).all() and (out[75:78, 80:83] == 0).all()
@@ -71,8 +72,10 @@ def test_clean_matches_monai_and_scipy_on_random_masks():
         label = ((rng.random(shape) < rng.uniform(0.2, 0.8)) * rng.integers(1, 3, shape)).astype(np.uint8)
         if rng.random() < 0.7:
             label = ndimage.median_filter(label, 3)
-        sizes = [np.sort(np.bincount(ndimage.label(label == v, structure=EIGHT_CONNECTED)[0].ravel())[1:])
-                 for v in (RIGHT_LUNG, LEFT_LUNG)]
+        sizes = [
+            np.sort(np.bincount(ndimage.label(label == v, structure=EIGHT_CONNECTED)[0].ravel())[1:])
+            for v in (RIGHT_LUNG, LEFT_LUNG)
+        ]
         if any(len(s) > 1 and s[-1] == s[-2] for s in sizes):
             continue  # two largest components of equal size: either is right
         np.testing.assert_array_equal(clean_labelmap(label), _reference_clean(label))

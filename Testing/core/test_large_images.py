@@ -1,5 +1,6 @@
 """Decompression bombs and huge images (issue 13): the size comes from the header, and an image above the pixel limit
 is refused before any large allocation; real radiographs of 4892x4020 16-bit pixels still segment."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from conftest import pydicom_data_file, require_or_skip
+
 from lungseg.io.radiograph import DEFAULT_MAX_PIXELS, ImageReadError, read_radiograph
 from lungseg.samples import sample_pngs
 
@@ -27,6 +28,7 @@ BIG_ROWS, BIG_COLUMNS = 4892, 4020
 def bomb_png(path, width=BOMB_SIDE, height=BOMB_SIDE, rows_per_block=32):
     """A valid 8-bit gray PNG of width x height zeros, 1.6 MB on disk: its zlib stream repeats one fully flushed
     deflate block of `rows_per_block` zero rows (filter byte and pixels), so it is written in milliseconds."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -37,8 +39,12 @@ def bomb_png(path, width=BOMB_SIDE, height=BOMB_SIDE, rows_per_block=32):
     end = tail.compress(b"\0" * ((width + 1) * rest)) + tail.flush()
     adler = (((width + 1) * height % 65521) << 16) | 1  # Adler-32 of that many zero bytes
     idat = b"\x78\xda" + block * full + end + struct.pack(">I", adler)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -61,8 +67,14 @@ def big_radiograph(path):
     """The real CR upsampled to 4892 rows x 4020 columns of 16-bit pixels (39 MB), with a detector spacing."""
     ds = pydicom.dcmread(chest_cr())
     source = sitk.GetImageFromArray(ds.pixel_array.astype(np.float32))
-    big = sitk.Resample(source, [BIG_COLUMNS, BIG_ROWS], sitk.Transform(), sitk.sitkLinear, (0, 0),
-                        [ds.Columns / BIG_COLUMNS, ds.Rows / BIG_ROWS])
+    big = sitk.Resample(
+        source,
+        [BIG_COLUMNS, BIG_ROWS],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        (0, 0),
+        [ds.Columns / BIG_COLUMNS, ds.Rows / BIG_ROWS],
+    )
     ds.PixelData = np.round(sitk.GetArrayFromImage(big)).astype(np.uint16).tobytes()
     ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = BIG_ROWS, BIG_COLUMNS, 16, 15
     ds.ImagerPixelSpacing = [0.0875, 0.0875]
@@ -103,8 +115,8 @@ def test_header_size_is_checked_before_decoding(tmp_path, make, name):
 
 
 def test_the_limit_admits_real_radiographs_and_can_be_changed(tmp_path):
-    from lungseg.cli import parser
     from lungseg.batch.reader import read_input
+    from lungseg.cli import parser
 
     assert BIG_ROWS * BIG_COLUMNS < DEFAULT_MAX_PIXELS
     cr = chest_cr()  # 1955 x 1841 = 3.6 Mpx
@@ -181,11 +193,14 @@ def test_bombs_and_huge_radiographs_in_one_batch_with_two_workers(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    status, stdout, stderr, peak = run_measured([sys.executable, "-m", "lungseg", "segment", str(inputs), "-o",
-                                                 str(out), "--workers", "2"], env)
+    status, stdout, stderr, peak = run_measured(
+        [sys.executable, "-m", "lungseg", "segment", str(inputs), "-o", str(out), "--workers", "2"], env
+    )
     seconds = time.perf_counter() - t0
-    print(f"bomb batch: peak PSS sum {peak['pss'] / 2**20:.0f} MiB, peak RSS sum {peak['rss'] / 2**20:.0f} MiB, "
-          f"{peak['processes']} processes, {seconds:.1f} s")
+    print(
+        f"bomb batch: peak PSS sum {peak['pss'] / 2**20:.0f} MiB, peak RSS sum {peak['rss'] / 2**20:.0f} MiB, "
+        f"{peak['processes']} processes, {seconds:.1f} s"
+    )
     assert status == 1, stderr
     assert "3 of 6 segmented, 3 failed" in stdout
     assert peak["processes"] >= 3, "the workers were measured"

@@ -1,4 +1,5 @@
 """The shipped model: safe loading with a checksum, accuracy on JSRT val, and left/right on real radiographs."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pytest
 
 from lungseg.errors import LungSegError
 from lungseg.evaluation.evaluate import evaluate
-from lungseg.io.radiograph import read_radiograph
 from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
+from lungseg.io.radiograph import read_radiograph
 from lungseg.models.cards import list_models, load_graphs, load_network, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
@@ -114,10 +115,16 @@ def test_resizing_samples_as_torch_does():
     from lungseg.inference.preprocess import resize
 
     rng = np.random.default_rng(0)
-    for source, target in [((1024, 900), (256, 256)), ((256, 256), (384, 384)), ((200, 300), (256, 256)),
-                           ((256, 256), (183, 91)), ((512, 512), (384, 384))]:
+    for source, target in [
+        ((1024, 900), (256, 256)),
+        ((256, 256), (384, 384)),
+        ((200, 300), (256, 256)),
+        ((256, 256), (183, 91)),
+        ((512, 512), (384, 384)),
+    ]:
         x = rng.random(source, dtype=np.float32)
         for antialias in (True, False):
-            expected = F.interpolate(torch.from_numpy(x)[None, None], size=target, mode="bilinear",
-                                     align_corners=False, antialias=antialias)[0, 0].numpy()
+            expected = F.interpolate(
+                torch.from_numpy(x)[None, None], size=target, mode="bilinear", align_corners=False, antialias=antialias
+            )[0, 0].numpy()
             np.testing.assert_allclose(resize(x, target, antialias), expected, atol=1e-4, rtol=0)

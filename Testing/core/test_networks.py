@@ -1,20 +1,26 @@
 """The network registry and the parts of the probabilistic U-Net."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lungseg.errors import LungSegError
-from lungseg.training.losses import build_loss
 from lungseg.nets.networks import NETWORKS, build_network, predict_logits
-from lungseg.training.losses import training_loss
+from lungseg.training.losses import build_loss, training_loss
 
-SMALL = {"unet": {"channels": [8, 16, 32]},
-         "unetpp": {"features": [8, 8, 16, 32, 64, 8]},
-         "prob_unet": {"channels": [8, 16, 32], "encoder_channels": [8, 16], "feature_channels": 8}}
+SMALL = {
+    "unet": {"channels": [8, 16, 32]},
+    "unetpp": {"features": [8, 8, 16, 32, 64, 8]},
+    "prob_unet": {"channels": [8, 16, 32], "encoder_channels": [8, 16], "feature_channels": 8},
+}
 # an ensemble of two of them, one trained at another size (UNet++'s deep supervision: its full-depth output is used)
-SMALL["ensemble"] = {"members": [dict(name="unet", params=SMALL["unet"], input_size=64),
-                                 dict(name="unetpp", params=SMALL["unetpp"], input_size=32)]}
+SMALL["ensemble"] = {
+    "members": [
+        dict(name="unet", params=SMALL["unet"], input_size=64),
+        dict(name="unetpp", params=SMALL["unetpp"], input_size=32),
+    ]
+}
 
 
 def test_registry_builds_every_network_from_parameters():

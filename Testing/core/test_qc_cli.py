@@ -1,5 +1,6 @@
 """QC on the command line: `lungseg evaluate` reports QC accuracy beside the Dice, and `lungseg fit-qc` fits a
 user's own model."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from helpers import SHIPPED, users_model
+
 from lungseg.models.cards import read_card, sha256_of
 from lungseg.qc import selection
 from lungseg.qc.model import assess
@@ -68,15 +69,16 @@ def with_two_unusable_images(jsrt, tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_the_other_half(
-        tmp_path, jsrt, monkeypatch, capsys):
+    tmp_path, jsrt, monkeypatch, capsys
+):
     """`lungseg fit-qc --write`: the model's QC is fitted on one half of the labelled images it never trained on
     (JSRT val: the card names JSRT train as its training data) and their degraded copies, measured on the other
     half, and stored in its card, whose weights stay as they were; the batch then uses it. A second `--write`
     would replace it, so it is refused before any segmenting unless `--overwrite` says so. Images that cannot be
     used are named with their problem and left out, and the exit status says so."""
     from lungseg.cli import main
-    from lungseg.io.labelled import list_cases
     from lungseg.inference.segmenter import Segmenter
+    from lungseg.io.labelled import list_cases
 
     card_path = users_model(tmp_path)
     weights = sha256_of(card_path.with_suffix(".safetensors"))
@@ -87,17 +89,36 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert all("QC: predicted quality fitted" in listed[name] for name in SHIPPED)
     report = tmp_path / "qc.json"
     data = with_two_unusable_images(jsrt, tmp_path)
-    assert main(["fit-qc", "--model", str(card_path), "--data", str(data), "--perturbations", "2", "--uncertainty",
-                 "--write", "--report", str(report)]) == 1
+    assert (
+        main(
+            [
+                "fit-qc",
+                "--model",
+                str(card_path),
+                "--data",
+                str(data),
+                "--perturbations",
+                "2",
+                "--uncertainty",
+                "--write",
+                "--report",
+                str(report),
+            ]
+        )
+        == 1
+    )
     out, err = capsys.readouterr()
     assert f"lungseg: error: {data / 'images' / 'broken.png'}: cannot be read as an image" in err
-    assert f"lungseg: error: {data / 'masks' / 'small-mask.png'}: the reference is 100x100 pixels but the image " \
-           "small-mask.png is 512x512" in err
+    assert (
+        f"lungseg: error: {data / 'masks' / 'small-mask.png'}: the reference is 100x100 pixels but the image "
+        "small-mask.png is 512x512" in err
+    )
     assert "2 labelled image(s) could not be used and were left out" in err
     stored = json.loads(card_path.read_text())
     block = stored["qc"]
     assert block == json.loads(report.read_text()) and stored["sha256"] == weights == sha256_of(
-        card_path.with_suffix(".safetensors")), "only the qc block was added"
+        card_path.with_suffix(".safetensors")
+    ), "only the qc block was added"
     assert list(block["modes"]) == list(block["validation"]) == ["default", "uncertainty"]
     assert 0.5 <= block["threshold"] == block["modes"]["default"]["threshold"] < 1
     val = [c.image.name for c in list_cases(jsrt, "val")]
@@ -111,10 +132,13 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
         assert measured["jsrt (perturbed)"]["qc"]["images"] == 2 * len(held_out)
         assert fitted["images"] == 3 * (len(val) - len(held_out))
         assert fitted["perturbed"] == 2 * (len(val) - len(held_out))
-        assert f"boundary{selection.WITH_EDGES}" in fitted["cross_validated_spearman"], \
+        assert f"boundary{selection.WITH_EDGES}" in fitted["cross_validated_spearman"], (
             "the rows carry the image's edges, so the fit tries them"
-        assert f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} " \
-               "results)" in out
+        )
+        assert (
+            f"{mode} mode, threshold {block['modes'][mode]['threshold']:.3f}, held-out jsrt ({len(held_out)} "
+            "results)" in out
+        )
     assert "wrote the QC" in out
     assert "too few reference masks in the fit half for a shape prior" in out  # 11 of JSRT val's 22; 20 are needed
     assert "the image's edges were a candidate" in out
@@ -127,8 +151,10 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
         assert assessment.threshold == block["modes"][mode]["threshold"]
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
-    assert f"QC: predicted quality fitted {block['fitted']} (default, uncertainty modes), threshold " \
-           f"{block['threshold']:.3f}" in listed
+    assert (
+        f"QC: predicted quality fitted {block['fitted']} (default, uncertainty modes), threshold "
+        f"{block['threshold']:.3f}" in listed
+    )
     assert "QC: rules only" not in listed
 
     before = card_path.read_text()
@@ -137,7 +163,8 @@ def test_fit_qc_fits_a_users_model_on_images_it_never_trained_on_and_measures_th
     assert str(card_path) in err and "--overwrite" in err and "segmenting" not in err
     assert card_path.read_text() == before
     assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--split", "train"]) == 2
-    assert "every labelled image of split 'train' is in a split that model 'my-unet' trained on" in \
-        capsys.readouterr().err, "a fit on the images the model learned would flag nothing it gets wrong elsewhere"
+    assert (
+        "every labelled image of split 'train' is in a split that model 'my-unet' trained on" in capsys.readouterr().err
+    ), "a fit on the images the model learned would flag nothing it gets wrong elsewhere"
     assert main(["fit-qc", "--model", str(card_path), "--data", str(jsrt), "--split", "tset"]) == 2
     assert "no labelled image is in split 'tset' (splits.csv names train, val)" in capsys.readouterr().err

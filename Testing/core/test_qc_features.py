@@ -1,6 +1,7 @@
 """The predicted quality's features and `assess` at run time (`lungseg.qc.features`, `lungseg.qc.model`): the
 shape prior, the image's edges, an ensemble's members, one function for the batch and the Slicer module, and
 inputs that are not chest radiographs."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,21 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import importorskip, pydicom_data_file
 from helpers import SHIPPED, results_rows, synthetic_rows, users_model
+
 from lungseg.errors import LungSegError
 from lungseg.evaluation.metrics import both_lung_dice
 from lungseg.models.cards import read_card
 from lungseg.qc import selection
-from lungseg.qc.features import (FEATURE_SETS, FEATURES, MEMBER_FEATURES, PRIOR_FEATURE, UNCERTAINTY_FEATURES,
-                                 quality_features)
+from lungseg.qc.features import (
+    FEATURE_SETS,
+    FEATURES,
+    MEMBER_FEATURES,
+    PRIOR_FEATURE,
+    UNCERTAINTY_FEATURES,
+    quality_features,
+)
 from lungseg.qc.fit import fit_qc_mode
 from lungseg.qc.model import assess, quality_model
 from lungseg.samples import sample_pngs
@@ -30,19 +37,20 @@ def bitten(label: np.ndarray) -> np.ndarray:
 
     rows, cols = np.nonzero(label == LEFT_LUNG)
     out = label.copy()
-    corner = out[(rows.min() + rows.max()) // 2:, (2 * cols.min() + cols.max()) // 3:]
+    corner = out[(rows.min() + rows.max()) // 2 :, (2 * cols.min() + cols.max()) // 3 :]
     corner[corner == LEFT_LUNG] = 0
     return out
 
 
 def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_reads_it_where_it_ranks_best(
-        jsrt, segmenter):
+    jsrt, segmenter
+):
     """The shape prior: the principal modes of the reference lungs' shapes (each scaled to its box) that the fit
     half holds. A held-out reference lies close to them, the same lung with its base bitten off further, and a lost
     lung furthest. Where that distance is what tells the failures apart, the fit reads it (a WITH_PRIOR set), the
     card's mode stores the prior, and `assess` computes the distance as the fit did."""
-    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.qc.features import fit_shape_prior, lung_shapes, shape_prior_distance
     from lungseg.qc.model import QualityModel
 
@@ -53,19 +61,33 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
         normal = shape_prior_distance(lung_shapes(label), prior)
         lost = label.copy()
         lost[lost == LEFT_LUNG] = 0
-        assert normal < shape_prior_distance(lung_shapes(bitten(label)), prior) < \
-            shape_prior_distance(lung_shapes(lost), prior)
+        assert (
+            normal
+            < shape_prior_distance(lung_shapes(bitten(label)), prior)
+            < shape_prior_distance(lung_shapes(lost), prior)
+        )
 
     rng = np.random.default_rng(0)
     pool = []
     for i, label in enumerate(labels):
         prediction = bitten(label) if i % 3 == 0 else label  # the failures differ from the good results in shape
-        pool.append({"image": f"i{i}.png", "group": f"p{i}", "half": "fit" if i < 60 else "measure", "role": "own",
-                     "source": "m", "dataset": "jsrt", "in_domain": True, "perturbation": "",
-                     "dice": both_lung_dice(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
-                     "features": {name: float(rng.normal()) for name in FEATURES},  # noise
-                     "rules": {"lung-fields": []}, "shapes": lung_shapes(prediction).astype(np.float16),
-                     "reference_shapes": lung_shapes(label).astype(np.float16)})
+        pool.append(
+            {
+                "image": f"i{i}.png",
+                "group": f"p{i}",
+                "half": "fit" if i < 60 else "measure",
+                "role": "own",
+                "source": "m",
+                "dataset": "jsrt",
+                "in_domain": True,
+                "perturbation": "",
+                "dice": both_lung_dice(prediction, label) - (0.08 if i % 3 == 0 else 0.0),
+                "features": {name: float(rng.normal()) for name in FEATURES},  # noise
+                "rules": {"lung-fields": []},
+                "shapes": lung_shapes(prediction).astype(np.float16),
+                "reference_shapes": lung_shapes(label).astype(np.float16),
+            }
+        )
     block, validation = fit_qc_mode(pool, "default", "lung-fields")
     assert block["fitted_on"]["feature_set"].endswith(selection.WITH_PRIOR), block["fitted_on"]
     assert block["fitted_on"]["shape_prior_references"] == 60 and PRIOR_FEATURE in block["features"]
@@ -78,8 +100,9 @@ def test_a_shape_prior_of_reference_lungs_finds_a_bitten_or_lost_lung_and_a_fit_
         fit_qc_mode(no_prior, "default", "lung-fields", feature_sets=["boundary with shape prior"])
 
     stored = json.loads(json.dumps(block))  # as the card holds it
-    prediction = segmenter.segment(sitk.GetArrayFromImage(sitk.ReadImage(str(list_cases(jsrt, "val")[0].image),
-                                                                         sitk.sitkFloat32)))
+    prediction = segmenter.segment(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(list_cases(jsrt, "val")[0].image), sitk.sitkFloat32))
+    )
     assessment = assess(prediction, {"definition": "lung-fields", "qc": {"modes": {"default": stored}}})
     fitted = QualityModel.from_dict(stored)
     values = quality_features(prediction, prior=fitted.shape_prior)
@@ -102,11 +125,11 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
     edge, and the same lungs shrunk, grown or moved down by 6 pixels do not."""
     from scipy import ndimage
 
-    from lungseg.io.labelled import case_label, list_cases
     from lungseg.definitions import LEFT_LUNG, RIGHT_LUNG
+    from lungseg.inference.preprocess import model_input
+    from lungseg.io.labelled import case_label, list_cases
     from lungseg.io.radiograph import read_radiograph
     from lungseg.qc.features import edge_support
-    from lungseg.inference.preprocess import model_input
 
     def per_lung(label, change):
         out = np.zeros_like(label)
@@ -119,25 +142,29 @@ def test_the_image_edges_tell_an_outline_on_the_lung_edge_from_one_off_it(jsrt):
         label = case_label(case)[::2, ::2].copy()  # JSRT's 512 x 512 at the model's 256 x 256
         label[label > LEFT_LUNG] = 0
         on_edge = edge_support(image, label, soft_labels(label))
-        for off in (per_lung(label, lambda m: ndimage.binary_erosion(m, iterations=6)),
-                    per_lung(label, lambda m: ndimage.binary_dilation(m, iterations=6)), np.roll(label, 6, axis=0)):
+        for off in (
+            per_lung(label, lambda m: ndimage.binary_erosion(m, iterations=6)),
+            per_lung(label, lambda m: ndimage.binary_dilation(m, iterations=6)),
+            np.roll(label, 6, axis=0),
+        ):
             assert edge_support(image, off, soft_labels(off)) < on_edge - 0.05, case.image.name
     assert edge_support(image, np.zeros_like(label), soft_labels(label)) == 0.0, "no lung: no edge"
 
 
 def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_them_the_network_input(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """A fit reads EDGE_FEATURE where it tells the failures apart (a WITH_EDGES set). A card whose regression reads
     it gets the network's input in the batch's finisher processes, and the batch's quality is the one `assess`
     gives the single-image path (the Slicer module's); a prediction without that input cannot be judged by such a
     card, and the error says why."""
     import dataclasses
 
+    from lungseg.batch.run import segment_inputs
     from lungseg.inference.segmenter import Segmenter
     from lungseg.io.radiograph import read_radiograph
     from lungseg.qc.features import BOUNDARY_FEATURES, EDGE_FEATURE
     from lungseg.qc.model import QualityModel, reads_image
-    from lungseg.batch.run import segment_inputs
 
     rows = synthetic_rows("expected_dice")
     rng = np.random.default_rng(3)
@@ -147,15 +174,20 @@ def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_th
     feature_set, _, scores = selection.choose_regression(rows, "default", "lung-fields", 0.90, 0.3, False)
     assert set(scores) == set(FEATURE_SETS) | {s + selection.WITH_EDGES for s in FEATURE_SETS}
     assert feature_set == "boundary" + selection.WITH_EDGES, scores
-    assert selection.feature_names("uncertainty", False, "boundary with shape prior with image edges without "
-                                   "sample spread") == BOUNDARY_FEATURES + (PRIOR_FEATURE, EDGE_FEATURE)
+    assert selection.feature_names(
+        "uncertainty", False, "boundary with shape prior with image edges without sample spread"
+    ) == BOUNDARY_FEATURES + (PRIOR_FEATURE, EDGE_FEATURE)
 
     card_path = users_model(tmp_path, "edge-unet")  # `unet` whose default regression also reads the edges
     stored = json.loads(card_path.read_text())
     default = read_card("unet")["qc"]["modes"]["default"]
-    block = {**default, **{k: default[k] + [v] for k, v in
-                           (("features", EDGE_FEATURE), ("centre", 0.0), ("mean", 0.8), ("scale", 0.1),
-                            ("weights", 0.5))}}
+    block = {
+        **default,
+        **{
+            k: default[k] + [v]
+            for k, v in (("features", EDGE_FEATURE), ("centre", 0.0), ("mean", 0.8), ("scale", 0.1), ("weights", 0.5))
+        },
+    }
     stored["qc"] = {"modes": {"default": block}, "threshold": block["threshold"]}
     card_path.write_text(json.dumps(stored))
     monkeypatch.setenv("LUNGSEG_MODELS_PATH", str(card_path.parent))
@@ -171,8 +203,7 @@ def test_a_fit_reads_the_image_edges_where_they_rank_best_and_the_batch_hands_th
     assert abs(assessment.quality - float(row["quality"])) < 2e-3 and assessment.qc == row["qc"]
     values = quality_features(prediction, edges=True)
     assert assessment.quality == round(QualityModel.from_dict(block).predict(values), 4)
-    assert abs(assessment.quality - assess(prediction, read_card("unet")).quality) > 1e-3, \
-        "the edges count"
+    assert abs(assessment.quality - assess(prediction, read_card("unet")).quality) > 1e-3, "the edges count"
     with pytest.raises(ValueError, match="reads the network's input"):
         assess(dataclasses.replace(prediction, model_image=None), edge_unet)
 
@@ -190,7 +221,7 @@ def test_assess_leaves_out_the_fragments_rule_only_where_the_cards_fit_turned_it
     raw = prediction.raw_label.copy()
     size = raw.shape[0]
     raw[: size // 12, : size // 6] = 1  # two stray lung pieces in the corners, each above 0.5 % of the image
-    raw[: size // 12, -size // 6:] = 2
+    raw[: size // 12, -size // 6 :] = 2
     fragmented = dataclasses.replace(prediction, raw_label=raw)
     card = copy.deepcopy(segmenter.card)
     kept = assess(fragmented, card)
@@ -207,8 +238,8 @@ def test_assess_leaves_out_the_fragments_rule_only_where_the_cards_fit_turned_it
 def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segmenter):
     """`quality.assess(prediction, segmenter)` is what the Slicer logic calls: the same quality and reasons as the
     batch's row for the same image; with --uncertainty it uses the card's uncertainty regression."""
-    from lungseg.io.radiograph import read_radiograph
     from lungseg.batch.run import segment_inputs
+    from lungseg.io.radiograph import read_radiograph
 
     png = sample_pngs()[0]
     segment_inputs([str(png)], tmp_path, workers=0)
@@ -226,8 +257,11 @@ def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segme
     sampled = segmenter.segment(image.pixels, uncertainty=True)
     assert set(quality_features(sampled)) == set(FEATURES + UNCERTAINTY_FEATURES)
     fitted, mode = quality_model(segmenter.card, uncertainty=True)
-    assert assess(sampled, segmenter).mode == mode == ("uncertainty" if "uncertainty" in
-                                                       segmenter.card["qc"]["modes"] else "default")
+    assert (
+        assess(sampled, segmenter).mode
+        == mode
+        == ("uncertainty" if "uncertainty" in segmenter.card["qc"]["modes"] else "default")
+    )
     unfitted = {k: v for k, v in segmenter.card.items() if k != "qc"}
     bare = assess(prediction, unfitted)
     assert bare.quality is None and bare.threshold is None, "a card without a qc block: the rules alone"
@@ -236,9 +270,9 @@ def test_one_function_gives_the_slicer_module_the_batchs_quality(tmp_path, segme
 def test_an_ensembles_members_give_its_quality_their_spread_at_no_extra_cost():
     """The shipped full-extent ensemble: every output carries the spread of its members' probabilities (the
     members' mean is the output itself), in both modes; its quality uses it; a single network has none."""
+    from lungseg.inference.preprocess import model_input
     from lungseg.inference.segmenter import Segmenter
     from lungseg.io.radiograph import read_radiograph
-    from lungseg.inference.preprocess import model_input
 
     ensemble = Segmenter("unet-full-extent", "cpu", threads=1)
     pixels = read_radiograph(sample_pngs()[0]).pixels
@@ -256,11 +290,13 @@ def test_an_ensembles_members_give_its_quality_their_spread_at_no_extra_cost():
     values = quality_features(prediction)
     assert set(values) == set(FEATURES + MEMBER_FEATURES)
     assert values["member_spread"] == pytest.approx(
-        float(prediction.model_member_spread[prediction.model_label > 0].mean()), rel=1e-6)
+        float(prediction.model_member_spread[prediction.model_label > 0].mean()), rel=1e-6
+    )
     fitted, _ = quality_model(ensemble.card)
     agreeing = dict(values, member_spread=0.0, member_disagreement=0.0)
-    assert fitted.predict(agreeing) > fitted.predict(dict(values, member_spread=0.3, member_disagreement=1.0)), \
+    assert fitted.predict(agreeing) > fitted.predict(dict(values, member_spread=0.3, member_disagreement=1.0)), (
         "members that disagree lower the predicted quality"
+    )
     single = Segmenter("unet", "cpu")
     assert single.predict(model_input(pixels, single.size)[None]).member_spread is None
     assert not set(MEMBER_FEATURES) & set(quality_features(single.segment(pixels)))
@@ -282,9 +318,13 @@ def make_ood_folder(folder):
     for name in ("MR_small.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "US1_J2KR.dcm", "RG3_UNCR.dcm"):
         shutil.copy(pydicom_data_file(name), folder / f"dicom_{name}")
     chest = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))
-    variants = {"rotated90": np.rot90(chest), "rotated180": np.rot90(chest, 2), "inverted": 255 - chest,
-                "one_lung_cropped": chest[:, : chest.shape[1] * 11 // 20],
-                "noise": np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)}
+    variants = {
+        "rotated90": np.rot90(chest),
+        "rotated180": np.rot90(chest, 2),
+        "inverted": 255 - chest,
+        "one_lung_cropped": chest[:, : chest.shape[1] * 11 // 20],
+        "noise": np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8),
+    }
     for name, pixels in variants.items():
         sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels)), str(folder / f"chest_{name}.png"))
     return sorted(p.name for p in folder.iterdir())

@@ -1,13 +1,14 @@
 """Fitting a card's QC (`lungseg.qc.fit`, `scripts/fit_quality.py`): the fragments rule, peers out of their domain,
 merging the card's qc block, both directions of the halves, the per-data-set table, the shipped cards' fitted
 blocks, and the fit's true Dice."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import load_script
 from helpers import SHIPPED, synthetic_rows
+
 from lungseg.errors import LungSegError
 from lungseg.evaluation.metrics import both_lung_dice, image_metrics
 from lungseg.models.cards import PACKAGE_MODELS, read_card, sha256_of
@@ -23,9 +24,18 @@ def fragmented_pool(share: float, in_domain: bool = True, n: int = 160) -> list[
     rows = synthetic_rows("expected_dice", n=n)
     good = [i for i, r in enumerate(rows) if r["dice"] >= 0.90]
     fragmented = set(good[: round(share * len(good))])
-    return [dict(r, half="fit" if i % 2 else "measure", role="own", source="weak", dataset="jsrt", in_domain=in_domain,
-                 rules={"lung-fields": ["3 large lung components before clean-up (expected 2)"] if i in fragmented
-                        else []}) for i, r in enumerate(rows)]
+    return [
+        dict(
+            r,
+            half="fit" if i % 2 else "measure",
+            role="own",
+            source="weak",
+            dataset="jsrt",
+            in_domain=in_domain,
+            rules={"lung-fields": ["3 large lung components before clean-up (expected 2)"] if i in fragmented else []},
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def test_a_fragments_rule_that_flags_the_models_good_results_is_turned_off_by_its_fit():
@@ -43,13 +53,14 @@ def test_a_fragments_rule_that_flags_the_models_good_results_is_turned_off_by_it
     assert summary[0].startswith(f"default mode: features '{block['fitted_on']['feature_set']}'")
     assert summary[1].startswith("default mode: the fragments rule is off, for it alone flagged 2")
     from lungseg.cli import _qc_status  # what `lungseg models` prints
-    assert _qc_status({"qc": {"modes": {"default": block}, "threshold": block["threshold"], "fitted": "today"}}) \
-        .endswith("; fragments rule off in the default mode")
+
+    assert _qc_status(
+        {"qc": {"modes": {"default": block}, "threshold": block["threshold"], "fitted": "today"}}
+    ).endswith("; fragments rule off in the default mode")
     kept, measured = fit_qc_mode(fragmented_pool(0.05), "default", "lung-fields")
     assert kept["fragments_rule"] is True and measured["jsrt"]["rules_only"]["flagged_at_or_above"] > 0
     # out of its domain (`unet-512` on COVID-era films) fragments are a warning worth keeping
-    assert fit_qc_mode(fragmented_pool(0.3, in_domain=False), "default", "lung-fields")[0][
-        "fragments_rule"] is True
+    assert fit_qc_mode(fragmented_pool(0.3, in_domain=False), "default", "lung-fields")[0]["fragments_rule"] is True
     few = [r for r in fragmented_pool(0.3) if r["dice"] < 0.90 or r["group"] < "p3"]  # too few good results
     assert selection.fragments_false_flags([r for r in few if r["half"] == "fit"], "lung-fields", 0.90)[1] < 20
     assert fit_qc_mode(few, "default", "lung-fields")[0]["fragments_rule"] is True
@@ -74,8 +85,12 @@ def test_refitting_one_mode_keeps_the_cards_other_mode():
     keeps the card's uncertainty mode as it was fitted; the block's threshold is the default mode's."""
     old = read_card("unet")["qc"]
     assert set(old["modes"]) == set(old["validation"]) == {"default", "uncertainty"}
-    new = {**old, "modes": {"default": {**old["modes"]["default"], "threshold": 0.9}},
-           "validation": {"default": {"jsrt": {}}}, "threshold": 0.9}
+    new = {
+        **old,
+        "modes": {"default": {**old["modes"]["default"], "threshold": 0.9}},
+        "validation": {"default": {"jsrt": {}}},
+        "threshold": 0.9,
+    }
     merged = merged_qc(old, new)
     assert list(merged["modes"]) == list(merged["validation"]) == ["default", "uncertainty"]
     assert merged["modes"]["uncertainty"] == old["modes"]["uncertainty"]
@@ -115,12 +130,25 @@ def test_the_per_data_set_table_adds_up_the_counts_of_both_directions():
     for a, b in zip(once, twice):
         assert b[:3] == a[:3] and b[6:] == a[6:], "the same models, rates and Spearman range"
         assert (int(b[3]), int(b[4])) == (2 * int(a[3]), 2 * int(a[4])), "twice the images and the failures"
-    few = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET - 1}}}
-                  for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
-    assert all(row.endswith("| - |") for row in tables.dataset_table(SHIPPED, [few]).splitlines()[2:]), \
+    few = {
+        name: {
+            mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET - 1}}}
+            for mode, groups in validation.items()
+            if "jsrt" in groups
+        }
+        for name, validation in own.items()
+    }
+    assert all(row.endswith("| - |") for row in tables.dataset_table(SHIPPED, [few]).splitlines()[2:]), (
         "no Spearman from fewer images than MIN_SUBSET per model"
-    enough = {name: {mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET}}}
-                     for mode, groups in validation.items() if "jsrt" in groups} for name, validation in own.items()}
+    )
+    enough = {
+        name: {
+            mode: {"jsrt": {"qc": {**groups["jsrt"]["qc"], "images": selection.MIN_SUBSET}}}
+            for mode, groups in validation.items()
+            if "jsrt" in groups
+        }
+        for name, validation in own.items()
+    }
     assert not any(row.endswith("| - |") for row in tables.dataset_table(SHIPPED, [enough]).splitlines()[2:])
 
 
@@ -172,8 +200,10 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
     assert tuple(default["features"]) == read_by(default, "default") and default["threshold"] == block["threshold"]
     assert len(default["weights"]) == len(default["features"]) == len(default["mean"]) == len(default["scale"])
     cv = default["fitted_on"]["cross_validated_spearman"]
-    assert max(v for row in cv.values() for v in row.values()) == \
-        cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
+    assert (
+        max(v for row in cv.values() for v in row.values())
+        == cv[default["fitted_on"]["feature_set"]][str(default["fitted_on"]["l2"])]
+    )
     assert default["fitted_on"]["below_limit"] > 0, "fitted on real failures, not only on good segmentations"
     for mode in block["modes"].values():  # the command that made each mode's fit, to reproduce it
         assert mode["fitted_on"]["command"].startswith(f"scripts/fit_quality.py --model {name} ")
@@ -195,7 +225,9 @@ def test_every_shipped_card_has_a_fitted_qc_block_and_unchanged_weights(name):
 
 
 def test_fit_qc_without_a_failure_to_learn_from_is_a_clear_error():
-    rows = [dict(r, dice=max(r["dice"], 0.95), half="fit", role="own", source="m", dataset="d", in_domain=True)
-            for r in synthetic_rows("expected_dice")]
+    rows = [
+        dict(r, dice=max(r["dice"], 0.95), half="fit", role="own", source="m", dataset="d", in_domain=True)
+        for r in synthetic_rows("expected_dice")
+    ]
     with pytest.raises(LungSegError, match=r"no segmentation below Dice 0.9 among the 80 .*--perturbations"):
         fit_qc_mode(rows, "default", "lung-fields")

@@ -1,4 +1,5 @@
 """The batch's review page (`review.html`): offline links, every input once, flagged and lowest quality first."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ import shutil
 
 import numpy as np
 import SimpleITK as sitk
-
 from helpers import results_rows
+
 from lungseg.samples import sample_pngs
 
 
@@ -56,7 +57,8 @@ def check_page(out, inputs):
         assert not link.startswith(("http:", "https:", "/")), f"{link}: the page must work offline, from anywhere"
         assert (out / unquote(link)).is_file(), f"{link} is missing"
     assert sorted(os.path.basename(c["input"]) for c in page.cases) == sorted(
-        n for n, r in rows.items() if r["status"] == "ok")
+        n for n, r in rows.items() if r["status"] == "ok"
+    )
     order = [(c["data-qc"] != "check", float(c["data-quality"])) for c in page.cases]
     assert order == sorted(order), "flagged first, then the lowest quality first"
     for case in page.cases:
@@ -65,9 +67,11 @@ def check_page(out, inputs):
         assert any(unquote(link) == os.path.basename(row["output"]) for link in case["links"]), "labelmap link"
         assert any(".lungseg/thumbs/" in unquote(link) for link in case["links"]), "thumbnail"
     statuses = [r["status"] for r in rows.values()]
-    assert page.counts == {"ok": sum(r["qc"] == "ok" for r in rows.values() if r["status"] == "ok"),
-                           "check": sum(r["qc"] == "check" for r in rows.values() if r["status"] == "ok"),
-                           "error": statuses.count("error")}
+    assert page.counts == {
+        "ok": sum(r["qc"] == "ok" for r in rows.values() if r["status"] == "ok"),
+        "check": sum(r["qc"] == "check" for r in rows.values() if r["status"] == "ok"),
+        "error": statuses.count("error"),
+    }
     return page
 
 
@@ -99,6 +103,7 @@ def test_review_page_covers_shards_and_resumed_runs(tmp_path):
     segment_inputs([str(folder)], out, shard="1/2", workers=0, options=Options(overlays=True))
     page = check_page(out, inputs)
     shard1 = {p.name for p in folder.iterdir() if in_shard(p, (1, 2))}
-    with_overlay = {os.path.basename(c["input"]) for c in page.cases
-                    if any(link.endswith("_overlay.png") for link in c["links"])}
+    with_overlay = {
+        os.path.basename(c["input"]) for c in page.cases if any(link.endswith("_overlay.png") for link in c["links"])
+    }
     assert with_overlay == shard1 - {"broken.png"}, "overlays made by one shard's rerun are linked, no others"

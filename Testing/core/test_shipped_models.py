@@ -1,5 +1,6 @@
 """Every shipped lung-field model (U-Net at 256² and 512², UNet++, probabilistic U-Net) with its real trained
 weights."""
+
 from __future__ import annotations
 
 import csv
@@ -10,14 +11,14 @@ import pytest
 from scipy import ndimage
 
 from lungseg.evaluation.evaluate import evaluate
+from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.inference.segmenter import Segmenter
 from lungseg.io.radiograph import read_radiograph
-from lungseg.inference.labels import LEFT_LUNG, RIGHT_LUNG
 from lungseg.models.cards import list_models, read_card, sha256_of
 from lungseg.samples import sample_pngs
 
 LUNG_FIELD_MODELS = {"prob_unet": "prob_unet", "unet": "unet", "unetpp": "unetpp", "unet-512": "unet"}  # model: network
-JSRT_TARGET = 0.97      # the issue's target: mean both-lung Dice on JSRT val, as measured here
+JSRT_TARGET = 0.97  # the issue's target: mean both-lung Dice on JSRT val, as measured here
 JSRT_SIDE_TARGET = 0.96  # each lung
 JSRT_CV_TARGET = 0.980  # issue 14: the lung-field recipe's JSRT cross-validated mean Dice
 
@@ -58,8 +59,10 @@ def test_measured_dice_on_jsrt_val(shipped, jsrt, tmp_path):
 def test_card_worst_cases_on_covid_qu_ex_are_measured(shipped, covid_qu_ex, tmp_path):
     """The full COVID-QU-Ex val split is too large for the suite; the card's worst cases on it are re-measured,
     image by image."""
-    worst = {Path(case["image"]).name: case["both_dice"]
-             for case in shipped.card["metrics"]["covid-qu-ex/val"]["worst_cases"]}
+    worst = {
+        Path(case["image"]).name: case["both_dice"]
+        for case in shipped.card["metrics"]["covid-qu-ex/val"]["worst_cases"]
+    }
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()
         for name in worst:
@@ -117,8 +120,10 @@ def test_the_default_model_stays_the_256_unet():
     from lungseg.models.cards import resolve_model
 
     assert resolve_model(None, None) == "unet"
-    assert read_card("unet-512")["metrics"]["jsrt/val"]["both_dice"]["mean"] > \
-        read_card("unet")["metrics"]["jsrt/val"]["both_dice"]["mean"]
+    assert (
+        read_card("unet-512")["metrics"]["jsrt/val"]["both_dice"]["mean"]
+        > read_card("unet")["metrics"]["jsrt/val"]["both_dice"]["mean"]
+    )
 
 
 @pytest.mark.parametrize("name", ["unet", "unetpp", "unet-512", "unet-full-extent", "prob_unet"])
@@ -134,5 +139,7 @@ def test_each_shipped_graph_gives_its_networks_own_logits(name):
     graphs = card["onnx"]["graphs"]
     assert len(graphs) == len(nets) and card["onnx"]["opset"] <= 21, "onnxruntime 1.19 (Python 3.9) runs it"
     for net, graph in zip(nets, graphs):
-        assert graph_difference(net, graph["input_size"], Path(read_card(name)["card_path"]).parent / graph["file"]) \
-            <= TOLERANCE, graph["file"]
+        assert (
+            graph_difference(net, graph["input_size"], Path(read_card(name)["card_path"]).parent / graph["file"])
+            <= TOLERANCE
+        ), graph["file"]

@@ -1,4 +1,5 @@
 """Training smoke runs: a few real optimizer steps, checkpoints that reload safely, resume, and export."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import SimpleITK as sitk
 import torch
 
 from lungseg.errors import LungSegError
-from lungseg.training.export import build_card, export_run, run_environment
 from lungseg.models.cards import load_network
 from lungseg.training.config import load_config
+from lungseg.training.export import build_card, export_run, run_environment
 from lungseg.training.trainer import train
 
 
@@ -24,8 +25,9 @@ def make_dataset(root, n=8, size=64, seed=0):
     rows = ["file,split,group"]
     for i in range(n):
         cx = 0.27 + rng.uniform(-0.03, 0.03)
-        lungs = (((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1) | \
-                (((xx - (1 - cx)) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1)
+        lungs = (((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1) | (
+            ((xx - (1 - cx)) / 0.16) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
+        )
         image = 180 - 120 * lungs + rng.normal(0, 8, lungs.shape)
         name = f"case{i}.png"
         sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(root / "images" / name))
@@ -41,8 +43,11 @@ def config(tmp_path):
     cfg["name"] = "smoke"
     cfg["input_size"] = 64
     cfg["network"]["params"] = {"channels": [8, 16, 32], "num_res_units": 1}
-    cfg["data"] = {"root": str(tmp_path / "data"), "train": [{"set": "synthetic", "split": "train"}],
-                   "val": [{"set": "synthetic", "split": "val"}]}
+    cfg["data"] = {
+        "root": str(tmp_path / "data"),
+        "train": [{"set": "synthetic", "split": "train"}],
+        "val": [{"set": "synthetic", "split": "val"}],
+    }
     cfg["training"].update(epochs=2, samples_per_epoch=8, batch_size=4, num_workers=0)
     return cfg
 
@@ -67,8 +72,10 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
     assert [e["from_epoch"] for e in environment] == [1, 2] and environment[0]["hardware"].endswith("CPU x1")
     assert (run / "curves.png").stat().st_size > 10000 and (run / "cases.png").stat().st_size > 10000
     assert {"train/dice", "train/iou", "synthetic/loss", "synthetic/iou", "synthetic/dice_both"} <= set(history[-1])
-    weights_changed = any(not torch.equal(a, b) for a, b in zip(
-        last["model"].values(), torch.load(run / "last.pt", weights_only=True)["model"].values()))
+    weights_changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(last["model"].values(), torch.load(run / "last.pt", weights_only=True)["model"].values())
+    )
     assert weights_changed
 
 
@@ -78,8 +85,8 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     from safetensors.torch import load_file
 
     from lungseg.evaluation.evaluate import evaluate
-    from lungseg.training.export import write_model
     from lungseg.nets.networks import build_network
+    from lungseg.training.export import write_model
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     config["training"].update(epochs=2, samples_per_epoch=64)  # 32 steps: val Dice ~0.95, random networks 0-0.7
@@ -89,8 +96,19 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     assert card["metrics"]["synthetic/val"]["images"] == 2
     # where it trained, as the run recorded it, not where it was exported
     assert card["training"]["hardware"] == json.loads((run / "environment.json").read_text())[0]["hardware"]
-    (run / "environment.json").write_text(json.dumps([{"from_epoch": 1, "hardware": "NVIDIA H100 80GB HBM3",
-                                                      "processes": 1, "torch": "2.11.0", "monai": "1.6.1"}]))
+    (run / "environment.json").write_text(
+        json.dumps(
+            [
+                {
+                    "from_epoch": 1,
+                    "hardware": "NVIDIA H100 80GB HBM3",
+                    "processes": 1,
+                    "torch": "2.11.0",
+                    "monai": "1.6.1",
+                }
+            ]
+        )
+    )
     assert build_card(config, [], 0, run_environment(run))["training"]["hardware"] == "NVIDIA H100 80GB HBM3"
     carded = card["metrics"]["synthetic/val"]["both_dice"]["mean"]
 
@@ -103,8 +121,9 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
     data = tmp_path / "data" / "synthetic"
 
     def val_dice(model_card) -> float:
-        return evaluate(data / "images", data / "masks", model=str(model_card), split="val",
-                        device="cpu")["both_dice"]["mean"]
+        return evaluate(data / "images", data / "masks", model=str(model_card), split="val", device="cpu")["both_dice"][
+            "mean"
+        ]
 
     assert val_dice(card_path) == pytest.approx(carded, abs=1e-6), "the card reports what its weights score"
     with torch.random.fork_rng():
@@ -119,14 +138,17 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
 
     # exporting again would replace the model, its measured card and any fitted QC: only when asked to
     stored = card_path.read_text()
-    with pytest.raises(LungSegError, match=f"{card_path}: a model named '{card['name']}' is already there; "
-                                           "--overwrite replaces it"):
+    with pytest.raises(
+        LungSegError, match=f"{card_path}: a model named '{card['name']}' is already there; --overwrite replaces it"
+    ):
         export_run(run, tmp_path / "models", device="cpu")
     assert card_path.read_text() == stored
     assert export_run(run, tmp_path / "models", device="cpu", overwrite=True) == card_path
     # a shipped model's name would leave `--model unet` two models to choose from
-    with pytest.raises(LungSegError, match="a model named 'unet' is already in .*lungseg/models/shipped; export this one "
-                                           "under another name"):
+    with pytest.raises(
+        LungSegError,
+        match="a model named 'unet' is already in .*lungseg/models/shipped; export this one under another name",
+    ):
         export_run(run, tmp_path / "elsewhere", device="cpu", name="unet")
     assert not (tmp_path / "elsewhere").exists()
 
@@ -143,8 +165,9 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     config["training"].update(epochs=1, samples_per_epoch=32)
     run_a = train(config, out_dir=tmp_path / "a", device="cpu")
-    run_b = train(dict(config, input_size=96, training=dict(config["training"], seed=1)), out_dir=tmp_path / "b",
-                  device="cpu")
+    run_b = train(
+        dict(config, input_size=96, training=dict(config["training"], seed=1)), out_dir=tmp_path / "b", device="cpu"
+    )
     card_path = export_run([run_a, run_b], tmp_path / "models", device="cpu", name="smoke-ensemble")
     card = json.loads(card_path.read_text())
     assert card["name"] == "smoke-ensemble" and card["network"]["name"] == "ensemble" and card["input_size"] == 96
@@ -157,19 +180,21 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     x = torch.rand(1, 1, 96, 96)
     with torch.no_grad():
         small = a(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True))
-        expected = (F.interpolate(torch.softmax(small, 1), size=(96, 96), mode="bilinear", align_corners=False)
-                    + torch.softmax(b(x), 1)) / 2
+        expected = (
+            F.interpolate(torch.softmax(small, 1), size=(96, 96), mode="bilinear", align_corners=False)
+            + torch.softmax(b(x), 1)
+        ) / 2
         assert torch.allclose(torch.softmax(ensemble(x), 1), expected, atol=1e-5)
         assert not torch.allclose(expected, torch.softmax(b(x), 1), atol=1e-3), "member a changes the mean"
 
     data = tmp_path / "data" / "synthetic"
     measured = evaluate(data / "images", data / "masks", model=str(card_path), split="val", device="cpu")
-    assert measured["both_dice"]["mean"] == pytest.approx(card["metrics"]["synthetic/val"]["both_dice"]["mean"],
-                                                          abs=1e-6)
+    assert measured["both_dice"]["mean"] == pytest.approx(
+        card["metrics"]["synthetic/val"]["both_dice"]["mean"], abs=1e-6
+    )
     history = json.loads((run_a / "history.json").read_text())
     with pytest.raises(LungSegError, match="different lung definitions"):
-        ensemble_card([(config, history, 0, None), (dict(config, definition="full-extent"), history, 0, None)],
-                      "mixed")
+        ensemble_card([(config, history, 0, None), (dict(config, definition="full-extent"), history, 0, None)], "mixed")
 
 
 def test_seed_option_trains_another_member_of_the_recipe(tmp_path, config, monkeypatch):
@@ -185,8 +210,9 @@ def test_seed_option_trains_another_member_of_the_recipe(tmp_path, config, monke
     assert main(["train", "--config", "smoke.yaml", "--seed", "3", "--max-steps", "2", "--device", "cpu"]) == 0
     saved = torch.load(tmp_path / "runs" / "smoke-seed3" / "best.pt", weights_only=True)["config"]
     assert saved["training"]["seed"] == 3 and saved["name"] == "smoke-seed3"
-    assert {k: v for k, v in saved.items() if k not in ("name", "training")} == \
-        {k: v for k, v in config.items() if k not in ("name", "training")}
+    assert {k: v for k, v in saved.items() if k not in ("name", "training")} == {
+        k: v for k, v in config.items() if k not in ("name", "training")
+    }
 
 
 @pytest.mark.parametrize("name", ["dice_ce", "bce_dice", "bce_iou"])
@@ -209,7 +235,10 @@ def test_resume_mid_epoch_continues_at_the_same_step(tmp_path, config, monkeypat
     state = torch.load(interrupted / "last.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 3)
     train(config, out_dir=interrupted, device="cpu")
-    assert "resumed from" in (interrupted / "train.log").read_text() and "step 3" in (interrupted / "train.log").read_text()
+    assert (
+        "resumed from" in (interrupted / "train.log").read_text()
+        and "step 3" in (interrupted / "train.log").read_text()
+    )
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(interrupted / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
@@ -225,11 +254,29 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
 
     config["training"].update(epochs=1, samples_per_epoch=16, num_workers=0)
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(config))
-    env = dict(__import__("os").environ, LUNGSEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               TQDM_DISABLE="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "lungseg", "train", "--config", str(tmp_path / "smoke.yaml"), "--device", "cpu",
-                             "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    env = dict(__import__("os").environ, LUNGSEG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lungseg",
+            "train",
+            "--config",
+            str(tmp_path / "smoke.yaml"),
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "ddp" / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
@@ -239,13 +286,14 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, config):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("lungseg.training.config", fromlist=["x"]).PACKAGE_CONFIGS
-                                        .glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in __import__("lungseg.training.config", fromlist=["x"]).PACKAGE_CONFIGS.glob("*.yaml"))
+)
 def test_packaged_configs_build_and_find_their_data(name):
     from conftest import SHARED_DATA, require_or_skip
 
-    from lungseg.training.config import data_sources
     from lungseg.training.augment import training_augmentation
+    from lungseg.training.config import data_sources
 
     cfg = load_config(name)
     assert cfg["definition"] in ("lung-fields", "full-extent")

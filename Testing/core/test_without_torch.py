@@ -3,6 +3,7 @@ so spawned readers and finishers get it too), the command line segments into eve
 probabilities and uncertainty, with a single network, an ensemble and the probabilistic U-Net, evaluates against
 masks and fits QC; and the Python API segments. Every import of either that was tried is logged and fails the test.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,13 +40,19 @@ def no_torch(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
     log = tmp_path / "blocked.log"
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", LUNGSEG_BLOCKED_LOG=str(log),
-               PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        LUNGSEG_BLOCKED_LOG=str(log),
+        PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
 
     def run(*args, method=None, check=0):
         extra = {"LUNGSEG_START_METHOD": method} if method else {}
-        result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                                env={**env, **extra}, timeout=600)
+        result = subprocess.run(
+            [sys.executable, *map(str, args)], capture_output=True, text=True, env={**env, **extra}, timeout=600
+        )
         assert result.returncode == check, result.stderr[-3000:]
         return result
 
@@ -70,8 +77,22 @@ def test_segment_writes_every_output_without_torch(tmp_path, no_torch, chest_dic
     shutil.copy(sample_pngs()[0], inputs)
     shutil.copy(chest_dicom, inputs / "cr.dcm")
     out = tmp_path / "out"
-    no_torch("-m", "lungseg", "segment", inputs, "-o", out, "--format", fmt, "--overlays", "--uncertainty",
-             "--save-probabilities", "--workers", "1", method=method)
+    no_torch(
+        "-m",
+        "lungseg",
+        "segment",
+        inputs,
+        "-o",
+        out,
+        "--format",
+        fmt,
+        "--overlays",
+        "--uncertainty",
+        "--save-probabilities",
+        "--workers",
+        "1",
+        method=method,
+    )
     found = rows(out)
     assert len(found) == 2 and all(r["status"] == "ok" and r["qc"] for r in found.values()), found
     for row in found.values():
@@ -84,8 +105,21 @@ def test_segment_writes_every_output_without_torch(tmp_path, no_torch, chest_dic
 @pytest.mark.parametrize("model", ["prob_unet", "unet-full-extent"])
 def test_dicom_seg_latent_samples_and_ensembles_without_torch(tmp_path, no_torch, chest_dicom, model):
     out = tmp_path / "out"
-    no_torch("-m", "lungseg", "segment", chest_dicom, "-o", out, "--model", model, "--uncertainty", "--format",
-             "dicom-seg", "--workers", "0")
+    no_torch(
+        "-m",
+        "lungseg",
+        "segment",
+        chest_dicom,
+        "-o",
+        out,
+        "--model",
+        model,
+        "--uncertainty",
+        "--format",
+        "dicom-seg",
+        "--workers",
+        "0",
+    )
     (row,) = rows(out).values()
     assert row["status"] == "ok" and row["output"].endswith(".dcm") and float(row["uncertainty_mean"]) > 0, row
     assert not no_torch.log.exists(), no_torch.log.read_text()
@@ -98,16 +132,33 @@ def test_evaluate_fit_qc_and_the_python_api_without_torch(tmp_path, no_torch, js
     for name in sorted(os.listdir(jsrt / "images"))[:12]:  # JSRT train images: the shipped models trained on them
         shutil.copy(jsrt / "images" / name, data / "images")
         shutil.copy(jsrt / "masks" / name, data / "masks")
-    no_torch("-m", "lungseg", "evaluate", "--images", data / "images", "--masks", data / "masks", "-o",
-             tmp_path / "eval")
+    no_torch(
+        "-m", "lungseg", "evaluate", "--images", data / "images", "--masks", data / "masks", "-o", tmp_path / "eval"
+    )
     assert len((tmp_path / "eval" / "evaluation.csv").read_text().splitlines()) == 13
     report = tmp_path / "qc.json"  # fitted on JSRT val, which the shipped models never trained on
-    no_torch("-m", "lungseg", "fit-qc", "--model", "unet", "--data", jsrt, "--split", "val", "--perturbations", "1",
-             "--report", report)
+    no_torch(
+        "-m",
+        "lungseg",
+        "fit-qc",
+        "--model",
+        "unet",
+        "--data",
+        jsrt,
+        "--split",
+        "val",
+        "--perturbations",
+        "1",
+        "--report",
+        report,
+    )
     assert report.is_file()
-    api = no_torch("-c", "import lungseg, sys; image = lungseg.read_radiograph(sys.argv[1]); "
-                         "model = lungseg.Segmenter('unet'); p = model.segment(image.pixels); "
-                         "print(sorted(set(p.label.ravel().tolist())), lungseg.assess(p, model).qc)",
-                   sample_pngs()[0])
+    api = no_torch(
+        "-c",
+        "import lungseg, sys; image = lungseg.read_radiograph(sys.argv[1]); "
+        "model = lungseg.Segmenter('unet'); p = model.segment(image.pixels); "
+        "print(sorted(set(p.label.ravel().tolist())), lungseg.assess(p, model).qc)",
+        sample_pngs()[0],
+    )
     assert api.stdout.split("]")[0] == "[0, 1, 2" and api.stdout.strip().endswith(("ok", "check"))
     assert not no_torch.log.exists(), no_torch.log.read_text()

@@ -1,5 +1,6 @@
 """The module's CMakeLists.txt lists every file it must install: slicerMacroBuildScriptedModule installs only the
 scripts and resources it is given, so a file missing from the lists is missing from the extension package."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -25,8 +26,11 @@ def cmake_lists() -> dict[str, list[str]]:
 
 
 def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
+    return {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    }
 
 
 def test_every_module_file_is_listed():
@@ -41,13 +45,17 @@ def test_every_core_package_file_is_listed():
     """The lungseg package ships with the module: its modules and the package data of its pyproject.toml."""
     lists = cmake_lists()
     # [tool.setuptools.package-data] lungseg = [...] (read without tomllib, which Python 3.10 lacks)
-    table = re.search(r"\[tool\.setuptools\.package-data\]\s*lungseg\s*=\s*\[(.*?)\]",
-                      (CORE / "pyproject.toml").read_text(), re.S)
+    table = re.search(
+        r"\[tool\.setuptools\.package-data\]\s*lungseg\s*=\s*\[(.*?)\]", (CORE / "pyproject.toml").read_text(), re.S
+    )
     patterns = re.findall(r'"([^"]+)"', table.group(1))
     assert "models/shipped/*.safetensors" in patterns
     assert "models/shipped/*.onnx" in patterns  # the graphs that ONNX Runtime runs in Slicer
-    shipped = {f"lungseg/{f}" for f in files_under(CORE / "lungseg")
-               if f.endswith(".py") or any(fnmatch.fnmatch(f, pattern) for pattern in patterns)}
+    shipped = {
+        f"lungseg/{f}"
+        for f in files_under(CORE / "lungseg")
+        if f.endswith(".py") or any(fnmatch.fnmatch(f, pattern) for pattern in patterns)
+    }
     assert set(lists["LUNGSEG_CORE_SCRIPTS"]) == {f for f in shipped if f.endswith(".py")}
     assert set(lists["LUNGSEG_CORE_RESOURCES"]) == {f for f in shipped if not f.endswith(".py")}
     assert any(f.endswith(".onnx") for f in lists["LUNGSEG_CORE_RESOURCES"]), "the ONNX graphs must ship"

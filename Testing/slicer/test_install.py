@@ -1,5 +1,6 @@
 """How the extension reaches users: the catalog entry, the "additional module path" install from a checkout, the
 Python of the oldest supported Slicer and the demo CR in Sample Data (the README's figures: core/test_docs.py)."""
+
 from __future__ import annotations
 
 import ast
@@ -13,7 +14,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from conftest import importorskip, require_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,9 +26,18 @@ def test_catalog_entry_follows_the_extensions_index_schema():
     """ExtensionsIndex entry, schema v1.0.2 (Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json:
     required $schema, category and scm_url; no other properties than these; scm_type git or local)."""
     entry = json.loads((EXTENSION / "LungSeg.json").read_text())
-    allowed = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-               "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
-               "tier": int}
+    allowed = {
+        "$schema": str,
+        "category": str,
+        "scm_url": str,
+        "scm_revision": str,
+        "scm_type": str,
+        "build_dependencies": list,
+        "dicom_support_rule": str,
+        "build_subdirectory": str,
+        "enabled": bool,
+        "tier": int,
+    }
     assert {"$schema", "category", "scm_url"} <= set(entry) <= set(allowed)
     assert all(isinstance(entry[key], allowed[key]) for key in entry)
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
@@ -83,14 +92,22 @@ def test_module_and_core_parse_as_python_39():
 
 def test_module_and_core_compile_with_python_39():
     # pyenv's shim answers even where 3.9 is not selected: take the interpreter itself
-    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) \
-        or shutil.which("python3.9")
+    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) or shutil.which(
+        "python3.9"
+    )
     if python is None:
         require_or_skip("no Python 3.9 interpreter here to compile the files with")
     files = [str(p) for p in python_files()]
-    result = subprocess.run([str(python), "-c", "import sys, ast\nfor f in sys.argv[1:]:\n"
-                             "    compile(open(f, encoding='utf-8').read(), f, 'exec')", *files],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import sys, ast\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')",
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -117,10 +134,10 @@ def test_demo_cr_in_sample_data_loads_as_a_volume(monkeypatch, tmp_path, version
     import LungSeg
 
     LungSeg.LungSeg(types.SimpleNamespace())
-    (signal, slot), = connected
+    ((signal, slot),) = connected
     assert signal == "startupCompleted()"
     slot()
-    (source,), = slicer.modules.sampleDataSources.values()
+    ((source,),) = slicer.modules.sampleDataSources.values()
     assert source.sampleName == "LungSegChestCR" and Path(source.thumbnailFileName).is_file()
 
     import pydicom.data
@@ -153,16 +170,28 @@ SLICER_56_PACKAGES = ["numpy==1.26.1", "scipy==1.11.3", "SimpleITK", "pydicom", 
 def test_torch_free_core_runs_on_the_python_of_slicer_56(tmp_path, chest_dicom):
     """What the module uses before torch is installed (model cards, reading a radiograph, QC, labels, writing) imports
     and runs on Python 3.9 with Slicer 5.6's numpy and scipy. The venv is cached in .venv/py39-slicer56."""
-    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) \
-        or shutil.which("python3.9")
+    python = next(iter(sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))), None) or shutil.which(
+        "python3.9"
+    )
     if python is None:
         require_or_skip("no Python 3.9 interpreter here")
     venv = REPO / ".venv" / "py39-slicer56"
     stamp = venv / (".stamp-" + hashlib.sha1(" ".join(SLICER_56_PACKAGES).encode()).hexdigest()[:10])
     if not stamp.exists():
         subprocess.run([str(python), "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        *SLICER_56_PACKAGES], check=True, timeout=600)
+        subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                *SLICER_56_PACKAGES,
+            ],
+            check=True,
+            timeout=600,
+        )
         stamp.touch()
     script = f"""
 import sys
@@ -179,7 +208,8 @@ radiograph = io.read_radiograph({str(chest_dicom)!r})
 label = np.zeros(radiograph.shape, np.uint8)
 label[400:1400, 300:800], label[400:1400, 1050:1550] = 1, 2
 print(sorted(card["name"] for card in models.list_models()))
-print(radiograph.shape, qc.quality_flags(label, label, None, "lung-fields"), labels.lung_areas(label, None)["right_area_px"])
+flags = qc.quality_flags(label, label, None, "lung-fields")
+print(radiograph.shape, flags, labels.lung_areas(label, None)["right_area_px"])
 io.write_labelmap(label, radiograph.reference, {str(tmp_path / "label.nrrd")!r})
 print(sys.version_info[:2], np.__version__)
 """
@@ -198,8 +228,10 @@ print(sys.version_info[:2], np.__version__)
 SLICER_VERSIONS = {
     "5.6/5.8": ("3.9", {"numpy": "1.26.1", "scipy": "1.11.3"}),
     "5.10": ("3.12", {"numpy": "2.0.2"}),
-    "5.12": ("3.12", {"numpy": "2.4.6", "scipy": "1.17.1", "SimpleITK": "2.5.5", "pydicom": "3.0.2",
-                      "Pillow": "12.2.0"}),
+    "5.12": (
+        "3.12",
+        {"numpy": "2.4.6", "scipy": "1.17.1", "SimpleITK": "2.5.5", "pydicom": "3.0.2", "Pillow": "12.2.0"},
+    ),
 }
 # pip expands a manylinux_2_28 tag to older glibc tags but not to the legacy manylinux2014 alias: name the friends
 LINUX = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
@@ -226,13 +258,19 @@ RESOLVER_CASES = [
 def pypi():
     """pip reaches its index (PyPI, as configured): else a skip, or a failure under LUNGSEG_REQUIRE_DATA=1."""
     try:
-        result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "onnxruntime",
-                                 "--disable-pip-version-check"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "index", "versions", "onnxruntime", "--disable-pip-version-check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except subprocess.TimeoutExpired:
         result = None
     if result is None or result.returncode != 0 or "onnxruntime (" not in result.stdout:
-        require_or_skip("PyPI is unreachable: the resolver test needs pip's index "
-                        f"({result.stderr.strip()[-300:] if result else 'timed out'})")
+        require_or_skip(
+            "PyPI is unreachable: the resolver test needs pip's index "
+            f"({result.stderr.strip()[-300:] if result else 'timed out'})"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +285,12 @@ def install_logic():
     return InstallLogic
 
 
-@pytest.mark.parametrize("slicer_version, platforms, expected", RESOLVER_CASES,
-                         ids=[f"{s}-{p[0]}" for s, p, _ in RESOLVER_CASES])
-def test_pip_resolves_onnxruntime_against_slicers_packages(pypi, install_logic, tmp_path, slicer_version, platforms,
-                                                           expected):
+@pytest.mark.parametrize(
+    "slicer_version, platforms, expected", RESOLVER_CASES, ids=[f"{s}-{p[0]}" for s, p, _ in RESOLVER_CASES]
+)
+def test_pip_resolves_onnxruntime_against_slicers_packages(
+    pypi, install_logic, tmp_path, slicer_version, platforms, expected
+):
     """The first Apply's `pip install` (InstallLogic.pipArguments: the constraints file and the requirements, as
     pip_install gets them before 5.12 and pip_ensure builds them in 5.12) through pip's real resolver, for the
     Python, numpy and platform of each Slicer: onnxruntime resolves, numpy stays Slicer's, no torch or MONAI comes
@@ -261,19 +301,35 @@ def test_pip_resolves_onnxruntime_against_slicers_packages(pypi, install_logic, 
     arguments = install_logic.pipArguments(install_logic.REQUIREMENTS, versions, tmp_path)
     assert arguments[:2] == ["-c", str(tmp_path / "constraints.txt")]
     assert (tmp_path / "constraints.txt").read_text().split() == [
-        f"{name}=={versions[name]}" for name in install_logic.SLICER_PACKAGES if name in versions]
+        f"{name}=={versions[name]}" for name in install_logic.SLICER_PACKAGES if name in versions
+    ]
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
-               "--disable-pip-version-check", "--report", str(report), "--python-version", python,
-               *[option for tag in platforms for option in ("--platform", tag)], *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--report",
+        str(report),
+        "--python-version",
+        python,
+        *[option for tag in platforms for option in ("--platform", tag)],
+        *arguments,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if expected is None:
         assert result.returncode != 0 and "onnxruntime" in result.stderr, result.stderr[-2000:]
         assert "No matching distribution" in result.stderr or "ResolutionImpossible" in result.stderr
         return
     assert result.returncode == 0, result.stderr[-2000:]
-    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
-              for item in json.loads(report.read_text())["install"]}
+    chosen = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     print(f"Slicer {slicer_version}, Python {python}, {platforms[0]}: onnxruntime {chosen.get('onnxruntime')}")
     assert chosen.get("onnxruntime") in SpecifierSet(expected if expected.startswith(">") else f"=={expected}")
     assert chosen["numpy"] == versions["numpy"]  # Slicer's numpy, never replaced

@@ -2,6 +2,7 @@
 
 The module code runs unchanged; Testing/slicer/support provides only what slicer-core lacks (see slicer_app.py).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -15,18 +16,21 @@ import pytest
 import SimpleITK as sitk
 from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIRE_DATA=1
 
-importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
-                                   "Testing/requirements-slicer.txt)")
+importorskip(
+    "slicer_core",
+    reason="slicer-core is not installed (scripts/setup.sh test installs it from Testing/requirements-slicer.txt)",
+)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import slicer_app  # noqa: E402
 
 slicer = slicer_app.start()
+from lungseg.io.radiograph import ImageReadError  # noqa: E402
+from lungseg.samples import sample_pngs  # noqa: E402
+
 import LungSeg  # noqa: E402  (not its TestCase by name: pytest would collect it)
 from LungSeg import LungSegLogic  # noqa: E402
 from LungSegLib import InstallLogic as install  # noqa: E402
 from LungSegLib.BatchProcess import BatchProcess  # noqa: E402
-from lungseg.io.radiograph import ImageReadError  # noqa: E402
-from lungseg.samples import sample_pngs  # noqa: E402
 
 JSRT_CASES = ["JPCLN106", "JPCNN057"]  # validation images (never trained on)
 
@@ -46,8 +50,10 @@ def lung_masks(segmentation, volume):
     segments = segmentation.GetSegmentation()
     names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
     assert names == ["Right lung", "Left lung"]
-    return [slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segments.GetSegmentIdBySegmentName(n),
-                                                       volume)[0] > 0 for n in names]
+    return [
+        slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segments.GetSegmentIdBySegmentName(n), volume)[0] > 0
+        for n in names
+    ]
 
 
 def dice(a, b):
@@ -89,8 +95,10 @@ def test_jsrt_lungs_match_the_reference(jsrt, name):
     segments = segmentation.GetSegmentation()
     # Slicer's General Anatomy list: Anatomical Structure / Lung with laterality as the type modifier
     # (SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, 5.6-5.12)
-    for segmentId, colour, side in (("RightLung", (0, 158, 115), "SCT^24028007^Right"),
-                                    ("LeftLung", (230, 159, 0), "SCT^7771000^Left")):
+    for segmentId, colour, side in (
+        ("RightLung", (0, 158, 115), "SCT^24028007^Right"),
+        ("LeftLung", (230, 159, 0), "SCT^7771000^Left"),
+    ):
         segment = segments.GetSegment(segmentId)
         np.testing.assert_allclose(segment.GetColor(), np.array(colour) / 255)
         assert f"SCT^123037004^Anatomical Structure~SCT^39607008^Lung~{side}~" in segment.GetTerminology()
@@ -198,8 +206,11 @@ def cli_labels(chest_dicom, tmp_path_factory):
     import csv
 
     out = tmp_path_factory.mktemp("cli")
-    subprocess.run([sys.executable, "-m", "lungseg", "segment", str(chest_dicom), "-o", str(out), "--device", "cpu"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lungseg", "segment", str(chest_dicom), "-o", str(out), "--device", "cpu"],
+        check=True,
+        capture_output=True,
+    )
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{chest_dicom.stem}.nrrd")))
     with open(out / "results.csv", newline="") as f:
         row = next(csv.DictReader(f))
@@ -278,12 +289,19 @@ def test_same_answer_in_the_dicom_module_as_a_plain_file_and_in_the_batch(chest_
 
     path = cr_copy(chest_dicom, tmp_path, "cr.dcm", ImagerPixelSpacing=[0.143, 0.143])
     out = tmp_path / "cli"
-    subprocess.run([sys.executable, "-m", "lungseg", "segment", str(path), "-o", str(out), "--device", "cpu"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lungseg", "segment", str(path), "-o", str(out), "--device", "cpu"],
+        check=True,
+        capture_output=True,
+    )
     with open(out / "results.csv", newline="") as f:
         row = next(csv.DictReader(f))
-    batch = {"rightAreaPx": float(row["right_area_px"]), "leftAreaPx": float(row["left_area_px"]),
-             "rightAreaMm2": float(row["right_area_mm2"]), "leftAreaMm2": float(row["left_area_mm2"])}
+    batch = {
+        "rightAreaPx": float(row["right_area_px"]),
+        "leftAreaPx": float(row["left_area_px"]),
+        "rightAreaMm2": float(row["right_area_mm2"]),
+        "leftAreaMm2": float(row["left_area_mm2"]),
+    }
     batch_qc = [r for r in row["qc_reasons"].split("; ") if r]
     batch_quality = float(row["quality"])  # the predicted Dice (issue 12): the card has a fitted qc block
 
@@ -304,8 +322,13 @@ def test_dicom_stored_mirrored_keeps_patient_sides(chest_dicom, cli_labels, tmp_
     import pydicom
 
     dataset = pydicom.dcmread(str(chest_dicom))
-    path = cr_copy(chest_dicom, tmp_path, "mirrored.dcm", PatientOrientation=["R", "F"],
-                   PixelData=np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes())
+    path = cr_copy(
+        chest_dicom,
+        tmp_path,
+        "mirrored.dcm",
+        PatientOrientation=["R", "F"],
+        PixelData=np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes(),
+    )
     volume = slicer_app.load_dicom_volume(path)
     segmentation = new_segmentation()
     summary = LungSegLogic().process(volume, segmentation, device="cpu")
@@ -325,8 +348,9 @@ def test_process_folder_reports_progress_and_failures(tmp_path):
         shutil.copy(sample, inputs)
     (inputs / "broken.png").write_bytes(b"not a png")
     pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_pngs()[0])))  # only the patient's right half: flagged
-    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pixels[:, :pixels.shape[1] // 2])),
-                    str(inputs / "one lung.png"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.ascontiguousarray(pixels[:, : pixels.shape[1] // 2])), str(inputs / "one lung.png")
+    )
     batch = LungSegLogic().processFolder(inputs, tmp_path / "out", device="cpu", python=sys.executable)
     assert batch.wait(timeout=300) == 1  # one input failed, the others were segmented
     assert batch.ranToEnd()  # the core's own exit 1: results.csv written by this run
@@ -390,13 +414,15 @@ def test_batch_never_starts_the_application_as_its_python(monkeypatch, tmp_path)
 
 
 def test_batch_process_parses_progress_lines(tmp_path):
-    script = ("print('loading model', flush=True)\n"
-              "print('lungseg-progress 1/4 ok /data/a.png', flush=True)\n"
-              "print('lungseg: error: /data/b b.png: corrupt', flush=True)\n"
-              "print('lungseg-progress 2/4 error /data/b b.png', flush=True)\n"
-              "print('lungseg-progress 3/4 check /data/c.png', flush=True)\n"
-              "print('lungseg-progress 4/4 skipped /data/DICOMDIR', flush=True)\n"
-              "raise SystemExit(1)\n")
+    script = (
+        "print('loading model', flush=True)\n"
+        "print('lungseg-progress 1/4 ok /data/a.png', flush=True)\n"
+        "print('lungseg: error: /data/b b.png: corrupt', flush=True)\n"
+        "print('lungseg-progress 2/4 error /data/b b.png', flush=True)\n"
+        "print('lungseg-progress 3/4 check /data/c.png', flush=True)\n"
+        "print('lungseg-progress 4/4 skipped /data/DICOMDIR', flush=True)\n"
+        "raise SystemExit(1)\n"
+    )
     batch = BatchProcess([sys.executable, "-c", script], outputDir=tmp_path)
     assert batch.flaggedInFolder() is None  # no results.csv yet
     batch.start()
@@ -429,7 +455,7 @@ def test_cancel_on_windows_runs_taskkill_without_a_console_window(monkeypatch):
     with monkeypatch.context() as windows:
         windows.setattr(os, "name", "nt")
         batch.cancel()
-    (args, captured, options), = calls
+    ((args, captured, options),) = calls
     assert args == ["taskkill", "/F", "/T", "/PID", "4242"] and captured and batch.cancelled
     assert options.get("creationflags", 0) & 0x08000000, options
 
@@ -445,8 +471,16 @@ class Recorder:
         return self.result
 
 
-def pip_ensure_signature(requirements, constraints=None, skip_packages=None, prompt_install=True,
-                         prompt_restart=True, requester=None, skip_in_testing=True, show_progress=True):
+def pip_ensure_signature(
+    requirements,
+    constraints=None,
+    skip_packages=None,
+    prompt_install=True,
+    prompt_restart=True,
+    requester=None,
+    skip_in_testing=True,
+    show_progress=True,
+):
     """The parameters of `slicer.packaging.pip_ensure` (Base/Python/slicer/packaging.py:327-336, Slicer HEAD
     583e9b37, 5.12): a call the real one would refuse raises TypeError here too."""
 
@@ -464,8 +498,17 @@ def test_install_logic_installs_onnxruntime_only_and_pins_slicers_packages(monke
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)  # as if not imported yet (restored afterwards)
     assert install.REQUIREMENTS == ["onnxruntime>=1.19", "tqdm>=4.60"]
 
-    versions = {"onnxruntime": None, "tqdm": "4.66.1", "torch": None, "monai": None, "numpy": "1.26.1",
-                "scipy": "1.11.3", "SimpleITK": "2.3.1", "pydicom": "2.4.3", "Pillow": "10.1.0"}
+    versions = {
+        "onnxruntime": None,
+        "tqdm": "4.66.1",
+        "torch": None,
+        "monai": None,
+        "numpy": "1.26.1",
+        "scipy": "1.11.3",
+        "SimpleITK": "2.3.1",
+        "pydicom": "2.4.3",
+        "Pillow": "10.1.0",
+    }
     monkeypatch.setattr(install.InstallLogic, "_installedVersion", staticmethod(lambda name: versions[name]))
     assert install.InstallLogic().missingRequirements() == ["onnxruntime>=1.19"]  # torch and MONAI: not needed
     pins = ["numpy==1.26.1", "scipy==1.11.3", "SimpleITK==2.3.1", "pydicom==2.4.3", "Pillow==10.1.0"]
@@ -479,6 +522,7 @@ def test_install_logic_installs_onnxruntime_only_and_pins_slicers_packages(monke
             recorder(*args, **kwargs)
             if error is None:
                 versions["onnxruntime"] = "1.19.2"
+
         return recorder, pip_ensure
 
     ensure, pip_ensure = installs()
@@ -495,8 +539,11 @@ def test_install_logic_installs_onnxruntime_only_and_pins_slicers_packages(monke
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)
     versions.update(onnxruntime=None, tqdm=None, SimpleITK="2.3.1rc1.post1-not-pep440!")  # an odd version: unpinned
     pip = Recorder()
-    monkeypatch.setattr(slicer.util, "pip_install", lambda arguments: (
-        pip(arguments), versions.update(onnxruntime="1.19.2", tqdm="4.67.1")))
+    monkeypatch.setattr(
+        slicer.util,
+        "pip_install",
+        lambda arguments: (pip(arguments), versions.update(onnxruntime="1.19.2", tqdm="4.67.1")),
+    )
     assert install.InstallLogic().ensureDependencies()
     (arguments,), _ = pip.calls[0]
     assert len(pip.calls) == 1 and arguments[0] == "-c" and "--no-deps" not in arguments

@@ -11,6 +11,7 @@ Each test pins one behaviour against the Slicer/CTK/PythonQt source that the sta
 - idle_holding_gil / spin_like_slicer: commontk/PythonQt src/PythonQtThreadSupport.cpp (`_enableGILScope = false`);
 - ScriptedLoadableModule: Base/Python/slicer/ScriptedLoadableModule.py and slicer.util.reloadScriptedModule.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,10 @@ import numpy as np
 import pytest
 from conftest import importorskip  # a failure, not a skip, under LUNGSEG_REQUIRE_DATA=1
 
-importorskip("slicer_core", reason="slicer-core is not installed (scripts/setup.sh test installs it from "
-                                   "Testing/requirements-slicer.txt)")
+importorskip(
+    "slicer_core",
+    reason="slicer-core is not installed (scripts/setup.sh test installs it from Testing/requirements-slicer.txt)",
+)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import slicer_app  # noqa: E402
 
@@ -71,11 +74,17 @@ def test_wrapper_writes_every_default_at_construction():
     node = new_parameter_node()
     Parameters(node)
     assert sorted(node.GetParameterNames()) == sorted(
-        ["inputVolume.2", "outputSegmentation", "model", "device", "uncertainty", "count", "scale"])
+        ["inputVolume.2", "outputSegmentation", "model", "device", "uncertainty", "count", "scale"]
+    )
     assert node.GetParameter("inputVolume.2") == "True"  # NoneSerializer's marker (a BoolSerializer)
     assert node.GetParameter("outputSegmentation") == "" and node.GetNodeReference("outputSegmentation") is None
-    assert [node.GetParameter(n) for n in ("model", "device", "uncertainty", "count", "scale")] == \
-        ["unet", "auto", "False", "0", "0.5"]
+    assert [node.GetParameter(n) for n in ("model", "device", "uncertainty", "count", "scale")] == [
+        "unet",
+        "auto",
+        "False",
+        "0",
+        "0.5",
+    ]
     # an existing value is kept by a second wrapper
     node.SetParameter("model", "unet-full-extent")
     assert Parameters(node).model == "unet-full-extent"
@@ -134,8 +143,10 @@ def test_choice_refuses_values_outside_it():
 
 
 def test_node_selector_gets_the_node_types_without_none():
-    assert pnw.getNodeTypes(Parameters.dataType("inputVolume")) == ("vtkMRMLScalarVolumeNode",
-                                                                    "vtkMRMLVectorVolumeNode")
+    assert pnw.getNodeTypes(Parameters.dataType("inputVolume")) == (
+        "vtkMRMLScalarVolumeNode",
+        "vtkMRMLVectorVolumeNode",
+    )
     selector = qMRMLWidgets.qMRMLNodeComboBox()
     selector.setMRMLScene(slicer.mrmlScene)
     Parameters(new_parameter_node()).connectParametersToGui({"inputVolume": selector})
@@ -144,8 +155,9 @@ def test_node_selector_gets_the_node_types_without_none():
 
 def make_gui():
     """A `self.ui`-like object (connectGui reads its __dict__) with the widget kinds the panel binds."""
-    ui = types.SimpleNamespace(uncertaintyCheckBox=qt.QCheckBox(), deviceComboBox=qt.QComboBox(),
-                               modelLabel=qt.QLabel())
+    ui = types.SimpleNamespace(
+        uncertaintyCheckBox=qt.QCheckBox(), deviceComboBox=qt.QComboBox(), modelLabel=qt.QLabel()
+    )
     ui.uncertaintyCheckBox.setProperty("SlicerParameterName", "uncertainty")
     ui.deviceComboBox.setProperty("SlicerParameterName", "device")
     return ui
@@ -302,8 +314,13 @@ def test_gdcm_takes_cr_spacing_from_imager_pixel_spacing_only(cr_file, tmp_path)
     """GDCM's rule for CR/DX storage: ImagerPixelSpacing, else 1.0; PixelSpacing is ignored."""
     only_pixel = small_cr(cr_file, tmp_path / "pixel.dcm", PixelSpacing=[0.15, 0.15], ImagerPixelSpacing=None)
     assert spacing(slicer_app.load_dicom_volume(only_pixel)) == (1.0, 1.0, 1.0)
-    imager = small_cr(cr_file, tmp_path / "imager.dcm", PixelSpacing=[0.15, 0.15], ImagerPixelSpacing=[0.2, 0.3],
-                      SOPInstanceUID="1.2.3.4.5")
+    imager = small_cr(
+        cr_file,
+        tmp_path / "imager.dcm",
+        PixelSpacing=[0.15, 0.15],
+        ImagerPixelSpacing=[0.2, 0.3],
+        SOPInstanceUID="1.2.3.4.5",
+    )
     volume = slicer_app.load_dicom_volume(imager)
     assert spacing(volume) == (0.3, 0.2, 1.0)  # (column, row): ImagerPixelSpacing is row\column
     assert slicer.dicomDatabase.fileForInstance("1.2.3.4.5") == str(imager.resolve())
@@ -326,6 +343,7 @@ def test_io_manager_gives_a_dcm_to_the_dicom_import_which_loads_nothing(cr_file,
     import shutil
 
     import vtk
+
     from lungseg.samples import sample_pngs
 
     manager = slicer.app.coreIOManager()
@@ -353,8 +371,13 @@ def test_sample_data_registration_takes_each_versions_arguments(monkeypatch, ver
     a, b = slicer.modules.sampleDataSources["Custom"]
     assert a.loadFileTypes == ["VolumeFile" if version < (5, 8) else None] and b.loadFileTypes == ["VolumeFile"]
     with pytest.raises(TypeError if version < (5, 8) else ValueError):
-        register(sampleName="c", uris="https://x/c.dcm", fileNames="c.dcm", loadFileType="VolumeFile",
-                 loadFileTypes="VolumeFile")
+        register(
+            sampleName="c",
+            uris="https://x/c.dcm",
+            fileNames="c.dcm",
+            loadFileType="VolumeFile",
+            loadFileTypes="VolumeFile",
+        )
 
 
 # -------------------------------------------------------------------------------------------------------- GIL

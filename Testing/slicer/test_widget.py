@@ -1,5 +1,6 @@
 """The LungSeg panel with PySide6 offscreen: the .ui loads, its widgets exist, Apply reaches the logic without
 freezing the GUI, export and the batch section work, and the screenshot renders."""
+
 from __future__ import annotations
 
 import os
@@ -20,18 +21,32 @@ import slicer_app  # noqa: E402
 
 slicer, application = slicer_app.start_gui()
 import qt  # noqa: E402  (the PySide6 stand-in)
-from LungSeg import LungSegWidget  # noqa: E402
-from LungSegLib.BatchProcess import BatchProcess  # noqa: E402
+
 from lungseg.samples import sample_pngs  # noqa: E402
 
+from LungSeg import LungSegWidget  # noqa: E402
+from LungSegLib.BatchProcess import BatchProcess  # noqa: E402
+
 UI = REPO / "LungSegExtension" / "LungSeg" / "Resources" / "UI" / "LungSeg.ui"
-NAMED = {"inputSelector": "qMRMLNodeComboBox", "modelComboBox": "QComboBox", "deviceComboBox": "QComboBox",
-         "uncertaintyCheckBox": "QCheckBox", "outputSelector": "qMRMLNodeComboBox",
-         "uncertaintySelector": "qMRMLNodeComboBox", "applyButton": "QPushButton",
-         "progressBar": "QProgressBar", "statusLabel": "QLabel", "exportButton": "QPushButton",
-         "batchCollapsibleButton": "ctkCollapsibleButton", "batchInputDirectoryButton": "ctkDirectoryButton",
-         "batchOutputDirectoryButton": "ctkDirectoryButton", "batchRunButton": "QPushButton",
-         "batchCancelButton": "QPushButton", "batchProgressBar": "QProgressBar", "batchStatusLabel": "QLabel"}
+NAMED = {
+    "inputSelector": "qMRMLNodeComboBox",
+    "modelComboBox": "QComboBox",
+    "deviceComboBox": "QComboBox",
+    "uncertaintyCheckBox": "QCheckBox",
+    "outputSelector": "qMRMLNodeComboBox",
+    "uncertaintySelector": "qMRMLNodeComboBox",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "statusLabel": "QLabel",
+    "exportButton": "QPushButton",
+    "batchCollapsibleButton": "ctkCollapsibleButton",
+    "batchInputDirectoryButton": "ctkDirectoryButton",
+    "batchOutputDirectoryButton": "ctkDirectoryButton",
+    "batchRunButton": "QPushButton",
+    "batchCancelButton": "QPushButton",
+    "batchProgressBar": "QProgressBar",
+    "batchStatusLabel": "QLabel",
+}
 
 
 @pytest.fixture
@@ -55,10 +70,17 @@ def test_ui_loads_with_its_named_widgets():
     ui = slicer.util.childWidgetVariables(widget)
     for name, className in NAMED.items():
         assert getattr(ui, name).metaObject().className() == className, name
-    bound = {name: getattr(ui, name).property("SlicerParameterName") for name in
-             ("inputSelector", "outputSelector", "deviceComboBox", "uncertaintyCheckBox", "uncertaintySelector")}
-    assert bound == {"inputSelector": "inputVolume", "outputSelector": "outputSegmentation", "deviceComboBox":
-                     "device", "uncertaintyCheckBox": "uncertainty", "uncertaintySelector": "uncertaintyVolume"}
+    bound = {
+        name: getattr(ui, name).property("SlicerParameterName")
+        for name in ("inputSelector", "outputSelector", "deviceComboBox", "uncertaintyCheckBox", "uncertaintySelector")
+    }
+    assert bound == {
+        "inputSelector": "inputVolume",
+        "outputSelector": "outputSegmentation",
+        "deviceComboBox": "device",
+        "uncertaintyCheckBox": "uncertainty",
+        "uncertaintySelector": "uncertaintyVolume",
+    }
     assert ui.inputSelector.nodeTypes == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
     assert ui.batchCollapsibleButton.collapsed
 
@@ -92,13 +114,14 @@ def test_apply_segments_on_the_main_thread_while_the_panel_shows_it_is_busy(modu
     compute = widget.logic.compute
 
     def spy(*args, **kwargs):
-        seen.append((ui.progressBar.maximum(), ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled(),
-                     ui.statusLabel.text()))
+        seen.append(
+            (ui.progressBar.maximum(), ui.applyButton.isEnabled(), ui.batchRunButton.isEnabled(), ui.statusLabel.text())
+        )
         return compute(*args, **kwargs)
 
     monkeypatch.setattr(widget.logic, "compute", spy)
     ui.applyButton.click()
-    (maximum, applyEnabled, batchEnabled, message), = seen
+    ((maximum, applyEnabled, batchEnabled, message),) = seen
     assert maximum == 0 and not applyEnabled and not batchEnabled and "unet" in message  # busy, and says so
 
     segmentation = parameterNode.outputSegmentation
@@ -120,12 +143,19 @@ def pretend_onnxruntime_is_missing(monkeypatch, installLogic):
 
     installed = {"onnxruntime": False}
     real = install.InstallLogic._installedVersion
-    monkeypatch.setattr(install.InstallLogic, "_installedVersion", staticmethod(
-        lambda name: real(name) if name != "onnxruntime" or installed["onnxruntime"] else None))
+    monkeypatch.setattr(
+        install.InstallLogic,
+        "_installedVersion",
+        staticmethod(lambda name: real(name) if name != "onnxruntime" or installed["onnxruntime"] else None),
+    )
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)
     confirmations = []
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
-                        lambda *args, **kwargs: confirmations.append(args[0]) or True, raising=False)
+    monkeypatch.setattr(
+        slicer.util,
+        "confirmOkCancelDisplay",
+        lambda *args, **kwargs: confirmations.append(args[0]) or True,
+        raising=False,
+    )
     return installed, confirmations
 
 
@@ -146,7 +176,7 @@ def test_a_second_click_during_installation_does_not_install_again(module_widget
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
     ui.applyButton.click()
-    arguments, = installs
+    (arguments,) = installs
     assert arguments[0] == "-c" and arguments[2:] == ["onnxruntime>=1.19"]  # this venv has tqdm
     assert len(confirmations) == 1 and "onnxruntime>=1.19" in confirmations[0]
     assert states[0][:2] == (False, False) and "Python packages" in states[0][2]
@@ -199,6 +229,7 @@ def test_export_dialog_opens_in_a_folder_and_gives_the_chosen_filters_suffix(mod
             dialog.filterSelected.emit(nameFilter)
             dialog.selectFile(str(tmp_path / name))
             return 1
+
         return exec_
 
     import SimpleITK as sitk
@@ -236,8 +267,7 @@ def test_export_dialog_proposes_a_file_name_windows_accepts(module_widget, monke
 
 
 def fake_batch(lines, pause=0.0):
-    script = "import time\n" + "".join(
-        f"print({line!r}, flush=True)\ntime.sleep({pause})\n" for line in lines)
+    script = "import time\n" + "".join(f"print({line!r}, flush=True)\ntime.sleep({pause})\n" for line in lines)
     process = BatchProcess([sys.executable, "-c", script])
     process.start()
     return process
@@ -267,10 +297,16 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     assert (ui.batchProgressBar.value(), ui.batchProgressBar.maximum()) == (3, 3)
     text = ui.batchStatusLabel.text()
     assert text.startswith("2 of 3 segmented, 1 failed; see results.csv") and text.endswith(
-        "1 of the folder's 2 results flagged by QC to check: open review.html there."), text  # no results.csv: counted
+        "1 of the folder's 2 results flagged by QC to check: open review.html there."
+    ), text  # no results.csv: counted
 
-    monkeypatch.setattr(panel.logic, "processFolder", lambda *a, **k: fake_batch(
-        ["lungseg-progress 1/3 ok /in/1.png", "lungseg-progress 2/3 ok /in/2.png"], pause=30))
+    monkeypatch.setattr(
+        panel.logic,
+        "processFolder",
+        lambda *a, **k: fake_batch(
+            ["lungseg-progress 1/3 ok /in/1.png", "lungseg-progress 2/3 ok /in/2.png"], pause=30
+        ),
+    )
     ui.batchRunButton.click()
     spin(lambda: panel._batch is not None and panel._batch.progress()[0] == 1, timeout=60)
     batch = panel._batch
@@ -299,8 +335,13 @@ def test_batch_accepts_the_folder_the_dialog_opens_in(module_widget, tmp_path, m
 
     monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(accept))
     calls = []
-    monkeypatch.setattr(panel.logic, "processFolder", lambda inputDir, outputDir, **options: calls.append(
-        (inputDir, outputDir)) or fake_batch(["lungseg-progress 1/1 ok /in/1.png"]))
+    monkeypatch.setattr(
+        panel.logic,
+        "processFolder",
+        lambda inputDir, outputDir, **options: (
+            calls.append((inputDir, outputDir)) or fake_batch(["lungseg-progress 1/1 ok /in/1.png"])
+        ),
+    )
     ui.batchInputDirectoryButton.click()
     assert opened == ["."] and ui.batchInputDirectoryButton.directory == "."  # unchanged, as in CTK
     ui.batchOutputDirectoryButton.directory = str(tmp_path / "out")

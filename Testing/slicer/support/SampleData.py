@@ -11,6 +11,7 @@ Modules/Scripted/SampleData/SampleData.py does. Line numbers are v5.12.3's (v5.8
   storage nodes removed; the first node, or the scene when the reader loaded none (a success all the same).
   Slicer 5.6's loadNode (v5.6.2 :918-944) defaults to "VolumeFile" and fails when no node was loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,17 @@ def _version():
 
 
 class SampleDataSource:
-    def __init__(self, sampleName=None, uris=None, fileNames=None, nodeNames=None, checksums=None,
-                 loadFileTypes=None, loadFileProperties=None, thumbnailFileName=None):
+    def __init__(
+        self,
+        sampleName=None,
+        uris=None,
+        fileNames=None,
+        nodeNames=None,
+        checksums=None,
+        loadFileTypes=None,
+        loadFileProperties=None,
+        thumbnailFileName=None,
+    ):
         self.sampleName, self.thumbnailFileName = sampleName, thumbnailFileName
         self.uris, self.fileNames, self.nodeNames = [uris], [fileNames], [nodeNames]  # one file, as LungSeg's
         self.checksums, self.loadFileTypes = [checksums], [loadFileTypes]
@@ -40,14 +50,23 @@ class SampleDataSource:
 
 class SampleDataLogic:
     @staticmethod
-    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
-                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
-                                       loadFileTypes=None, loadFiles=None, loadFileProperties={}, checksums=None,
-                                       loadFileType=None):
+    def registerCustomSampleDataSource(
+        category="Custom",
+        sampleName=None,
+        uris=None,
+        fileNames=None,
+        nodeNames=None,
+        customDownloader=None,
+        thumbnailFileName=None,
+        loadFileTypes=None,
+        loadFiles=None,
+        loadFileProperties={},
+        checksums=None,
+        loadFileType=None,
+    ):
         if _version() < (5, 8):
             if loadFileTypes is not None:  # no such argument in 5.6
-                raise TypeError("registerCustomSampleDataSource() got an unexpected keyword argument "
-                                "'loadFileTypes'")
+                raise TypeError("registerCustomSampleDataSource() got an unexpected keyword argument 'loadFileTypes'")
             loadFileTypes = "VolumeFile" if loadFileType is None else loadFileType  # 5.6's default
         elif loadFileType is not None:
             if loadFileTypes is not None:
@@ -58,9 +77,18 @@ class SampleDataLogic:
         sources = getattr(slicer.modules, "sampleDataSources", None)
         if sources is None:
             sources = slicer.modules.sampleDataSources = {}
-        sources.setdefault(category, []).append(SampleDataSource(
-            sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames, checksums=checksums,
-            loadFileTypes=loadFileTypes, loadFileProperties=loadFileProperties, thumbnailFileName=thumbnailFileName))
+        sources.setdefault(category, []).append(
+            SampleDataSource(
+                sampleName=sampleName,
+                uris=uris,
+                fileNames=fileNames,
+                nodeNames=nodeNames,
+                checksums=checksums,
+                loadFileTypes=loadFileTypes,
+                loadFileProperties=loadFileProperties,
+                thumbnailFileName=thumbnailFileName,
+            )
+        )
 
     def sourceForSampleName(self, sampleName):
         for sources in getattr(slicer.modules, "sampleDataSources", {}).values():
@@ -86,7 +114,8 @@ class SampleDataLogic:
         path = os.path.join(destFolderPath, name)
         algorithm, digest = checksum.split(":") if checksum else (None, None)
         if not os.path.isfile(path) or (
-                algorithm and hashlib.new(algorithm.lower(), Path(path).read_bytes()).hexdigest() != digest.lower()):
+            algorithm and hashlib.new(algorithm.lower(), Path(path).read_bytes()).hexdigest() != digest.lower()
+        ):
             raise ValueError(f"Failed to download {uri} to {path} (the tests have no network)")
         return path
 

@@ -1,4 +1,5 @@
 """Stand-ins (PySide6) for the CTK widgets in LungSeg.ui, with the properties and signals the module uses."""
+
 from PySide6.QtCore import Property, QDir, Qt, Signal
 from PySide6.QtWidgets import QFileDialog, QGroupBox, QPushButton, QWidget
 

@@ -10,12 +10,15 @@ the DICOM module's. Behaviour copied from Slicer v5.12.3 (the same in v5.8.1):
 - Modules/Scripted/DICOM/DICOM.py:1410-1444 (v5.8.1 :956-990): "DICOMFileImport" claims every DICOM file at 0.6;
   `load` imports the file's whole folder into the DICOM database, opens the DICOM browser and loads no node.
 """
+
 from __future__ import annotations
 
 import os
 
-VOLUME_EXTENSIONS = (".hdr .nhdr .nrrd .mhd .mha .mnc .nii .nii.gz .mgh .mgz .mgh.gz .img .img.gz .pic .dcm .ima "
-                     ".png .tif .tiff .jpg .jpeg").split()
+VOLUME_EXTENSIONS = (
+    ".hdr .nhdr .nrrd .mhd .mha .mnc .nii .nii.gz .mgh .mgz .mgh.gz .img .img.gz .pic .dcm .ima "
+    ".png .tif .tiff .jpg .jpeg"
+).split()
 
 
 class VolumesReader:

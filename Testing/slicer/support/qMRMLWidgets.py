@@ -1,5 +1,6 @@
 """Stand-ins (PySide6) for the qMRML widgets in LungSeg.ui: a scene-aware container and a node selector that
 lists the scene's nodes of its `nodeTypes`, as the application's qMRMLNodeComboBox does."""
+
 from PySide6.QtCore import Property, Signal
 from PySide6.QtWidgets import QComboBox, QWidget
 
@@ -34,8 +35,9 @@ class qMRMLNodeComboBox(QComboBox):
 
     nodeTypes = Property("QStringList", _types, _setTypes)
     noneEnabled = Property(bool, lambda self: self._noneEnabled, lambda self, v: setattr(self, "_noneEnabled", v))
-    showChildNodeTypes = Property(bool, lambda self: self._showChildNodeTypes,
-                                  lambda self, v: setattr(self, "_showChildNodeTypes", v))
+    showChildNodeTypes = Property(
+        bool, lambda self: self._showChildNodeTypes, lambda self, v: setattr(self, "_showChildNodeTypes", v)
+    )
     noneDisplay = Property(str, lambda self: self._noneDisplay, lambda self, v: setattr(self, "_noneDisplay", v))
 
     def setMRMLScene(self, scene):

@@ -6,6 +6,7 @@ slicer-core has MRML, the module logics and Slicer's own `slicer/util.py`; it la
 and the pure-Python parts of Slicer (ScriptedLoadableModule, parameterNodeWrapper, i18n). This folder holds small
 stand-ins for exactly those; everything else (scene, nodes, storage, segmentation logic) is real Slicer code.
 """
+
 from __future__ import annotations
 
 import sys
@@ -140,8 +141,10 @@ def start():
         return slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+    for rule in (
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+        slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+    ):
         factory.RegisterConverterRule(rule())
 
     scene = slicer.vtkMRMLScene()
@@ -158,8 +161,11 @@ def start():
     app_logic.SetShareDirectory("share")
     slicer._applicationLogic = app_logic
     logics = {}
-    for name, cls in (("colors", slicer.vtkSlicerColorLogic), ("volumes", slicer.vtkSlicerVolumesLogic),
-                      ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+    for name, cls in (
+        ("colors", slicer.vtkSlicerColorLogic),
+        ("volumes", slicer.vtkSlicerVolumesLogic),
+        ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+    ):
         logic = cls()
         logic.SetMRMLApplicationLogic(app_logic)
         logic.SetMRMLScene(scene)
@@ -192,8 +198,9 @@ def load_volume(path: str | Path, name: str | None = None):
     ijk_to_ras[:3, :3] = lps_to_ras @ direction @ np.diag(image.GetSpacing())
     ijk_to_ras[:3, 3] = lps_to_ras @ np.array(image.GetOrigin())
     vector = image.GetNumberOfComponentsPerPixel() > 1
-    node = slicer.util.addVolumeFromArray(array, ijk_to_ras, name or Path(path).stem,
-                                          "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode")
+    node = slicer.util.addVolumeFromArray(
+        array, ijk_to_ras, name or Path(path).stem, "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode"
+    )
     storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
     storage.SetSingleFile(True)
@@ -328,8 +335,8 @@ def load_dicom_volume(path: str | Path, name: str | None = None, approach: str =
       and otherwise uses 1.0, ignoring PixelSpacing (0028,0030) (GDCM gdcmImageHelper.cxx, the ITK that Slicer
       bundles); the origin is 0 and IJK->RAS is diag(-1, -1, 1) times the spacing (LPS to RAS).
     """
-    import vtk
     import slicer
+    import vtk
 
     path = str(Path(path).resolve())
     database = dicom_database()
@@ -393,8 +400,13 @@ def load_volume_file(path: str | Path, properties: dict | None = None):
 
     properties = {"singleFile": True} if properties is None else dict(properties)
     options = 0
-    for key, bit in (("labelmap", 1), ("center", 2), ("singleFile", 4), ("autoWindowLevel", 8),
-                     ("discardOrientation", 16)):
+    for key, bit in (
+        ("labelmap", 1),
+        ("center", 2),
+        ("singleFile", 4),
+        ("autoWindowLevel", 8),
+        ("discardOrientation", 16),
+    ):
         if properties.get(key):
             options |= bit
     name = properties.get("name") or Path(path).name.split(".")[0]
@@ -443,12 +455,14 @@ def _event_loop_exec_holding_gil():
 
     import PySide6
 
-    candidates = [Path(PySide6.__file__).parent / "Qt" / "lib" / "libQt6Core.so.6",
-                  Path(PySide6.__file__).parent / "Qt" / "lib" / "QtCore.framework" / "QtCore"]
+    candidates = [
+        Path(PySide6.__file__).parent / "Qt" / "lib" / "libQt6Core.so.6",
+        Path(PySide6.__file__).parent / "Qt" / "lib" / "QtCore.framework" / "QtCore",
+    ]
     for library in candidates:
         if library.exists():
             try:
-                function = getattr(ctypes.PyDLL(str(library)), "_ZN10QEventLoop4execE6QFlagsINS_17ProcessEventsFlagEE")
+                function = ctypes.PyDLL(str(library))._ZN10QEventLoop4execE6QFlagsINS_17ProcessEventsFlagEE
             except (OSError, AttributeError):
                 continue
             function.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -515,6 +529,5 @@ def spin_like_slicer(application, condition, timeout: float, tick: float = 0.1) 
     if state["error"] is not None:
         raise state["error"]
     if not state["met"]:
-        raise TimeoutError(f"condition not met within {timeout} s (longest gap between turns "
-                           f"{state['longest']:.2f} s)")
+        raise TimeoutError(f"condition not met within {timeout} s (longest gap between turns {state['longest']:.2f} s)")
     return state["longest"]

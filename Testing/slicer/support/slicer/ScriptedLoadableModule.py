@@ -14,6 +14,7 @@ for the widget's representation, Base/QTGUI/qSlicerScriptedLoadableModuleWidget.
 Not emulated: the developer section's buttons (the tests call onReload directly), and the widget setting itself up
 when constructed without a parent (Slicer calls setup() then; the tests call it themselves).
 """
+
 import logging
 import os
 import sys
@@ -22,8 +23,12 @@ import unittest
 
 import slicer
 
-__all__ = ["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-           "ScriptedLoadableModuleTest"]
+__all__ = [
+    "ScriptedLoadableModule",
+    "ScriptedLoadableModuleWidget",
+    "ScriptedLoadableModuleLogic",
+    "ScriptedLoadableModuleTest",
+]
 
 
 class ScriptedLoadableModule:
@@ -92,8 +97,7 @@ class ScriptedLoadableModuleWidget:
     def _onModuleAboutToBeUnloaded(self, moduleName):
         if moduleName == self.moduleName:
             self.cleanup()
-            slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)",
-                                                  self._onModuleAboutToBeUnloaded)
+            slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
 
     def onReload(self):
         """Reload the module (Slicer's developer "Reload" button)."""

@@ -32,6 +32,7 @@ monkeypatch it):
 `guiUpdates` counts the `_updateGUIFromParameterNode` calls that rewrite at least one connected widget, so a test
 can see observers pile up.
 """
+
 import abc
 import logging
 import os
@@ -58,9 +59,23 @@ guiUpdates = 0
 SlicerParameterNamePropertyName = "SlicerParameterName"
 
 __all__ = [
-    "parameterNodeWrapper", "isParameterNodeWrapper", "SlicerParameterNamePropertyName", "Default", "Validator",
-    "NotNone", "IsNone", "IsInstance", "Choice", "WithinRange", "Minimum", "Maximum", "Exclude", "getNodeTypes",
-    "isNodeOrUnionOfNodes", "createGuiConnector", "GuiConnector",
+    "parameterNodeWrapper",
+    "isParameterNodeWrapper",
+    "SlicerParameterNamePropertyName",
+    "Default",
+    "Validator",
+    "NotNone",
+    "IsNone",
+    "IsInstance",
+    "Choice",
+    "WithinRange",
+    "Minimum",
+    "Maximum",
+    "Exclude",
+    "getNodeTypes",
+    "isNodeOrUnionOfNodes",
+    "createGuiConnector",
+    "GuiConnector",
 ]
 
 
@@ -162,8 +177,9 @@ class Exclude(Validator):
 
     def validate(self, value):
         if value in self.excludedValues:
-            raise ValueError(f"Value is {value}, but must not be an excluded value: excluded values "
-                             f"{self.excludedValues}")
+            raise ValueError(
+                f"Value is {value}, but must not be an excluded value: excluded values {self.excludedValues}"
+            )
 
 
 def _isValidator(x):
@@ -192,8 +208,10 @@ def isNodeOrUnionOfNodes(datatype) -> bool:
     if _isNodeClass(underlying):
         return True
     if typing.get_origin(underlying) is typing.Union:
-        return all(isinstance(t, type) and (t is type(None) or issubclass(t, slicer.vtkMRMLNode))
-                   for t in (unannotatedType(a) for a in typing.get_args(underlying)))
+        return all(
+            isinstance(t, type) and (t is type(None) or issubclass(t, slicer.vtkMRMLNode))
+            for t in (unannotatedType(a) for a in typing.get_args(underlying))
+        )
     return False
 
 
@@ -203,8 +221,9 @@ def getNodeTypes(datatype):
     if _isNodeClass(underlying):
         return (underlying().GetClassName(),)
     if typing.get_origin(underlying) is typing.Union:
-        return tuple(t().GetClassName() for t in (unannotatedType(a) for a in typing.get_args(underlying))
-                     if _isNodeClass(t))
+        return tuple(
+            t().GetClassName() for t in (unannotatedType(a) for a in typing.get_args(underlying)) if _isNodeClass(t)
+        )
     raise TypeError(f"Cannot handle type {datatype}")
 
 
@@ -269,8 +288,9 @@ class NumberSerializer(Serializer):
 
     @staticmethod
     def create(type_):
-        return ValidatedSerializer(NumberSerializer(type_),
-                                   [NotNone(), IsInstance((int, float) if type_ == float else int)])
+        return ValidatedSerializer(
+            NumberSerializer(type_), [NotNone(), IsInstance((int, float) if type_ == float else int)]
+        )
 
     def __init__(self, type_):
         self.type = type_
@@ -304,8 +324,14 @@ class StringSerializer(Serializer):
         return parameterNode.GetParameter(name)
 
 
-_PATH_TYPES = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath,
-               pathlib.PureWindowsPath)
+_PATH_TYPES = (
+    pathlib.Path,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+)
 
 
 class PathSerializer(Serializer):
@@ -468,8 +494,15 @@ class UnionSerializer(Serializer):
 
 
 # Slicer's registration order: the first that can serialize a type wins
-_registeredSerializers = [NumberSerializer, StringSerializer, PathSerializer, BoolSerializer, NodeSerializer,
-                          NoneSerializer, UnionSerializer]
+_registeredSerializers = [
+    NumberSerializer,
+    StringSerializer,
+    PathSerializer,
+    BoolSerializer,
+    NodeSerializer,
+    NoneSerializer,
+    UnionSerializer,
+]
 
 
 def _createSerializer(type_, annotations):
@@ -478,8 +511,10 @@ def _createSerializer(type_, annotations):
     for factory in _registeredSerializers:
         if factory.canSerialize(type_):
             return ValidatedSerializer(factory.create(type_), validators), annotations
-    raise Exception(f"Unable to create serializer for type: {str(type_)} (the stand-in emulates only the "
-                    "serializers LungSeg can use: int, float, str, pathlib, bool, MRML nodes, None and Union)")
+    raise Exception(
+        f"Unable to create serializer for type: {str(type_)} (the stand-in emulates only the "
+        "serializers LungSeg can use: int, float, str, pathlib, bool, MRML nodes, None and Union)"
+    )
 
 
 def _createSerializerFromAnnotatedType(annotatedType):
@@ -599,16 +634,17 @@ class qMRMLNodeComboBoxToNodeConnector(GuiConnector):
         self._widget.setCurrentNode(value)
 
 
-_registeredGuiConnectors = [QCheckBoxToBoolConnector, QComboBoxToStringableConnector,
-                            qMRMLNodeComboBoxToNodeConnector]
+_registeredGuiConnectors = [QCheckBoxToBoolConnector, QComboBoxToStringableConnector, qMRMLNodeComboBoxToNodeConnector]
 
 
 def createGuiConnector(widget, datatype):
     for connectorType in _registeredGuiConnectors:
         if connectorType.canRepresent(widget, datatype):
             return connectorType(widget, datatype)
-    raise RuntimeError(f"Unable to create GUI connector from datatype '{datatype}' to widget type '{type(widget)}'. "
-                       "(The stand-in has the connectors for qMRMLNodeComboBox, QCheckBox and QComboBox only.)")
+    raise RuntimeError(
+        f"Unable to create GUI connector from datatype '{datatype}' to widget type '{type(widget)}'. "
+        "(The stand-in has the connectors for qMRMLNodeComboBox, QCheckBox and QComboBox only.)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- wrapper.py
@@ -660,8 +696,9 @@ class _CachedParameterWrapper(_ParameterWrapper):
         super().__init__(parameter, parameterNode)
         self._value = parameter.read(parameterNode)
         selfRef = weakref.ref(self)
-        self._observerTag = parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent,
-                                                      lambda caller, event: selfRef()._onModified())
+        self._observerTag = parameterNode.AddObserver(
+            vtk.vtkCommand.ModifiedEvent, lambda caller, event: selfRef()._onModified()
+        )
         self._currentlyWriting = False
 
     def __del__(self):
@@ -700,10 +737,12 @@ def _initMethod(self, parameterNode, prefix=None):
 
 def _checkParamName(instanceOrClass, name):
     if name not in instanceOrClass.allParameters:
-        raise ValueError(f"Cannot find a param with the given name: {name}"
-                         + "\n  Found parameters ["
-                         + "".join(f"\n    {n}," for n in instanceOrClass.allParameters)
-                         + "\n  ]")
+        raise ValueError(
+            f"Cannot find a param with the given name: {name}"
+            + "\n  Found parameters ["
+            + "".join(f"\n    {n}," for n in instanceOrClass.allParameters)
+            + "\n  ]"
+        )
 
 
 def _getValue(self, name):
@@ -744,16 +783,19 @@ def _updateGUIFromParameterNode(self):
 def _connectParametersToGui(self, mapping):
     for name in mapping:
         _checkParamName(self, name)
-    connectors = {name: value if isinstance(value, GuiConnector) else createGuiConnector(value, self.dataType(name))
-                  for name, value in mapping.items()}
+    connectors = {
+        name: value if isinstance(value, GuiConnector) else createGuiConnector(value, self.dataType(name))
+        for name, value in mapping.items()
+    }
     tag = self._nextParameterGUIsTag
     self._nextParameterGUIsTag += 1
     self._parameterGUIs[tag] = connectors
     for name, connector in connectors.items():
         connector.write(self.getValue(name))
         connector.onChanged(_makeGuiToParamCallback(self, name, connector))
-    observerTag = self.AddObserver(vtk.vtkCommand.ModifiedEvent,
-                                   lambda caller, event: _updateGUIFromParameterNode(self))
+    observerTag = self.AddObserver(
+        vtk.vtkCommand.ModifiedEvent, lambda caller, event: _updateGUIFromParameterNode(self)
+    )
     if SLICER_VERSION >= (5, 12):
         self._guiVtkObserverTags[tag] = observerTag
     return tag
@@ -787,8 +829,10 @@ def _disconnectGui(self, guiTag):
 
 
 def _makeProperty(name):
-    return property(lambda self: getattr(self, f"_{name}_impl").read(),
-                    lambda self, value: getattr(self, f"_{name}_impl").write(value))
+    return property(
+        lambda self: getattr(self, f"_{name}_impl").read(),
+        lambda self, value: getattr(self, f"_{name}_impl").write(value),
+    )
 
 
 def _processClass(classtype):
@@ -797,8 +841,10 @@ def _processClass(classtype):
         membertype, annotations = splitAnnotations(nametype)
         if isinstance(membertype, types.UnionType):
             if SLICER_VERSION < (5, 10):
-                raise Exception(f"Unable to create serializer for {classtype} member {name}: "
-                                f"{membertype} (types.UnionType is converted only from Slicer 5.10)")
+                raise Exception(
+                    f"Unable to create serializer for {classtype} member {name}: "
+                    f"{membertype} (types.UnionType is converted only from Slicer 5.10)"
+                )
             membertype = typing.Union[tuple(typing.get_args(membertype))]
         try:
             serializer, annotations = _createSerializer(membertype, annotations)
@@ -825,11 +871,17 @@ def _processClass(classtype):
 
     checkedSetAttr("allParameters", allParameters)
     checkedSetAttr("_is_parameter_node_wrapper", True)
-    setattr(classtype, "__init__", _initMethod)
-    checkedSetAttr("default", lambda self, name: (_checkParamName(self, name),
-                                                  getattr(self, f"_{name}_impl").parameter.default)[1])
-    checkedSetAttr("isCached", lambda self, name: (_checkParamName(self, name), isinstance(
-        getattr(self, f"_{name}_impl"), _CachedParameterWrapper))[1])
+    classtype.__init__ = _initMethod
+    checkedSetAttr(
+        "default", lambda self, name: (_checkParamName(self, name), getattr(self, f"_{name}_impl").parameter.default)[1]
+    )
+    checkedSetAttr(
+        "isCached",
+        lambda self, name: (
+            _checkParamName(self, name),
+            isinstance(getattr(self, f"_{name}_impl"), _CachedParameterWrapper),
+        )[1],
+    )
     checkedSetAttr("dataType", staticmethod(dataType))
     checkedSetAttr("getValue", _getValue)
     checkedSetAttr("setValue", _setValue)
@@ -838,8 +890,10 @@ def _processClass(classtype):
     checkedSetAttr("disconnectGui", _disconnectGui)
     checkedSetAttr("StartModify", lambda self: self.parameterNode.StartModify())
     checkedSetAttr("EndModify", lambda self, wasModified: self.parameterNode.EndModify(wasModified))
-    checkedSetAttr("AddObserver", lambda self, event, callback, priority=0.0:
-                   self.parameterNode.AddObserver(event, callback, priority))
+    checkedSetAttr(
+        "AddObserver",
+        lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(event, callback, priority),
+    )
     checkedSetAttr("RemoveObserver", lambda self, tag: self.parameterNode.RemoveObserver(tag))
     checkedSetAttr("Modified", lambda self: self.parameterNode.Modified())
     return classtype

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("LungSegCore/lungseg", "LungSegExtension", "scripts")
 FILE_LINES, CLASS_LINES, FUNCTION_LINES, LINE_CHARS = 400, 150, 60, 120
 MARK = "# size:"
