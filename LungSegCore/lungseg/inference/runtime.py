@@ -1,8 +1,8 @@
 """ONNX Runtime sessions for the shipped graphs: the forward pass without torch.
 
 Tuned for this workload (one small graph, many images): the CPU memory arena is off (another project found it held
-gigabytes for a 5 MB model; it gains nothing here, see `scripts/benchmark.py`), every graph optimisation is on, and
-one intra-op pool takes the threads asked for.
+gigabytes for a 5 MB model; it gains nothing here, see `scripts/benchmark.py`), every graph optimisation is on, one
+intra-op pool takes the threads asked for, and its threads do not spin while they wait.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def open_session(path: str | Path, device: str = "auto", threads: int | None = N
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = default_threads() if threads is None else threads
     options.inter_op_num_threads = 1
+    # no busy-waiting between operators: the reader and finisher processes need those cycles (+6 % end to end on
+    # 2 cores, scripts/benchmark.py)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: warnings about unused initialisers are not the user's business
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
