@@ -8,9 +8,9 @@ import argparse
 
 import numpy as np
 import SimpleITK as sitk
-from skimage.transform import resize
 
 from lungseg.batch.overlay import overlay_rgb
+from lungseg.inference.preprocess import resize
 from lungseg.inference.segmenter import Segmenter
 from lungseg.io.radiograph import read_radiograph
 from lungseg.models.cards import best_model
@@ -29,7 +29,8 @@ def main() -> None:
         label = Segmenter(best_model(definition), "cpu").segment(image.pixels, display_flips=image.display_flips).label
         rgb = overlay_rgb(image.pixels, label)
         size = (round(rgb.shape[0] * args.width / rgb.shape[1]), args.width)
-        panels.append(resize(rgb, size, anti_aliasing=True, preserve_range=True).astype(np.uint8))
+        channels = resize(np.moveaxis(rgb, -1, 0).astype(np.float32), size, antialias=True)
+        panels.append(np.moveaxis(np.clip(np.rint(channels), 0, 255).astype(np.uint8), 0, -1))
     gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
     sitk.WriteImage(sitk.GetImageFromArray(np.concatenate([panels[0], gap, panels[1]], 1), isVector=True), args.output)
     print(f"wrote {args.output}")
