@@ -79,6 +79,8 @@ class Segmenter:
         self.graphs, self.card = load_graphs(model, device, threads)
         self.size = int(self.card["input_size"])
         self.device = device_name(self.graphs[0][0])
+        inputs = self.graphs[0][0].get_inputs()  # a probabilistic U-Net's graph also takes (N, B, L) latent draws
+        self.latent_dim = int(inputs[1].shape[2]) if len(inputs) == 2 else 0
 
     @property
     def name(self) -> str:
@@ -91,17 +93,17 @@ class Segmenter:
     @property
     def latent(self) -> bool:
         """A probabilistic U-Net: its graph takes latent draws."""
-        return len(self.graphs[0][0].get_inputs()) == 2
+        return self.latent_dim > 0
 
-    def member_probabilities(self, batch: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def member_probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) model inputs -> (M, B, 3, S, S): each graph's softmax at the input's size. Each member sees
         the input resized to the size it was trained at."""
         out = []
         for session, size in self.graphs:
             x = batch if size == self.size else resize(batch, (size, size), antialias=size < self.size)
             if self.latent:
-                draws = np.zeros((1, len(batch), session.get_inputs()[1].shape[2])) if noise is None else noise
-                probs = softmax(run(session, image=x, noise=draws), axis=2).mean(0)
+                mean = np.zeros((1, len(batch), self.latent_dim))  # the prior's mean: the default prediction
+                probs = softmax(run(session, image=x, noise=mean), axis=2)[0]
             else:
                 probs = softmax(run(session, image=x), axis=1)
             out.append(probs if size == self.size else resize(probs, (self.size, self.size)))
@@ -134,9 +136,8 @@ class Segmenter:
 
     def prior_samples(self, batch: np.ndarray, n: int = LATENT_DRAWS) -> np.ndarray:
         """(n, B, 3, S, S) probabilities from n latent draws of a probabilistic U-Net."""
-        session = self.graphs[0][0]
-        draws = np.random.default_rng(LATENT_SEED).standard_normal((n, 1, session.get_inputs()[1].shape[2]))
-        logits = run(session, image=batch, noise=np.broadcast_to(draws, (n, len(batch), draws.shape[2])))
+        draws = np.random.default_rng(LATENT_SEED).standard_normal((n, 1, self.latent_dim))
+        logits = run(self.graphs[0][0], image=batch, noise=np.broadcast_to(draws, (n, len(batch), self.latent_dim)))
         return softmax(logits, axis=2)
 
     def predict(self, batch: np.ndarray, uncertainty: bool = False) -> ModelOutput:
