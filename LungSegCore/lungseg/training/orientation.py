@@ -353,6 +353,8 @@ def train(run, config=None, overrides=None, stop_after_epoch: int | None = None,
         torch.set_rng_state(ck["torch_rng"])
         start = ck["epoch"] + 1
         say(f"resumed from epoch {ck['epoch']}")
+    say(f"training epochs {start}..{t['epochs']} x {t['steps_per_epoch']} steps, {len(cache['train_x'])} train films,"
+        f" {len(cache['heldout_x'])} held-out, {sum(p.numel() for p in model.parameters())} parameters")
     oe_w = (t.get("outlier_exposure") or {}).get("weight", 0.0)
     writer = None
     try:
@@ -386,6 +388,8 @@ def train(run, config=None, overrides=None, stop_after_epoch: int | None = None,
             loss_oe = -torch.log_softmax(logits[nc:], 1).mean() - math.log(N_STATES) if n_oe else torch.zeros(())
             opt.zero_grad(set_to_none=True)
             (loss + oe_w * loss_oe).backward()
+            if t.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
             opt.step()
             tot += loss.item()
             tot_oe += loss_oe.item()
