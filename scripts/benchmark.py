@@ -127,6 +127,8 @@ def stage_cpu_ms(segmenter, path: Path, scratch: Path, repeats: int = 30) -> dic
         "qc_and_areas": cpu_ms(lambda: (qc(prediction), lung_areas(prediction.label, image.pixel_area_mm2))),
         "write_labelmap": cpu_ms(lambda: write_labelmap(prediction.label, image.reference, scratch / "stage.nrrd")),
     }
+    if getattr(segmenter, "classifier", None) is not None:  # the orientation check before the model (issue 35)
+        costs["orientation_check"] = cpu_ms(lambda: segmenter.orient(batch, [False] * len(batch))) / len(batch)
     try:  # the review page's thumbnail, made for every input (issue 12)
         from lungseg.batch.overlay import thumbnail_base, write_thumbnail
 

@@ -338,6 +338,60 @@ BREAKAGES: list[Breakage] = [
         ],
         ["Testing/core/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"],
     ),
+    Breakage(
+        "S1",
+        "issue 35: a corrected film's maps stay in the upright frame instead of going back onto the stored grid",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/postprocess.py",
+                "return None if array is None else reorient(apply_geometry(orientation, array), flips)",
+                "return None if array is None else reorient(array, flips)",
+            )
+        ],
+        [
+            "Testing/core/test_orientation.py::test_corrected_films_segment_like_the_upright_film_on_their_own_grid",
+            "Testing/slicer/test_logic.py::test_a_turned_film_is_segmented_upright_on_the_loaded_volume",
+        ],
+    ),
+    Breakage(
+        "S2",
+        "issue 35: a film that looks mirrored is segmented by position, as before (Right and Left swapped, unflagged)",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/orientation_classifier.py",
+                "    seen = State(state.k, state.mirrored and sure, state.inverted)\n",
+                "    seen = State(state.k, False, state.inverted)\n",
+            )
+        ],
+        [
+            "Testing/core/test_orientation.py::test_segment_corrects_each_state_unless_told_not_to",
+            "Testing/core/test_batch.py::test_one_orientation_step_serves_segment_and_evaluate",
+        ],
+    ),
+    Breakage(
+        "S3",
+        "issue 35: the mirror decision is read from the first pass, on the film still turned",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/orientation_classifier.py",
+                "probabilities_of(np.stack([undo_on_input(poses[i], images[i]) for i in moved]))",
+                "probabilities_of(np.stack([images[i] for i in moved]))",
+            )
+        ],
+        ["Testing/core/test_orientation.py::test_the_mirror_decision_is_made_on_the_film_turned_upright"],
+    ),
+    Breakage(
+        "S4",
+        "issue 35: a DICOM header's PatientOrientation no longer wins over the pixels",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/orientation_classifier.py",
+                "    if header:\n",
+                "    if False:\n",
+            )
+        ],
+        ["Testing/core/test_orientation.py::test_the_dicom_header_wins_and_a_disagreement_is_flagged"],
+    ),
 ]
 
 WRONG_REASONS = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationError")

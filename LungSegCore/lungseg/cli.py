@@ -32,6 +32,8 @@ def _segment(args) -> int:
         uncertainty=args.uncertainty,
         overwrite=args.overwrite,
         max_pixels=args.max_pixels or None,
+        orientation=not args.no_orientation_check,
+        corrections=args.corrections,
     )
     return run_segment(
         args.inputs,
@@ -63,6 +65,8 @@ def _evaluate(args) -> int:
         truth_definition=args.truth_definition,
         uncertainty=args.uncertainty,
         spacing_mm=args.spacing_mm,
+        orientation=not args.no_orientation_check,
+        corrections=args.corrections,
     )
     print(f"lungseg: {summary_line(summary)}; details in {args.output}")
     return 0
@@ -203,6 +207,15 @@ def _pixel_count(text: str) -> int:
     return value
 
 
+def _corrections(text: str):
+    from .inference.orientation import Corrections
+
+    try:
+        return Corrections.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _at_least(minimum: int):
     """An argparse type: a whole number of at least `minimum` (a batch of 0 images, or -1 workers, is a usage error
     here, not a traceback from the data loader)."""
@@ -232,9 +245,26 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lungseg", description="Right and left lung segmentation on chest radiographs", parents=[common]
     )
+    orientation = argparse.ArgumentParser(add_help=False)
+    orientation.add_argument(
+        "--corrections",
+        type=_corrections,
+        default="turns,inversion,mirroring",
+        metavar="LIST",
+        help="what a film's pixels may correct before segmenting: turns (90/180/270 degrees), inversion (air "
+        "bright), mirroring (Right and Left from the anatomy, flagged for a check); a comma-separated list, or none "
+        "(default: all three). A DICOM PatientOrientation always wins over the pixels",
+    )
+    orientation.add_argument(
+        "--no-orientation-check",
+        action="store_true",
+        help="do not run the orientation classifier (nothing is corrected or flagged from the pixels)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment radiographs (files or folders) into labelmaps", parents=[common])
+    s = sub.add_parser(
+        "segment", help="segment radiographs (files or folders) into labelmaps", parents=[common, orientation]
+    )
     s.add_argument("inputs", nargs="+", help="image files, folders, or .txt files listing image paths")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="model name, or path to a model card/weights (overrides --definition)")
@@ -285,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_segment)
 
-    e = sub.add_parser("evaluate", help="score a model against reference masks", parents=[common])
+    e = sub.add_parser("evaluate", help="score a model against reference masks", parents=[common, orientation])
     e.add_argument("--images", required=True)
     e.add_argument("--masks", required=True, help="both-lung masks (0/255) named like the images")
     e.add_argument("--masks-right", help="right-lung masks (default: masks_right/ beside --masks, if present)")

@@ -122,7 +122,9 @@ def test_bad_and_valid_inputs_in_one_batch(tmp_path, radiograph, chest_dicom):
         assert row["definition"] == "lung-fields"
         assert float(row["inference_ms"]) > 0 and float(row["write_ms"]) > 0
     odd = rows["one lung.png"]
-    assert odd["status"] == "ok" and odd["qc"] == "check" and "left lung" in odd["qc_reasons"], odd["qc_reasons"]
+    # one lung and no heart: QC flags it (a missing lung, or, where the orientation classifier calls it mirrored, that)
+    assert odd["status"] == "ok" and odd["qc"] == "check", odd["qc_reasons"]
+    assert "left lung" in odd["qc_reasons"] or "looks mirrored" in odd["qc_reasons"], odd["qc_reasons"]
     assert rows["spaced_nrrd.nrrd"]["right_area_mm2"] != "" and rows["rgb.png"]["right_area_mm2"] == ""
     out_single = sitk.ReadImage(rows["single_slice.nrrd"]["output"])
     assert out_single.GetDimension() == 3 and out_single.GetSpacing() == pytest.approx((0.6, 0.5, 3.0))
@@ -328,6 +330,7 @@ def test_in_shard_puts_every_path_in_exactly_one_shard():
 def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom, segmenter):
     """`Segmenter.segment(display_flips=...)` is the one place the orientation is handled; `evaluate` uses it."""
     from lungseg.evaluation.evaluate import evaluate
+    from lungseg.inference.orientation import Corrections
     from lungseg.io.radiograph import read_radiograph
 
     (tmp_path / "images").mkdir()
@@ -336,8 +339,14 @@ def test_one_orientation_step_serves_segment_and_evaluate(tmp_path, chest_dicom,
     normal = segmenter.segment(read_radiograph(chest_dicom).pixels).label
     mirrored = segmenter.segment(image.pixels, display_flips=image.display_flips).label
     assert (mirrored == normal[:, ::-1]).mean() > 0.995
-    ignored = segmenter.segment(image.pixels).label  # without the step the sides would swap
+    none = Corrections.parse("none")
+    ignored = segmenter.segment(image.pixels, corrections=none).label  # with neither step the sides would swap
     assert (ignored[mirrored > 0] != mirrored[mirrored > 0]).mean() > 0.5
+    found = segmenter.segment(image.pixels)  # the orientation classifier alone sees the film is mirrored
+    assert found.orientation.corrected == "mirrored (from the pixels)"
+    assert (found.label == mirrored).mean() > 0.995
+    stated = segmenter.segment(image.pixels, display_flips=image.display_flips, orientation_stated=True)
+    assert stated.orientation.applied.upright and stated.orientation.reasons == (), "header and pixels agree"
 
     (tmp_path / "masks").mkdir()
     sitk.WriteImage(

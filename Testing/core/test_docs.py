@@ -114,3 +114,39 @@ def test_relative_links_point_to_existing_files_and_headings(path):
         assert linked.exists(), f"{path.name} links to {target}, which does not exist"
         if anchor and linked.suffix == ".md":
             assert anchor in heading_anchors(linked), f"{path.name} links to {target}#{anchor}: no such heading"
+
+
+def percent(value: float, digits: int) -> str:
+    return f"{100 * value:.{digits}f} %"
+
+
+def test_the_orientation_tables_are_the_study_and_the_card():
+    """The README's orientation table and orientation.md's held-out table are `orientation-study.json`'s and the
+    orientation card's numbers."""
+    import json
+
+    from lungseg.models.cards import ORIENTATION_CARD
+
+    study = json.loads((DOCS / "orientation-study.json").read_text())["sets"]
+    covid, readme = study["covid-qu-ex"], flat(README)
+    mirrored = ("mirrored", "mirrored + rotated 90")
+    silent = sum(covid[copy]["silent_swaps"] for copy in mirrored)
+    exact = sorted(covid[copy]["recognised"] for copy in mirrored)
+    undone = sorted(
+        covid[copy]["turn_and_inversion_corrected"] for copy in ("rotated 90", "rotated 180", "rotated 270", "inverted")
+    )
+    row = (
+        f"| COVID-QU-Ex val + test, 932 | {percent(1 - covid['stored']['recognised'], 2)} | "
+        f"{100 * undone[0]:.1f}–{percent(undone[-1], 1)} | {100 * exact[0]:.1f}–{percent(exact[-1], 1)} | "
+        f"{silent} of 1,864 mirrored copies |"
+    )
+    assert row in readme, row
+    assert study["non-chest"]["corrected"] == 0 and study["non-chest"]["qc_check"] == study["non-chest"]["copies"]
+    held_out = json.loads(ORIENTATION_CARD.read_text())["heldout"]["covid-qu-ex"]
+    row = (
+        f"| COVID-QU-Ex val + test | 932 | {percent(held_out['stored_called_changed'], 2)} | "
+        f"{percent(held_out['stored_flagged'], 1)} | {percent(held_out['mirrored_recognised'], 1)} | "
+        f"{percent(held_out['turned_corrected'], 1)} | {percent(held_out['inverted_corrected'], 1)} | "
+        f"{held_out['silent_swaps']} of 7,456 |"
+    )
+    assert row in flat(DOCS / "orientation.md"), row

@@ -80,14 +80,18 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
     """Segmenting the DICOM (inverted on read) and the same pixels already inverted by hand must agree."""
     import pydicom
 
+    from lungseg.inference.orientation import Corrections
+
     raw = pydicom.dcmread(chest_dicom).pixel_array.astype(np.float32)
     from_dicom = segmenter.segment(read_radiograph(chest_dicom).pixels).label
     by_hand = segmenter.segment(raw.max() - raw).label
     agreement = 2 * ((from_dicom > 0) & (by_hand > 0)).sum() / ((from_dicom > 0).sum() + (by_hand > 0).sum())
     assert agreement > 0.99
-    not_inverted = segmenter.segment(raw).label
+    not_inverted = segmenter.segment(raw, corrections=Corrections.parse("none")).label
     wrong = 2 * ((from_dicom > 0) & (not_inverted > 0)).sum() / ((from_dicom > 0).sum() + (not_inverted > 0).sum())
     assert wrong < 0.8, "without the inversion the segmentation is clearly different (Dice ~0.4)"
+    caught = segmenter.segment(raw)  # the orientation classifier sees that air is bright
+    assert caught.orientation.corrected == "inverted (from the pixels)" and (caught.label == by_hand).mean() > 0.999
 
 
 def test_intensity_normalization_uses_torch_quantile_percentiles():

@@ -153,6 +153,31 @@ def test_export_keeps_the_geometry(chest_nrrd, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_a_turned_film_is_segmented_upright_on_the_loaded_volume(chest_nrrd, tmp_path):
+    """Issue 35: the orientation classifier turns the film upright for the model; the segments come back on the
+    volume as loaded, each lung still the patient's side. With the correction off the film is flagged instead."""
+    image = sitk.ReadImage(str(chest_nrrd))
+    turned = sitk.GetImageFromArray(np.ascontiguousarray(np.rot90(sitk.GetArrayFromImage(image))))
+    turned.SetSpacing(image.GetSpacing()[::-1])
+    sitk.WriteImage(turned, str(tmp_path / "turned.nrrd"))
+    volumes = slicer.modules.volumes.logic()
+    upright = volumes.AddArchetypeVolume(str(chest_nrrd), "chest", 4)
+    stored = volumes.AddArchetypeVolume(str(tmp_path / "turned.nrrd"), "turned", 4)
+    logic = LungSegLogic()
+    reference = new_segmentation()
+    logic.process(upright, reference, device="cpu")
+    right, left = lung_masks(reference, upright)
+    segmentation = new_segmentation()
+    summary = logic.process(stored, segmentation, device="cpu")
+    assert summary.orientationCorrected == "rotated 90 (from the pixels)"
+    assert "Corrected before segmenting: rotated 90 (from the pixels)" in summary.statusText()
+    turned_right, turned_left = lung_masks(segmentation, stored)
+    assert dice(turned_right, np.rot90(right)) > 0.99 and dice(turned_left, np.rot90(left)) > 0.99
+
+    result = logic.compute(logic.readInput(stored), device="cpu", corrections="none")
+    assert result.orientationCorrected == "" and "looks rotated 90; not corrected" in "; ".join(result.qcReasons)
+
+
 def test_rgb_and_single_slice_inputs(tmp_path):
     gray = sitk.ReadImage(str(sample_pngs()[1]))
     rgb = sitk.GetImageFromArray(np.repeat(sitk.GetArrayFromImage(gray)[..., None], 3, axis=2), isVector=True)
@@ -244,10 +269,13 @@ def test_monochrome1_through_the_dicom_module_is_not_inverted_twice(chest_dicom,
     for mask, value in zip(lung_masks(segmentation, dcmtk), (1, 2)):
         assert dice(mask, expected == value) > 0.99
 
-    # no file behind the volume: the intensities tell that air is bright
+    # no file behind the volume: the orientation classifier sees that air is bright
     slicer.dicomDatabase = None
     summary = LungSegLogic().process(dcmtk, segmentation, device="cpu")
-    assert summary.inverted and summary.inversionSource == "intensity statistics"
+    assert not summary.inverted and summary.orientationCorrected == "inverted (from the pixels)"
+    assert "Corrected before segmenting: inverted (from the pixels)" in summary.statusText()
+    for mask, value in zip(lung_masks(segmentation, dcmtk), (1, 2)):
+        assert dice(mask, expected == value) > 0.99
     assert summary.rightAreaMm2 is None  # no pixel spacing without the header
 
 

@@ -292,7 +292,13 @@ def test_batch_section_shows_progress_and_cancels(module_widget, tmp_path, monke
     assert not calls and panel._batch is None
     ui.batchOutputDirectoryButton.directory = str(tmp_path / "out")
     ui.batchRunButton.click()
-    assert calls == [(str(tmp_path), str(tmp_path / "out"), {"model": "unet", "device": "auto", "overlays": True})]
+    assert calls == [
+        (
+            str(tmp_path),
+            str(tmp_path / "out"),
+            {"model": "unet", "device": "auto", "overlays": True, "corrections": "turns,inversion,mirroring"},
+        )
+    ]
     spin(lambda: panel._batch is None, timeout=60)
     assert (ui.batchProgressBar.value(), ui.batchProgressBar.maximum()) == (3, 3)
     text = ui.batchStatusLabel.text()

@@ -42,6 +42,13 @@ def write_outputs(
     return row
 
 
+def corrected(flips: tuple[bool, bool], finding) -> str:
+    """What was corrected before segmenting: the header's display flips, and what the pixels showed."""
+    flip_rows, flip_cols = flips
+    header = "mirrored" if flip_cols else ("upside-down" if flip_rows else "")
+    return "; ".join(part for part in (header, finding.corrected if finding else "") if part)
+
+
 def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple:
     """Post-process one model output (`ModelOutput.item`: probabilities, uncertainty, member spread) into its
     prediction (on the input grid) and its results row, with its QC (`quality.assess`: the rules of the card's
@@ -49,6 +56,7 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
     t0 = time.perf_counter()
     image: Radiograph = item["image"]
     probabilities, uncertainty, member_spread = output
+    finding = item.get("orientation")
     prediction = postprocess(
         probabilities,
         image.shape,
@@ -57,8 +65,8 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
         image.display_flips,
         member_spread,
         item.get("model_image"),
+        finding,
     )
-    flip_rows, flip_cols = image.display_flips
     assessment = assess(prediction, card)
     row = {
         "rows": image.shape[0],
@@ -73,7 +81,8 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
         "uncertainty_mean": round(float(prediction.uncertainty[prediction.label > 0].mean()), 4)
         if prediction.uncertainty is not None and (prediction.label > 0).any()
         else "",
-        "orientation_corrected": "mirrored" if flip_cols else ("upside-down" if flip_rows else ""),
+        "orientation": finding.found if finding else "",
+        "orientation_corrected": corrected(image.display_flips, finding),
         "read_ms": round(item["read_ms"], 1),
         "preprocess_ms": round(item["preprocess_ms"], 1),
         "postprocess_ms": round((time.perf_counter() - t0) * 1e3, 1),

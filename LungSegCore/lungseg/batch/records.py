@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LungSegError
+from ..inference.orientation import ALL_CORRECTIONS, Corrections
 from ..io.files import remove_partial_files, stem_of, write_atomic_text, write_csv
 from ..io.radiograph import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 
@@ -44,6 +45,7 @@ RESULT_FIELDS = [
     "qc",
     "qc_reasons",
     "uncertainty_mean",
+    "orientation",
     "orientation_corrected",
     "read_ms",
     "preprocess_ms",
@@ -63,6 +65,8 @@ class Options:
     uncertainty: bool = False
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse larger images before decoding them (None: no limit)
+    orientation: bool = True  # check each film's orientation with the classifier
+    corrections: Corrections = ALL_CORRECTIONS  # what a found orientation may correct
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import LungSegError
+from ..inference.orientation_classifier import upright_inputs
 from ..io.files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, write_atomic_text
 from ..io.radiograph import OUTPUT_FORMATS
 from ..qc.model import reads_image
@@ -141,7 +142,7 @@ def segment_inputs(
         or not is_complete(record_path(out_dir, names[p]), output_paths(out_dir, names[p], options))
     ]
 
-    segmenter = Segmenter(model, device)
+    segmenter = Segmenter(model, device, orientation=options.orientation, corrections=options.corrections)
     run = BatchRun(
         segmenter, todo, names, out_dir, options, total=len(paths), batch_size=batch_size, progress_lines=progress_lines
     )
@@ -301,7 +302,13 @@ class BatchRun:
         if not good:
             return
         t0 = time.perf_counter()
-        output = self.segmenter.predict(np.stack([it["input"] for it in good]), self.options.uncertainty)
+        inputs = np.stack([it["input"] for it in good])
+        findings = self.segmenter.orient(inputs, [it["image"].orientation_stated for it in good])
+        if findings:
+            inputs = upright_inputs(inputs, findings)
+            for it, finding in zip(good, findings):
+                it["orientation"] = finding
+        output = self.segmenter.predict(inputs, self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):
             alone = it["path"] in self.suspects  # with nothing else in flight: tells a cause from its company
@@ -315,9 +322,9 @@ class BatchRun:
                 "error": "",
                 "inference_ms": round(inference_ms, 1),
             }
-            model_image = it.pop("input")[0]
+            del it["input"]
             if self.qc_reads_image:
-                it["model_image"] = model_image
+                it["model_image"] = inputs[k, 0]
             future = finisher.submit(
                 finish_and_write,
                 it,

@@ -24,6 +24,7 @@ import numpy as np
 from ..batch.overlay import write_case_sheet
 from ..errors import LungSegError
 from ..inference.labels import split_left_right
+from ..inference.orientation import ALL_CORRECTIONS, Corrections
 from ..io.files import list_inputs, write_atomic_text, write_csv
 from ..io.labelled import Case, case_sides, find_mask, labelled_case, read_gray, read_splits
 from ..io.radiograph import ImageReadError, read_radiograph
@@ -78,11 +79,13 @@ def evaluate(
     uncertainty: bool = False,
     spacing_mm: float | None = None,
     names: list[str] | None = None,
+    orientation: bool = True,
+    corrections: Corrections = ALL_CORRECTIONS,
 ) -> dict:
     """Segment every image that has a mask and score it; returns the summary (also written to `out_dir`).
     `uncertainty` segments as `lungseg segment --uncertainty` does, so that its QC is the one measured. `names`
     keeps only those image file names (a cross-validation fold); `spacing_mm` is the pixel size of images whose
-    file states none."""
+    file states none. `orientation` and `corrections` as for `lungseg segment`."""
     from ..inference.segmenter import Segmenter
 
     images, masks = Path(images), Path(masks)
@@ -93,7 +96,7 @@ def evaluate(
     if spacing_mm is not None and not spacing_mm > 0:
         raise LungSegError(f"--spacing-mm {spacing_mm}: a pixel size must be above 0 mm")
 
-    segmenter = segmenter or Segmenter(model, device)
+    segmenter = segmenter or Segmenter(model, device, orientation=orientation, corrections=corrections)
     if truth_definition and truth_definition != segmenter.definition:
         print(
             f"lungseg: warning: the reference masks follow '{truth_definition}' but model '{segmenter.name}' "
@@ -114,6 +117,7 @@ def evaluate(
         "spacing_mm": spacing_mm,
         **summarize(rows, regions),
         "qc_accuracy": qc_summary(rows, segmenter, uncertainty),
+        "orientation_corrected": corrected_counts(rows),
     }
     if out_dir is not None:
         write_evaluation(rows, summary, worst, Path(out_dir))
@@ -183,7 +187,12 @@ def score_case(
     except ImageReadError as exc:
         print(f"lungseg: error: {exc}", file=sys.stderr)
         return None
-    segmentation = segmenter.segment(image.pixels, uncertainty=uncertainty, display_flips=image.display_flips)
+    segmentation = segmenter.segment(
+        image.pixels,
+        uncertainty=uncertainty,
+        display_flips=image.display_flips,
+        orientation_stated=image.orientation_stated,
+    )
     prediction, assessment = segmentation.label, assess(segmentation, segmenter)
     truth, scored = reference(case, regions)
     if truth.shape != prediction.shape:
@@ -208,6 +217,8 @@ def score_case(
         "quality": math.nan if assessment.quality is None else assessment.quality,
         "qc": assessment.qc,
         "qc_reasons": "; ".join(assessment.reasons),
+        "orientation": segmentation.orientation.found if segmentation.orientation else "",
+        "orientation_corrected": segmentation.orientation.corrected if segmentation.orientation else "",
         "hd95_unit": "mm" if spacing else "px",
         "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
         **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS},
@@ -259,6 +270,15 @@ def qc_line(summary: dict) -> str:
     return f"QC ({threshold}): {qc_accuracy_text(acc['qc'])}"
 
 
+def corrected_counts(rows: list[dict]) -> dict[str, int]:
+    """How many images the orientation classifier corrected, by correction, e.g. {"rotated 90 (from the pixels)": 2}."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("orientation_corrected"):
+            counts[row["orientation_corrected"]] = counts.get(row["orientation_corrected"], 0) + 1
+    return counts
+
+
 def summary_line(summary: dict) -> str:
     parts = [f"{summary['images']} images"]
     for region in summary["regions"]:
@@ -269,4 +289,7 @@ def summary_line(summary: dict) -> str:
     if hd:
         parts.append(f"HD95 {hd['mean']:.2f} {summary['hd95_unit']}")
     qc = qc_line(summary)
+    corrected = sum(summary.get("orientation_corrected", {}).values())
+    if corrected:
+        parts.append(f"{corrected} corrected for orientation (see orientation_corrected)")
     return ", ".join(parts) + (f"; {qc}" if qc else "")

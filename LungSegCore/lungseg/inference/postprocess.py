@@ -14,6 +14,8 @@ from scipy import ndimage
 from ..definitions import LEFT_LUNG, RIGHT_LUNG
 from ..io.radiograph import reorient
 from .labels import clean_labelmap
+from .orientation import UPRIGHT, State, apply_geometry, upright_shape
+from .orientation_classifier import Finding
 from .preprocess import resize
 
 
@@ -30,17 +32,23 @@ class Prediction:
     model_uncertainty: np.ndarray | None = None
     model_member_spread: np.ndarray | None = None  # (S, S) an ensemble's member spread (inference.ModelOutput)
     model_image: np.ndarray | None = None  # (S, S) the network's input, for a quality that reads the image's edges
+    orientation: Finding | None = None  # what the orientation classifier found and corrected (None: not checked)
 
-    def reoriented(self, flips: tuple[bool, bool]) -> Prediction:
-        """The maps flipped back to the stored grid of an image segmented in its standard display orientation.
-        Flipping the grid keeps each label on the patient's side it marks."""
-        if not any(flips):
+    def placed(self, orientation: State, flips: tuple[bool, bool]) -> Prediction:
+        """The full-resolution maps, made on the upright film, moved onto the stored grid: back into the state the
+        pixels showed (`orientation`), then through the header's display flips. Label values stay: each lung keeps
+        the patient's side it marks, only its place on the grid changes."""
+        if orientation.upright and not any(flips):
             return self
+
+        def place(array):
+            return None if array is None else reorient(apply_geometry(orientation, array), flips)
+
         return dataclasses.replace(
             self,
-            label=reorient(self.label, flips),
-            probabilities=reorient(self.probabilities, flips),
-            uncertainty=reorient(self.uncertainty, flips),
+            label=place(self.label),
+            probabilities=place(self.probabilities),
+            uncertainty=place(self.uncertainty),
         )
 
 
@@ -73,6 +81,7 @@ def postprocess(
     display_flips: tuple[bool, bool] = (False, False),
     member_spread: np.ndarray | None = None,
     model_image: np.ndarray | None = None,
+    orientation: Finding | None = None,
 ) -> Prediction:
     """The cleaned labelmap of one model output, on the stored image's grid.
 
@@ -90,6 +99,8 @@ def postprocess(
         member_spread: (S, S) an ensemble's member spread, or None; kept at the model's resolution only.
         model_image: (S, S) the network's input (`transforms.model_input`), or None; kept as it is, for the
             predicted quality of a card that reads the image (`quality.reads_image`).
+        orientation: what the orientation classifier found; the state it undid before the model ran is put back
+            on the maps (made on the upright film), and the finding is kept in the Prediction.
 
     Returns:
         The Prediction: the labelmap, the probabilities (when kept) and the uncertainty (when given) on the stored
@@ -103,6 +114,8 @@ def postprocess(
         lung = scores[value]
         lung *= ndimage.maximum_filter(kept.view(np.uint8), size=5)  # 0 beyond a 2-pixel margin
         lung[kept & (raw_small != value)] = 1.0  # filled holes
+    state = orientation.applied if orientation else UPRIGHT
+    shape = upright_shape(state, shape)
     label = _winning_class(_resize_uint8(scores, shape))
     unc = resize(uncertainty, shape) if uncertainty is not None else None
     full = resize(probabilities, shape) if keep_probabilities else None
@@ -116,5 +129,6 @@ def postprocess(
         model_uncertainty=uncertainty,
         model_member_spread=member_spread,
         model_image=None if model_image is None else np.asarray(model_image),
+        orientation=orientation,
     )
-    return prediction.reoriented(display_flips)
+    return prediction.placed(state, display_flips)

@@ -17,6 +17,8 @@ from scipy import ndimage
 
 from ..io.radiograph import reorient
 from ..models.cards import DEFAULT_MODEL, load_graphs
+from .orientation import ALL_CORRECTIONS, Corrections
+from .orientation_classifier import OrientationClassifier, upright_inputs
 from .postprocess import Prediction, postprocess
 from .preprocess import model_input, resize
 from .runtime import device_name, run
@@ -73,10 +75,21 @@ class ModelOutput(NamedTuple):
 
 class Segmenter:
     """A loaded model and its forward passes; `segment(pixels)` returns the cleaned labelmap on the input's grid
-    (post-processing itself is `postprocess.postprocess`)."""
+    (post-processing itself is `postprocess.postprocess`). With `orientation` (the default) the orientation
+    classifier checks each film first, and what it finds is corrected as `corrections` allow."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str = "auto",
+        threads: int | None = None,
+        orientation: bool = True,
+        corrections: Corrections = ALL_CORRECTIONS,
+    ):
         self.graphs, self.card = load_graphs(model, device, threads)
+        # one thread: the classifier is small, and the batch's reader and finisher processes want the other cores
+        self.classifier = OrientationClassifier(device, 1) if orientation else None
+        self.corrections = corrections
         self.size = int(self.card["input_size"])
         self.device = device_name(self.graphs[0][0])
         inputs = self.graphs[0][0].get_inputs()  # a probabilistic U-Net's graph also takes (N, B, L) latent draws
@@ -156,18 +169,24 @@ class Segmenter:
         uncertainty: bool = False,
         keep_probabilities: bool = False,
         display_flips: tuple[bool, bool] = (False, False),
+        orientation_stated: bool = False,
+        corrections: Corrections | None = None,
     ) -> Prediction:
         """`display_flips` (from DICOM PatientOrientation, see `io.display_flips`) brings stored pixels to the
-        standard view the model knows; the maps come back on the stored grid."""
-        x = model_input(reorient(pixels, display_flips), self.size)
-        probabilities, unc, spread = self.predict(x[None], uncertainty).item(0)
-        return postprocess(probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread, x[0])
+        standard view the model knows; `orientation_stated`: that header said how the film lies, so the classifier
+        only checks it; `corrections` overrides the segmenter's own. The maps come back on the stored grid;
+        `Prediction.orientation` says what was found."""
+        x = model_input(reorient(pixels, display_flips), self.size)[None]
+        findings = self.orient(x, [orientation_stated], corrections)
+        x = upright_inputs(x, findings) if findings else x
+        probabilities, unc, spread = self.predict(x, uncertainty).item(0)
+        finding = findings[0] if findings else None
+        return postprocess(
+            probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread, x[0, 0], finding
+        )
 
-    def confidence(self, pixels: np.ndarray) -> float:
-        """Mean winning-class probability: low when the image is not what the model was trained on."""
-        return float(self.probabilities(model_input(pixels, self.size)[None])[0].max(0).mean())
-
-    def needs_inversion(self, pixels: np.ndarray) -> bool:
-        """True when the image looks inverted (air bright, e.g. MONOCHROME1 loaded without inversion):
-        the model is clearly more confident on the inverted pixels."""
-        return self.confidence(pixels.max() - pixels) > self.confidence(pixels) + 0.02
+    def orient(self, model_inputs: np.ndarray, stated: list[bool], corrections: Corrections | None = None) -> list:
+        """The orientation findings of a batch of model inputs (empty without the classifier)."""
+        if self.classifier is None:
+            return []
+        return self.classifier.findings(model_inputs, corrections or self.corrections, stated)

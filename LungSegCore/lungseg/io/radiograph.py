@@ -87,6 +87,7 @@ class Radiograph:
     # DICOM PatientOrientation says the image is stored mirrored (columns run toward the patient's right) or
     # upside down (rows run toward the head): (flip rows, flip columns) that bring it to the standard display.
     display_flips: tuple[bool, bool] = (False, False)
+    orientation_stated: bool = False  # PatientOrientation says how a frontal film lies: it wins over the pixels
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,6 +129,16 @@ def stated_spacing(row: float, col: float, path: str | Path) -> tuple[float, flo
         return row, col
     screen = any(abs(row - v) < 1e-4 and abs(col - v) < 1e-4 for v in SCREEN_SPACINGS_MM)
     return None if screen else (row, col)
+
+
+def states_orientation(orientation) -> bool:
+    """Whether PatientOrientation gives the frontal axes: columns toward the patient's left or right, rows toward the
+    head or the feet (what `display_flips` reads)."""
+    try:
+        columns, rows = (str(v).upper() for v in orientation)
+    except (TypeError, ValueError):
+        return False
+    return columns[:1] in ("L", "R") and rows[:1] in ("H", "F")
 
 
 def display_flips(orientation) -> tuple[bool, bool]:
@@ -185,8 +196,9 @@ def image_dicom_header(path: Path | str):
 
 def dicom_header(
     path: Path, max_pixels: int | None = None
-) -> tuple[tuple[float, float] | None, str, tuple[bool, bool]]:
-    """(spacing or None, PhotometricInterpretation, display flips) of a DICOM file; NotAnImageError for an object that
+) -> tuple[tuple[float, float] | None, str, tuple[bool, bool], bool]:
+    """(spacing or None, PhotometricInterpretation, display flips, whether PatientOrientation states the film's
+    orientation) of a DICOM file; NotAnImageError for an object that
     holds no image, ImageReadError for a file that is no readable DICOM image or declares more than `max_pixels`."""
     import pydicom
 
@@ -205,6 +217,7 @@ def dicom_header(
         dicom_pixel_spacing(ds),
         str(ds.get("PhotometricInterpretation", "")),
         display_flips(ds.get("PatientOrientation")),
+        states_orientation(ds.get("PatientOrientation")),
     )
 
 
@@ -227,6 +240,7 @@ def radiograph_from_array(
     spacing: tuple[float, float] | None = None,
     photometric: str = "",
     display_flips: tuple[bool, bool] = (False, False),
+    orientation_stated: bool = False,
 ) -> Radiograph:
     """Check pixels and make them a model-ready radiograph: the one place where this happens, for files
     (`read_radiograph`) and for arrays that another program loaded (the Slicer module).
@@ -240,6 +254,7 @@ def radiograph_from_array(
         spacing: (row, column) pixel size in mm when it is known to be real, else None.
         photometric: DICOM PhotometricInterpretation, or "".
         display_flips: (flip rows, flip columns) that bring the stored pixels to the standard display.
+        orientation_stated: the file's header states how the film lies (then the pixels do not overrule it).
 
     Returns:
         The Radiograph, with non-finite pixels set to the lowest finite value.
@@ -247,7 +262,24 @@ def radiograph_from_array(
     Raises:
         ImageReadError: a volume of several slices, a tiny image, no finite pixels, or no contrast.
     """
-    pixels = gray_pixels(np.asarray(array), components, path)
+    pixels = checked_pixels(gray_pixels(np.asarray(array), components, path), path)
+    if reference is None:
+        rows, columns = pixels.shape
+        reference = Grid((columns, rows), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    return Radiograph(
+        path=Path(path),
+        pixels=pixels,
+        reference=reference,
+        spacing=spacing,
+        photometric=photometric,
+        display_flips=display_flips,
+        orientation_stated=orientation_stated,
+    )
+
+
+def checked_pixels(pixels: np.ndarray, path: Path | str) -> np.ndarray:
+    """(rows, columns) gray pixels, non-finite values set to the lowest finite one; ImageReadError for a volume of
+    several slices, a tiny image, no finite pixels or no contrast."""
     if pixels.ndim == 3:
         if pixels.shape[0] != 1:
             depth, rows, columns = pixels.shape
@@ -269,16 +301,7 @@ def radiograph_from_array(
         pixels = np.where(finite, pixels, pixels[finite].min()).astype(np.float32)
     if pixels.min() == pixels.max():
         raise ImageReadError(path, f"has no contrast (every pixel is {pixels.min():g})")
-    if reference is None:
-        reference = Grid((columns, rows), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
-    return Radiograph(
-        path=Path(path),
-        pixels=pixels,
-        reference=reference,
-        spacing=spacing,
-        photometric=photometric,
-        display_flips=display_flips,
-    )
+    return pixels
 
 
 def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Radiograph:
@@ -292,10 +315,10 @@ def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXEL
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
 
-    spacing, photometric, flips = None, "", (False, False)
+    spacing, photometric, flips, stated = None, "", (False, False), False
     dicom = is_dicom(path)
     if dicom:
-        spacing, photometric, flips = dicom_header(path, max_pixels)
+        spacing, photometric, flips, stated = dicom_header(path, max_pixels)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -324,6 +347,7 @@ def read_radiograph(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXEL
         spacing,
         photometric,
         flips,
+        stated,
     )
 
 

@@ -20,6 +20,7 @@ from ..errors import LungSegError
 from ..io.files import atomic_path, write_atomic_text
 
 PACKAGE_MODELS = Path(__file__).parent / "shipped"
+ORIENTATION_CARD = Path(__file__).parent / "orientation" / "orientation.json"  # not a segmentation model
 DEFAULT_MODEL = "unet"
 
 

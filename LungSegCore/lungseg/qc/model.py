@@ -160,14 +160,15 @@ def assess(prediction, model) -> Assessment:
         model: the `inference.Segmenter` that made it, or its model card (a dict).
 
     Returns:
-        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons (those of
-        the rules of `rules.quality_flags` for the card's lung definition, then a low predicted quality); its `qc` is
-        "check" when there is any reason.
+        The Assessment: `quality` (None without a fitted card), the card's threshold, and the reasons (what the
+        orientation classifier found, the rules of `rules.quality_flags` for the card's lung definition, then a
+        low predicted quality); its `qc` is "check" when there is any reason.
     """
     card = _card_of(model)
     fitted, mode = quality_model(card, prediction.model_uncertainty is not None)
     predicted = fitted is not None and prediction.model_probabilities is not None
-    reasons = quality_flags(
+    orientation = list(prediction.orientation.reasons) if prediction.orientation else []
+    reasons = orientation + quality_flags(
         prediction.label,
         prediction.raw_label,
         prediction.uncertainty,

@@ -7,6 +7,8 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 
+from .Parameter import corrections
+
 POLL_MS = 100
 
 
@@ -48,6 +50,7 @@ class BatchPanel:
                     model=parameterNode.model,
                     device=parameterNode.device,
                     overlays=self.ui.batchOverlaysCheckBox.isChecked(),
+                    corrections=corrections(parameterNode),
                 )
                 self.ui.batchProgressBar.setRange(0, 0)
                 self.ui.batchStatusLabel.setText(_("Starting..."))

@@ -100,11 +100,12 @@ class FileLogic:
         overlays: bool = True,
         labelmapFormat: str = "nrrd",
         python: str | None = None,
+        corrections: str = "turns,inversion,mirroring",
     ) -> BatchProcess:
         """Start `lungseg segment` on every image of `inputDir` in a child process and return it: poll its
         progress, `cancel()` it, or `wait()` for the exit status (0 all segmented, 1 some failed, 2 usage error,
         3 crash, 130 interrupted; `ranToEnd()` tells a crash from a finished run).
-        Labelmaps, overlays and results.csv go to `outputDir`."""
+        Labelmaps, overlays and results.csv go to `outputDir`; `corrections` is the command's `--corrections`."""
         inputDir, outputDir = Path(inputDir), Path(outputDir)
         if not inputDir.is_dir():
             raise ValueError(f"{inputDir}: not a folder")
@@ -124,6 +125,8 @@ class FileLogic:
             device,
             "--format",
             labelmapFormat,
+            "--corrections",
+            corrections,
             "--progress-lines",
         ]
         if overlays:

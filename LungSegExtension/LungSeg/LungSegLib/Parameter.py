@@ -19,6 +19,20 @@ class LungSegParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     uncertainty: bool = False
     uncertaintyVolume: slicer.vtkMRMLScalarVolumeNode
+    # what the orientation classifier may correct (`lungseg segment --corrections`)
+    correctTurns: bool = True
+    correctInversion: bool = True
+    correctMirroring: bool = True
+
+
+def corrections(parameterNode: LungSegParameterNode) -> str:
+    """The chosen corrections as `lungseg segment --corrections` takes them."""
+    chosen = (
+        ("turns", parameterNode.correctTurns),
+        ("inversion", parameterNode.correctInversion),
+        ("mirroring", parameterNode.correctMirroring),
+    )
+    return ",".join(name for name, on in chosen if on) or "none"
 
 
 # One wrapper per parameter node for the session. On Slicer 5.6-5.10 a wrapper that was connected to the GUI keeps

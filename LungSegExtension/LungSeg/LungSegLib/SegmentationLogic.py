@@ -45,7 +45,7 @@ class RadiographInput:
     """The input volume as the core's radiograph, and whether it must be inverted before segmenting."""
 
     radiograph: object  # lungseg.io.radiograph.Radiograph
-    invert: bool | None  # None: decide from the intensities (no file to compare with)
+    invert: bool | None  # None: no file to compare with (the orientation classifier finds an inverted film)
     inversionSource: str = ""
 
     @property
@@ -64,6 +64,7 @@ class SegmentationResult:
     inverted: bool
     inversionSource: str
     seconds: float
+    orientationCorrected: str = ""  # what the orientation classifier corrected, e.g. "rotated 90 (from the pixels)"
 
 
 @dataclass
@@ -82,6 +83,7 @@ class SegmentationSummary:
     inverted: bool = False
     inversionSource: str = ""
     seconds: float = 0.0
+    orientationCorrected: str = ""
 
     def statusText(self) -> str:
         if self.rightAreaMm2 is not None:
@@ -93,6 +95,8 @@ class SegmentationSummary:
         text = f"{areas} — model {self.model}, {self.definition} definition."
         if self.inverted:
             text += f" Inverted before segmenting ({self.inversionSource})."
+        if self.orientationCorrected:
+            text += f" Corrected before segmenting: {self.orientationCorrected}; the segments lie on the loaded image."
         qc = "check: " + "; ".join(self.qcReasons) if self.qcReasons else "OK"
         quality = f"predicted quality {self.quality:.2f}, " if self.quality is not None else ""
         return f"{text}\nQC ({self.definition}): {quality}{qc}"
@@ -133,6 +137,24 @@ def sourceFile(volumeNode) -> str:
     return path if os.path.isfile(path) else ""
 
 
+def setTerminology(segment, laterality: tuple) -> None:
+    entry = slicer.vtkSlicerTerminologyEntry()
+    entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
+    for coded, (scheme, value, meaning) in (
+        (entry.GetCategoryObject(), LUNG_CATEGORY),
+        (entry.GetTypeObject(), LUNG_TYPE),
+        (entry.GetTypeModifierObject(), laterality),
+    ):
+        coded.SetCodingSchemeDesignator(scheme)
+        coded.SetCodeValue(value)
+        coded.SetCodeMeaning(meaning)
+    text = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+    if hasattr(segment, "SetTerminology"):  # vtkSegment::SetTerminology exists from Slicer 5.10
+        segment.SetTerminology(text)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), text)
+
+
 class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
     """One radiograph segmented into the scene; `FileLogic` adds the labelmap export and the folder batch."""
 
@@ -167,33 +189,52 @@ class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
         path = sourceFile(inputVolume)
         dicom = bool(path) and is_dicom(Path(path))
         if dicom:
-            spacing, photometric, flips = dicom_header(Path(path))
+            spacing, photometric, flips, stated = dicom_header(Path(path))
         else:
             column, row = inputVolume.GetSpacing()[:2]
-            spacing, photometric, flips = stated_spacing(row, column, path or inputVolume.GetName()), "", (False, False)
+            spacing, photometric = stated_spacing(row, column, path or inputVolume.GetName()), ""
+            flips, stated = (False, False), False
         radiograph = radiograph_from_array(
-            array, inputVolume.GetName(), components, spacing=spacing, photometric=photometric, display_flips=flips
+            array,
+            inputVolume.GetName(),
+            components,
+            spacing=spacing,
+            photometric=photometric,
+            display_flips=flips,
+            orientation_stated=stated,
         )
         invert = inverted_against_file(radiograph.pixels, path) if dicom else None
         source = f"loaded without inverting DICOM {photometric}" if invert else ""
         return RadiographInput(radiograph, invert, source)
 
     def compute(
-        self, radiographInput: RadiographInput, model: str = "unet", device: str = "auto", uncertainty: bool = False
+        self,
+        radiographInput: RadiographInput,
+        model: str = "unet",
+        device: str = "auto",
+        uncertainty: bool = False,
+        corrections: str = "turns,inversion,mirroring",
     ) -> SegmentationResult:
-        """The model run on the core's radiograph; touches no MRML node."""
+        """The model run on the core's radiograph; touches no MRML node. The orientation classifier checks the
+        film first and corrects what `corrections` (as `lungseg segment --corrections`) allows; the labelmap comes
+        back on the volume's own grid."""
+        from lungseg.inference.orientation import Corrections
         from lungseg.qc.model import assess
 
         start = time.time()
         segmenter = getSegmenter(model, device)
         radiograph = radiographInput.radiograph
         pixels = radiograph.pixels
-        invert, source = radiographInput.invert, radiographInput.inversionSource
-        if invert is None:
-            invert, source = segmenter.needs_inversion(pixels), "intensity statistics"
+        invert, source = bool(radiographInput.invert), radiographInput.inversionSource
         if invert:
             pixels = pixels.max() - pixels
-        prediction = segmenter.segment(pixels, uncertainty=uncertainty, display_flips=radiograph.display_flips)
+        prediction = segmenter.segment(
+            pixels,
+            uncertainty=uncertainty,
+            display_flips=radiograph.display_flips,
+            orientation_stated=radiograph.orientation_stated,
+            corrections=Corrections.parse(corrections),
+        )
         assessment = assess(prediction, segmenter)  # the batch's QC: the same rules and predicted quality
         return SegmentationResult(
             prediction.label,
@@ -204,6 +245,7 @@ class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
             invert,
             source if invert else "",
             time.time() - start,
+            prediction.orientation.corrected if prediction.orientation else "",
         )
 
     def writeOutputs(
@@ -229,7 +271,7 @@ class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
                 if existing and segmentation.GetSegment(existing):
                     segmentation.RemoveSegment(existing)  # a rerun replaces the lungs and keeps other segments
             segmentId = segmentation.AddEmptySegment(segmentId, name, [c / 255 for c in LABEL_COLOURS[value]])
-            self._setTerminology(segmentation.GetSegment(segmentId), LUNG_LATERALITY[value])
+            setTerminology(segmentation.GetSegment(segmentId), LUNG_LATERALITY[value])
             mask = (result.label == value).astype(np.uint8).reshape(radiographInput.arrayShape)
             slicer.util.updateSegmentBinaryLabelmapFromArray(mask, outputSegmentation, segmentId, inputVolume)
         if uncertaintyVolume is not None and result.uncertainty is not None:
@@ -257,23 +299,6 @@ class SegmentationLogic(FileLogic, ScriptedLoadableModuleLogic):
             inverted=result.inverted,
             inversionSource=result.inversionSource,
             seconds=result.seconds,
+            orientationCorrected=result.orientationCorrected,
         )
         return self.lastSummary
-
-    @staticmethod
-    def _setTerminology(segment, laterality: tuple) -> None:
-        entry = slicer.vtkSlicerTerminologyEntry()
-        entry.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
-        for coded, (scheme, value, meaning) in (
-            (entry.GetCategoryObject(), LUNG_CATEGORY),
-            (entry.GetTypeObject(), LUNG_TYPE),
-            (entry.GetTypeModifierObject(), laterality),
-        ):
-            coded.SetCodingSchemeDesignator(scheme)
-            coded.SetCodeValue(value)
-            coded.SetCodeMeaning(meaning)
-        text = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
-        if hasattr(segment, "SetTerminology"):  # vtkSegment::SetTerminology exists from Slicer 5.10
-            segment.SetTerminology(text)
-        else:
-            segment.SetTag(segment.GetTerminologyEntryTagName(), text)

@@ -19,6 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from .BatchPanel import BatchPanel
 from .InstallLogic import InstallLogic
+from .Parameter import corrections
 from .SegmentationLogic import availableModels, isModelLoaded, sourceFile
 
 # the export dialog's filters and the suffix each one gives a name typed without one
@@ -209,7 +210,9 @@ class Widget(VTKObservationMixin):
                 name=inputVolume.GetName(), model=model
             )
         self._setBusy(True, message)
-        result = self.logic.compute(radiograph, model, device, uncertaintyVolume is not None)
+        result = self.logic.compute(
+            radiograph, model, device, uncertaintyVolume is not None, corrections(parameterNode)
+        )
         summary = self.logic.writeOutputs(
             inputVolume, radiograph, result, parameterNode.outputSegmentation, uncertaintyVolume
         )
