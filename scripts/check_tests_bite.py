@@ -339,6 +339,18 @@ BREAKAGES: list[Breakage] = [
         ["Testing/core/test_batch.py::test_an_input_that_crashes_its_reader_fails_and_the_rest_are_read_again"],
     ),
     Breakage(
+        "O3",
+        "issue 34: scores shrunk to a small film by a float resize, not torch's 8-bit one (unet-512 on 256² films)",
+        [
+            Edit(
+                "LungSegCore/lungseg/inference/postprocess.py",
+                "        return resize_uint8(quantized, shape)\n",
+                "        return resize(quantized, shape)\n",
+            )
+        ],
+        ["Testing/core/test_models.py::test_scores_shrink_to_a_small_image_as_torchs_8_bit_resize_did"],
+    ),
+    Breakage(
         "S1",
         "issue 35: a corrected film's maps stay in the upright frame instead of going back onto the stored grid",
         [

@@ -94,6 +94,22 @@ def test_monochrome1_is_segmented_like_its_inverted_twin(chest_dicom, segmenter)
     assert caught.orientation.corrected == "inverted (from the pixels)" and (caught.label == by_hand).mean() > 0.999
 
 
+def test_scores_shrink_to_a_small_image_as_torchs_8_bit_resize_did():
+    """Issue 34: the torch path resized the 8-bit scores with torch's uint8 bilinear (two fixed-point passes); a
+    film smaller than the model's input (unet-512 on a 256² film) must get the same 8-bit scores, not a float
+    resize's."""
+    import torch
+    import torch.nn.functional as F
+
+    from lungseg.inference.postprocess import _resize_uint8
+
+    scores = np.random.default_rng(0).random((3, 512, 512)).astype(np.float32)
+    quantized = torch.from_numpy(np.rint(scores * 255).astype(np.uint8))[None]
+    for shape in [(256, 256), (300, 200), (137, 400), (300, 700)]:
+        expected = F.interpolate(quantized.contiguous(memory_format=torch.channels_last), size=shape, mode="bilinear")
+        np.testing.assert_array_equal(_resize_uint8(scores, shape), expected[0].numpy(), err_msg=str(shape))
+
+
 def test_intensity_normalization_uses_torch_quantile_percentiles():
     """The NumPy preprocessing scales by the same percentiles as torch.quantile, which the models trained with."""
     import torch

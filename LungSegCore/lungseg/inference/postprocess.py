@@ -16,7 +16,7 @@ from ..io.radiograph import reorient
 from .labels import clean_labelmap
 from .orientation import UPRIGHT, State, apply_geometry, upright_shape
 from .orientation_classifier import Finding
-from .preprocess import resize
+from .preprocess import resize, resize_uint8
 
 
 @dataclass
@@ -54,12 +54,12 @@ class Prediction:
 
 def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of (C, S, S) scores in [0, 1] quantized to 8 bits, with half-pixel centres (torch's sampling):
-    enlarging, as 8-bit image bands in Pillow's C resampler, much faster than float; shrinking (an image smaller than
-    the model's input), plain bilinear without Pillow's antialiasing. 1/255 is far below any boundary decision that
-    matters."""
+    enlarging, as 8-bit image bands in Pillow's C resampler, much faster than float; shrinking along either axis (an
+    image smaller than the model's input), in NumPy's integers with torch's fixed point, which Pillow's antialiasing
+    does not give. 1/255 is far below any boundary decision that matters."""
     quantized = np.rint(scores * 255).astype(np.uint8)
     if shape[0] < scores.shape[-2] or shape[1] < scores.shape[-1]:
-        return resize(quantized, shape)
+        return resize_uint8(quantized, shape)
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(band).resize(shape[::-1], Image.BILINEAR)) for band in quantized])

@@ -58,6 +58,32 @@ def resize(values: np.ndarray, shape: tuple[int, int], antialias: bool = False) 
     return out.reshape(*values.shape[:-2], rows, columns)
 
 
+@lru_cache(maxsize=64)
+def fixed_point_weights(source: int, target: int) -> tuple[sparse.csr_matrix, int]:
+    """(target, source) integer bilinear weights and their precision in bits, as torch's 8-bit resize makes them: the
+    most bits that keep the largest weight, doubled, below 2^15 (at most 22)."""
+    weights = resize_weights(source, target, False).copy()
+    largest, bits = weights.data.max(), 0
+    while bits < 22 and int(0.5 + largest * (1 << (bits + 1))) < 1 << 15:
+        bits += 1
+    weights.data = np.floor(weights.data * (1 << bits) + 0.5)
+    return weights.astype(np.int64), bits
+
+
+def resize_uint8(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (C, H, W) uint8 values to (C, rows, columns) exactly as torch resizes uint8 images: a pass
+    along the columns, then along the rows, each in fixed point and rounded back to 8 bits."""
+    (across, across_bits), (down, down_bits) = (
+        fixed_point_weights(values.shape[2], shape[1]),
+        fixed_point_weights(values.shape[1], shape[0]),
+    )
+    out = np.empty((len(values), *shape), np.uint8)
+    for k, plane in enumerate(np.asarray(values, dtype=np.int64)):
+        columns = np.clip((across @ plane.T + (1 << (across_bits - 1))) >> across_bits, 0, 255)  # (columns, H)
+        out[k] = np.clip((down @ columns.T + (1 << (down_bits - 1))) >> down_bits, 0, 255)
+    return out
+
+
 def percentiles(flat: np.ndarray, percents: tuple[float, ...]) -> list[np.ndarray]:
     """torch.quantile's values (linear interpolation) along the last axis, with the last axis kept. One NumPy
     partition finds every order statistic needed, with less work than a sort or a kthvalue per statistic."""
