@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..inference.labels import lung_areas
+from ..inference.orientation_classifier import orientation_corrected
 from ..inference.postprocess import postprocess
 from ..io.files import write_atomic_text
 from ..io.radiograph import OUTPUT_FORMATS, Radiograph, write_float_map, write_labelmap
@@ -40,13 +41,6 @@ def write_outputs(
     row.update({k: str(p) for k, p in paths.items()}, write_ms=round((time.perf_counter() - t0) * 1e3, 1))
     write_atomic_text(json.dumps(row), record)  # last: marks the input complete
     return row
-
-
-def corrected(flips: tuple[bool, bool], finding) -> str:
-    """What was corrected before segmenting: the header's display flips, and what the pixels showed."""
-    flip_rows, flip_cols = flips
-    header = "mirrored" if flip_cols else ("upside-down" if flip_rows else "")
-    return "; ".join(part for part in (header, finding.corrected if finding else "") if part)
 
 
 def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple:
@@ -82,7 +76,7 @@ def finish_row(item: dict, output: tuple, options: Options, card: dict) -> tuple
         if prediction.uncertainty is not None and (prediction.label > 0).any()
         else "",
         "orientation": finding.found if finding else "",
-        "orientation_corrected": corrected(image.display_flips, finding),
+        "orientation_corrected": orientation_corrected(image.display_flips, finding),
         "read_ms": round(item["read_ms"], 1),
         "preprocess_ms": round(item["preprocess_ms"], 1),
         "postprocess_ms": round((time.perf_counter() - t0) * 1e3, 1),

@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import LungSegError
-from ..inference.orientation_classifier import upright_inputs
 from ..io.files import FATAL_WRITE_ERRNOS, OUT_OF_SPACE, list_inputs, prepare_output_folder, write_atomic_text
 from ..io.radiograph import OUTPUT_FORMATS
 from ..qc.model import reads_image
@@ -303,11 +302,9 @@ class BatchRun:
             return
         t0 = time.perf_counter()
         inputs = np.stack([it["input"] for it in good])
-        findings = self.segmenter.orient(inputs, [it["image"].orientation_stated for it in good])
-        if findings:
-            inputs = upright_inputs(inputs, findings)
-            for it, finding in zip(good, findings):
-                it["orientation"] = finding
+        inputs, findings = self.segmenter.orient(inputs, [it["image"].orientation_stated for it in good])
+        for it, finding in zip(good, findings):
+            it["orientation"] = finding
         output = self.segmenter.predict(inputs, self.options.uncertainty)
         inference_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         for k, it in enumerate(good):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..batch.overlay import write_case_sheet
 from ..errors import LungSegError
 from ..inference.labels import split_left_right
 from ..inference.orientation import ALL_CORRECTIONS, Corrections
+from ..inference.orientation_classifier import orientation_corrected
 from ..io.files import list_inputs, write_atomic_text, write_csv
 from ..io.labelled import Case, case_sides, find_mask, labelled_case, read_gray, read_splits
 from ..io.radiograph import ImageReadError, read_radiograph
@@ -218,7 +220,7 @@ def score_case(
         "qc": assessment.qc,
         "qc_reasons": "; ".join(assessment.reasons),
         "orientation": segmentation.orientation.found if segmentation.orientation else "",
-        "orientation_corrected": segmentation.orientation.corrected if segmentation.orientation else "",
+        "orientation_corrected": orientation_corrected(image.display_flips, segmentation.orientation),
         "hd95_unit": "mm" if spacing else "px",
         "ignored_pixels": int(ignore.sum()) if ignore is not None else 0,
         **{f"{r}_{m}": metrics.get(f"{r}_{m}", math.nan) for r in regions for m in METRICS},
@@ -271,12 +273,8 @@ def qc_line(summary: dict) -> str:
 
 
 def corrected_counts(rows: list[dict]) -> dict[str, int]:
-    """How many images the orientation classifier corrected, by correction, e.g. {"rotated 90 (from the pixels)": 2}."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.get("orientation_corrected"):
-            counts[row["orientation_corrected"]] = counts.get(row["orientation_corrected"], 0) + 1
-    return counts
+    """How many images were corrected for orientation, by correction, e.g. {"rotated 90 (from the pixels)": 2}."""
+    return dict(Counter(row["orientation_corrected"] for row in rows if row.get("orientation_corrected")))
 
 
 def summary_line(summary: dict) -> str:

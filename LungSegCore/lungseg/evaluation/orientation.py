@@ -47,9 +47,9 @@ def score_copy(segmenter, pixels: np.ndarray, truth: np.ndarray, state: State) -
     prediction = segmenter.segment(stored_copy(state, pixels))
     truth = apply_geometry(state, truth)
     finding = prediction.orientation
-    right, left = prediction.label, truth
-    kept = side_dice(right, left, RIGHT_LUNG, RIGHT_LUNG) + side_dice(right, left, LEFT_LUNG, LEFT_LUNG)
-    crossed = side_dice(right, left, RIGHT_LUNG, LEFT_LUNG) + side_dice(right, left, LEFT_LUNG, RIGHT_LUNG)
+    label = prediction.label
+    kept = side_dice(label, truth, RIGHT_LUNG, RIGHT_LUNG) + side_dice(label, truth, LEFT_LUNG, LEFT_LUNG)
+    crossed = side_dice(label, truth, RIGHT_LUNG, LEFT_LUNG) + side_dice(label, truth, LEFT_LUNG, RIGHT_LUNG)
     return {
         "found": finding.state.name if finding else "",
         "probability": round(finding.probability, 4) if finding else None,

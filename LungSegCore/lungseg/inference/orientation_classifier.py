@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from ..models.cards import ORIENTATION_CARD, load_graphs
 from .orientation import ALL_CORRECTIONS, STATES, UPRIGHT, Corrections, State, undo_on_input
@@ -40,14 +41,9 @@ def classifier_input(model_inputs: np.ndarray) -> np.ndarray:
 
 def combine_mirror(logits: np.ndarray, mirror_logits: np.ndarray) -> np.ndarray:
     """(B, 16) state probabilities from the logits of the images and of their mirror images (geometric mean)."""
-    log_p = log_softmax(logits) + log_softmax(mirror_logits)[:, MIRROR_OF]
-    return np.exp(log_softmax(log_p / 2))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    log_p = log_softmax(np.asarray(logits, np.float64), axis=1)
+    log_p += log_softmax(np.asarray(mirror_logits, np.float64), axis=1)[:, MIRROR_OF]
+    return np.exp(log_softmax(log_p / 2, axis=1))
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,14 @@ class Finding:
     def found(self) -> str:
         """What the classifier found, for results.csv."""
         return f"{self.state.name} (p={self.probability:.2f}; mirrored p={self.mirrored_probability:.2f})"
+
+
+def orientation_corrected(flips: tuple[bool, bool], finding: Finding | None) -> str:
+    """What was corrected before segmenting, for results.csv and evaluation.csv: the DICOM header's display flips,
+    then what the pixels showed."""
+    flip_rows, flip_cols = flips
+    header = "mirrored" if flip_cols else ("upside-down" if flip_rows else "")
+    return "; ".join(part for part in (header, finding.corrected if finding else "") if part)
 
 
 def mirrored_reason(corrected: bool) -> str:
@@ -99,7 +103,7 @@ def two_passes(probabilities_of, images: np.ndarray) -> tuple[np.ndarray, np.nda
     moved = [i for i, state in enumerate(poses) if not state.upright]
     if moved:
         second[moved] = probabilities_of(np.stack([undo_on_input(poses[i], images[i]) for i in moved]))
-    mirrored = STATES[4].index
+    mirrored = State(mirrored=True).index
     return first, second[:, mirrored] / np.maximum(second[:, UPRIGHT.index] + second[:, mirrored], 1e-12)
 
 
@@ -122,10 +126,10 @@ def decide(
     sure = max(mirrored, 1 - mirrored) >= MIRROR_PROBABILITY
     seen = State(state.k, state.mirrored and sure, state.inverted)
     if header:
+        if seen.upright:
+            return Finding(state, probability, mirrored)
         reason = f"the pixels look {seen.name} (p={probability:.2f}) but PatientOrientation says otherwise"
-        return Finding(
-            state, probability, mirrored, reasons=(reason + "; the header was followed",) * (not seen.upright)
-        )
+        return Finding(state, probability, mirrored, reasons=(reason + "; the header was followed",))
     applied = seen.without(not corrections.mirroring, not corrections.turns, not corrections.inversion)
     reasons = [mirrored_reason(applied.mirrored)] if seen.mirrored else []
     if not sure:

@@ -177,16 +177,20 @@ class Segmenter:
         only checks it; `corrections` overrides the segmenter's own. The maps come back on the stored grid;
         `Prediction.orientation` says what was found."""
         x = model_input(reorient(pixels, display_flips), self.size)[None]
-        findings = self.orient(x, [orientation_stated], corrections)
-        x = upright_inputs(x, findings) if findings else x
+        x, findings = self.orient(x, [orientation_stated], corrections)
         probabilities, unc, spread = self.predict(x, uncertainty).item(0)
         finding = findings[0] if findings else None
         return postprocess(
             probabilities, pixels.shape, unc, keep_probabilities, display_flips, spread, x[0, 0], finding
         )
 
-    def orient(self, model_inputs: np.ndarray, stated: list[bool], corrections: Corrections | None = None) -> list:
-        """The orientation findings of a batch of model inputs (empty without the classifier)."""
+    def orient(
+        self, model_inputs: np.ndarray, stated: list[bool], corrections: Corrections | None = None
+    ) -> tuple[np.ndarray, list]:
+        """A batch of model inputs with what the orientation classifier found undone, for the network, and the
+        findings (the inputs as they are, and no findings, without the classifier). `stated[i]`: input i's DICOM
+        header states how it lies."""
         if self.classifier is None:
-            return []
-        return self.classifier.findings(model_inputs, corrections or self.corrections, stated)
+            return model_inputs, []
+        findings = self.classifier.findings(model_inputs, corrections or self.corrections, stated)
+        return upright_inputs(model_inputs, findings), findings

@@ -131,22 +131,26 @@ def stated_spacing(row: float, col: float, path: str | Path) -> tuple[float, flo
     return None if screen else (row, col)
 
 
-def states_orientation(orientation) -> bool:
-    """Whether PatientOrientation gives the frontal axes: columns toward the patient's left or right, rows toward the
-    head or the feet (what `display_flips` reads)."""
+def patient_axes(orientation) -> tuple[str, str]:
+    """(column direction, row direction) of PatientOrientation, upper case, e.g. ("L", "F") for a standard PA view;
+    ("", "") when absent or malformed."""
     try:
         columns, rows = (str(v).upper() for v in orientation)
     except (TypeError, ValueError):
-        return False
+        return "", ""
+    return columns, rows
+
+
+def states_orientation(orientation) -> bool:
+    """Whether PatientOrientation gives the frontal axes: columns toward the patient's left or right, rows toward the
+    head or the feet (what `display_flips` reads)."""
+    columns, rows = patient_axes(orientation)
     return columns[:1] in ("L", "R") and rows[:1] in ("H", "F")
 
 
 def display_flips(orientation) -> tuple[bool, bool]:
-    """From PatientOrientation (column direction, row direction), e.g. ['L', 'F'] for a standard PA view."""
-    try:
-        columns, rows = (str(v).upper() for v in orientation)
-    except (TypeError, ValueError):
-        return False, False
+    """(flip rows, flip columns) from PatientOrientation, e.g. ['L', 'F'] for a standard PA view."""
+    columns, rows = patient_axes(orientation)
     return rows.startswith("H"), columns.startswith("R")
 
 

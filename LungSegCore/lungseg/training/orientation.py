@@ -31,6 +31,7 @@ from ..inference.orientation_classifier import (
     decide,
     two_passes,
 )
+from ..io.files import save_checkpoint, write_atomic_text
 from .config import initial_weights, load_config
 from .orientation_data import Batches, build_cache
 
@@ -111,19 +112,13 @@ def heldout_metrics(model: torch.nn.Module, cache: dict, cap: int | None = None)
     return out
 
 
-def save_atomic(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def start_run(run: Path, config: str | None) -> dict:
     """The run's recipe: its config.yaml when resuming, else the named config, copied there."""
     run.mkdir(parents=True, exist_ok=True)
     if (run / "config.yaml").exists():
         return load_config(run / "config.yaml")
     cfg = load_config(config or "orientation")
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_atomic_text(yaml.safe_dump(cfg, sort_keys=False), run / "config.yaml")
     return cfg
 
 
@@ -202,13 +197,10 @@ def train(run: str | Path, config: str | None = None, stop_after: int | None = N
         for epoch in range(first, training["epochs"] + 1):
             row = train_epoch(model, optimizer, batches, epoch, training)
             monitor = heldout_metrics(model, cache, cfg["data"].get("monitor_max_per_set"))
-            save_atomic(
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+            save_checkpoint(
+                {**state, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
                 run / "checkpoint.pt",
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                epoch=epoch,
-                numpy_rng=rng.bit_generator.state,
-                torch_rng=torch.get_rng_state(),
             )
             log_epoch(run, row, monitor, writer)
             if stop_after is not None and epoch >= stop_after:
@@ -232,7 +224,7 @@ def evaluate(run: str | Path) -> dict:
     sets = heldout_metrics(model, cache)
     thresholds = {"min_probability": MIN_PROBABILITY, "mirror_probability": MIRROR_PROBABILITY}
     result = {"epoch": epoch, **thresholds, "sets": sets}
-    (run / "evaluation.json").write_text(json.dumps(result, indent=1))
+    write_atomic_text(json.dumps(result, indent=1), run / "evaluation.json")
     for name, metrics in sets.items():
         print(name, json.dumps(metrics))
     return result

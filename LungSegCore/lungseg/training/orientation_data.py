@@ -3,7 +3,6 @@ them (cached per run), augmented with MONAI, then put into a random state, so th
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from scipy import ndimage
 from ..inference.orientation import STATES, UPRIGHT, apply_to_input
 from ..inference.orientation_classifier import BASE_SIZE, INPUT_SIZE, classifier_input
 from ..inference.preprocess import model_input, normalize_intensity
+from ..io.files import atomic_path
 from ..io.radiograph import read_radiograph, reorient
 from ..io.selection import entry_cases
 
@@ -71,9 +71,8 @@ def build_cache(cfg: dict, run: Path, log=print) -> dict:
         "heldout_set": np.array([s for s, _ in heldout]),
         "heldout_path": np.array([str(p) for _, p in heldout]),
     }
-    tmp = run / "cache.tmp.npz"
-    np.savez(tmp, **cache)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .npz suffix, so np.savez adds none
+        np.savez(tmp, **cache)
     return cache
 
 
