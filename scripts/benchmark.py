@@ -5,6 +5,7 @@
     .venv/bin/python scripts/benchmark.py                          # this checkout: 1024² PNGs, end to end
     .venv/bin/python scripts/benchmark.py --baseline /tmp/old      # and an older checkout, in the same run
     .venv/bin/python scripts/benchmark.py --memory-images 1000     # also: peak memory of a 1,000-image batch
+    .venv/bin/python scripts/benchmark.py --orientation-cost       # also: the run without the orientation check
     .venv/bin/python scripts/benchmark.py --models --training      # also: every model's forward rate; training
 
 Inputs are made from the bundled demo radiographs, resized to 1024² 8-bit PNGs, in a temporary folder. For this
@@ -15,7 +16,9 @@ alone on one thread, with the upper bound they set on any pipeline's end-to-end 
 `--baseline DIR` (a checkout of another version, e.g. `git worktree add /tmp/old REV`) measures both versions the
 same way, through the command line in fresh processes, alternating so that a shared machine's drift hits both:
 the cold start of `lungseg segment one.png` beside `python -c "import numpy, scipy.ndimage, SimpleITK"`, end-to-end
-images/s, and with `--memory-images` the peak memory (PSS of the whole process tree).
+images/s, and with `--memory-images` the peak memory (PSS of the whole process tree). `--orientation-cost` adds
+this checkout with `--no-orientation-check` to those alternating runs: the orientation check's cost on the same
+code.
 """
 
 from __future__ import annotations
@@ -189,8 +192,9 @@ def median_wall(cmd: list[str], env: dict, repeats: int) -> float:
     return sorted(times)[repeats // 2]
 
 
-def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace) -> float:
-    """images/s that `lungseg segment` of checkout `tree` reports for the inputs listed in `listing`."""
+def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> float:
+    """images/s that `lungseg segment` of checkout `tree`, with the options `extra`, reports for the inputs listed
+    in `listing`."""
     shutil.rmtree(out, ignore_errors=True)
     run = subprocess.run(
         [
@@ -205,6 +209,7 @@ def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace)
             args.device,
             "--batch-size",
             str(args.batch_size),
+            *extra,
         ],
         check=True,
         capture_output=True,
@@ -215,18 +220,20 @@ def command_rate(tree: Path, listing: Path, out: Path, args: argparse.Namespace)
 
 
 # size: the alternating measurements of each checkout, one after the other as they run
-def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args: argparse.Namespace) -> dict:
-    """The same command-line measurements of each checkout, alternating: cold start of one image (median of
-    `--repeats`) beside the import reference, end-to-end images/s (median of `--repeats` runs), and with
-    `--memory-images` the peak memory of a batch of that many."""
+def compare_versions(
+    trees: dict[str, tuple[Path, list[str]]], paths: list[Path], tmp: Path, args: argparse.Namespace
+) -> dict:
+    """The same command-line measurements of each (checkout, extra `lungseg segment` options), alternating: cold
+    start of one image (median of `--repeats`) beside the import reference, end-to-end images/s (median of
+    `--repeats` runs), and with `--memory-images` the peak memory of a batch of that many."""
     listing = tmp / "inputs.txt"
     listing.write_text("\n".join(map(str, paths[: args.images])) + "\n")
-    report = {name: {"checkout": str(tree)} for name, tree in trees.items()}
+    report = {name: {"checkout": str(tree), "options": extra} for name, (tree, extra) in trees.items()}
     rates = {name: [] for name in trees}
     for _ in range(args.repeats):
-        for name, tree in trees.items():
-            rates[name].append(command_rate(tree, listing, tmp / f"out-{name}", args))
-    for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
+            rates[name].append(command_rate(tree, listing, tmp / f"out-{name}", args, extra))
+    for name, (tree, extra) in trees.items():
         env = command_env(tree)
         cold = median_wall(
             [
@@ -239,6 +246,7 @@ def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args:
                 str(tmp / "cold"),
                 "--device",
                 args.device,
+                *extra,
             ],
             env,
             args.repeats,
@@ -254,7 +262,7 @@ def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args:
     if args.memory_images:
         many = make_inputs(tmp / "many", args.memory_images, args.size)
         (tmp / "many.txt").write_text("\n".join(map(str, many)) + "\n")
-        for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
             peak, wall = peak_pss_of(
                 [
                     sys.executable,
@@ -268,6 +276,7 @@ def compare_versions(trees: dict[str, Path], paths: list[Path], tmp: Path, args:
                     args.device,
                     "--batch-size",
                     str(args.batch_size),
+                    *extra,
                 ],
                 command_env(tree),
             )
@@ -332,9 +341,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--baseline", type=Path, metavar="DIR", help="an older checkout, measured the same way")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="an older checkout, measured the same way (repeat it for several)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command-line measurement")
     parser.add_argument("--memory-images", type=int, default=0, help="also the peak memory of this many images")
+    parser.add_argument(
+        "--orientation-cost",
+        action="store_true",
+        help="also this checkout with --no-orientation-check, alternating: what the orientation check costs",
+    )
     parser.add_argument("--training", action="store_true", help="also measure training images/s per network")
     parser.add_argument("--models", action="store_true", help="also measure the bare forward rate of every model")
     parser.add_argument(
@@ -392,7 +413,11 @@ def main() -> None:
         tmp = Path(tmp)
         paths = make_inputs(tmp / "in", args.images, args.size)
         report["this_checkout"] = this_checkout(paths, tmp, args)
-        trees = {"this": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        trees = {"this": (REPO, [])}
+        if args.orientation_cost:
+            trees["this_without_orientation_check"] = (REPO, ["--no-orientation-check"])
+        for number, baseline in enumerate(args.baseline, 1):
+            trees["baseline" if number == 1 else f"baseline{number}"] = (baseline.resolve(), [])
         report["command_line"] = compare_versions(trees, paths, tmp, args)
     if args.training:
         report["training_images_per_s"] = training_rates(args.device)

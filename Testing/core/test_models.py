@@ -110,6 +110,36 @@ def test_scores_shrink_to_a_small_image_as_torchs_8_bit_resize_did():
         np.testing.assert_array_equal(_resize_uint8(scores, shape), expected[0].numpy(), err_msg=str(shape))
 
 
+def test_the_labelmap_resized_in_a_window_equals_the_whole_resize(segmenter):
+    """Only the window around the lungs is enlarged to the film's size; outside it every pixel is surely background.
+    The labelmap must equal the argmax of the whole resize (Pillow's bilinear, columns then rows, each pass in its
+    own call), to the pixel, on real outputs and film sizes whose ratio to the model's input is not a power of two
+    (the window's edges must then fall on whole model pixels) or is close to 1 along one axis."""
+    from PIL import Image
+
+    from lungseg.inference.postprocess import _full_resolution_label, _resize_uint8, _winning_class
+    from lungseg.inference.preprocess import model_input
+    from lungseg.samples import sample_pngs
+
+    def whole(quantized, shape):
+        across = [Image.fromarray(band).resize((shape[1], band.shape[0]), Image.BILINEAR) for band in quantized]
+        return np.stack([np.asarray(band.resize(shape[::-1], Image.BILINEAR)) for band in across])
+
+    shapes = [(1024, 1024), (2000, 1650), (2500, 2048), (257, 300), (3001, 2999), (284, 2771), (552, 3967)]
+    shapes += [tuple(int(n) for n in np.random.default_rng(5).integers(256, 3000, 2)) for _ in range(3)]
+    for path in sample_pngs():
+        scores = segmenter.probabilities(model_input(read_radiograph(path).pixels, segmenter.size)[None])[0]
+        quantized = np.rint(scores * 255).astype(np.uint8)
+        for shape in shapes:
+            bands = whole(quantized, shape)
+            np.testing.assert_array_equal(_resize_uint8(scores, shape), bands, err_msg=f"{path.name} {shape}")
+            label = _full_resolution_label(scores, shape)
+            np.testing.assert_array_equal(label, _winning_class(bands), err_msg=f"{path.name} {shape}")
+    empty = np.zeros((3, 256, 256), np.float32)
+    empty[0] = 1.0
+    assert not _full_resolution_label(empty, (600, 500)).any()
+
+
 def test_intensity_normalization_uses_torch_quantile_percentiles():
     """The NumPy preprocessing scales by the same percentiles as torch.quantile, which the models trained with."""
     import torch

@@ -79,6 +79,12 @@ def test_model_input_commutes_with_the_states():
     )
 
 
+def test_the_classifier_input_is_the_mean_of_2_by_2_blocks_as_it_was_trained(films):
+    inputs = np.stack([model_input(pixels, 256) for _, pixels in films])
+    blocks = inputs.reshape(len(inputs), 1, 128, 2, 128, 2)
+    np.testing.assert_array_equal(classifier_input(inputs), blocks.mean(axis=(3, 5)))
+
+
 def probabilities(index: int, p: float) -> np.ndarray:
     out = np.full(16, (1 - p) / 15)
     out[index] = p

@@ -36,7 +36,10 @@ def classifier_input(model_inputs: np.ndarray) -> np.ndarray:
     x = np.asarray(model_inputs, dtype=np.float32)
     if x.shape[-1] != BASE_SIZE:
         x = resize(x, (BASE_SIZE, BASE_SIZE), antialias=x.shape[-1] > BASE_SIZE)
-    return x.reshape(len(x), 1, INPUT_SIZE, 2, INPUT_SIZE, 2).mean(axis=(3, 5))
+    blocks = x.reshape(len(x), 1, INPUT_SIZE, 2, INPUT_SIZE, 2)
+    # the 2 x 2 mean summed as NumPy's mean sums it (the same floats), a tenth of its time
+    top = blocks[:, :, :, 0, :, 0] + blocks[:, :, :, 0, :, 1]
+    return (top + (blocks[:, :, :, 1, :, 0] + blocks[:, :, :, 1, :, 1])) * np.float32(0.25)
 
 
 def combine_mirror(logits: np.ndarray, mirror_logits: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,17 +53,83 @@ class Prediction:
         )
 
 
+# A full-resolution pixel is background for sure when, on every model pixel its bilinear weights can reach,
+# background beats both lungs by this many 8-bit levels: each of the resampler's two passes rounds every band by
+# at most half a level.
+SURE_MARGIN = 3
+
+
+def _quantize(scores: np.ndarray) -> np.ndarray:
+    return np.rint(scores * 255).astype(np.uint8)
+
+
 def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of (C, S, S) scores in [0, 1] quantized to 8 bits, with half-pixel centres (torch's sampling):
     enlarging, as 8-bit image bands in Pillow's C resampler, much faster than float; shrinking along either axis (an
     image smaller than the model's input), in NumPy's integers with torch's fixed point, which Pillow's antialiasing
     does not give. 1/255 is far below any boundary decision that matters."""
-    quantized = np.rint(scores * 255).astype(np.uint8)
+    quantized = _quantize(scores)
     if shape[0] < scores.shape[-2] or shape[1] < scores.shape[-1]:
         return resize_uint8(quantized, shape)
+    return _enlarge_bands(quantized, shape, (0, shape[0], 0, shape[1]))
+
+
+def _enlarge_bands(quantized: np.ndarray, shape: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """The rows r0:r1 and columns c0:c1 of the (C, S, S) 8-bit bands enlarged to `shape`, computed alone.
+
+    Two Pillow calls, columns then rows: one call picks its own order of the two passes (Pillow 13 picks by the
+    output's size), and each pass rounds to 8 bits, so a window would not always equal that part of the whole. The
+    window's edges must fall on whole model pixels (`_window_edges`): Pillow takes the box in single precision, and
+    whole numbers keep each output pixel's sampling centre and weights those of the whole resize."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(band).resize(shape[::-1], Image.BILINEAR)) for band in quantized])
+    r0, r1, c0, c1 = window
+    (rows, height), (cols, width) = (quantized.shape[-2], shape[0]), (quantized.shape[-1], shape[1])
+    top, bottom = r0 * rows // height, r1 * rows // height  # the window's edges in model pixels
+    first, last = max(0, top - 2), min(rows, bottom + 2)  # the model rows its weights reach, and a row to spare
+    across = (c0 * cols // width, 0, c1 * cols // width, last - first)
+    down = (0, top - first, c1 - c0, bottom - first)
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(band[first:last])
+                .resize((c1 - c0, last - first), Image.BILINEAR, box=across)
+                .resize((c1 - c0, r1 - r0), Image.BILINEAR, box=down)
+            )
+            for band in quantized
+        ]
+    )
+
+
+def _window_edges(first: int, last: int, size: int, out: int) -> tuple[int, int]:
+    """Output pixels [start, stop) that hold the sampling centres of model pixels first..last (along one axis of
+    `size` model pixels enlarged to `out`), with a pixel to spare, widened to edges that fall on whole model pixels:
+    multiples of out / gcd(size, out), e.g. 4 for 1024 from 256 (the whole axis where there are none)."""
+    step = out // math.gcd(size, out)
+    start = max(0, first * out // size - 1) // step * step
+    end = -(-(last + 1) * out // size) + 1  # ceil, and a pixel to spare
+    stop = min(out, -(-end // step) * step)
+    return start, stop
+
+
+def _full_resolution_label(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The argmax of the (3, S, S) scores resized to `shape` (`_resize_uint8`). Enlarging, only the window that
+    holds every pixel that is not surely background is resized (about the lungs' box): the same labelmap at a
+    fraction of the cost."""
+    if shape[0] < scores.shape[-2] or shape[1] < scores.shape[-1]:
+        return _winning_class(_resize_uint8(scores, shape))
+    quantized = _quantize(scores)
+    background, right, left = quantized.astype(np.int16)
+    # 2 model pixels around: every weight of a bilinear enlargement's output pixel falls within 1.5 of its centre
+    unsure = ndimage.binary_dilation(background - np.maximum(right, left) < SURE_MARGIN, iterations=2)
+    label = np.zeros(shape, np.uint8)
+    rows, cols = np.flatnonzero(unsure.any(axis=1)), np.flatnonzero(unsure.any(axis=0))
+    if not len(rows):
+        return label
+    r0, r1 = _window_edges(rows[0], rows[-1], scores.shape[-2], shape[0])
+    c0, c1 = _window_edges(cols[0], cols[-1], scores.shape[-1], shape[1])
+    label[r0:r1, c0:c1] = _winning_class(_enlarge_bands(quantized, shape, (r0, r1, c0, c1)))
+    return label
 
 
 def _winning_class(scores: np.ndarray) -> np.ndarray:
@@ -116,7 +183,7 @@ def postprocess(
         lung[kept & (raw_small != value)] = 1.0  # filled holes
     state = orientation.applied if orientation else UPRIGHT
     shape = upright_shape(state, shape)
-    label = _winning_class(_resize_uint8(scores, shape))
+    label = _full_resolution_label(scores, shape)
     unc = resize(uncertainty, shape) if uncertainty is not None else None
     full = resize(probabilities, shape) if keep_probabilities else None
     prediction = Prediction(

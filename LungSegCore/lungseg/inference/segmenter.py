@@ -50,14 +50,21 @@ def tta_transform(affine: tuple, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def softmax(logits: np.ndarray, axis: int) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
-    return shifted / shifted.sum(axis=axis, keepdims=True)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)  # in place: the batch's model process spends its time here, not in allocations
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
 
 
 def sample_spread(samples: np.ndarray) -> np.ndarray:
     """(N, B, 3, S, S) probabilities of N samples -> (B, S, S): their standard deviation (N - 1 in the
     denominator), the largest over the classes (0 where every sample agrees)."""
     return samples.std(0, ddof=1).max(1)
+
+
+def mean_of_members(members: np.ndarray) -> np.ndarray:
+    """(M, B, 3, S, S) -> (B, 3, S, S); one member's maps as they are (its mean, without the copy)."""
+    return members[0] if len(members) == 1 else members.mean(0)
 
 
 class ModelOutput(NamedTuple):
@@ -120,11 +127,11 @@ class Segmenter:
             else:
                 probs = softmax(run(session, image=x), axis=1)
             out.append(probs if size == self.size else resize(probs, (self.size, self.size)))
-        return np.stack(out)
+        return out[0][None] if len(out) == 1 else np.stack(out)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) model inputs -> (B, 3, S, S) softmax probabilities (an ensemble's mean)."""
-        return self.member_probabilities(batch).mean(0)
+        return mean_of_members(self.member_probabilities(batch))
 
     def tta_samples(self, batch: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) -> (T, B, 3, S, S): probabilities under each TTA affine, mapped back to the input frame."""
@@ -159,7 +166,7 @@ class Segmenter:
         members = self.member_probabilities(batch)
         spread = sample_spread(members) if len(members) > 1 else None
         if not uncertainty:
-            return ModelOutput(members.mean(0), None, spread)
+            return ModelOutput(mean_of_members(members), None, spread)
         samples = self.prior_samples(batch) if self.latent else self.tta_samples(batch)
         return ModelOutput(samples.mean(0), sample_spread(samples), spread)
 
