@@ -77,10 +77,11 @@ def _resize_uint8(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _enlarge_bands(quantized: np.ndarray, shape: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
     """The rows r0:r1 and columns c0:c1 of the (C, S, S) 8-bit bands enlarged to `shape`, computed alone.
 
-    Two Pillow calls, columns then rows: one call picks its own order of the two passes (Pillow 13 picks by the
-    output's size), and each pass rounds to 8 bits, so a window would not always equal that part of the whole. The
-    window's edges must fall on whole model pixels (`_window_edges`): Pillow takes the box in single precision, and
-    whole numbers keep each output pixel's sampling centre and weights those of the whole resize."""
+    Two Pillow calls, columns then rows: one call may run its two passes in either order (Pillow 13 ran a window's
+    rows first and the whole film's columns first), and each pass rounds to 8 bits, so a window would not always
+    equal that part of the whole. The window's edges must fall on whole model pixels (`_window_edges`): Pillow takes
+    the box in single precision, and whole numbers keep each output pixel's sampling centre and weights those of the
+    whole resize."""
     from PIL import Image
 
     r0, r1, c0, c1 = window
