@@ -46,6 +46,7 @@ def users_model(tmp_path, name: str = "my-unet") -> Path:
     folder = tmp_path / "my-models"
     folder.mkdir()
     shutil.copy(card["weights_path"], folder / f"{name}.safetensors")
+    shutil.copy(card["weights_path"], folder / card["onnx"]["weights"])  # the file the graphs read their weights from
     for graph in card["onnx"]["graphs"]:  # the graphs keep their names: the card lists them
         shutil.copy(Path(card["card_path"]).parent / graph["file"], folder / graph["file"])
     stored = json.loads(Path(card["card_path"]).read_text())

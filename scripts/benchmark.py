@@ -7,6 +7,7 @@
     .venv/bin/python scripts/benchmark.py --memory-images 1000     # also: peak memory of a 1,000-image batch
     .venv/bin/python scripts/benchmark.py --orientation-cost       # also: the run without the orientation check
     .venv/bin/python scripts/benchmark.py --models --training      # also: every model's forward rate; training
+    .venv/bin/python scripts/benchmark.py --install-size python3.11  # also: the venv `pip install` makes
 
 Inputs are made from the bundled demo radiographs, resized to 1024² 8-bit PNGs, in a temporary folder. For this
 checkout it reports images/s end to end (model loaded, startup excluded), the bare forward rate at the same batch
@@ -288,6 +289,38 @@ def compare_versions(
     return report
 
 
+def installed_size_mb(tree: Path, python: str, tmp: Path) -> float:
+    """MB (10^6 bytes, files' own sizes) of a fresh venv of `python` after `pip install TREE/LungSegCore` (a
+    wheel built from the checkout, as a user installs it; pip's cache lies outside the venv)."""
+    venv = tmp / f"venv-{abs(hash((str(tree), python)))}"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    subprocess.run(
+        [
+            str(bin_dir / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            str(tree / "LungSegCore"),
+        ],
+        check=True,
+    )
+    size = sum(f.stat(follow_symlinks=False).st_size for f in venv.rglob("*") if not f.is_dir() or f.is_symlink())
+    shutil.rmtree(venv)
+    return round(size / 1e6, 1)
+
+
+def install_sizes(trees: dict[str, tuple[Path, list[str]]], pythons: list[str], tmp: Path) -> dict:
+    """The inference install's size for each checkout (options aside) and each Python asked for."""
+    checkouts = dict.fromkeys(str(tree) for tree, _ in trees.values())
+    return {
+        checkout: {python: installed_size_mb(Path(checkout), python, tmp) for python in pythons}
+        for checkout in checkouts
+    }
+
+
 def cpu_bound(segmenter, path: Path, tmp: Path, forward_rate: float) -> dict:
     """Each stage's CPU milliseconds per image, and from them the upper bound on the end-to-end rate."""
     costs = stage_cpu_ms(segmenter, path, tmp)
@@ -363,6 +396,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also the Slicer panel's first and second Apply (scripts/benchmark_slicer.py)",
     )
+    parser.add_argument(
+        "--install-size",
+        metavar="PYTHON",
+        action="append",
+        default=[],
+        help="also the venv that `pip install LungSegCore` makes with this Python, for each checkout (repeatable)",
+    )
     parser.add_argument("--output", help="write the JSON report here too")
     return parser.parse_args()
 
@@ -419,6 +459,8 @@ def main() -> None:
         for number, baseline in enumerate(args.baseline, 1):
             trees["baseline" if number == 1 else f"baseline{number}"] = (baseline.resolve(), [])
         report["command_line"] = compare_versions(trees, paths, tmp, args)
+        if args.install_size:
+            report["install_size_mb"] = install_sizes(trees, args.install_size, tmp)
     if args.training:
         report["training_images_per_s"] = training_rates(args.device)
     if args.slicer:  # in a fresh process: its first Apply must import onnxruntime and open the session itself

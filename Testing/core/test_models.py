@@ -42,6 +42,7 @@ def test_tampered_onnx_graphs_are_refused(tmp_path):
     """The graph that ONNX Runtime would run is checked against the card's SHA-256 before it is loaded."""
     card = read_card("unet")
     shutil.copy(card["card_path"], tmp_path / "unet.json")
+    shutil.copy(card["weights_path"], tmp_path / "unet.safetensors")
     graph = Path(card["card_path"]).parent / card["onnx"]["graphs"][0]["file"]
     data = bytearray(graph.read_bytes())
     data[-100] ^= 0xFF
@@ -51,6 +52,26 @@ def test_tampered_onnx_graphs_are_refused(tmp_path):
     (tmp_path / graph.name).unlink()
     with pytest.raises(LungSegError, match="file missing"):
         load_graphs(tmp_path / "unet.json", "cpu")
+
+
+def test_the_weights_a_graph_reads_are_verified_too(tmp_path):
+    """The graph holds no weights: ONNX Runtime reads them from the safetensors file beside it, which must be the
+    card's (one changed float would segment quietly with other weights), and must be there."""
+    card = read_card("unet")
+    folder = Path(card["card_path"]).parent
+    for name in ("unet.json", card["onnx"]["graphs"][0]["file"]):
+        shutil.copy(folder / name, tmp_path / name)
+    weights = bytearray(Path(card["weights_path"]).read_bytes())
+    weights[-100] ^= 0x01  # the last bits of a float of the last tensor
+    (tmp_path / "unet.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(LungSegError, match=r"unet\.safetensors: checksum mismatch"):
+        load_graphs(tmp_path / "unet.json", "cpu")
+    (tmp_path / "unet.safetensors").unlink()
+    with pytest.raises(LungSegError, match=r"unet\.safetensors: file missing"):
+        load_graphs(tmp_path / "unet.json", "cpu")
+    shutil.copy(card["weights_path"], tmp_path / "unet.safetensors")
+    graphs, _ = load_graphs(tmp_path / "unet.json", "cpu")
+    assert len(graphs) == 1
 
 
 def test_shipped_model_dice_on_jsrt_val(jsrt, segmenter, tmp_path):

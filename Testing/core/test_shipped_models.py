@@ -143,3 +143,30 @@ def test_each_shipped_graph_gives_its_networks_own_logits(name):
             graph_difference(net, graph["input_size"], Path(read_card(name)["card_path"]).parent / graph["file"])
             <= TOLERANCE
         ), graph["file"]
+
+
+@pytest.mark.parametrize("name", ["unet", "unetpp", "unet-512", "unet-full-extent", "prob_unet", "orientation"])
+def test_each_shipped_graph_reads_its_weights_from_the_models_safetensors(name):
+    """A model ships its weights once: every initialiser of its graphs is ONNX external data in the card's
+    safetensors file, at the bytes of the tensor of that name (an ensemble's member k under `members.k.`)."""
+    import onnx
+
+    from lungseg.models.cards import ORIENTATION_CARD
+    from lungseg.training.export_onnx import safetensors_offsets
+
+    card = read_card(ORIENTATION_CARD if name == "orientation" else name)
+    folder = Path(card["card_path"]).parent
+    assert card["onnx"]["weights"] == Path(card["weights_path"]).name
+    offsets = safetensors_offsets(Path(card["weights_path"]))
+    graphs = card["onnx"]["graphs"]
+    for k, graph in enumerate(graphs):
+        prefix = f"members.{k}." if len(graphs) > 1 else ""
+        model = onnx.load(folder / graph["file"], load_external_data=False)
+        assert model.graph.initializer, graph["file"]
+        for tensor in model.graph.initializer:
+            assert tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data, tensor.name
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            assert where["location"] == card["onnx"]["weights"], tensor.name
+            stored = offsets[prefix + tensor.name.removeprefix("net.")]
+            assert (int(where["offset"]), int(where["length"])) == stored, tensor.name
+        assert (folder / graph["file"]).stat().st_size < 200_000, graph["file"]

@@ -82,6 +82,7 @@ def test_train_checkpoints_reload_and_resume(tmp_path, config, monkeypatch):
 def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeypatch):
     """The exported weights are best.pt's, tensor by tensor, and the card's Dice is a measurement of them: a
     fresh evaluation of the exported file gives it again, while a randomly initialised network scores far off."""
+    import onnx
     from safetensors.torch import load_file
 
     from lungseg.evaluation.evaluate import evaluate
@@ -126,6 +127,11 @@ def test_export_writes_safetensors_and_a_measured_card(tmp_path, config, monkeyp
         ]
 
     assert val_dice(card_path) == pytest.approx(carded, abs=1e-6), "the card reports what its weights score"
+    graph = onnx.load(card_path.parent / card["onnx"]["graphs"][0]["file"], load_external_data=False)
+    assert card["onnx"]["weights"] == card_path.with_suffix(".safetensors").name
+    assert graph.graph.initializer and all(  # the graph reads its weights from the safetensors: shipped once
+        t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         untrained = build_network(config["network"]["name"], **config["network"]["params"])
@@ -160,7 +166,7 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     import torch.nn.functional as F
 
     from lungseg.evaluation.evaluate import evaluate
-    from lungseg.training.export import ensemble_card, model_from_run
+    from lungseg.training.export import ensemble_card, export_model, model_from_run
 
     monkeypatch.setenv("LUNGSEG_CACHE", str(tmp_path / "cache"))
     config["training"].update(epochs=1, samples_per_epoch=32)
@@ -192,6 +198,11 @@ def test_two_runs_export_as_their_ensemble(tmp_path, config, monkeypatch):
     assert measured["both_dice"]["mean"] == pytest.approx(
         card["metrics"]["synthetic/val"]["both_dice"]["mean"], abs=1e-6
     )
+    # `lungseg export --from-model` writes an ensemble's graphs again and measures it on its members' val sets
+    card_path.with_suffix(".json").write_text(json.dumps(dict(card, metrics={})))
+    assert export_model(str(card_path), device="cpu") == card_path
+    again = json.loads(card_path.read_text())
+    assert again["metrics"]["synthetic/val"]["both_dice"]["mean"] == pytest.approx(measured["both_dice"]["mean"])
     history = json.loads((run_a / "history.json").read_text())
     with pytest.raises(LungSegError, match="different lung definitions"):
         ensemble_card([(config, history, 0, None), (dict(config, definition="full-extent"), history, 0, None)], "mixed")

@@ -1,11 +1,12 @@
 """Shipped and user-supplied trained models: safetensors weights plus a JSON model card.
 
-A model is `<name>.safetensors` with `<name>.json` beside it. The card records the network and its parameters, the
-input size, the lung definition, the data, the recipe, the training time, the measured metrics and the SHA-256 of
-the weights, which is verified before loading. Reading cards needs no torch (the Slicer module lists models
-before torch is installed). Models are looked up by name in the package's `models/shipped/` folder and in the
-folders of `LUNGSEG_MODELS_PATH`; a name found in two of them is an error, not a silent choice. `--model` also
-takes the path of a card or weights file (offline import).
+A model is `<name>.safetensors` with `<name>.json` beside it, and the ONNX graphs that inference runs, which read
+their weights from the safetensors file (`training/export_onnx.py`). The card records the network and its
+parameters, the input size, the lung definition, the data, the recipe, the training time, the measured metrics and
+the SHA-256 of the weights and of each graph, which are verified before loading. Reading cards needs no torch
+(the Slicer module lists models before onnxruntime is installed). Models are looked up by name in the package's
+`models/shipped/` folder and in the folders of `LUNGSEG_MODELS_PATH`; a name found in two of them is an error, not
+a silent choice. `--model` also takes the path of a card or weights file (offline import).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def verified(path: Path, expected: str, model: str) -> Path:
 
 
 def load_graphs(name_or_path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[list, dict]:
-    """The card's verified ONNX graphs as ONNX Runtime sessions, each with its input size, and the card."""
+    """The card's verified ONNX graphs as ONNX Runtime sessions, each with its input size, and the card. The
+    graphs read their weights from the model's safetensors file (`onnx.weights`), which is verified too."""
     from ..inference.runtime import open_session
 
     card = read_card(name_or_path)
@@ -132,6 +134,8 @@ def load_graphs(name_or_path: str | Path, device: str = "auto", threads: int | N
             f"`lungseg export --from-model {card['card_path']}` (needs lungseg[train])"
         )
     folder = Path(card["card_path"]).parent
+    if "weights" in card["onnx"]:  # graphs exported before they shared the weights hold their own
+        verified(folder / card["onnx"]["weights"], card["sha256"], card["name"])
     graphs = [
         (
             open_session(verified(folder / graph["file"], graph["sha256"], card["name"]), device, threads),
@@ -158,14 +162,18 @@ def load_network(name_or_path: str | Path, device="cpu"):
 
 def save_model(model, card: dict, out_dir: str | Path) -> Path:
     """Write `<name>.safetensors` and its card with the checksum, each atomically; returns the card path."""
+    return save_card(save_weights(model, card, out_dir), out_dir)
+
+
+def save_weights(model, card: dict, out_dir: str | Path) -> dict:
+    """Write `<name>.safetensors` atomically; returns the card with the weights' checksum."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    weights = out_dir / f"{card['name']}.safetensors"
+    weights = Path(out_dir) / f"{card['name']}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"name": card["name"], "network": card["network"]["name"]})
-    return save_card(dict(card, sha256=sha256_of(weights)), out_dir)
+    return dict(card, sha256=sha256_of(weights))
 
 
 def save_card(card: dict, out_dir: str | Path) -> Path:

@@ -21,7 +21,7 @@ from ..definitions import DEFAULT_DEFINITION, DEFINITIONS, LABEL_DESCRIPTIONS
 from ..errors import LungSegError
 from ..io.files import checkpoint_file, write_atomic_text
 from ..io.selection import entry_cases, selection_tag
-from ..models.cards import PACKAGE_MODELS, cards_named, load_network, save_card, save_model
+from ..models.cards import PACKAGE_MODELS, cards_named, load_network, save_card, save_weights
 from ..nets.networks import build_network
 from .export_onnx import export_graphs
 
@@ -253,10 +253,12 @@ def export_run(
 
 def write_model(model: torch.nn.Module, card: dict, out_dir: Path, weights: bool = True) -> Path:
     """The safetensors (for training and fine-tuning; unless `weights` is False: they are there already), the ONNX
-    graphs (for inference) and the card, with the graphs' checksums and speed; returns the card's path."""
+    graphs that read them (for inference) and the card, with the checksums and speed; returns the card's path."""
+    if weights:
+        card = save_weights(model, card, out_dir)
     card["onnx"] = export_graphs(model, card, out_dir)
     card["speed"] = forward_speed(card["onnx"], out_dir)
-    return save_model(model, card, out_dir) if weights else save_card(card, out_dir)
+    return save_card(card, out_dir)
 
 
 def export_model(name_or_path: str, data_root: str | Path | None = None, device: str = "auto") -> Path:
@@ -264,7 +266,8 @@ def export_model(name_or_path: str, data_root: str | Path | None = None, device:
     one whose graphs should be made again) and measure its card's metrics again, on the graphs."""
     model, card = load_network(name_or_path)
     card_path = write_model(model, card, Path(card["card_path"]).parent, weights=False)
-    return measure(card_path, card["recipe"], data_root, device)
+    recipe = card["recipe"].get("ensemble", [card["recipe"]])[0]  # an ensemble's members share their val sets
+    return measure(card_path, recipe, data_root, device)
 
 
 def measure(card_path: Path, config: dict, data_root: str | Path | None, device: str) -> Path:

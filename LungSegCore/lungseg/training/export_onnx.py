@@ -5,10 +5,19 @@ dynamic. An ensemble exports one graph per member; the runtime resizes and avera
 folds. The probabilistic U-Net's graph takes a second input `noise` (N, B, L) of standard-normal draws and returns
 the logits of each, (N, B, 3, S, S), for z = prior mean + prior sigma * noise: zeros give the prior mean (the
 default prediction), and N draws the latent samples of `--uncertainty`.
+
+A graph holds no weights of its own: each of its initialisers is the network's parameter or buffer as stored in the
+model's safetensors file beside it, which the graph names as ONNX external data (file, offset, length). The model
+ships its weights once (for training and for inference), as nnU-Net and TotalSegmentator ship one file per
+checkpoint. The graph is exported without constant folding, so that every initialiser is a stored tensor; ONNX
+Runtime folds the batch norms into the convolutions when it loads the graph.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -63,24 +72,68 @@ def example_inputs(graph: nn.Module, size: int, batch: int = 2, draws: int = 3) 
     return inputs
 
 
-def write_graph(net: nn.Module, size: int, path: Path) -> None:
-    """Export `net` (eval mode, on the CPU) to the ONNX file `path`, atomically."""
+def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's (offset, length) in bytes from the start of a safetensors file: an 8-byte little-endian header
+    length, the JSON header, then the tensors' bytes at the header's `data_offsets`."""
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+    start = 8 + header_length
+    return {
+        name: (start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def refer_to_weights(graph, weights: Path, prefix: str) -> int:
+    """Point each initialiser of `graph` (an onnx ModelProto) whose bytes are those of the tensor `prefix + name` in
+    the safetensors file `weights` at that tensor, as external data; returns how many bytes stay in the graph."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data
+
+    offsets = safetensors_offsets(weights)
+    data = weights.read_bytes()
+    inline = 0
+    for tensor in graph.graph.initializer:
+        key = prefix + tensor.name.removeprefix("net.")
+        offset, length = offsets.get(key, (0, -1))
+        if tensor.raw_data != data[offset : offset + length]:
+            inline += len(tensor.raw_data)  # not a stored tensor (none is, today): it stays in the graph
+            continue
+        set_external_data(tensor, weights.name, offset=offset, length=length)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+    return inline
+
+
+def write_graph(net: nn.Module, size: int, path: Path, weights: Path, prefix: str = "") -> None:
+    """Export `net` (eval mode, on the CPU) to the ONNX file `path`, atomically, its weights read from the
+    safetensors file `weights` in the same folder (the tensors named `prefix` + the network's own names)."""
+    import onnx
+
     graph = graph_of(net.to("cpu").eval()).eval()
     inputs = example_inputs(graph, size)
     axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
     if "noise" in inputs:
         axes = {"image": {0: "batch"}, "noise": {0: "draws", 1: "batch"}, "logits": {0: "draws", 1: "batch"}}
-    with atomic_path(path) as tmp, torch.no_grad():
+    exported = io.BytesIO()
+    with torch.no_grad():
         torch.onnx.export(
             graph,
             tuple(inputs.values()),
-            str(tmp),
+            exported,
             input_names=list(inputs),
             output_names=["logits"],
             dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
+            do_constant_folding=False,  # every initialiser stays a stored parameter or buffer
         )
+    model = onnx.load_from_string(exported.getvalue())
+    refer_to_weights(model, Path(weights), prefix)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(model.SerializeToString())
 
 
 def graph_difference(net: nn.Module, size: int, path: Path) -> float:
@@ -98,8 +151,11 @@ def graph_difference(net: nn.Module, size: int, path: Path) -> float:
 
 
 def export_graphs(model: nn.Module, card: dict, out_dir: Path) -> dict:
-    """Write the card's ONNX graphs beside its weights, each checked against torch; the card's `onnx` entry."""
+    """Write the card's ONNX graphs beside its safetensors weights (written first), which they read; each is checked
+    against torch. Returns the card's `onnx` entry."""
     from ..errors import LungSegError
+
+    weights = Path(out_dir) / f"{card['name']}.safetensors"
 
     if isinstance(model, Ensemble):
         members = [
@@ -110,7 +166,7 @@ def export_graphs(model: nn.Module, card: dict, out_dir: Path) -> dict:
     graphs = []
     for k, (net, size) in enumerate(members):
         file = f"{card['name']}.onnx" if len(members) == 1 else f"{card['name']}.member{k + 1}.onnx"
-        write_graph(net, size, Path(out_dir) / file)
+        write_graph(net, size, Path(out_dir) / file, weights, prefix="" if len(members) == 1 else f"members.{k}.")
         difference = graph_difference(net, size, Path(out_dir) / file)
         if difference > TOLERANCE:
             raise LungSegError(
@@ -125,4 +181,4 @@ def export_graphs(model: nn.Module, card: dict, out_dir: Path) -> dict:
                 "max_logit_difference": float(f"{difference:.2g}"),
             }
         )
-    return {"opset": OPSET, "graphs": graphs}
+    return {"opset": OPSET, "weights": weights.name, "graphs": graphs}

@@ -11,7 +11,7 @@ import torch
 
 from ..inference.orientation import STATES
 from ..inference.orientation_classifier import INPUT_SIZE, MIN_PROBABILITY, MIRROR_PROBABILITY
-from ..models.cards import save_model
+from ..models.cards import save_card, save_weights
 from .config import load_config
 from .export_onnx import export_graphs
 from .orientation import evaluate, trained
@@ -60,6 +60,6 @@ def export(run: Path, out: str | Path | None = None) -> Path:
     evaluation = json.loads(path.read_text()) if path.exists() else {}
     if evaluation.get("epoch") != epoch:
         evaluation = evaluate(run)
-    card = card_for(run, cfg, epoch, evaluation)
-    card["onnx"] = export_graphs(model, card, out)
-    return save_model(model, card, out)
+    card = save_weights(model, card_for(run, cfg, epoch, evaluation), out)
+    card["onnx"] = export_graphs(model, card, out)  # the graph reads the weights just written
+    return save_card(card, out)
