@@ -86,25 +86,24 @@ def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def refer_to_weights(graph, weights: Path, prefix: str) -> int:
+def refer_to_weights(graph, weights: Path, prefix: str) -> None:
     """Point each initialiser of `graph` (an onnx ModelProto) whose bytes are those of the tensor `prefix + name` in
-    the safetensors file `weights` at that tensor, as external data; returns how many bytes stay in the graph."""
+    the safetensors file `weights` at that tensor, as external data; any other initialiser stays in the graph."""
     from onnx import TensorProto
     from onnx.external_data_helper import set_external_data
 
     offsets = safetensors_offsets(weights)
     data = weights.read_bytes()
-    inline = 0
     for tensor in graph.graph.initializer:
         key = prefix + tensor.name.removeprefix("net.")
-        offset, length = offsets.get(key, (0, -1))
+        if key not in offsets:
+            continue
+        offset, length = offsets[key]
         if tensor.raw_data != data[offset : offset + length]:
-            inline += len(tensor.raw_data)  # not a stored tensor (none is, today): it stays in the graph
             continue
         set_external_data(tensor, weights.name, offset=offset, length=length)
         tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
-    return inline
 
 
 def write_graph(net: nn.Module, size: int, path: Path, weights: Path, prefix: str = "") -> None:
